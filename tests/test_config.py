@@ -1,0 +1,94 @@
+"""Config: presets, YAML and key=value overrides, and errors that name the key."""
+import pytest
+
+from dapo.config import (
+    ABLATION_ROWS,
+    PRESETS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    describe,
+    load_config,
+    save_config,
+)
+
+
+def test_defaults_are_dapo():
+    c = load_config()
+    assert (c.algo.eps_low, c.algo.eps_high) == (0.2, 0.28)
+    assert c.algo.loss_agg == "token-mean" and c.algo.dynamic_sampling
+    assert c.algo.overlong_filter and c.algo.soft_overlong and c.algo.kl_coef == 0.0
+
+
+def test_grpo_preset_is_naive_grpo():
+    c = load_config("grpo")
+    assert (c.algo.eps_low, c.algo.eps_high) == (0.2, 0.2)
+    assert c.algo.loss_agg == "seq-mean-token-mean"
+    assert not (c.algo.dynamic_sampling or c.algo.overlong_filter or c.algo.soft_overlong)
+
+
+def test_ablation_rows_are_progressive():
+    switches = ["overlong_filter", "eps_high", "soft_overlong", "loss_agg", "dynamic_sampling"]
+    rows = [load_config(r) for r in ABLATION_ROWS]
+    for i in range(1, len(rows)):
+        changed = [s for s in switches if getattr(rows[i].algo, s) != getattr(rows[i - 1].algo, s)]
+        assert changed == [switches[i - 1]], (ABLATION_ROWS[i], changed)
+    assert rows[-1].algo == Config().algo  # the last row is the default DAPO
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: grpo\nalgo:\n  eps_high: 0.3\noptim:\n  lr: 3e-4\n  betas: [0.9, 0.95]\n")
+    c = load_config(file=f, overrides=["optim.lr=1e-3", "algo.clip_c=3"])
+    assert c.preset == "grpo" and c.algo.eps_high == 0.3 and c.optim.lr == 1e-3
+    assert c.optim.betas == (0.9, 0.95) and c.algo.clip_c == 3.0
+    assert load_config(overrides=["algo.clip_c=none"]).algo.clip_c is None
+
+
+def test_roundtrip_through_yaml(tmp_path):
+    c = load_config("+clip_higher", overrides=["seed=7", "rollout.group_size=4"])
+    save_config(c, tmp_path / "config.yaml")
+    import yaml
+
+    assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == c
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo.eps_hgh=0.3", "did you mean 'algo.eps_high'"),
+        ("eps_high=0.3", "did you mean 'algo.eps_high'"),
+        ("algo.eps_high=-0.1", "algo.eps_high"),
+        ("rollout.group_size=1", "rollout.group_size"),
+        ("algo.overlong_cache_len=24", "algo.overlong_cache_len"),
+        ("optim.mini_batch_size=5", "divisible"),
+        ("optim.lr=fast", "optim.lr: expected float"),
+        ("algo.dynamic_sampling=maybe", "algo.dynamic_sampling: expected bool"),
+        ("optim.steps=2.5", "optim.steps: expected int"),
+        ("algo.loss_agg=sample-mean", "algo.loss_agg"),
+        ("noequals", "key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(overrides=[override])
+
+
+def test_unknown_preset_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'grpo'"):
+        load_config("grp")
+    f = tmp_path / "bad.yaml"
+    f.write_text("algo:\n  eps_hihg: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*algo.eps_high|algo.eps_hihg.*bad.yaml"):
+        load_config(file=f)
+    f.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(file=f)
+
+
+def test_config_is_frozen_and_documented():
+    with pytest.raises(Exception):
+        Config().seed = 3  # type: ignore[misc]
+    text = describe()
+    assert "algo.eps_high = 0.28" in text and "Clip-Higher" in text
+    assert set(PRESETS) == set(ABLATION_ROWS)
