@@ -1,0 +1,63 @@
+"""The rollout-engine interface: token ids in, sampled completions with log-probs out.
+
+Engines know nothing about text or rewards. Each prompt's samples are seeded from (run seed, step,
+prompt index), so a rollout is reproducible whatever the batch it is part of.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    """Samples per prompt (G)."""
+    max_new_tokens: int = 24
+    """Stop after this many generated tokens (finish_reason 'length')."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = off."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation stops after emitting any of these (finish_reason 'stop'); the token is kept."""
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    """Index of the prompt in the ``generate`` call."""
+    token_ids: list[int]
+    """Generated tokens, including the stop token when finish_reason == 'stop'."""
+    logprobs: list[float]
+    """log pi(token | prefix) under the sampling distribution (after temperature, before top-p/top-k)."""
+    finish_reason: str
+    """'stop' (a stop token was generated) or 'length' (max_new_tokens reached: truncated)."""
+    weight_version: int = 0
+    """Version of the weights that produced it (proves the rollout used the latest policy)."""
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    weight_version: int
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
+    ) -> list[Completion]:
+        """n completions per prompt, grouped: all n of prompt 0, then prompt 1, ... ``seeds[i]`` seeds prompt i."""
+        ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the policy's weights (after an optimiser step) and record their version."""
+        ...
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, step, prompt id, ...), stable across processes and runs."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
