@@ -1,0 +1,213 @@
+"""Built-in synthetic tasks with exact verifiers: the prompts of the ``dapo train`` demo.
+
+A task makes examples (a prompt and its ground truth), scores a response exactly (+1 right, -1 wrong),
+and writes the worked response that the supervised warm-up (``dapo.trainer.sft``) imitates.
+
+Held-out prompts are kept apart by a fixed partition of the prompt space, not by a list: a prompt is
+held out when a hash of its text falls in 1/16 of the hash range (:func:`is_heldout`). Training streams
+skip held-out prompts, evaluation sets draw only from them, so the split holds for every seed, every
+evaluation size, the warm-up and the RL run alike, and a cached base model never trained on any prompt
+that a later run evaluates on. Training example ``i`` depends only on (task, seed, i), so a resumed
+run continues from a data cursor.
+
+>>> task = get_task("addition")
+>>> task.sft_response(Example("357+68=", "425"))
+'15,12,04:425'
+>>> task.score("15,12,04:425", "425")
+(1.0, True)
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from abc import ABC, abstractmethod
+from typing import Iterator
+
+from dapo.data.example import Example
+
+HELDOUT_MOD = 16
+"""One prompt in HELDOUT_MOD (by hash) is reserved for evaluation and never trained on."""
+
+
+class Task(ABC):
+    """A prompt generator with an exact verifier and a worked response format."""
+
+    name: str = ""
+    """Registry key (``data.task`` in the config)."""
+    description: str = ""
+    """One line for ``dapo train --help`` and reports."""
+    max_response_len: int = 0
+    """Characters in the longest worked response (eos excluded): a floor for ``rollout.max_new_tokens``."""
+
+    @abstractmethod
+    def make_example(self, rng: random.Random) -> Example:
+        """One example drawn from the task's distribution, using only ``rng``."""
+
+    @abstractmethod
+    def score(self, response: str, answer: str) -> tuple[float, bool]:
+        """(+1.0, True) when ``response`` is correct for ground truth ``answer``, else (-1.0, False)."""
+
+    @abstractmethod
+    def sft_response(self, example: Example) -> str:
+        """The worked response to imitate in the warm-up, without eos."""
+
+
+# --------------------------------------------------------------------------------------------------
+# addition: the default demo task
+
+
+def _operand(rng: random.Random, max_digits: int) -> int:
+    """A number with 1..max_digits digits, the digit count uniform (so short sums are common)."""
+    n = rng.randint(1, max_digits)
+    return rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1)
+
+
+def worked_sum(a: int, b: int) -> str:
+    """Column addition of non-negative a and b, least significant column first, then ':' and the sum.
+
+    Each column is written as two digits, the carry out then the sum digit, columns joined by ','.
+
+    >>> worked_sum(357, 68)
+    '15,12,04:425'
+    >>> worked_sum(9, 1)
+    '10:10'
+    """
+    ra, rb = str(a)[::-1], str(b)[::-1]
+    carry, cols = 0, []
+    for i in range(max(len(ra), len(rb))):
+        s = int(ra[i] if i < len(ra) else 0) + int(rb[i] if i < len(rb) else 0) + carry
+        carry, digit = divmod(s, 10)
+        cols.append(f"{carry}{digit}")
+    return ",".join(cols) + ":" + str(a + b)
+
+
+def answer_after_colon(response: str) -> str | None:
+    """The text after the last ':' with surrounding whitespace stripped; None when there is no ':'."""
+    head, sep, tail = response.rpartition(":")
+    return tail.strip() if sep else None
+
+
+class Addition(Task):
+    """``357+68=`` -> ``15,12,04:425``: a sum of two 1-3 digit numbers with a column-by-column worked answer.
+
+    The reward reads only the text after the last ':', so the model is free to get the columns wrong;
+    the worked columns are what make the sum learnable for a 1M-parameter model.
+    """
+
+    name = "addition"
+    description = "a+b with 1-3 digit operands; worked answer: carry+digit per column, then ':' and the sum"
+
+    def __init__(self, max_digits: int = 3):
+        self.max_digits = max_digits
+        # max_digits columns of "cd," minus the last ',' then ':' and a sum of up to max_digits + 1 digits
+        self.max_response_len = 3 * max_digits - 1 + 1 + max_digits + 1
+
+    def make_example(self, rng: random.Random) -> Example:
+        a, b = _operand(rng, self.max_digits), _operand(rng, self.max_digits)
+        return Example(prompt=f"{a}+{b}=", answer=str(a + b), data_source=self.name, fields={"a": a, "b": b})
+
+    def score(self, response: str, answer: str) -> tuple[float, bool]:
+        ok = answer_after_colon(response) == answer.strip()
+        return (1.0, True) if ok else (-1.0, False)
+
+    def sft_response(self, example: Example) -> str:
+        assert isinstance(example.prompt, str) and example.prompt.endswith("="), example.prompt
+        a, b = (int(x) for x in example.prompt[:-1].split("+"))
+        return worked_sum(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+
+TASKS: dict[str, Task] = {t.name: t for t in (Addition(),)}
+"""Built-in tasks by name. A new task is one class and one entry here."""
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called ``name``; the error lists the valid names."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r} (valid: {', '.join(sorted(TASKS))})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# held-out split and the deterministic training stream
+
+
+def is_heldout(prompt: str) -> bool:
+    """True for the 1/HELDOUT_MOD of prompts reserved for evaluation (a fixed hash, same in every process)."""
+    h = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
+    return h % HELDOUT_MOD == 0
+
+
+def eval_examples(task: Task, seed: int, n: int, tag: str = "eval") -> list[Example]:
+    """``n`` distinct held-out examples, deterministic in (task, seed, tag).
+
+    Use another ``tag`` for a second held-out set drawn independently of the first (the warm-up's
+    stopping probe uses ``"sft-probe"``, so choosing when to stop does not tune on the RL eval set).
+    """
+    rng = random.Random(f"{task.name}/{seed}/{tag}")  # str seeds hash with sha512: stable across processes
+    out: list[Example] = []
+    seen: set[str] = set()
+    for _ in range(1000 + 200 * HELDOUT_MOD * n):
+        if len(out) == n:
+            return out
+        ex = task.make_example(rng)
+        if is_heldout(ex.prompt) and ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+    if len(out) == n:
+        return out
+    raise ValueError(f"task {task.name!r}: found only {len(out)} distinct held-out prompts, {n} asked for")
+
+
+def train_example(task: Task, seed: int, index: int) -> Example:
+    """Training example number ``index`` of the stream seeded by ``seed``; never a held-out prompt."""
+    rng = random.Random(f"{task.name}/{seed}/train/{index}")
+    for _ in range(1000):
+        ex = task.make_example(rng)
+        if not is_heldout(ex.prompt):
+            return ex
+    raise RuntimeError(f"task {task.name!r}: 1000 draws in a row were held-out prompts")
+
+
+class TrainStream:
+    """An endless iterator of training examples; ``cursor`` is the index of the next one.
+
+    Save ``state_dict()`` with a checkpoint and pass ``start=cursor`` (or ``load_state_dict``) to resume:
+    the resumed stream yields exactly what the uninterrupted one would have.
+    """
+
+    def __init__(self, task: Task, seed: int, start: int = 0):
+        self.task, self.seed, self.cursor = task, seed, start
+
+    def __iter__(self) -> Iterator[Example]:
+        return self
+
+    def __next__(self) -> Example:
+        ex = train_example(self.task, self.seed, self.cursor)
+        self.cursor += 1
+        return ex
+
+    def take(self, n: int) -> list[Example]:
+        """The next ``n`` examples."""
+        return [next(self) for _ in range(n)]
+
+    def state_dict(self) -> dict[str, int | str]:
+        return {"task": self.task.name, "seed": self.seed, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        if state["task"] != self.task.name or state["seed"] != self.seed:
+            raise ValueError(f"data cursor is for task {state['task']!r} seed {state['seed']}, "
+                             f"not {self.task.name!r} seed {self.seed}")
+        self.cursor = int(state["cursor"])
+
+
+def task_splits(task: Task | str, seed: int, n_eval: int) -> tuple[list[Example], TrainStream]:
+    """(``n_eval`` held-out examples, the training stream from index 0), both deterministic in ``seed``.
+
+    No training prompt is ever a held-out prompt, whatever ``n_eval`` (see :func:`is_heldout`).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    return eval_examples(task, seed, n_eval), TrainStream(task, seed)

@@ -1,0 +1,167 @@
+"""Built-in tasks and the character tokenizer: hand-computed verifier cases, formats, splits, round-trips."""
+from __future__ import annotations
+
+import random
+import string
+
+import pytest
+from transformers import AutoTokenizer
+
+from dapo.data.charvocab import DEFAULT_ALPHABET, make_char_tokenizer
+from dapo.data.example import Example
+from dapo.data.tasks import (
+    TASKS,
+    TrainStream,
+    eval_examples,
+    get_task,
+    is_heldout,
+    task_splits,
+    train_example,
+)
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_char_tokenizer()
+
+
+def test_tokenizer_one_token_per_char_including_whitespace(tok):
+    s = "12 + 3\n= 15\n\n  x"
+    ids = tok(s)["input_ids"]
+    assert len(ids) == len(s)  # spaces and newlines are tokens, nothing added around the text
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == s
+
+
+def test_tokenizer_round_trips_random_strings(tok):
+    rng = random.Random(0)
+    for _ in range(200):
+        s = "".join(rng.choice(DEFAULT_ALPHABET) for _ in range(rng.randint(0, 40)))
+        assert tok.decode(tok(s)["input_ids"]) == s
+
+
+def test_tokenizer_specials_and_padding(tok):
+    assert (tok.pad_token, tok.eos_token, tok.bos_token) == ("<pad>", "<eos>", "<bos>")
+    assert len({tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id}) == 4
+    assert len(tok) == 4 + len(DEFAULT_ALPHABET)
+    assert tok.padding_side == "left"
+    batch = tok(["1+2=", "357+68="], padding=True)["input_ids"]
+    assert batch[0][:3] == [tok.pad_token_id] * 3
+    ids = tok("7=")["input_ids"] + [tok.eos_token_id, tok.pad_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "7="
+    assert tok.decode(ids) == "7=<eos><pad>"
+    assert tok.decode(tok("a\tb")["input_ids"]) == "a<unk>b"  # outside the alphabet
+
+
+def test_tokenizer_custom_alphabet():
+    t = make_char_tokenizer("0123456789+=:, ")
+    assert len(t) == 4 + 15
+    assert t.decode(t("12 + 3 = 15")["input_ids"]) == "12 + 3 = 15"
+    with pytest.raises(ValueError):
+        make_char_tokenizer("")
+
+
+def test_tokenizer_save_load_round_trip(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    s = "357+68=15,12,04:425\n and  " + string.punctuation
+    assert loaded(s)["input_ids"] == tok(s)["input_ids"]
+    assert loaded.decode(loaded(s)["input_ids"]) == s
+    assert loaded.padding_side == "left"
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id) == (
+        tok.pad_token_id,
+        tok.eos_token_id,
+        tok.bos_token_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- addition
+
+ADD = get_task("addition")
+
+
+@pytest.mark.parametrize(
+    "prompt, response",
+    [
+        ("357+68=", "15,12,04:425"),  # the FINDINGS example: 7+8=15, 5+6+1=12, 3+0+1=04
+        ("9+1=", "10:10"),
+        ("0+0=", "00:0"),
+        ("999+999=", "18,19,19:1998"),  # the final carry becomes the leading digit of the sum
+        ("5+40=", "05,04:45"),
+    ],
+)
+def test_addition_sft_response(prompt, response):
+    assert ADD.sft_response(Example(prompt, "")) == response
+
+
+@pytest.mark.parametrize(
+    "response, answer, expected",
+    [
+        ("15,12,04:425", "425", (1.0, True)),
+        ("15,12,04:424", "425", (-1.0, False)),
+        ("99,99:425", "425", (1.0, True)),  # only the text after ':' counts
+        ("425", "425", (-1.0, False)),  # no ':'
+        ("", "425", (-1.0, False)),
+        ("15,12,04: 425 \n", "425", (1.0, True)),  # surrounding whitespace is stripped
+        ("15:12:425", "425", (1.0, True)),  # the last ':' counts
+        ("15,12,04:425:1", "425", (-1.0, False)),
+        ("15,12,04:4 25", "425", (-1.0, False)),
+        ("15,12,04:0425", "425", (-1.0, False)),
+        ("15,12,04:", "425", (-1.0, False)),
+    ],
+)
+def test_addition_score(response, answer, expected):
+    assert ADD.score(response, answer) == expected
+
+
+def test_addition_examples_are_consistent():
+    rng = random.Random(1)
+    for _ in range(500):
+        ex = ADD.make_example(rng)
+        a, b = (int(x) for x in ex.prompt[:-1].split("+"))
+        assert 0 <= a <= 999 and 0 <= b <= 999 and ex.answer == str(a + b)
+        resp = ADD.sft_response(ex)
+        assert len(resp) <= ADD.max_response_len
+        assert ADD.score(resp, ex.answer) == (1.0, True)
+
+
+def test_get_task_error_lists_names():
+    assert get_task("addition") is TASKS["addition"]
+    with pytest.raises(ValueError, match="addition"):
+        get_task("additoin")
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def test_eval_and_train_are_disjoint_and_deterministic():
+    ev, stream = task_splits("addition", seed=3, n_eval=256)
+    prompts = [e.prompt for e in ev]
+    assert len(set(prompts)) == 256 and all(is_heldout(p) for p in prompts)
+    train = stream.take(3000)
+    assert not {e.prompt for e in train} & set(prompts)
+    assert not any(is_heldout(e.prompt) for e in train)
+    # the same seed gives the same split; another seed another one
+    ev2, stream2 = task_splits(ADD, seed=3, n_eval=256)
+    assert ev2 == ev and stream2.take(50) == train[:50]
+    assert [e.prompt for e in task_splits(ADD, seed=4, n_eval=256)[0]] != prompts
+    # an independent probe set (another tag) is held out too, but drawn separately
+    probe = eval_examples(ADD, 3, 256, tag="sft-probe")
+    assert all(is_heldout(e.prompt) for e in probe) and [e.prompt for e in probe] != prompts
+
+
+def test_train_stream_resumes_from_cursor():
+    full = TrainStream(ADD, seed=7).take(40)
+    s = TrainStream(ADD, seed=7)
+    s.take(25)
+    state = s.state_dict()
+    assert state["cursor"] == 25
+    resumed = TrainStream(ADD, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.take(15) == full[25:]
+    assert TrainStream(ADD, seed=7, start=30).take(10) == full[30:]
+    assert train_example(ADD, 7, 12) == full[12]
+    with pytest.raises(ValueError):
+        TrainStream(ADD, seed=8).load_state_dict(state)
