@@ -64,6 +64,12 @@ class DataConfig:
     """Drop repeated prompts (DAPO-Math-17k repeats each about 100 times) and report how many."""
     eval_size: int = 256
     """Number of held-out prompts evaluated before and after training."""
+    reward: str = "auto"
+    """Verifier: auto (the built-in task's own, or math for files), math (DAPO math scoring), or module:function."""
+    reward_workers: int = 0
+    """Processes scoring rewards in parallel; 0 = in the trainer process."""
+    reward_timeout_s: float = 5.0
+    """Time limit per response for the verifier; a timeout scores as wrong and is counted."""
     shuffle: bool = True
     """Shuffle the training prompts each epoch (seeded by ``seed`` and the epoch)."""
 
@@ -126,8 +132,6 @@ class AlgoConfig:
     """Weight of a KL penalty to the initial policy; DAPO uses none (0)."""
     kl_kind: str = "k3"
     """KL estimator when ``kl_coef`` > 0: k1, k2, k3."""
-    entropy_coef: float = 0.0
-    """Entropy bonus weight; DAPO uses none (0)."""
 
 
 @dataclass(frozen=True)
@@ -482,6 +486,10 @@ def _validate(c: Config) -> None:
         bad("data.bad_rows", f"must be error or skip, got {d.bad_rows!r}")
     if d.max_prompt_len < 1:
         bad("data.max_prompt_len", f"must be >= 1, got {d.max_prompt_len}")
+    if d.reward_workers < 0:
+        bad("data.reward_workers", f"must be >= 0, got {d.reward_workers}")
+    if d.reward_timeout_s <= 0:
+        bad("data.reward_timeout_s", f"must be > 0, got {d.reward_timeout_s}")
     if d.eval_size < 0:
         bad("data.eval_size", f"must be >= 0, got {d.eval_size}")
     if c.log.progress not in ("auto", "bar", "plain", "none"):

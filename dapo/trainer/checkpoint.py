@@ -1,0 +1,122 @@
+"""Checkpoints that survive a crash: written to a temporary directory, checksummed, renamed into place.
+
+A checkpoint ``step_N/`` holds the model and tokenizer in Hugging Face format (safetensors), the
+optimiser, scheduler, RNG, data-cursor and dynamic-sampling state in ``trainer_state.pt`` (plain
+tensors and Python types only, so it loads with ``torch.load(weights_only=True)``), and
+``manifest.json`` with every file's size and SHA-256. A directory without a valid manifest is partial
+and never resumed from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: Any, tokenizer: Any, trainer_state: dict[str, Any], keep_last: int = 2
+) -> Path:
+    """Write ``run_dir/step_{step}`` atomically and prune to the newest ``keep_last`` complete ones."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"step_{step}"
+    tmp = run_dir / f".tmp_step_{step}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"step": step, "time": time.time(), "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step: move the old one aside, never delete first
+        old = run_dir / f".old_step_{step}_{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(run_dir)
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def is_complete(ckpt: Path, verify: bool = False) -> bool:
+    """True if ``ckpt`` has a manifest whose files all exist with the recorded sizes (and hashes)."""
+    try:
+        manifest = json.loads((Path(ckpt) / MANIFEST).read_text(encoding="utf-8"))
+        for rel, meta in manifest["files"].items():
+            p = Path(ckpt) / rel
+            if not p.is_file() or p.stat().st_size != meta["bytes"]:
+                return False
+            if verify and _sha256(p) != meta["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint in ``run_dir`` (partial or corrupt ones are skipped), or None."""
+    for _, p in reversed(list_checkpoints(run_dir)):
+        if is_complete(p, verify=verify):
+            return p
+    return None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    complete = [(s, p) for s, p in list_checkpoints(run_dir) if is_complete(p)]
+    for _, p in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(run_dir).glob(".tmp_step_*"):  # leftovers of a killed save
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)

@@ -1,0 +1,222 @@
+"""Everything a run needs, built from its config: run directory, model, tokenizer, data, reward, engine,
+optimiser. Kept apart from the loop so the loop reads as the algorithm."""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dapo.config import Config
+from dapo.data.example import Example
+from dapo.rollout.hf import HFEngine
+from dapo.trainer.batch import PromptItem, ScoreFn
+from dapo.trainer.checkpoint import latest_checkpoint
+from dapo.trainer.prompts import ListPromptStream, TaskPromptStream
+
+
+class SetupError(ValueError):
+    pass
+
+
+@dataclass
+class RunParts:
+    model: torch.nn.Module
+    tokenizer: Any
+    engine: HFEngine
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: Any
+    eval_items: list[PromptItem]
+    score_fn: ScoreFn
+    decode: Callable[[list[int]], str]
+    pad_id: int
+    device: torch.device
+    ref_model: torch.nn.Module | None = None
+    bad_in_a_row: int = 0
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def weights_for_engine(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def close(self) -> None:
+        for c in self.closers:
+            c()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"model.device={name}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise SetupError(f"model.dtype={name!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None). Never reuses a finished run's directory silently."""
+    if cfg.ckpt.resume:
+        p = Path(cfg.ckpt.resume)
+        if not p.exists():
+            raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no such directory")
+        if (p / "trainer_state.pt").exists() or p.name.startswith("step_"):
+            return p.parent, p
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no complete checkpoint (step_N/ with a manifest) in it")
+        return p, ckpt
+    name = cfg.log.run_name or f"{cfg.preset.replace('+', 'plus_')}-{cfg.data.task if not cfg.data.path else Path(cfg.data.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.log.out_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SetupError(
+            f"run directory {run_dir} already exists and is not empty; continue it with ckpt.resume={run_dir} "
+            f"or choose another log.run_name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def load_model_and_tokenizer(cfg: Config, path: str, device: torch.device, log: Callable[[str], None]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    kw: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=None if cfg.model.allow_unsafe_weights else True,
+            attn_implementation=cfg.model.attn_implementation, **kw,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path, **kw)
+    except (OSError, ValueError) as e:
+        hint = ""
+        if "safetensors" in str(e).lower() and not cfg.model.allow_unsafe_weights:
+            hint = " (only safetensors weights load by default; model.allow_unsafe_weights=true allows pickle files)"
+        raise SetupError(f"cannot load model.path={path!r}: {e}{hint}") from None
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(x) for x in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    if not ids:
+        raise SetupError("the tokenizer has no eos_token and the model's generation_config names none")
+    return sorted(ids)
+
+
+def _task_parts(cfg: Config, tokenizer: Any):
+    from dapo.data.tasks import get_task, task_splits
+
+    try:
+        task = get_task(cfg.data.task)
+    except ValueError as e:
+        raise SetupError(f"data.task: {e}") from None
+    eval_ex, stream = task_splits(task, cfg.seed, cfg.data.eval_size)
+
+    def encode(ex: Example) -> list[int]:
+        return tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+
+    def score_fn(texts: list[str], exs: list[Example]):
+        out = [task.score(t, e.answer) for t, e in zip(texts, exs)]
+        return [s for s, _ in out], [c for _, c in out], {}
+
+    eval_items = [PromptItem(-1 - i, ex, encode(ex)) for i, ex in enumerate(eval_ex)]
+    return TaskPromptStream(stream, encode), eval_items, score_fn, []
+
+
+def _file_parts(cfg: Config, tokenizer: Any, log: Callable[[str], None]):
+    from dapo.data.files import load_examples
+    from dapo.data.templates import fit_prompts, render_prompt
+    from dapo.rewards import RewardRunner
+
+    d = cfg.data
+    template = "dapo_math" if d.template == "auto" else d.template
+
+    def load(path: str) -> tuple[list[Example], list[list[int]]]:
+        exs, stats = load_examples(path, d.prompt_key, d.answer_key, bad_rows=d.bad_rows, dedup=d.dedup)
+        log(f"{path}: {stats}")
+        texts = [render_prompt(e, template, tokenizer) for e in exs]
+        ids = [tokenizer(t, add_special_tokens=template != "chat")["input_ids"] for t in texts]
+        kept, fitted, n_drop, n_trunc = fit_prompts(ids, d.max_prompt_len, d.long_prompts)
+        if n_drop or n_trunc:
+            log(f"{path}: {n_drop} prompts longer than data.max_prompt_len={d.max_prompt_len} dropped, {n_trunc} truncated")
+        exs = [exs[i] for i in kept]
+        if not exs:
+            raise SetupError(f"{path}: no prompts left after the length filter (data.max_prompt_len={d.max_prompt_len})")
+        return exs, fitted
+
+    exs, ids = load(d.path)
+    if d.eval_path:
+        ev, ev_ids = load(d.eval_path)
+        ev, ev_ids = ev[: d.eval_size], ev_ids[: d.eval_size]
+    else:  # hold out a seeded slice of the training file (at most a tenth of it)
+        order = list(range(len(exs)))
+        random.Random(f"{cfg.seed}/holdout").shuffle(order)
+        n_ev = min(d.eval_size, len(exs) // 10)
+        ev_set = set(order[:n_ev])
+        ev, ev_ids = [exs[i] for i in order[:n_ev]], [ids[i] for i in order[:n_ev]]
+        exs, ids = [e for i, e in enumerate(exs) if i not in ev_set], [x for i, x in enumerate(ids) if i not in ev_set]
+    fn = "math" if d.reward == "auto" else d.reward
+    runner = RewardRunner(fn, workers=d.reward_workers, timeout_s=d.reward_timeout_s)
+
+    def score_fn(texts: list[str], examples: list[Example]):
+        res = runner.score(texts, [e.answer for e in examples], [dict(e.fields, data_source=e.data_source) for e in examples])
+        return res.scores, res.correct, res.stats
+
+    eval_items = [PromptItem(-1 - i, e, x) for i, (e, x) in enumerate(zip(ev, ev_ids))]
+    return ListPromptStream(exs, ids, cfg.seed, d.shuffle), eval_items, score_fn, [runner.close]
+
+
+def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callable[[str], None] = print) -> RunParts:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    if resume_from is not None:
+        path = str(resume_from)
+    elif cfg.model.path:
+        path = cfg.model.path
+    else:
+        from dapo.trainer.sft import prepare_base_model
+
+        path = str(prepare_base_model(cfg.data.task, log=log))
+    model, tokenizer = load_model_and_tokenizer(cfg, path, device, log)
+    if cfg.data.path:
+        stream, eval_items, score_fn, closers = _file_parts(cfg, tokenizer, log)
+    else:
+        stream, eval_items, score_fn, closers = _task_parts(cfg, tokenizer)
+    pad_id = int(tokenizer.pad_token_id)
+    engine = HFEngine(model, pad_id, eos_ids(model, tokenizer), max_batch=cfg.rollout.batch_size)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    warm = o.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+    ref = None
+    if cfg.algo.kl_coef > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return RunParts(model, tokenizer, engine, optimizer, scheduler, stream, eval_items, score_fn, decode, pad_id,
+                    device, ref, 0, closers)
