@@ -1,0 +1,156 @@
+"""The training loop end to end on a tiny real model: dynamic sampling, metrics, checkpoints, resume."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_RUN
+from dapo.cli import main as cli_main
+from dapo.config import load_config
+from dapo.data.example import Example
+from dapo.rollout import HFEngine, SamplingParams
+from dapo.trainer.batch import DynamicSampler, GenCapReached, PromptItem, SamplerSettings
+from dapo.trainer.loop import train
+
+
+class _Prompts:
+    """A real prompt stream over fixed token ids, with a cursor."""
+
+    def __init__(self):
+        self.cursor = 0
+
+    def take(self, n):
+        out = [PromptItem(self.cursor + k, Example(f"p{self.cursor + k}", "x"), [5 + (self.cursor + k) % 20, 6])
+               for k in range(n)]
+        self.cursor += n
+        return out
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, s):
+        self.cursor = s["cursor"]
+
+
+def _parity_score(texts, examples):
+    """Correct iff the response's first character code is even: mixed groups for some prompts, not all."""
+    ok = [bool(t) and ord(t[0]) % 2 == 0 for t in texts]
+    return [1.0 if c else -1.0 for c in ok], ok, {}
+
+
+def _sampler(tiny_model_dir, score=_parity_score, **kw):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eng = HFEngine(model, tok.pad_token_id, [tok.eos_token_id])
+    settings = dict(group_size=4, train_batch_size=6, gen_batch_size=4, params=SamplingParams(n=4, max_new_tokens=3),
+                    max_gen_rounds=6)
+    settings.update(kw)
+    return DynamicSampler(eng, _Prompts(), score, lambda ids: tok.decode(ids, skip_special_tokens=True),
+                          SamplerSettings(**settings))
+
+
+def test_dynamic_sampling_keeps_only_mixed_groups(tiny_model_dir):
+    s = _sampler(tiny_model_dir)
+    groups, m = s.collect(step=1)
+    assert len(groups) == 6
+    for g in groups:
+        assert 0 < sum(g.correct) < 4  # mixed outcomes only
+    assert m["batch/gen_rounds"] >= 2  # 4 prompts a round cannot fill 6 mixed groups in one
+    assert m["batch/samples_total"] == m["batch/gen_rounds"] * 16
+    assert 0 < m["batch/kept_frac"] <= 1
+
+
+def test_dynamic_sampling_stops_at_the_cap(tiny_model_dir):
+    def all_wrong(texts, examples):
+        return [-1.0] * len(texts), [False] * len(texts), {}
+
+    s = _sampler(tiny_model_dir, score=all_wrong, max_gen_rounds=3)
+    groups, m = s.collect(step=1)
+    assert groups == [] and m["batch/gen_rounds"] == 3 and m["batch/capped"] == 1.0
+    s = _sampler(tiny_model_dir, score=all_wrong, max_gen_rounds=2, on_gen_cap="error")
+    with pytest.raises(GenCapReached, match="max_gen_rounds"):
+        s.collect(step=1)
+
+
+def test_carry_over_keeps_surplus_groups_with_behaviour_logprobs(tiny_model_dir):
+    s = _sampler(tiny_model_dir, train_batch_size=2, gen_batch_size=8, carry_over=True)
+    groups, m = s.collect(step=1)
+    assert len(groups) == 2 and m["batch/carried"] == len(s.carried) > 0
+    carried = list(s.carried)
+    groups2, _ = s.collect(step=2)
+    assert groups2[: len(carried)] == carried[:2]
+    assert all(g.step == 1 and len(g.completions[0].logprobs) == len(g.completions[0].token_ids) for g in groups2[:1])
+    s2 = _sampler(tiny_model_dir, train_batch_size=2, gen_batch_size=8)
+    s2.collect(step=1)
+    assert s2.carried == []  # the paper's default: surplus discarded
+
+
+def test_no_dynamic_sampling_trains_on_every_group(tiny_model_dir):
+    s = _sampler(tiny_model_dir, dynamic_sampling=False, train_batch_size=5)
+    groups, m = s.collect(step=1)
+    assert len(groups) == 5 and m["batch/gen_rounds"] == 1
+
+
+REQUIRED_METRICS = [
+    "rollout/acc", "rollout/reward", "response/len_mean", "response/len_max", "response/truncated_frac",
+    "actor/entropy", "actor/clipfrac_low", "actor/clipfrac_high", "actor/clipfrac_dual", "actor/approx_kl",
+    "actor/grad_norm", "actor/lr", "batch/kept_frac", "batch/gen_rounds", "batch/samples_total",
+    "time/gen", "time/reward", "time/old_logp", "time/update", "perf/tokens_per_s",
+]
+
+
+def test_cli_three_steps_changes_parameters_and_writes_metrics(tiny_model_dir, tmp_path, capsys):
+    # filter on the shaped reward: a random model is never right, but its lengths (and so penalties) vary
+    rc = cli_main(["train", "--model", str(tiny_model_dir), "optim.steps=3", f"log.out_dir={tmp_path}",
+                   "log.run_name=r", "algo.filter_metric=reward", "optim.lr=1e-2", *TINY_RUN])
+    assert rc == 0
+    run = tmp_path / "r"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        missing = [k for k in REQUIRED_METRICS if k not in r]
+        assert not missing, missing
+        assert r["actor/updates"] == -(-r["batch/groups"] // 2)  # one update per mini-batch of 2 groups
+    assert sum(r["actor/updates"] for r in rows) >= 2
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(run / "step_3" / "model.safetensors"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and 0 <= summary["before"]["accuracy"] <= 1 and "accuracy" in summary["after"]
+    assert (run / "config.yaml").exists()
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["run_dir"] == str(run)
+
+
+def test_stop_and_resume_continues_with_the_same_data_order(tiny_model_dir, tmp_path):
+    common = ["algo.filter_metric=reward", "optim.lr=1e-2", "ckpt.every=2", "ckpt.keep_last=5", *TINY_RUN,
+              f"model.path={tiny_model_dir}", f"log.out_dir={tmp_path}"]
+    full = train(load_config(overrides=common + ["optim.steps=4", "log.run_name=full"]))
+    part = train(load_config(overrides=common + ["optim.steps=2", "log.run_name=part"]))
+    assert part.steps == 2 and (tmp_path / "part" / "step_2" / "manifest.json").exists()
+    resumed = train(load_config(overrides=common + ["optim.steps=4", f"ckpt.resume={tmp_path / 'part'}"]))
+    assert resumed.run_dir == tmp_path / "part" and resumed.steps == 4
+    rows = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("full", "part")}
+    assert [r["step"] for r in rows["part"]] == [1, 2, 3, 4]
+    for a, b in zip(rows["full"], rows["part"]):  # same prompts, same samples, same updates
+        for k in ("rollout/reward", "response/len_mean", "batch/samples_total", "actor/pg_loss", "actor/grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    st = torch.load(tmp_path / "part" / "step_4" / "trainer_state.pt", weights_only=True)
+    st_full = torch.load(tmp_path / "full" / "step_4" / "trainer_state.pt", weights_only=True)
+    assert st["data"] == st_full["data"] and st["step"] == 4
+    a = load_file(str(tmp_path / "full" / "step_4" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "step_4" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    rc = cli_main(["train", "--model", str(tiny_model_dir), f"log.out_dir={tmp_path}", "log.run_name=mine", *TINY_RUN])
+    assert rc == 2 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
