@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -523,7 +524,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
             return list(x)
         return x
 
-    Path(path).write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False), encoding="utf-8")
+    # write then rename: a kill mid-write must not leave a truncated config.yaml, which would still parse
+    # (with fewer keys, silently defaulted) when the run is resumed
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def describe() -> str:
