@@ -110,13 +110,26 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    complete = [(s, p) for s, p in list_checkpoints(run_dir) if is_complete(p)]
+    """Keep the newest ``keep_last`` complete checkpoints; remove what killed saves and prunes left behind."""
+    all_ckpts = list_checkpoints(run_dir)
+    complete = [(s, p) for s, p in all_ckpts if is_complete(p)]
     for _, p in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    for p in Path(run_dir).glob(".tmp_step_*"):  # leftovers of a killed save
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    if complete:  # a partial step_N older than the newest complete one: a prune killed half-way
+        for s, p in all_ckpts:
+            if s < complete[-1][0] and not is_complete(p):
+                shutil.rmtree(p, ignore_errors=True)
+    for pattern in (".tmp_step_*", ".old_step_*"):  # leftovers of a killed save
+        for p in Path(run_dir).glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    """The optimiser / RNG / data state; ``weights_only`` refuses anything but tensors and plain types."""
+    path = Path(ckpt) / "trainer_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip, OSError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot load the trainer state ({type(e).__name__}: {first})") from None
