@@ -15,7 +15,7 @@ from dapo.config import Config
 from dapo.data.example import Example
 from dapo.rollout.hf import HFEngine
 from dapo.trainer.batch import PromptItem, ScoreFn
-from dapo.trainer.checkpoint import latest_checkpoint
+from dapo.trainer.checkpoint import is_complete, latest_checkpoint
 from dapo.trainer.prompts import ListPromptStream, TaskPromptStream
 
 
@@ -73,9 +73,14 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         if not p.exists():
             raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no such directory")
         if (p / "trainer_state.pt").exists() or p.name.startswith("step_"):
+            if not is_complete(p, verify=True):
+                raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: not a complete checkpoint (manifest missing, or a "
+                                 f"file missing or damaged); resume from the run directory to use its newest complete one")
             return p.parent, p
         ckpt = latest_checkpoint(p)
         if ckpt is None:
+            if (p / "config.yaml").exists():  # a run killed before its first checkpoint: nothing to lose, start again
+                return p, None
             raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no complete checkpoint (step_N/ with a manifest) in it")
         return p, ckpt
     name = cfg.log.run_name or f"{cfg.preset.replace('+', 'plus_')}-{cfg.data.task if not cfg.data.path else Path(cfg.data.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
