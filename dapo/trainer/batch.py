@@ -6,6 +6,7 @@ gradient). Rounds repeat until ``train_batch_size`` groups are kept or ``max_gen
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -137,6 +138,8 @@ class DynamicSampler:
             "response/len_mean": _mean([float(x) for x in lens]),
             "response/len_max": float(max(lens)),
             "response/truncated_frac": _mean([float(c.finish_reason == "length") for c in resp]),
+            # NaN log-probs mean the policy's own numbers are broken (the loop stops after a few such steps)
+            "rollout/nan_logprob_frac": _mean([float(math.isnan(sum(c.logprobs))) for c in resp]),
             "batch/groups": float(len(kept)),
             "batch/kept_frac": len([g for g in all_groups if g in kept]) / max(1, seen_groups),
             "batch/gen_rounds": float(rounds),

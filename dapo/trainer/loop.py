@@ -293,7 +293,7 @@ def _restore(parts: RunParts, sampler: DynamicSampler, st: dict[str, Any]) -> No
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past the resumed step (they will be produced again), atomically."""
+    """Drop lines (metrics, samples) past the resumed step (they will be produced again), atomically."""
     if not path.exists():
         return
     keep = []
@@ -306,6 +306,24 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _count_bad_rollout(parts: RunParts, cfg: Config, step: int, frac: float) -> None:
+    parts.bad_in_a_row += 1
+    if parts.bad_in_a_row >= cfg.optim.max_bad_steps:
+        raise TrainingError(
+            f"step {step}: {frac:.0%} of the rollout's log-probs are NaN, after {parts.bad_in_a_row - 1} non-finite "
+            f"updates or rollouts before it: the weights are broken; stopping. The last good checkpoint is kept; "
+            f"lower optim.lr or check the data/reward (optim.max_bad_steps={cfg.optim.max_bad_steps})."
+        )
+
+
+def _check_finite(model: torch.nn.Module, step: int) -> None:
+    """Never checkpoint NaN/inf weights: keep-last-N would then prune the good checkpoints they replace."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"step {step}: {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]}); not "
+                            f"saving a checkpoint. The last good checkpoint is kept; lower optim.lr or check the reward.")
 
 
 def _save_samples(run_dir: Path, step: int, groups: list[Group], parts: RunParts, n: int = 4) -> None:
@@ -345,10 +363,13 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
         st = load_trainer_state(resume_from)
         _restore(parts, sampler, st)
         start, before = int(st["step"]), st["before"]
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
+    if cfg.ckpt.resume:  # lines past the checkpoint (or all, when none was written yet) are produced again
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _truncate_metrics(run_dir / name, start)
     logger = RunLogger(run_dir, cfg.optim.steps, cfg.log.progress, cfg.log.tensorboard, cfg.log.wandb,
                        cfg.log.wandb_project, cfg.to_dict(), stream=log_stream, start_step=start)
-    logger.message(f"run directory: {run_dir}" + (f" (resuming from {resume_from.name})" if resume_from else ""))
+    logger.message(f"run directory: {run_dir}" + (f" (resuming from {resume_from.name})" if resume_from else
+                   " (no complete checkpoint in it yet: starting again from step 0)" if cfg.ckpt.resume else ""))
     if not before:
         before = evaluate(parts, cfg, cfg.seed)
         logger.message(f"held-out accuracy before: {before['accuracy']:.3f} (n={before['n']})")
@@ -360,8 +381,13 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
             for step in range(start + 1, cfg.optim.steps + 1):
                 t0 = time.perf_counter()
                 groups, m = sampler.collect(step)
+                if m.get("rollout/nan_logprob_frac"):  # a policy that computes NaN: nothing sampled from it is usable
+                    groups = []
+                    m["actor/skipped_updates"] = 1.0
+                    _count_bad_rollout(parts, cfg, step, m["rollout/nan_logprob_frac"])
                 if not groups:
-                    logger.message(f"step {step}: no group with mixed outcomes to train on; skipping the update")
+                    logger.message(f"step {step}: " + ("NaN log-probs in the rollout" if m.get("rollout/nan_logprob_frac")
+                                   else "no group with mixed outcomes to train on") + "; skipping the update")
                     m.update({"time/step": time.perf_counter() - t0})
                 else:
                     fb = flatten_groups(groups, cfg, step)
@@ -387,13 +413,20 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
                 if on_step is not None:
                     on_step(step, m)
                 last = step == cfg.optim.steps
+                saved = False
                 if stop.signum is not None or (cfg.ckpt.every and step % cfg.ckpt.every == 0) or (last and cfg.ckpt.save_final):
-                    save_checkpoint(run_dir, step, parts.model, parts.tokenizer,
-                                    _trainer_state(parts, sampler, step, before), cfg.ckpt.keep_last)
+                    if parts.bad_in_a_row:  # keep-last-N must not prune good checkpoints for ones from a bad streak
+                        logger.message(f"step {step}: not checkpointing after {parts.bad_in_a_row} non-finite update(s) "
+                                       f"in a row; the last good checkpoint is kept")
+                    else:
+                        _check_finite(parts.model, step)
+                        save_checkpoint(run_dir, step, parts.model, parts.tokenizer,
+                                        _trainer_state(parts, sampler, step, before), cfg.ckpt.keep_last)
+                        saved = True
                 if stop.signum is not None:
                     stopped_by = signal.Signals(stop.signum).name
-                    logger.message(f"{stopped_by}: stopped after step {step}, checkpoint saved; "
-                                   f"continue with: dapo train ckpt.resume={run_dir}")
+                    logger.message(f"{stopped_by}: stopped after step {step}" + (", checkpoint saved" if saved else "")
+                                   + f"; continue with: dapo train --resume {run_dir}")
                     break
         if stopped_by is None:
             after = evaluate(parts, cfg, cfg.seed)
