@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from typing import Sequence
 
@@ -41,7 +42,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str]) -> int:
-    args = _train_parser().parse_args(list(argv))
+    args = _train_parser().parse_intermixed_args(list(argv))  # key=value may come before or after flags
     if args.help_config:
         print(describe())
         return 0
@@ -78,6 +79,16 @@ def _resume_config(cfg, over: list[str]):
     return _load(base.preset, None, over, base=base)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ["train", *_SUBCOMMANDS]
@@ -88,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:8s} {doc}")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    # SIGTERM outside the training loop (loading, the first evaluation) stops like Ctrl-C; inside it the
+    # loop's own handler finishes the step and checkpoints first
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         if cmd == "train":
             return train_main(rest)
@@ -98,6 +112,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"dapo {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dapo {cmd}: interrupted; a run directory keeps its last complete checkpoint "
+              f"(continue with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from dapo.trainer.loop import TrainingError  # repeated non-finite updates, non-finite weights
+
+        if not isinstance(e, TrainingError):
+            raise
+        print(f"dapo {cmd}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     print(f"dapo: unknown command {cmd!r} (valid: {', '.join(names)})", file=sys.stderr)
     return 2
 
