@@ -398,7 +398,9 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
                     t3 = time.perf_counter()
                     parts.engine.load_weights(parts.weights_for_engine(), parts.engine.weight_version + 1)
                     m.update({"time/old_logp": t2 - t1, "time/update": t3 - t2})
-                    m["rollout/weight_version"] = float(min(c.weight_version for g in groups for c in g.completions if g.step == step))
+                    fresh = [c.weight_version for g in groups for c in g.completions if g.step == step]
+                    if fresh:  # none when carried-over groups filled the whole batch
+                        m["rollout/weight_version"] = float(min(fresh))
                     if cfg.log.samples_every and step % cfg.log.samples_every == 0:
                         _save_samples(run_dir, step, groups, parts)
                 dt = time.perf_counter() - t0
