@@ -342,7 +342,6 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
     cfg.validate()
     run_dir, resume_from = resolve_run_dir(cfg)
     parts = build_parts(cfg, run_dir, resume_from, log=lambda s: print(s, file=log_stream or __import__("sys").stderr))
-    save_config(cfg, run_dir / "config.yaml")
     r = cfg.rollout
     sampler = DynamicSampler(
         parts.engine, parts.stream, parts.score_fn, parts.decode,
@@ -363,6 +362,7 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
         st = load_trainer_state(resume_from)
         _restore(parts, sampler, st)
         start, before = int(st["step"]), st["before"]
+    save_config(cfg, run_dir / "config.yaml")  # only now: a resume refused above must not overwrite the run's config
     if cfg.ckpt.resume:  # lines past the checkpoint (or all, when none was written yet) are produced again
         for name in ("metrics.jsonl", "samples.jsonl"):
             _truncate_metrics(run_dir / name, start)
