@@ -1,0 +1,111 @@
+"""Bad input through the real command line: each is a clear error naming what is wrong (exit 2), or
+is skipped and counted as configured, and none leaves a half-made or altered run directory behind.
+
+``docs/reliability.md`` tabulates these cases and how each is handled."""
+import shutil
+
+import pytest
+import torch
+
+import faultkit as fk
+from faultkit import one_thread  # noqa: F401  (fixture)
+from dapo.cli import main as cli_main
+from dapo.trainer.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (case, extra arguments, config-file text or None, what the error must say)
+CONFIG_CASES = [
+    ("mistyped key", ["algo.eps_hihg=0.3"], None, ["unknown config key 'algo.eps_hihg'", "did you mean 'algo.eps_high'"]),
+    ("key without its section", ["eps_high=0.3"], None, ["unknown config key 'eps_high'", "'algo.eps_high'"]),
+    ("unknown section", ["optimizer.lr=1e-3"], None, ["unknown config key 'optimizer.lr'", "'optim.lr'"]),
+    ("mistyped key in a YAML file", [], "algo:\n  eps_hihg: 0.3\n", ["'algo.eps_hihg' in ", "did you mean 'algo.eps_high'"]),
+    ("wrong type", ["optim.steps=ten"], None, ["optim.steps: expected int, got 'ten'"]),
+    ("fractional int", ["optim.steps=2.5"], None, ["optim.steps: expected int"]),
+    ("not key=value", ["optim.steps"], None, ["not of the form key=value"]),
+    ("batch not divisible", ["optim.train_batch_size=6", "optim.mini_batch_size=4"], None,
+     ["optim.mini_batch_size", "must be divisible"]),
+    ("L_cache >= L_max", ["rollout.max_new_tokens=8", "algo.overlong_cache_len=8"], None,
+     ["algo.overlong_cache_len", "L_cache must be > 0 and < L_max"]),
+    ("G < 2", ["rollout.group_size=1"], None, ["rollout.group_size", "G must be >= 2"]),
+    ("unknown preset", ["--preset", "dapoo"], None, ["unknown preset 'dapoo'", "did you mean 'dapo'"]),
+    ("YAML not a mapping", [], "- optim.steps=3\n", ["must be a mapping"]),
+    ("YAML syntax error", [], "algo: {eps_high: [\n", ["cannot read config"]),
+    ("non-UTF-8 config file", [], b"algo:\n  eps_high: 0.3 \xff\xfe\n", ["cannot read config", "utf-8"]),
+    ("unknown task", ["data.task=subtraktion"], None, ["data.task"]),
+    ("missing model directory", ["--model", "/nonexistent/model"], None, ["cannot load model.path='/nonexistent/model'"]),
+    ("CUDA asked, none here", ["model.device=cuda"], None, ["model.device=cuda: CUDA is not available"]),
+    ("unknown dtype", ["model.dtype=float8"], None, ["model.dtype='float8'"]),
+]
+
+
+@pytest.mark.parametrize("case,extra,text,says", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_is_a_clear_error_and_leaves_no_run(case, extra, text, says, tiny_model_dir, tmp_path, capsys):
+    if case == "CUDA asked, none here" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["train", "--model", str(tiny_model_dir), f"log.out_dir={tmp_path / 'runs'}", "log.run_name=r", *fk.FAST]
+    if text is not None:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+        argv += ["--config", str(cfg)]
+    rc = cli_main(argv + extra)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "dapo train: error: " in err and "Traceback" not in err
+    for s in says:
+        assert s.lower() in err.lower(), (s, err)
+    run = tmp_path / "runs" / "r"
+    assert not run.exists() or not any(run.iterdir())  # at most an empty directory, reusable as is
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("done")
+    assert cli_main(["train", "--model", str(tiny_model_dir), f"log.out_dir={out}", "log.run_name=r", "optim.steps=2",
+                     *fk.FAST]) == 0
+    return out / "r"
+
+
+def _snapshot(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+RESUME_CASES = [
+    ("resume with another seed (other data order)", lambda run: [f"--resume={run}", "seed=1"],
+     ["data cursor is for task 'addition' seed 0, not 'addition' seed 1"]),
+    ("resume with an impossible batch", lambda run: [f"--resume={run}", "optim.mini_batch_size=3"], ["must be divisible"]),
+    ("resume from a damaged checkpoint", lambda run: [f"--resume={run / 'step_2'}"], ["not a complete checkpoint"]),
+    ("resume from nothing", lambda run: [f"--resume={run}_missing"], ["no such directory"]),
+    ("start over a finished run", lambda run: [f"log.out_dir={run.parent}", "log.run_name=r"],
+     ["already exists and is not empty", "ckpt.resume="]),
+]
+
+
+@pytest.mark.parametrize("case,argv,says", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_a_refused_resume_changes_nothing_in_the_run(case, argv, says, finished_run, tmp_path, capsys):
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    if "damaged" in case:
+        with open(run / "step_2" / "model.safetensors", "r+b") as f:  # one flipped byte, same size
+            f.seek(200)
+            b = f.read(1)
+            f.seek(200)
+            f.write(bytes([b[0] ^ 0xFF]))
+    before = _snapshot(run)
+    capsys.readouterr()
+    rc = cli_main(["train", *argv(run)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    for s in says:
+        assert s in err, (s, err)
+    assert _snapshot(run) == before
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(finished_run, tmp_path, capsys):
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    (run / "step_2" / "trainer_state.pt").write_bytes(b"")  # truncated to nothing by a full disk, say
+    assert cli_main(["train", "--resume", str(run), "optim.steps=2"]) == 0
+    assert "resuming from step_1" in capsys.readouterr().err
+    assert [s for s, _ in list_checkpoints(run)] == [1, 2] and (run / "step_2" / "trainer_state.pt").stat().st_size > 0
+    assert [r["step"] for r in fk.metrics(run)] == [1, 2]
