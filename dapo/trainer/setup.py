@@ -3,6 +3,7 @@ optimiser. Kept apart from the loop so the loop reads as the algorithm."""
 from __future__ import annotations
 
 import copy
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def load_model_and_tokenizer(cfg: Config, path: str, device: torch.device, log: 
             attn_implementation=cfg.model.attn_implementation, **kw,
         )
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # the last: weights_only refused a pickle's contents
         hint = ""
         if "safetensors" in str(e).lower() and not cfg.model.allow_unsafe_weights:
             hint = " (only safetensors weights load by default; model.allow_unsafe_weights=true allows pickle files)"
