@@ -20,6 +20,8 @@ from dapo.config import PRESET_DOCS, ConfigError, describe, load_config
 # subcommands that live in their own modules, each with a ``main(argv) -> int``
 _SUBCOMMANDS = {
     "sft": ("dapo.trainer.sft", "sft_main", "supervised warm-up that makes the demo's base model"),
+    "eval": ("dapo.eval", "main", "avg@k, pass@k, maj@k over a dataset"),
+    "report": ("dapo.report", "main", "plots and an HTML report from runs' metrics.jsonl"),
 }
 
 
