@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import dapo.data.files
 import dapo.data.templates
 from dapo.data import (
     DataError,
@@ -287,5 +288,6 @@ def test_fit_prompts_drop_and_truncate():
 
 
 def test_docstring_examples_run():
-    failed, tried = doctest.testmod(dapo.data.templates)
-    assert tried > 0 and failed == 0
+    for module in (dapo.data.templates, dapo.data.files):
+        failed, tried = doctest.testmod(module)
+        assert tried > 0 and failed == 0, module.__name__

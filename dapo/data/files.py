@@ -171,15 +171,19 @@ def _rows(path: str | Path) -> Iterator[tuple[str, Any]]:
 _MISSING = object()
 
 
-def get_field(row: dict[str, Any], key: str) -> Any:
+def get_field(row: dict[str, Any], key: str, default: Any = None) -> Any:
     """``row[key]``, following dots into nested dicts (``reward_model.ground_truth``); a column whose
-    name itself contains the dots wins. Returns a sentinel (not None) when absent: see ``has_field``."""
+    name itself contains the dots wins; ``default`` when absent.
+
+    >>> get_field({"reward_model": {"ground_truth": "34"}}, "reward_model.ground_truth")
+    '34'
+    """
     if key in row:
         return row[key]
     value: Any = row
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
-            return _MISSING
+            return default
         value = value[part]
     return value
 
@@ -253,7 +257,7 @@ def load_examples(
                 raise DataError(f"{path}: {where}: {problem} (bad_rows='skip' skips such rows)")
             skipped += 1
             continue
-        prompt = get_field(row, prompt_key)
+        prompt = get_field(row, prompt_key, _MISSING)
         if not isinstance(prompt, str):
             prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
         if dedup:
@@ -262,7 +266,7 @@ def load_examples(
                 duplicates += 1
                 continue
             seen.add(key)
-        answer = get_field(row, answer_key)
+        answer = get_field(row, answer_key, _MISSING)
         if answer is _MISSING:
             answer = row["answer"]
         source = row.get("data_source")
@@ -285,13 +289,13 @@ def _row_problem(row: Any, prompt_key: str, answer_key: str) -> str | None:
         return row.reason
     if not isinstance(row, dict):
         return f"is a {type(row).__name__}, not an object with named fields"
-    prompt = get_field(row, prompt_key)
+    prompt = get_field(row, prompt_key, _MISSING)
     if prompt is _MISSING or prompt is None:
         return f"prompt key {prompt_key!r} is missing (columns: {', '.join(sorted(row))})"
     why = prompt_error(prompt)
     if why:
         return f"prompt key {prompt_key!r} {why}"
-    answer, key = get_field(row, answer_key), answer_key
+    answer, key = get_field(row, answer_key, _MISSING), answer_key
     if answer is _MISSING and "answer" in row:
         answer, key = row["answer"], "answer"
     if answer is _MISSING or answer is None:

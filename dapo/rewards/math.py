@@ -15,6 +15,7 @@ Everything before math-verify is linear in the (tail-bounded) input, so it canno
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import NamedTuple
@@ -238,6 +239,9 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
+_normalized_gold = functools.lru_cache(maxsize=4096)(normalize_answer)
+
+
 # --------------------------------------------------------------------------------------------------
 # symbolic equivalence (optional)
 
@@ -273,9 +277,15 @@ def _as_latex(text: str) -> str:
     return text if "$" in text or "\\boxed" in text else f"${text}$"
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed_gold(ground_truth: str):
+    # a prompt's ground truth is compared with all G responses of its group: parse it once
+    return tuple(_math_verify().parse(_as_latex(ground_truth), parsing_timeout=None))
+
+
 def _symbolic_equal(pred: str, ground_truth: str) -> bool:
     mv = _math_verify()
-    gold = mv.parse(_as_latex(ground_truth), parsing_timeout=None)
+    gold = list(_parsed_gold(ground_truth))
     guess = mv.parse(_as_latex(pred), parsing_timeout=None)
     return bool(gold and guess and mv.verify(gold, guess, timeout_seconds=None))
 
@@ -307,7 +317,7 @@ def score_math(
     if raw is None:
         return MathScore(-1.0, False, None)
     pred = normalize_answer(raw)
-    gold = normalize_answer(str(ground_truth))
+    gold = _normalized_gold(str(ground_truth))
     correct = bool(pred) and pred == gold
     if use_math_verify is None:
         use_math_verify = not _INTEGER_RE.fullmatch(gold)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dapo.rewards.limits import RewardTimeout, call_with_time_limit
+from dapo.rewards.limits import _Alarm, call_with_time_limit
+from dapo.rewards.math import TAIL_CHARS, score_math
 
 BUILTIN_REWARDS = {"math": "dapo.rewards.math:score_math"}
 """Reward functions known by name; anything else is ``module:function`` or ``path/to/file.py:function``."""
@@ -192,7 +193,9 @@ def _score_one(caller: _Caller, response: str, answer: str, extra: dict, timeout
         value = call_with_time_limit(timeout_s, caller, response, answer, extra)
     except TimeoutError as e:  # ours (RewardTimeout), or a limit the function keeps itself
         return -1.0, False, TIMEOUTS, f"timed out: {e}"
-    except (Exception, SystemExit) as e:
+    except (KeyboardInterrupt, _Alarm):  # the user's Ctrl-C, or an enclosing time limit: not the function's
+        raise
+    except BaseException as e:  # SystemExit, a library's own BaseException timeouts, ...
         return -1.0, False, ERRORS, f"raised {type(e).__name__}: {e}"
     return normalize_reward(value)
 
@@ -274,6 +277,8 @@ class RewardRunner:
         self.workers, self.timeout_s, self.memory_mb = workers, timeout_s, memory_mb
         self.start_timeout_s = start_timeout_s
         self._caller = _Caller(load_reward_fn(fn))  # fail here, early, if it cannot be found
+        # score_math reads only the tail of a response: send workers just that, not 20k-token responses
+        self._send_chars = TAIL_CHARS if self._caller.fn is score_math else None
         self._pool: list[_Worker] = []
         if workers:
             if callable(fn):
@@ -297,12 +302,21 @@ class RewardRunner:
                              f"{len(responses)}, {len(answers)}, {len(extras)}")
         items = list(zip(range(len(responses)), responses, answers, extras))
         if self.workers:
-            results = self._score_pool(items)
+            if self._send_chars:
+                items = [(i, r[-self._send_chars :], a, e) for i, r, a, e in items]
+            try:
+                results = self._score_pool(items)
+            except BaseException:  # Ctrl-C or a failed start: workers may hold items of this batch
+                for k, w in enumerate(self._pool):
+                    if w.pending:
+                        w.kill()
+                        self._pool[k] = self._spawn()
+                raise
         else:
             results = [_score_one(self._caller, r, a, e, self.timeout_s) for _, r, a, e in items]
         stats = {ERRORS: 0.0, TIMEOUTS: 0.0, BAD_TYPE: 0.0}
         messages: list[str] = []
-        for i, (_, _, kind, message) in enumerate(results):
+        for _, _, kind, message in results:
             if kind:
                 stats[kind] += 1
                 if len(messages) < _MAX_MESSAGES and message not in messages:
@@ -386,14 +400,17 @@ class RewardRunner:
                 else:
                     i = msg[0]
                     results[i] = msg[1:]
-                    w.pending = [item for item in w.pending if item[0] != i]
+                    w.pending.pop(0)  # a worker scores its chunk in order
                     w.deadline = time.monotonic() + self._hard_limit()
                     done += 1
         except (EOFError, OSError):  # it died: the item it was on is an error, the rest go back
             w.proc.join(timeout=1)
             code = w.proc.exitcode
             if not w.ready:
-                raise RuntimeError(f"reward worker exited while starting (exit code {code})") from None
+                raise RuntimeError(
+                    f"reward worker exited while starting (exit code {code}); its error is printed above. Worker "
+                    "processes are spawned: a script using workers > 0 needs `if __name__ == '__main__':`"
+                ) from None
             return done + self._replace(k, results, queue, ERRORS, f"worker process died (exit code {code})")
         return done
 
