@@ -337,7 +337,7 @@ def _runner_score_fn(spec: str, args, closers: list) -> ScoreFn:
 
 def _file_problems(path: str, args, closers: list) -> _Problems:
     from dapo.data.files import load_examples
-    from dapo.data.templates import fit_prompts, render_prompt
+    from dapo.trainer.prompts import encode_prompts
 
     template = "dapo_math" if args.template == "auto" else args.template
     exs, stats = load_examples(path, args.prompt_key, args.answer_key, bad_rows=args.bad_rows, dedup=args.dedup)
@@ -348,10 +348,8 @@ def _file_problems(path: str, args, closers: list) -> _Problems:
                             "load_stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else str(stats)}
 
     def encode(tokenizer: Any, examples: list[Example]) -> list[PromptItem]:
-        texts = [render_prompt(e, template, tokenizer) for e in examples]
-        # a chat template already wrote the special tokens it wants
-        ids = [tokenizer(t, add_special_tokens=not template.endswith("chat"))["input_ids"] for t in texts]
-        kept, fitted, n_drop, n_trunc = fit_prompts(ids, args.max_prompt_len, args.long_prompts)
+        kept, fitted, n_drop, n_trunc = encode_prompts(examples, template, tokenizer, args.max_prompt_len,
+                                                       args.long_prompts)
         info.update(dropped_long=n_drop, truncated_long=n_trunc)
         if n_drop or n_trunc:
             print(f"dapo eval: {path}: {n_drop} prompts longer than --max-prompt-len {args.max_prompt_len} "
@@ -359,7 +357,7 @@ def _file_problems(path: str, args, closers: list) -> _Problems:
         if not kept:
             raise ValueError(f"{path}: no problems left to evaluate after the prompt-length filter "
                              f"(--max-prompt-len {args.max_prompt_len})")
-        return [PromptItem(-1 - n, examples[i], x) for n, (i, x) in enumerate(zip(kept, fitted))]
+        return [PromptItem(-1 - n, e, x) for n, (e, x) in enumerate(zip(kept, fitted))]
 
     return _Problems(exs, encode, _runner_score_fn(reward, args, closers), default_pred, info)
 

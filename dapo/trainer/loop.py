@@ -75,6 +75,17 @@ def evaluate(parts: RunParts, cfg: Config, seed: int, tag: str = "eval") -> dict
     }
 
 
+def evaluate_periodic(parts: RunParts, cfg: Config) -> dict[str, float]:
+    """avg@k, pass@k, maj@k on the held-out prompts (``log.eval_k`` samples each), as metrics."""
+    from dapo.eval import as_metrics, evaluate_k
+
+    k = cfg.log.eval_k
+    params = SamplingParams(n=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
+                            top_p=cfg.rollout.eval_top_p, top_k=cfg.rollout.top_k)
+    res = evaluate_k(parts.engine, parts.eval_items, parts.score_fn, k, params, cfg.seed, parts.decode)
+    return {**as_metrics(res), "eval/acc": float(res["metrics"][f"avg@{k}"])}
+
+
 # ------------------------------------------------------------------------------------------------ update
 
 
@@ -380,8 +391,8 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
                     if sampler.s.dynamic_sampling else m["response/len_mean"] * len(groups) * r.group_size
                 m.update({"time/step": dt, "perf/gen_tokens_per_s": gen_tokens / max(m["time/gen"], 1e-9),
                           "perf/tokens_per_s": gen_tokens / max(dt, 1e-9), "time/wall": time.perf_counter() - t_start})
-                if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.optim.steps:
-                    m["eval/acc"] = evaluate(parts, cfg, cfg.seed)["accuracy"]
+                if cfg.log.eval_every and step % cfg.log.eval_every == 0:
+                    m.update(evaluate_periodic(parts, cfg))
                 logger.log(step, m)
                 history.append(m)
                 if on_step is not None:
