@@ -22,6 +22,7 @@ _SUBCOMMANDS = {
     "sft": ("dapo.trainer.sft", "sft_main", "supervised warm-up that makes the demo's base model"),
     "eval": ("dapo.eval", "main", "avg@k, pass@k, maj@k over a dataset"),
     "report": ("dapo.report", "main", "plots and an HTML report from runs' metrics.jsonl"),
+    "ablate": ("dapo.ablate", "main", "the paper's Table 1 rows, several seeds, equal sample budget"),
 }
 
 

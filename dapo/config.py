@@ -138,6 +138,8 @@ class AlgoConfig:
 class OptimConfig:
     steps: int = 40
     """RL steps (one rollout batch each)."""
+    max_samples: int = 0
+    """Also stop once this many responses have been generated (an equal budget across presets); 0 = no limit."""
     train_batch_size: int = 16
     """Prompt groups per RL step (paper: 512)."""
     gen_batch_size: int = 0
@@ -474,6 +476,8 @@ def _validate(c: Config) -> None:
             "optim.mini_batch_size",
             f"train_batch_size ({o.train_batch_size}) must be divisible by mini_batch_size ({o.mini_batch_size})",
         )
+    if o.max_samples < 0:
+        bad("optim.max_samples", f"must be >= 0, got {o.max_samples}")
     if o.gen_batch_size < 0:
         bad("optim.gen_batch_size", f"must be >= 0, got {o.gen_batch_size}")
     if o.lr <= 0:

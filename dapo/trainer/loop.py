@@ -397,10 +397,14 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
                 history.append(m)
                 if on_step is not None:
                     on_step(step, m)
-                last = step == cfg.optim.steps
+                out_of_samples = bool(cfg.optim.max_samples) and sampler.samples_total >= cfg.optim.max_samples
+                last = step == cfg.optim.steps or out_of_samples
                 if stop.signum is not None or (cfg.ckpt.every and step % cfg.ckpt.every == 0) or (last and cfg.ckpt.save_final):
                     save_checkpoint(run_dir, step, parts.model, parts.tokenizer,
                                     _trainer_state(parts, sampler, step, before), cfg.ckpt.keep_last)
+                if out_of_samples:
+                    logger.message(f"sample budget reached: {sampler.samples_total} >= optim.max_samples={cfg.optim.max_samples}")
+                    break
                 if stop.signum is not None:
                     stopped_by = signal.Signals(stop.signum).name
                     logger.message(f"{stopped_by}: stopped after step {step}, checkpoint saved; "
