@@ -71,6 +71,9 @@ class DataConfig:
     """Processes scoring rewards in parallel; 0 = in the trainer process."""
     reward_timeout_s: float = 5.0
     """Time limit per response for the verifier; a timeout scores as wrong and is counted."""
+    reward_memory_mb: int = 0
+    """Address-space limit (setrlimit) of each reward worker, in MB; a call that exceeds it scores as wrong and
+    is counted. 0 = none. Needs ``reward_workers`` > 0: user code in the trainer process cannot be limited."""
     shuffle: bool = True
     """Shuffle the training prompts each epoch (seeded by ``seed`` and the epoch)."""
 
@@ -497,6 +500,12 @@ def _validate(c: Config) -> None:
         bad("data.reward_workers", f"must be >= 0, got {d.reward_workers}")
     if d.reward_timeout_s <= 0:
         bad("data.reward_timeout_s", f"must be > 0, got {d.reward_timeout_s}")
+    if d.reward_memory_mb < 0 or (d.reward_memory_mb and not d.reward_workers):
+        bad("data.reward_memory_mb", f"must be >= 0, and limits worker processes: set data.reward_workers >= 1 "
+            f"(got reward_memory_mb={d.reward_memory_mb}, reward_workers={d.reward_workers})")
+    if d.reward != "auto" and not d.path:
+        bad("data.reward", f"{d.reward!r} scores prompt files (data.path); the built-in task "
+            f"{d.task!r} uses its own verifier: pass --data FILE, or leave data.reward=auto")
     if d.eval_size < 0:
         bad("data.eval_size", f"must be >= 0, got {d.eval_size}")
     if c.log.progress not in ("auto", "bar", "plain", "none"):

@@ -180,7 +180,7 @@ def _file_parts(cfg: Config, tokenizer: Any, log: Callable[[str], None]):
         ev, ev_ids = [exs[i] for i in order[:n_ev]], [ids[i] for i in order[:n_ev]]
         exs, ids = [e for i, e in enumerate(exs) if i not in ev_set], [x for i, x in enumerate(ids) if i not in ev_set]
     fn = "math" if d.reward == "auto" else d.reward
-    runner = RewardRunner(fn, workers=d.reward_workers, timeout_s=d.reward_timeout_s)
+    runner = RewardRunner(fn, workers=d.reward_workers, timeout_s=d.reward_timeout_s, memory_mb=d.reward_memory_mb or None)
 
     def score_fn(texts: list[str], examples: list[Example]):
         res = runner.score(texts, [e.answer for e in examples], [dict(e.fields, data_source=e.data_source) for e in examples])
