@@ -55,11 +55,13 @@ def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dapo.cli", "train", *args]
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    """Start ``dapo train ARGS`` with stdout and stderr going to ``log``."""
+def start(args: list[str], log: Path, new_session: bool = False) -> subprocess.Popen:
+    """Start ``dapo train ARGS`` with stdout and stderr going to ``log``; ``new_session`` gives it its own
+    process group, for signalling the whole group as a terminal's Ctrl-C does."""
     f = open(log, "ab")
     try:
-        return subprocess.Popen(train_cmd(*args), stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+        return subprocess.Popen(train_cmd(*args), stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=REPO,
+                                start_new_session=new_session)
     finally:
         f.close()
 
@@ -120,7 +122,3 @@ def sigkill(proc: subprocess.Popen) -> None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
-
-def resume_until_done(run_dir: Path, extra: list[str], log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``dapo train --resume RUN_DIR`` (its saved config, plus ``extra``) to the end."""
-    return run(["--resume", str(run_dir), *extra], timeout=timeout)

@@ -156,3 +156,25 @@ def test_sigterm_before_the_first_step_exits_130_without_a_traceback(tiny_model_
     log = (tmp_path / "s.log").read_text()
     assert "interrupted" in log and "Traceback" not in log
     assert fk.steps_logged(run) == 0 and latest_checkpoint(run) is None
+
+
+def test_ctrl_c_to_the_process_group_with_reward_workers_stops_cleanly(tiny_model_dir, tmp_path):
+    """A terminal's Ctrl-C reaches every process in the group, reward workers included: they ignore it,
+    the trainer finishes its step, checkpoints, stops the workers and exits 0, leaving no process behind."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(10, 40)))
+    (tmp_path / "rw.py").write_text("def score(r, gt):\n    return 1.0 if len(r) % 2 else -1.0\n")
+    run = tmp_path / "g"
+    p = fk.start(args(tiny_model_dir, tmp_path, "g", "--data", str(data), "--reward", f"{tmp_path / 'rw.py'}:score",
+                      "data.reward_workers=2", "data.template=none", "data.eval_size=2"), tmp_path / "g.log",
+                 new_session=True)
+    assert fk.wait_for(lambda: fk.steps_logged(run) >= 1, 180, p)
+    workers = psutil.Process(p.pid).children(recursive=True)
+    assert len(workers) >= 2
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(timeout=120) == 0
+    stopped = fk.steps_logged(run)
+    assert latest_checkpoint(run) == run / f"step_{stopped}"
+    log = (tmp_path / "g.log").read_text()
+    assert "SIGINT: stopped after step" in log and "Traceback" not in log
+    assert fk.wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10)

@@ -1,0 +1,157 @@
+"""Bad data files and misbehaving reward functions, end to end through ``dapo train --data FILE
+--reward module:fn``: each is a clear error (exit 2) naming the file, row and key, or is skipped and
+counted as configured; a reward that raises, hangs, returns NaN / None / a string, exhausts memory or
+kills its process scores as wrong, is counted in the step's metrics, and the run goes on."""
+import json
+
+import pytest
+
+import faultkit as fk
+from faultkit import one_thread  # noqa: F401  (fixture)
+from dapo.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GOOD = [{"prompt": f"{a}+{a + 1}=", "answer": str(2 * a + 1)} for a in range(10, 40)]
+
+
+def _jsonl(path, rows, extra_lines=b""):
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + extra_lines)
+    return path
+
+
+def _train(tiny_model_dir, tmp_path, data, *extra):
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), f"log.out_dir={tmp_path / 'runs'}",
+            "log.run_name=r", "optim.steps=1", "data.template=none", "data.max_prompt_len=32", "data.eval_size=2",
+            *fk.FAST, *extra]
+    return cli_main(argv)
+
+
+# (case, rows, raw bytes appended, extra args, what the error says); every one exits 2
+DATA_ERRORS = [
+    ("missing prompt", [{"question": "1+1=", "answer": "2"}], b"", [], ["row 31", "prompt key 'prompt' is missing"]),
+    ("missing answer", [{"prompt": "1+1="}], b"", [], ["row 31", "answer key 'reward_model.ground_truth' is missing"]),
+    ("prompt of the wrong type", [{"prompt": 12, "answer": "2"}], b"", [], ["must be a string or a list of chat"]),
+    ("answer of the wrong type", [{"prompt": "1+1=", "answer": ["2"]}], b"", [], ["must be a string or a number"]),
+    ("broken chat message", [{"prompt": [{"role": "user"}], "answer": "2"}], b"", [], ["message 0 is not"]),
+    ("invalid JSON line", [], b'{"prompt": "1+1=", "answer": \n', [], ["row 31 (line 31)", "not valid JSON"]),
+    ("non-UTF-8 bytes", [], b'{"prompt": "caf\xe9", "answer": "1"}\n', [], ["line 31 is not valid UTF-8", "0xe9"]),
+    ("every prompt too long", [], b"", ["data.max_prompt_len=3"], ["no prompts left after the length filter"]),
+]
+
+
+@pytest.mark.parametrize("case,rows,raw,extra,says", DATA_ERRORS, ids=[c[0] for c in DATA_ERRORS])
+def test_bad_rows_are_errors_naming_file_row_and_key(case, rows, raw, extra, says, tiny_model_dir, tmp_path, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", GOOD + rows, raw)
+    assert _train(tiny_model_dir, tmp_path, data, *extra) == 2
+    err = capsys.readouterr().err
+    assert "dapo train: error: " in err and "Traceback" not in err
+    for s in says:
+        assert s in err, (s, err)
+    run = tmp_path / "runs" / "r"
+    assert not run.exists() or not any(run.iterdir())
+
+
+@pytest.mark.parametrize("content,says", [(b"", "the dataset is empty"), (b"\n\n", "the dataset is empty"),
+                                          (None, "no such file")], ids=["empty file", "blank lines", "no file"])
+def test_empty_or_missing_dataset_is_an_error(content, says, tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    if content is not None:
+        data.write_bytes(content)
+    assert _train(tiny_model_dir, tmp_path, data) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_bad_rows_and_long_prompts_are_skipped_and_counted_when_asked(tiny_model_dir, tmp_path, capsys):
+    bad = [{"prompt": "", "answer": "1"}, {"prompt": "1+1=", "answer": None}, {"prompt": 3, "answer": "3"}]
+    long = [{"prompt": "9" * 40 + "+1=", "answer": "1"}] * 2
+    data = _jsonl(tmp_path / "d.jsonl", GOOD + bad + long, b'{"prompt": \n')
+    assert _train(tiny_model_dir, tmp_path, data, "data.bad_rows=skip") == 0
+    err = capsys.readouterr().err
+    assert "skipped_bad=4" in err and "2 prompts longer than data.max_prompt_len=32 dropped" in err
+    assert [r["step"] for r in fk.metrics(tmp_path / "runs" / "r")] == [1]
+
+
+REWARDS = '''
+import math, os, re
+
+def _ok(r):
+    return 1.0 if len(r) % 2 else -1.0
+
+def _bad(r):  # about a third of the responses trigger the fault; the rest score by length parity
+    return len(r) % 3 == 0
+
+def raises(r, gt):
+    if _bad(r):
+        raise RuntimeError("verifier crashed")
+    return _ok(r)
+
+def hangs(r, gt):
+    while _bad(r):
+        pass
+    return _ok(r)
+
+def hangs_in_c(r, gt):  # a catastrophic regex: C code that no signal interrupts
+    if _bad(r):
+        re.match(r"(a+)+$", "a" * 64 + "b")
+    return _ok(r)
+
+def nan(r, gt):
+    return float("nan") if _bad(r) else _ok(r)
+
+def none(r, gt):
+    return None if _bad(r) else _ok(r)
+
+def string(r, gt):
+    return "1.0" if _bad(r) else _ok(r)
+
+def hog(r, gt):
+    if _bad(r):
+        return len(bytearray(6 * 2**30))
+    return _ok(r)
+
+def dies(r, gt):
+    if _bad(r):
+        os._exit(3)
+    return _ok(r)
+'''
+
+# (function, extra args, the metric that counts it)
+REWARD_FAULTS = [
+    ("raises", [], "reward/errors"),
+    ("hangs", ["data.reward_timeout_s=0.2"], "reward/timeouts"),
+    ("nan", [], "reward/bad_type"),
+    ("none", [], "reward/bad_type"),
+    ("string", [], "reward/bad_type"),
+    ("hangs_in_c", ["data.reward_workers=1", "data.reward_timeout_s=0.2"], "reward/timeouts"),
+    ("hog", ["data.reward_workers=1", "data.reward_memory_mb=2048"], "reward/errors"),  # MemoryError in the worker
+    ("dies", ["data.reward_workers=1"], "reward/errors"),
+]
+
+
+@pytest.mark.parametrize("fn,extra,metric", REWARD_FAULTS, ids=[c[0] for c in REWARD_FAULTS])
+def test_a_misbehaving_reward_scores_wrong_is_counted_and_the_run_goes_on(fn, extra, metric, tiny_model_dir, tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    data = _jsonl(tmp_path / "d.jsonl", GOOD)
+    assert _train(tiny_model_dir, tmp_path, data, "--reward", f"{tmp_path / 'rewards.py'}:{fn}", *extra) == 0
+    (row,) = fk.metrics(tmp_path / "runs" / "r")
+    assert row[metric] > 0, row
+    assert row.get("actor/skipped_updates", 0) == 0  # nothing non-finite reached the update
+
+
+@pytest.mark.parametrize("spec,says", [
+    ("rewards.py:nope", "has no function 'nope'"),
+    ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
+    ("missing.py:score", "not found"),
+    ("score", "not a built-in"),
+], ids=["no such function", "no such module", "no such file", "not module:function"])
+def test_a_reward_that_cannot_be_loaded_is_a_clear_error(spec, says, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    assert _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d.jsonl", GOOD), "--reward", spec) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_reward_for_the_built_in_task_is_refused_not_ignored(tiny_model_dir, tmp_path, capsys):
+    rc = cli_main(["train", "--model", str(tiny_model_dir), "--reward", "math", f"log.out_dir={tmp_path}", *fk.FAST])
+    assert rc == 2 and "data.reward: 'math' scores prompt files" in capsys.readouterr().err
