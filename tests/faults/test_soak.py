@@ -66,7 +66,7 @@ def test_many_random_kill_points_resume_to_identical_metrics(tiny_model_dir, tmp
     while kills < kills_wanted:
         variant = list(VARIANTS)[chains % 2]
         run = tmp_path / f"chain{chains}"
-        argv = _args(tiny_model_dir, tmp_path, run.name, VARIANTS[variant])
+        argv = first = _args(tiny_model_dir, tmp_path, run.name, VARIANTS[variant])
         chain_kills = []
         while True:
             proc = fk.start(argv, tmp_path / f"{run.name}.log")
@@ -75,6 +75,7 @@ def test_many_random_kill_points_resume_to_identical_metrics(tiny_model_dir, tmp
                 break
             mode, landed = _kill_once(proc, run, rng, step_s, timing[variant] + 10)
             if landed == "after exit":  # it finished before the kill: the chain is complete
+                assert proc.returncode == 0, (tmp_path / f"{run.name}.log").read_text()[-2000:]
                 break
             kills += 1
             ckpt = latest_checkpoint(run) if run.exists() else None
@@ -83,7 +84,10 @@ def test_many_random_kill_points_resume_to_identical_metrics(tiny_model_dir, tmp
             prefix_ok = fk.first_difference(refs[variant][:saved], kept) is None
             chain_kills.append({"variant": variant, "mode": mode, "landed": landed, "logged": fk.steps_logged(run),
                                 "resume_from": saved, "saved_prefix_identical": prefix_ok})
-            argv = ["--resume", str(run)]
+            if (run / "config.yaml").exists():  # else it died before making its run: start it again as it was
+                argv = ["--resume", str(run)]
+            else:
+                argv = first
         diff = fk.first_difference(refs[variant], fk.metrics(run))
         for rec in chain_kills:
             rec["final_identical"] = diff is None
