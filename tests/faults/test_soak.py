@@ -34,20 +34,25 @@ def _args(model, out, name, extra):
     return ["--model", str(model), f"log.out_dir={out}", f"log.run_name={name}", f"optim.steps={STEPS}", *fk.FAST, *extra]
 
 
-def _kill_once(proc, run, rng, step_s, total_s):
-    """Kill ``proc`` at a random moment; returns how the moment was chosen and where it landed."""
+def _kill_once(proc, run, rng, step_s, total_s, log, offset, resume_from):
+    """Kill ``proc`` at a random moment; returns how the moment was chosen and where it landed. ``log``
+    from byte ``offset`` is this process's output; it has resumed from step ``resume_from``."""
+    def said(text):
+        return lambda: text.encode() in log.read_bytes()[offset:]
+
     mode = rng.choice(["uniform", "in_step", "in_checkpoint"])
     if mode == "uniform":
         fk.wait_for(lambda: False, rng.uniform(0, total_s), proc)
-    elif mode == "in_step":
-        target = fk.steps_logged(run) + 1
-        fk.wait_for(lambda: fk.steps_logged(run) >= target, 120, proc)
-        fk.wait_for(lambda: False, rng.uniform(0, step_s), proc)
-    else:
-        fk.wait_for(lambda: fk.checkpoint_in_progress(run), 120, proc)
+    else:  # a step drawn from those left, once this process has truncated what it will redo
+        fk.wait_for(said("run directory:"), 120, proc)
+        target = rng.randint(resume_from + 1, STEPS)
+        fk.wait_for(lambda: fk.steps_logged(run) >= target - 1, 120, proc)
+        if mode == "in_step":
+            fk.wait_for(lambda: False, rng.uniform(0, step_s), proc)
+        else:
+            fk.wait_for(lambda: fk.checkpoint_in_progress(run), 120, proc)
     landed = "after exit" if proc.poll() is not None else (
-        "checkpoint write" if fk.checkpoint_in_progress(run) else
-        "start-up" if not (run / "metrics.jsonl").exists() or fk.steps_logged(run) == 0 else "step")
+        "checkpoint write" if fk.checkpoint_in_progress(run) else "step" if said(" | acc ")() else "start-up")
     fk.sigkill(proc)
     return mode, landed
 
@@ -67,13 +72,15 @@ def test_many_random_kill_points_resume_to_identical_metrics(tiny_model_dir, tmp
         variant = list(VARIANTS)[chains % 2]
         run = tmp_path / f"chain{chains}"
         argv = first = _args(tiny_model_dir, tmp_path, run.name, VARIANTS[variant])
-        chain_kills = []
+        chain_kills, saved = [], 0
+        log = tmp_path / f"{run.name}.log"
         while True:
-            proc = fk.start(argv, tmp_path / f"{run.name}.log")
-            if kills >= kills_wanted or len(chain_kills) >= 4:  # let the chain finish
+            offset = log.stat().st_size if log.exists() else 0
+            proc = fk.start(argv, log)
+            if kills >= kills_wanted or len(chain_kills) >= 5:  # let the chain finish
                 assert proc.wait(timeout=600) == 0, (tmp_path / f"{run.name}.log").read_text()[-2000:]
                 break
-            mode, landed = _kill_once(proc, run, rng, step_s, timing[variant] + 10)
+            mode, landed = _kill_once(proc, run, rng, step_s, timing[variant] + 10, log, offset, saved)
             if landed == "after exit":  # it finished before the kill: the chain is complete
                 assert proc.returncode == 0, (tmp_path / f"{run.name}.log").read_text()[-2000:]
                 break
