@@ -132,13 +132,25 @@ def _micro_batches(idx: list[int], lengths: list[int], size: int) -> list[list[i
     return [idx[k : k + size] for k in range(0, len(idx), size)]
 
 
+def _engine_runs_the_policy(parts: RunParts) -> bool:
+    """The engine samples with the trainer's own fp32 model object: its log-probs are the policy's."""
+    params = list(parts.model.parameters())
+    return getattr(parts.engine, "model", None) is parts.model and all(p.dtype == torch.float32 for p in params)
+
+
 @torch.no_grad()
 def compute_old_logp(parts: RunParts, fb: FlatBatch, cfg: Config) -> list[list[float]]:
-    """Log-probs of each response under the policy that sampled it."""
+    """Log-probs of each response under the policy that sampled it.
+
+    Recomputed with the training model (its numerics, not the engine's), except where a recompute
+    cannot change anything: responses masked out of the loss, and responses sampled in this step by an
+    engine that runs the trainer's own fp32 model object (the single-process path), whose weights have
+    not changed since: there the engine's log-probs already are the old policy's, to float rounding.
+    """
     out = [list(x) for x in fb.behaviour_logp]
-    if cfg.rollout.use_engine_logprobs:
+    if cfg.rollout.use_engine_logprobs or _engine_runs_the_policy(parts):
         return out
-    todo = [i for i, f in enumerate(fb.fresh) if f and fb.responses[i]]
+    todo = [i for i, f in enumerate(fb.fresh) if f and fb.responses[i] and fb.keep[i] > 0]
     lengths = [len(p) + len(r) for p, r in zip(fb.prompts, fb.responses)]
     for mb in _micro_batches(todo, lengths, cfg.optim.micro_batch_size):
         sb = make_seq_batch([fb.prompts[i] for i in mb], [fb.responses[i] for i in mb], parts.pad_id).to(parts.device)
