@@ -59,6 +59,22 @@ def _head_chunk(head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, te
     return lp, ent
 
 
+def _trunk_hidden(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The trunk's last hidden states (B, L, H), through the model's own call.
+
+    Calling the whole model (not ``model.base_model``) lets wrappers see a forward: FSDP2 gathers the
+    root's parameters (embeddings, final norm, LM head) in its forward hook. Only one position's logits
+    are computed there (``logits_to_keep=1``); the hidden states come from a hook on the trunk.
+    """
+    seen: list[torch.Tensor] = []
+    handle = model.base_model.register_forward_hook(lambda _m, _a, out: seen.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
 def response_logprobs(
     model: torch.nn.Module,
     batch: SeqBatch,
@@ -72,9 +88,7 @@ def response_logprobs(
     garbage; multiply by ``batch.response_mask``.
     """
     pos = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = model.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos, use_cache=False
-    ).last_hidden_state  # (B, L, H)
+    hidden = _trunk_hidden(model, batch.input_ids, batch.attention_mask, pos)  # (B, L, H)
     T = batch.n_resp
     h = hidden[:, -T - 1 : -1]  # (B, T, H): the position before each response token predicts it
     labels = batch.input_ids[:, -T:]  # (B, T)
