@@ -7,8 +7,8 @@ loss and the SUM of the ranks' gradients is exactly the single-process gradient:
 
     grad = sum_r sum_{micro-batch m of rank r} d/dtheta [ sum_{tokens in m} loss_tok / num_tokens ]
 
-``DataParallel.reduce_grads`` does that sum with an all-reduce (FSDP2 does it in its reduce-scatter,
-with its divide factor set to 1). Nothing here knows about Ray.
+``DataParallel.reduce_grads`` does that sum with an all-reduce (under FSDP2, its reduce-scatter
+averages and the mean is scaled back by the world size). Nothing here knows about Ray.
 """
 from __future__ import annotations
 
@@ -86,8 +86,14 @@ class DataParallel:
         return t
 
     def reduce_grads(self, model: torch.nn.Module) -> None:
-        """Sum the ranks' partial gradients, so every rank holds the whole mini-batch's gradient."""
-        if self.world == 1 or self.fsdp:
+        """Sum the ranks' partial gradients, so every rank holds the whole mini-batch's gradient (its shard
+        of it under FSDP)."""
+        if self.world == 1:
+            return
+        if self.fsdp:  # FSDP2 reduce-scattered in the last backward, as a MEAN over ranks (gloo has no
+            for p in model.parameters():  # pre-scaled sum); the losses already carry the global denominator
+                if p.grad is not None:
+                    p.grad.mul_(self.world)
             return
         params = [p for p in model.parameters() if p.requires_grad]
         # a parameter no rank touched keeps grad None (as in one process: AdamW then skips it); one
