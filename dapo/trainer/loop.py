@@ -167,12 +167,29 @@ def _save_samples(run_dir: Path, step: int, groups: list[Group], parts: RunParts
                                     "finish": c.finish_reason}) + "\n")
 
 
-def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
-    """Run DAPO (or any preset) as configured; returns where the run is and what it reached."""
+def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], None] | None = None,
+          parts: RunParts | None = None) -> RunResult:
+    """Run DAPO (or any preset) as configured; returns where the run is and what it reached.
+
+    ``parts``: the run already built with ``build_parts(cfg, *resolve_run_dir(cfg))``, e.g. to keep its
+    Ray workers and ranks for more work afterwards; the caller then closes it. By default ``train``
+    builds the parts and closes them at the end.
+    """
     t_start = time.perf_counter()
     cfg.validate()
+    if parts is not None:
+        return _train(cfg, parts, log_stream, on_step, t_start)
     run_dir, resume_from = resolve_run_dir(cfg)
     parts = build_parts(cfg, run_dir, resume_from, log=lambda s: print(s, file=log_stream or __import__("sys").stderr))
+    try:
+        return _train(cfg, parts, log_stream, on_step, t_start)
+    finally:
+        parts.close()  # Ray workers and ranks too, even when the run fails
+
+
+def _train(cfg: Config, parts: RunParts, log_stream: Any, on_step: Callable[[int, dict], None] | None,
+           t_start: float) -> RunResult:
+    run_dir, resume_from = parts.run_dir, parts.resume_from
     save_config(cfg, run_dir / "config.yaml")
     r = cfg.rollout
     sampler = DynamicSampler(
@@ -251,7 +268,6 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
             after = {}
     finally:
         logger.close()
-        parts.close()
     wall = time.perf_counter() - t_start
     result = RunResult(run_dir, step, before, after, wall, history)
     summary = {"before": before, "after": after, "wall_s": wall, "steps": step, "preset": cfg.preset,

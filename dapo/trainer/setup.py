@@ -47,6 +47,8 @@ class RunParts:
     closers: list[Callable[[], None]] = field(default_factory=list)
     dp: DataParallel = SINGLE
     learner: Learner | None = None
+    run_dir: Path | None = None
+    resume_from: Path | None = None
 
     def __post_init__(self):
         if self.learner is None:
@@ -281,7 +283,7 @@ def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Calla
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     parts = RunParts(model, tokenizer, None, optimizer, scheduler, stream, eval_items, score_fn, decode, pad_id,
-                     device, ref, 0, closers)
+                     device, ref, 0, closers, run_dir=run_dir, resume_from=resume_from)
     cluster = None
     try:
         if remote_rollout or remote_train:
