@@ -3,12 +3,15 @@
     dapo train                                   # the built-in demo: tiny model, addition, DAPO
     dapo train --preset grpo optim.steps=20      # naive GRPO on the same task
     dapo train --model DIR --data FILE data.reward=my_module:score
+
+User errors (bad config, missing files) print one line; DAPO_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -17,6 +20,9 @@ from dapo.config import PRESET_DOCS, ConfigError, describe, load_config
 # subcommands that live in their own modules, each with a ``main(argv) -> int``
 _SUBCOMMANDS = {
     "sft": ("dapo.trainer.sft", "sft_main", "supervised warm-up that makes the demo's base model"),
+    "eval": ("dapo.eval", "main", "avg@k, pass@k, maj@k over a dataset"),
+    "report": ("dapo.report", "main", "plots and an HTML report from runs' metrics.jsonl"),
+    "ablate": ("dapo.ablate", "main", "the paper's Table 1 rows, several seeds, equal sample budget"),
 }
 
 
@@ -96,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = getattr(importlib.import_module(mod), fn)(rest)
             return out if isinstance(out, int) else 0
     except (ConfigError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("DAPO_DEBUG"):
+            raise
         print(f"dapo {cmd}: error: {e}", file=sys.stderr)
         return 2
     print(f"dapo: unknown command {cmd!r} (valid: {', '.join(names)})", file=sys.stderr)

@@ -53,7 +53,7 @@ class DataConfig:
     answer_key: str = "reward_model.ground_truth"
     """Column holding the ground truth; dotted for nested fields. Falls back to ``answer`` if absent."""
     template: str = "auto"
-    """Prompt template: auto (the task's own, or the DAPO math template for files), none, dapo_math, boxed, chat."""
+    """Prompt template: auto (the task's own, or dapo_math for files), none, dapo_math, boxed, chat, dapo_math+chat, boxed+chat."""
     max_prompt_len: int = 1024
     """Prompts longer than this many tokens are handled by ``long_prompts``."""
     long_prompts: str = "drop"
@@ -140,6 +140,8 @@ class AlgoConfig:
 class OptimConfig:
     steps: int = 40
     """RL steps (one rollout batch each)."""
+    max_samples: int = 0
+    """Also stop once this many responses have been generated (an equal budget across presets); 0 = no limit."""
     train_batch_size: int = 16
     """Prompt groups per RL step (paper: 512)."""
     gen_batch_size: int = 0
@@ -180,6 +182,8 @@ class LogConfig:
     """auto (a live line on a terminal, plain lines otherwise), bar, plain, none."""
     eval_every: int = 0
     """Evaluate on held-out prompts every N steps (0 = only before and after)."""
+    eval_k: int = 1
+    """Samples per held-out prompt in the periodic evaluation: eval/avg@k, eval/pass@k, eval/maj@k (paper: 32)."""
     samples_every: int = 10
     """Save a few decoded responses every N steps to samples.jsonl."""
 
@@ -486,6 +490,8 @@ def _validate(c: Config) -> None:
             "optim.mini_batch_size",
             f"train_batch_size ({o.train_batch_size}) must be divisible by mini_batch_size ({o.mini_batch_size})",
         )
+    if o.max_samples < 0:
+        bad("optim.max_samples", f"must be >= 0, got {o.max_samples}")
     if o.gen_batch_size < 0:
         bad("optim.gen_batch_size", f"must be >= 0, got {o.gen_batch_size}")
     if o.lr <= 0:
@@ -508,6 +514,8 @@ def _validate(c: Config) -> None:
         bad("data.eval_size", f"must be >= 0, got {d.eval_size}")
     if c.log.progress not in ("auto", "bar", "plain", "none"):
         bad("log.progress", f"must be auto, bar, plain or none, got {c.log.progress!r}")
+    if c.log.eval_k < 1:
+        bad("log.eval_k", f"must be >= 1, got {c.log.eval_k}")
     if c.ckpt.keep_last < 1:
         bad("ckpt.keep_last", f"must be >= 1, got {c.ckpt.keep_last}")
     if c.dist.rollout_workers < 0 or c.dist.trainer_ranks < 1:

@@ -72,6 +72,17 @@ def evaluate(parts: RunParts, cfg: Config, seed: int, tag: str = "eval") -> dict
     }
 
 
+def evaluate_periodic(parts: RunParts, cfg: Config) -> dict[str, float]:
+    """avg@k, pass@k, maj@k on the held-out prompts (``log.eval_k`` samples each), as metrics."""
+    from dapo.eval import as_metrics, evaluate_k
+
+    k = cfg.log.eval_k
+    params = SamplingParams(n=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
+                            top_p=cfg.rollout.eval_top_p, top_k=cfg.rollout.top_k)
+    res = evaluate_k(parts.engine, parts.eval_items, parts.score_fn, k, params, cfg.seed, parts.decode)
+    return {**as_metrics(res), "eval/acc": float(res["metrics"][f"avg@{k}"])}
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -246,16 +257,20 @@ def _train(cfg: Config, parts: RunParts, log_stream: Any, on_step: Callable[[int
                     if sampler.s.dynamic_sampling else m["response/len_mean"] * len(groups) * r.group_size
                 m.update({"time/step": dt, "perf/gen_tokens_per_s": gen_tokens / max(m["time/gen"], 1e-9),
                           "perf/tokens_per_s": gen_tokens / max(dt, 1e-9), "time/wall": time.perf_counter() - t_start})
-                if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.optim.steps:
-                    m["eval/acc"] = evaluate(parts, cfg, cfg.seed)["accuracy"]
+                if cfg.log.eval_every and step % cfg.log.eval_every == 0:
+                    m.update(evaluate_periodic(parts, cfg))
                 logger.log(step, m)
                 history.append(m)
                 if on_step is not None:
                     on_step(step, m)
-                last = step == cfg.optim.steps
+                out_of_samples = bool(cfg.optim.max_samples) and sampler.samples_total >= cfg.optim.max_samples
+                last = step == cfg.optim.steps or out_of_samples
                 if stop.signum is not None or (cfg.ckpt.every and step % cfg.ckpt.every == 0) or (last and cfg.ckpt.save_final):
                     save_checkpoint(run_dir, step, parts.learner, parts.tokenizer,
                                     _trainer_state(parts, sampler, step, before), cfg.ckpt.keep_last)
+                if out_of_samples:
+                    logger.message(f"sample budget reached: {sampler.samples_total} >= optim.max_samples={cfg.optim.max_samples}")
+                    break
                 if stop.signum is not None:
                     stopped_by = signal.Signals(stop.signum).name
                     logger.message(f"{stopped_by}: stopped after step {step}, checkpoint saved; "

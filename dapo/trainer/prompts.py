@@ -70,3 +70,19 @@ class ListPromptStream:
                 f"this run has {len(self.examples)} with seed {self.seed}: resume with the same data and seed"
             )
         self.cursor = int(state["cursor"])
+
+
+def encode_prompts(
+    examples: Sequence[Example], template: str, tokenizer: Any, max_len: int, long_prompts: str = "drop"
+) -> tuple[list[Example], list[list[int]], int, int]:
+    """Render, tokenise and length-fit prompts: (kept examples, their ids, n dropped, n truncated).
+
+    A chat template already writes the special tokens it wants, so those prompts are tokenised without
+    adding more.
+    """
+    from dapo.data.templates import fit_prompts, render_prompt
+
+    texts = [render_prompt(e, template, tokenizer) for e in examples]
+    ids = [tokenizer(t, add_special_tokens=not template.endswith("chat"))["input_ids"] for t in texts]
+    kept, fitted, n_drop, n_trunc = fit_prompts(ids, max_len, long_prompts)
+    return [examples[i] for i in kept], fitted, n_drop, n_trunc

@@ -17,7 +17,7 @@ from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
 from dapo.trainer.batch import PromptItem, ScoreFn
 from dapo.trainer.checkpoint import latest_checkpoint
-from dapo.trainer.prompts import ListPromptStream, TaskPromptStream
+from dapo.trainer.prompts import ListPromptStream, TaskPromptStream, encode_prompts
 from dapo.trainer.update import SINGLE, DataParallel, Learner, LocalLearner
 
 
@@ -191,7 +191,6 @@ def _task_parts(cfg: Config, tokenizer: Any):
 
 def _file_parts(cfg: Config, tokenizer: Any, log: Callable[[str], None]):
     from dapo.data.files import load_examples
-    from dapo.data.templates import fit_prompts, render_prompt
     from dapo.rewards import RewardRunner
 
     d = cfg.data
@@ -200,12 +199,9 @@ def _file_parts(cfg: Config, tokenizer: Any, log: Callable[[str], None]):
     def load(path: str) -> tuple[list[Example], list[list[int]]]:
         exs, stats = load_examples(path, d.prompt_key, d.answer_key, bad_rows=d.bad_rows, dedup=d.dedup)
         log(f"{path}: {stats}")
-        texts = [render_prompt(e, template, tokenizer) for e in exs]
-        ids = [tokenizer(t, add_special_tokens=template != "chat")["input_ids"] for t in texts]
-        kept, fitted, n_drop, n_trunc = fit_prompts(ids, d.max_prompt_len, d.long_prompts)
+        exs, fitted, n_drop, n_trunc = encode_prompts(exs, template, tokenizer, d.max_prompt_len, d.long_prompts)
         if n_drop or n_trunc:
             log(f"{path}: {n_drop} prompts longer than data.max_prompt_len={d.max_prompt_len} dropped, {n_trunc} truncated")
-        exs = [exs[i] for i in kept]
         if not exs:
             raise SetupError(f"{path}: no prompts left after the length filter (data.max_prompt_len={d.max_prompt_len})")
         return exs, fitted

@@ -1,0 +1,308 @@
+"""Prompt files: JSONL, JSON, Parquet, CSV and Hugging Face ``datasets``, read into ``Example`` rows.
+
+The DAPO-Math-17k schema is read as it is published::
+
+    {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "Solve ..."}], "ability": "MATH",
+     "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"}, "extra_info": {"index": "..."}}
+
+``answer_key`` is dotted for nested fields (``reward_model.ground_truth``) and falls back to a top-level
+``answer`` column, so a plain ``{"prompt": "...", "answer": "..."}`` file needs no options. Every problem
+is reported with the file, the 1-based row and the key, because a 17k-row file is not read by eye.
+Parquet needs ``pyarrow``, Hugging Face datasets need ``datasets`` (``pip install 'dapo[data]'``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from dapo.data.example import Example
+
+SUPPORTED = (".jsonl", ".json", ".parquet", ".csv", ".tsv", "a saved Hugging Face dataset directory")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names the file, row and key."""
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    rows: int
+    """Rows read from the file."""
+    kept: int
+    """Examples returned."""
+    skipped_bad: int
+    """Rows skipped for a missing, empty or wrong-typed prompt or answer (``bad_rows="skip"``)."""
+    dropped_duplicates: int
+    """Rows dropped as repeats of an earlier prompt (``dedup=True``)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# readers: each yields (where, row) with ``where`` like "row 3" or "row 3 (line 4)"
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text of a file (a leading BOM dropped); an error names the line of the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    row = 0
+    for line_no, line in enumerate(_decode(path, path.read_bytes()).splitlines(), start=1):
+        if not line.strip():
+            continue
+        row += 1
+        try:
+            yield f"row {row} (line {line_no})", json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"row {row} (line {line_no})", _BadRow(f"is not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    text = _decode(path, path.read_bytes())
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:  # more than one value: JSON lines in a .json file
+        yield from _read_jsonl(path)
+        return
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}: the only list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of rows (or JSON lines), got an object with keys "
+                            f"{sorted(data)[:10]}")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of rows (or JSON lines), got {type(data).__name__}")
+    for row, item in enumerate(data, start=1):
+        yield f"row {row}", item
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(_decode(path, path.read_bytes()), newline=""), delimiter=delimiter)
+    for row, item in enumerate(reader, start=1):
+        if None in item:  # more cells than header columns
+            yield f"row {row} (line {reader.line_num})", _BadRow(f"has {len(item) - 1 + len(item[None])} "
+                                                                f"cells for {len(item) - 1} header columns")
+            continue
+        yield f"row {row} (line {reader.line_num})", item
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'dapo[data]'") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=4096):  # lists of structs come back as lists of dicts
+        for item in batch.to_pylist():
+            row += 1
+            yield f"row {row}", item
+
+
+def _read_hf(path: str, is_dir: bool) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a Hugging Face dataset needs `datasets`: pip install 'dapo[data]'") from None
+    try:
+        data = datasets.load_from_disk(path) if is_dir else datasets.load_dataset(path)
+    except Exception as e:
+        where = "a directory saved with save_to_disk" if is_dir else "a hub dataset id (no such local file either)"
+        raise DataError(f"{path}: cannot load it as {where}: {type(e).__name__}: {e}") from None
+    if isinstance(data, datasets.DatasetDict):
+        splits = list(data)
+        if "train" in data:
+            data = data["train"]
+        elif len(splits) == 1:
+            data = data[splits[0]]
+        else:
+            raise DataError(f"{path}: has splits {splits} and none is 'train'; save the split you want alone")
+    for row, item in enumerate(data, start=1):
+        yield f"row {row}", item
+
+
+class _BadRow:
+    """A row that could not be parsed at all; treated like a row with a bad prompt."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return _read_hf(str(p), is_dir=True)
+    suffix = p.suffix.lower()
+    if not p.exists():
+        if not suffix and str(path).count("/") == 1:  # "org/name": a hub dataset id
+            return _read_hf(str(path), is_dir=False)
+        raise DataError(f"{path}: no such file or directory")
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".parquet": _read_parquet,
+        ".csv": lambda q: _read_csv(q, ","),
+        ".tsv": lambda q: _read_csv(q, "\t"),
+    }
+    if suffix not in readers:
+        raise DataError(f"{path}: unknown file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}")
+    return readers[suffix](p)
+
+
+# --------------------------------------------------------------------------------------------------
+# fields
+
+
+_MISSING = object()
+
+
+def get_field(row: dict[str, Any], key: str, default: Any = None) -> Any:
+    """``row[key]``, following dots into nested dicts (``reward_model.ground_truth``); a column whose
+    name itself contains the dots wins; ``default`` when absent.
+
+    >>> get_field({"reward_model": {"ground_truth": "34"}}, "reward_model.ground_truth")
+    '34'
+    """
+    if key in row:
+        return row[key]
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
+def prompt_error(prompt: Any) -> str | None:
+    """Why ``prompt`` is not a usable prompt (a non-empty string, or chat messages), or None if it is."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "is empty"
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            return "is an empty list of messages"
+        for k, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return f"message {k} is not {{'role': str, 'content': str}}"
+        if not any(m["content"].strip() for m in prompt):
+            return "has only empty messages"
+        return None
+    return f"must be a string or a list of chat messages, got {type(prompt).__name__}"
+
+
+def _answer_text(answer: Any) -> str | None:
+    """The ground truth as text: strings as they are, ints and finite floats through str()."""
+    if isinstance(answer, str):
+        return answer.strip() or None
+    if isinstance(answer, bool):
+        return None
+    if isinstance(answer, int) or (isinstance(answer, float) and math.isfinite(answer)):
+        return str(answer)
+    return None
+
+
+def prompt_key_text(prompt: str | list[dict[str, Any]]) -> str:
+    """A prompt as one string, for de-duplication: the text, or the messages' roles and contents."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loader
+
+
+def load_examples(
+    path: str | Path,
+    prompt_key: str = "prompt",
+    answer_key: str = "reward_model.ground_truth",
+    bad_rows: str = "error",
+    dedup: bool = False,
+) -> tuple[list[Example], LoadStats]:
+    """Read a prompt file into examples.
+
+    path: .jsonl, .json, .parquet, .csv, .tsv, a directory saved with ``datasets.save_to_disk``, or a
+    hub dataset id (``org/name``, where the hub is reachable). prompt_key / answer_key: column names,
+    dotted for nested fields; ``answer_key`` falls back to a top-level ``answer`` column when absent.
+    bad_rows: ``error`` raises DataError naming the file, 1-based row and key of the first bad row;
+    ``skip`` skips and counts them. dedup: keep only the first row of each prompt.
+
+    Returns (examples, LoadStats). ``Example.fields`` holds every column of the row except the prompt;
+    ``data_source`` is the row's ``data_source`` column, if it has one.
+    """
+    if bad_rows not in ("error", "skip"):
+        raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+    examples: list[Example] = []
+    seen: set[str] = set()
+    rows = skipped = duplicates = 0
+    for where, row in _rows(path):
+        rows += 1
+        problem = _row_problem(row, prompt_key, answer_key)
+        if problem is not None:
+            if bad_rows == "error":
+                raise DataError(f"{path}: {where}: {problem} (bad_rows='skip' skips such rows)")
+            skipped += 1
+            continue
+        prompt = get_field(row, prompt_key, _MISSING)
+        if not isinstance(prompt, str):
+            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        if dedup:
+            key = prompt_key_text(prompt)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+        answer = get_field(row, answer_key, _MISSING)
+        if answer is _MISSING:
+            answer = row["answer"]
+        source = row.get("data_source")
+        examples.append(Example(
+            prompt=prompt,
+            answer=_answer_text(answer),
+            data_source=source if isinstance(source, str) else "",
+            fields={k: v for k, v in row.items() if k != prompt_key},
+        ))
+    if rows == 0:
+        raise DataError(f"{path}: the dataset is empty (no rows)")
+    if not examples:
+        raise DataError(f"{path}: none of its {rows} rows is usable ({skipped} bad)")
+    return examples, LoadStats(rows=rows, kept=len(examples), skipped_bad=skipped, dropped_duplicates=duplicates)
+
+
+def _row_problem(row: Any, prompt_key: str, answer_key: str) -> str | None:
+    """What is wrong with a row, naming the key; None when it is usable."""
+    if isinstance(row, _BadRow):
+        return row.reason
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not an object with named fields"
+    prompt = get_field(row, prompt_key, _MISSING)
+    if prompt is _MISSING or prompt is None:
+        return f"prompt key {prompt_key!r} is missing (columns: {', '.join(sorted(row))})"
+    why = prompt_error(prompt)
+    if why:
+        return f"prompt key {prompt_key!r} {why}"
+    answer, key = get_field(row, answer_key, _MISSING), answer_key
+    if answer is _MISSING and "answer" in row:
+        answer, key = row["answer"], "answer"
+    if answer is _MISSING or answer is None:
+        fallback = "" if answer_key == "answer" else " and there is no 'answer' column"
+        return f"answer key {answer_key!r} is missing{fallback} (columns: {', '.join(sorted(row))})"
+    if _answer_text(answer) is None:
+        if isinstance(answer, str):
+            return f"answer key {key!r} is empty"
+        return f"answer key {key!r} must be a string or a number, got {type(answer).__name__}"
+    return None

@@ -1,0 +1,126 @@
+"""Prompt templates: how an example's prompt becomes the text the policy continues, and prompt lengths.
+
+Templates (``data.template``):
+
+    none        the prompt as it is (chat messages: the user turns' contents, joined)
+    dapo_math   the DAPO-Math-17k instruction around the problem, asking for a last line "Answer: ..."
+                (DAPO-Math-17k prompts already carry it, and it is never added twice)
+    boxed       the problem, then "put your final answer within \\boxed{}"
+    chat        the tokenizer's chat template with a generation prompt; plain text when it has none
+
+``dapo_math+chat`` and ``boxed+chat`` add the instruction to the last user turn, then apply the chat
+template: what an instruct model should see.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from dapo.data.example import Example
+
+DAPO_MATH_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_MATH_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+BOXED_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = ("none", "dapo_math", "boxed", "chat", "dapo_math+chat", "boxed+chat")
+
+_DAPO_MARK = "The last line of your response should be of the form Answer:"
+
+Messages = list[dict[str, Any]]
+
+
+def prompt_text(prompt: str | Messages) -> str:
+    """The text of a prompt: a string as is; chat messages' user contents joined by blank lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(m["content"] for m in prompt if m.get("role") == "user")
+
+
+def add_instruction(problem: str, template: str) -> str:
+    """``problem`` with the ``dapo_math`` or ``boxed`` instruction, unless it already has it.
+
+    >>> add_instruction("What is 2+3?", "boxed")
+    'What is 2+3?\\n\\nPlease reason step by step, and put your final answer within \\\\boxed{}.'
+    >>> p = add_instruction("What is 2+3?", "dapo_math"); add_instruction(p, "dapo_math") == p
+    True
+    """
+    if template == "dapo_math":
+        return problem if _DAPO_MARK in problem else DAPO_MATH_PREFIX + problem + DAPO_MATH_SUFFIX
+    if template == "boxed":
+        return problem if "\\boxed{}" in problem else problem + BOXED_SUFFIX
+    if template == "none":
+        return problem
+    raise ValueError(f"unknown instruction template {template!r}; valid: none, dapo_math, boxed")
+
+
+def render_prompt(example: Example | str | Messages, template: str, tokenizer: Any = None) -> str:
+    """The text given to the policy for one example; see the module docstring for ``template``.
+
+    tokenizer: needed by the ``chat`` templates (any object with ``chat_template`` and
+    ``apply_chat_template``, e.g. a transformers tokenizer).
+
+    >>> render_prompt(Example([{"role": "user", "content": "What is 2+3?"}], "5"), "none")
+    'What is 2+3?'
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; valid: {', '.join(TEMPLATES)}")
+    prompt = example.prompt if isinstance(example, Example) else example
+    chat = template.endswith("chat")
+    instruction = "none" if template == "chat" else template.removesuffix("+chat")
+    if not chat:
+        return add_instruction(prompt_text(prompt), instruction)
+    if tokenizer is None:
+        raise ValueError(f"template {template!r} needs a tokenizer (for its chat template)")
+    messages = _with_instruction(_as_messages(prompt), instruction)
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt_text(messages)  # a base model's tokenizer: plain text
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _as_messages(prompt: str | Messages) -> Messages:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def _with_instruction(messages: Messages, instruction: str) -> Messages:
+    """The instruction added to the last user turn."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            m["content"] = add_instruction(m["content"], instruction)
+            break
+    return messages
+
+
+def fit_prompts(
+    token_id_lists: Sequence[Sequence[int]], max_len: int, mode: str = "drop"
+) -> tuple[list[int], list[list[int]], int, int]:
+    """Make prompts fit in ``max_len`` tokens.
+
+    token_id_lists: (N,) prompts as token ids. mode: ``drop`` leaves out longer prompts; ``truncate``
+    keeps their last ``max_len`` tokens (the end of a prompt holds the question and the instruction).
+    Returns (kept_indices, fitted_ids, n_dropped, n_truncated); ``fitted_ids[j]`` is the prompt
+    ``kept_indices[j]``.
+
+    >>> fit_prompts([[1, 2], [1, 2, 3, 4], [5]], max_len=3)
+    ([0, 2], [[1, 2], [5]], 1, 0)
+    >>> fit_prompts([[1, 2], [1, 2, 3, 4], [5]], max_len=3, mode="truncate")
+    ([0, 1, 2], [[1, 2], [2, 3, 4], [5]], 0, 1)
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if mode not in ("drop", "truncate"):
+        raise ValueError(f"mode must be 'drop' or 'truncate', got {mode!r}")
+    kept, fitted, dropped, truncated = [], [], 0, 0
+    for i, ids in enumerate(token_id_lists):
+        ids = list(ids)
+        if len(ids) > max_len:
+            if mode == "drop":
+                dropped += 1
+                continue
+            ids = ids[-max_len:]
+            truncated += 1
+        kept.append(i)
+        fitted.append(ids)
+    return kept, fitted, dropped, truncated

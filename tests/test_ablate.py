@@ -1,0 +1,34 @@
+"""dapo ablate: progressive rows under an equal sample budget, a table over seeds, a report."""
+import json
+
+import pytest
+
+from conftest import TINY_RUN
+from dapo.ablate import main, summarise, to_markdown
+
+
+def test_summarise_mean_and_std_over_seeds():
+    runs = [
+        {"row": "grpo", "lr": 1e-4, "acc_before": 0.2, "acc_after": a, "entropy_end": 1.0, "len_end": 10.0,
+         "samples": 100, "steps": 5, "wall_s": 1.0}
+        for a in (0.4, 0.6)
+    ] + [{"row": "dapo", "lr": 1e-4, "acc_before": 0.2, "acc_after": 0.7, "entropy_end": 2.0, "len_end": 12.0,
+          "samples": 110, "steps": 3, "wall_s": 1.0}]
+    t = summarise(runs)
+    assert [x["row"] for x in t] == ["grpo", "dapo"]
+    assert t[0]["acc_mean"] == pytest.approx(0.5) and t[0]["acc_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert t[1]["acc_std"] == 0.0 and t[1]["seeds"] == 1
+    md = to_markdown(t, 100)
+    assert "| grpo | 0.0001 | 0.500 ± 0.141 (n=2)" in md and "100 generated samples" in md
+
+
+def test_ablate_end_to_end_tiny(tiny_model_dir, tmp_path):
+    rc = main(["--rows", "grpo,dapo", "--seeds", "1", "--max-samples", "32", "--high-lr", "0", "--out", str(tmp_path),
+               f"model.path={tiny_model_dir}", "algo.filter_metric=reward", *TINY_RUN])
+    assert rc == 0
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert [t["row"] for t in data["table"]] == ["grpo", "dapo"]
+    for r in data["runs"]:
+        assert r["samples"] >= 32  # each run stopped on the sample budget, not on steps
+    assert (tmp_path / "ablation.md").read_text().count("\n| ") >= 3
+    assert (tmp_path / "report" / "report.html").exists()

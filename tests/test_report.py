@@ -1,0 +1,106 @@
+"""dapo report: PNGs and a self-contained HTML page from hand-written run directories."""
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from dapo.report import ReportError, load_run, main, read_metrics, write_report  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(path, preset, steps=6, with_eval=True, drop=(), summary=True, config=True):
+    path.mkdir(parents=True)
+    lines = []
+    for s in range(1, steps + 1):
+        m = {
+            "step": s, "rollout/acc": 0.1 * s, "actor/entropy": 1.0 / s, "response/len_mean": 10.0 + s,
+            "actor/clipfrac_high": 0.01 * s, "actor/clipfrac_low": 0.002 * s, "batch/kept_frac": 0.5,
+            "batch/samples_total": 64.0 * s, "time/step": 0.5,
+        }
+        if with_eval and s % 3 == 0:
+            m["eval/acc"] = 0.05 * s
+        for k in drop:
+            m.pop(k, None)
+        lines.append(json.dumps(m))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if summary:
+        (path / "summary.json").write_text(json.dumps(
+            {"before": {"accuracy": 0.125, "n": 8}, "after": {"accuracy": 0.625, "n": 8}, "wall_s": 12.5,
+             "steps": steps, "preset": preset, "stopped_by": None}))
+    if config:
+        (path / "config.yaml").write_text(f"preset: {preset}\nseed: 0\nalgo:\n  eps_high: 0.28\n")
+    return path
+
+
+def assert_png(p):
+    data = p.read_bytes()
+    assert data[:8] == PNG_MAGIC, p
+    assert len(data) > 5000, (p, len(data))  # a drawn plot, not an empty canvas
+
+
+def test_two_runs_overlaid(tmp_path):
+    a = make_run(tmp_path / "runs" / "dapo-addition-1", "dapo")
+    b = make_run(tmp_path / "runs" / "baseline", "grpo", steps=4, with_eval=False)
+    page = write_report([a, b], tmp_path / "out")
+    assert page == tmp_path / "out" / "report.html"
+    for stem in ("accuracy", "entropy", "response_length", "clip_fraction", "groups_kept"):
+        for x in ("step", "samples"):
+            assert_png(tmp_path / "out" / f"{stem}_vs_{x}.png")
+    text = page.read_text()
+    assert "dapo-addition-1" in text and "baseline (grpo)" in text  # preset added when the name lacks it
+    assert text.count("src='data:image/png;base64,") == 10
+    assert "0.625" in text and "12.5" in text  # the summary table
+    assert "<img" in text and "file://" not in text and "src='/" not in text  # self-contained
+
+
+def test_missing_metrics_are_skipped(tmp_path):
+    a = make_run(tmp_path / "a", "dapo", with_eval=False, drop=("actor/entropy", "batch/samples_total"))
+    b = make_run(tmp_path / "b", "dapo", with_eval=False, drop=("actor/entropy",), summary=False, config=False)
+    page = write_report([a, b], tmp_path / "out")
+    out = tmp_path / "out"
+    assert not (out / "entropy_vs_step.png").exists() and not (out / "entropy_vs_samples.png").exists()
+    assert_png(out / "accuracy_vs_samples.png")  # b still has samples_total
+    text = page.read_text()
+    assert "Mean token entropy" not in text and "no summary.json" in text
+
+
+def test_run_without_metrics_names_it(tmp_path):
+    good = make_run(tmp_path / "good", "dapo")
+    bad = tmp_path / "empty-run"
+    bad.mkdir()
+    with pytest.raises(ReportError, match="empty-run.*metrics.jsonl"):
+        write_report([good, bad], tmp_path / "out")
+    with pytest.raises(ReportError, match="no such run directory"):
+        load_run(tmp_path / "nope")
+
+
+def test_metrics_reader_tolerates_resume_and_cut_lines(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "rollout/acc": 0.1}\n{"step": 2, "rollout/acc": "nan"}\n'
+                 '{"step": 2, "rollout/acc": 0.3}\n{"step": 3, "rollo')
+    rows = read_metrics(p)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["rollout/acc"] == 0.3
+
+
+def test_cli_default_out_dir(tmp_path, capsys):
+    a = make_run(tmp_path / "r1", "dapo", steps=3)
+    assert main([str(a)]) == 0
+    assert (a / "report" / "report.html").exists()
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ReportError, match="pip install matplotlib"):
+        write_report([make_run(tmp_path / "r", "dapo")], tmp_path / "out")

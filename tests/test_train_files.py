@@ -1,0 +1,35 @@
+"""Training on a user's files: DAPO-Math-17k Parquet with duplicates, a user reward, periodic eval@k."""
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import TINY_RUN
+from dapo.config import load_config
+from dapo.trainer.loop import train
+
+FIXTURE = Path(__file__).parent / "fixtures" / "math_20.jsonl"
+
+
+def test_dapo_math_parquet_with_duplicates_trains_two_steps(tiny_model_dir, tmp_path, capsys):
+    rows = [json.loads(x) for x in FIXTURE.read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows * 5), tmp_path / "dapo-math.parquet")  # each prompt 5 times, as published
+    reward = tmp_path / "lenreward.py"
+    reward.write_text("def score(response, ground_truth, **fields):\n    return 1.0 if len(response) % 2 else -1.0\n")
+    cfg = load_config(overrides=[
+        *TINY_RUN, f"model.path={tiny_model_dir}", f"data.path={tmp_path / 'dapo-math.parquet'}", "data.dedup=true",
+        f"data.reward={reward}:score", "data.template=none", "data.max_prompt_len=400", "optim.steps=2",
+        "log.eval_every=2", "log.eval_k=3", f"log.out_dir={tmp_path}", "log.run_name=pq",
+    ])
+    result = train(cfg)
+    assert result.steps == 2
+    err = capsys.readouterr().err
+    assert "dropped_duplicates=80" in err  # 100 rows, 20 distinct prompts
+    rows = [json.loads(x) for x in (tmp_path / "pq" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["batch/groups"] == 4 and rows[0]["actor/updates"] >= 1
+    assert 0 < rows[0]["rollout/acc"] < 1  # the user reward was used: parity of the length varies
+    assert "eval/avg@3" in rows[1] and "eval/pass@3" in rows[1] and rows[1]["eval/pass@3"] >= rows[1]["eval/avg@3"]
+    # the held-out slice (2 of the 20 distinct prompts) is disjoint from training
+    assert result.before["n"] == 2
