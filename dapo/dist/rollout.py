@@ -81,15 +81,21 @@ class RolloutWorker:
         return self.engine.generate(prompts, params, seeds)
 
     def load_weights(self, refs: ChunkRefs, n_tensors: int, version: int) -> int:
-        """Copy the chunks in one at a time; stamp ``version`` only if all ``n_tensors`` arrived."""
-        seen = 0
+        """Copy the chunks in one at a time; stamp ``version`` only if all ``n_tensors`` arrived and, for an
+        HF engine, they named every tensor of the model and nothing else."""
+        own = set(self.engine.model.state_dict()) if hasattr(self.engine, "model") else None
+        seen: set[str] = set()
         for ref in refs:
             chunk = ray.get(ref)
+            if own is not None and not own.issuperset(chunk):
+                raise DistError(f"weights v{version}: unknown tensors {sorted(set(chunk) - own)[:5]}")
             self.engine.load_weights(chunk, self.engine.weight_version)  # keep the old version until the end
-            seen += len(chunk)
+            seen.update(chunk)
             del chunk
-        if seen != n_tensors:
-            raise DistError(f"weights v{version}: {seen} of {n_tensors} tensors arrived; keeping v{self.engine.weight_version}")
+        missing = sorted(own - seen) if own is not None else []
+        if len(seen) != n_tensors or missing:
+            raise DistError(f"weights v{version}: {len(seen)} of {n_tensors} tensors arrived, missing {missing[:5]}; "
+                            f"keeping v{self.engine.weight_version}")
         self.engine.weight_version = int(version)
         return self.engine.weight_version
 
