@@ -146,9 +146,20 @@ class TrainerRank:
 
     # -------------------------------------------------------------------------------------------- weights, state
 
+    def _resharded(self) -> torch.nn.Module:
+        """The model with every FSDP unit back in its sharded state (the root stays gathered after a
+        forward that had no backward, e.g. old log-probs of a step whose updates were all skipped)."""
+        model = self.parts.model
+        if self.parts.dp.fsdp:
+            for m in model.modules():
+                if hasattr(m, "reshard"):
+                    m.reshard()
+        return model
+
     def publish_weights(self, chunk_bytes: int) -> tuple[list, int] | None:
         """The whole state dict into the object store in chunks (rank 0 returns the refs). Under FSDP each
         tensor is all-gathered in turn, a collective every rank joins, so only one chunk is ever whole here."""
+        self._resharded()
         whole = ((k, whole_tensor(v)) for k, v in self.parts.model.state_dict().items())
         if self.rank == 0:
             return put_chunks(whole, chunk_bytes)
@@ -162,6 +173,7 @@ class TrainerRank:
         if p.dp.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+            self._resharded()
             osd = get_optimizer_state_dict(p.model, p.optimizer,
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             osd = _by_index(osd, [n for n, _ in p.model.named_parameters()]) if self.rank == 0 else None
@@ -193,7 +205,7 @@ class TrainerRank:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from transformers import AutoModelForCausalLM
 
-        sd = get_model_state_dict(p.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = get_model_state_dict(self._resharded(), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:  # an unsharded skeleton without memory, so the saved config names the real class
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(p.model.config)
