@@ -21,6 +21,7 @@ from dapo.config import ConfigError, load_config  # noqa: E402
 from dapo.dist import Cluster, DistError, RankGroup, split_evenly, start_local_ray  # noqa: E402
 from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
 from dapo.trainer.loop import train  # noqa: E402
+from dapo.trainer.policy import ResponseLogprobs  # noqa: E402
 from dapo.trainer.setup import build_parts, load_model, resolve_run_dir  # noqa: E402
 from dapo.trainer.update import DataParallel, FlatBatch, compute_old_logp, minibatch_backward  # noqa: E402
 
@@ -74,8 +75,8 @@ def _local(cfg, tiny_model_dir, state):
     model = load_model(cfg, str(tiny_model_dir), torch.device("cpu"))
     model.load_state_dict(state)
     opt, sched = make_optimizer(cfg, model)
-    return SimpleNamespace(model=model, optimizer=opt, scheduler=sched, ref_model=None, pad_id=0,
-                           device=torch.device("cpu"), bad_in_a_row=0, dp=DataParallel())
+    return SimpleNamespace(model=model, policy=ResponseLogprobs(model), optimizer=opt, scheduler=sched, ref_model=None,
+                           pad_id=0, device=torch.device("cpu"), bad_in_a_row=0, dp=DataParallel())
 
 
 def test_cluster_binds_to_loopback_and_splits_prompts_evenly(cluster):

@@ -24,6 +24,7 @@ import torch.distributed as tdist
 from dapo.config import Config
 from dapo.dist.cluster import Cluster, wait_all, where
 from dapo.dist.rollout import put_chunks
+from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.update import (
     DataParallel, FlatBatch, whole_tensor, minibatch_backward, old_logp_share, update_policy,
 )
@@ -34,6 +35,7 @@ class RankParts:
     """A rank's training state, with the attribute names ``dapo.trainer.update`` reads (``TrainParts``)."""
 
     model: torch.nn.Module
+    policy: ResponseLogprobs
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ref_model: torch.nn.Module | None
@@ -49,17 +51,17 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _shard(model: torch.nn.Module, mesh: Any) -> None:
-    """FSDP2: each transformer block is one shard unit (HF names them in ``_no_split_modules``), then the
-    rest (embeddings, final norm, LM head) as the root unit. The root stays gathered from its forward to
-    its backward: ``response_logprobs`` applies the LM head in chunks after the model's call returns."""
+def _shard(policy: ResponseLogprobs, mesh: Any) -> None:
+    """FSDP2: each transformer block is one shard unit (HF names them in ``_no_split_modules``), and the
+    rest (embeddings, final norm, LM head) belongs to the root unit, ``ResponseLogprobs`` around the LM,
+    whose forward is where the trainer uses them."""
     from torch.distributed.fsdp import fully_shard
 
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for m in list(model.modules()):
+    blocks = set(getattr(policy.lm, "_no_split_modules", None) or [])
+    for m in list(policy.lm.modules()):
         if type(m).__name__ in blocks:
             fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    fully_shard(policy, mesh=mesh, reshard_after_forward=False)  # the root is needed again in backward
 
 
 def _by_index(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -104,19 +106,17 @@ class TrainerRank:
         torch.manual_seed(cfg.seed)
         model = load_model(cfg, self.path, device)
         ref = None
-        if cfg.algo.kl_coef > 0:
+        if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
             import copy
 
             ref = copy.deepcopy(model).eval().requires_grad_(False)
+        policy = ResponseLogprobs(model)
         if cfg.dist.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(device.type, (self.world,))
-            _shard(model, mesh)
-            if ref is not None:
-                _shard(ref, mesh)
+            _shard(policy, init_device_mesh(device.type, (self.world,)))
         optimizer, scheduler = make_optimizer(cfg, model)
-        self.parts = RankParts(model, optimizer, scheduler, ref, self.pad_id, device, 0,
+        self.parts = RankParts(model, policy, optimizer, scheduler, ref, self.pad_id, device, 0,
                                DataParallel(self.rank, self.world, cfg.dist.fsdp))
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device)}
 
@@ -149,12 +149,11 @@ class TrainerRank:
     def _resharded(self) -> torch.nn.Module:
         """The model with every FSDP unit back in its sharded state (the root stays gathered after a
         forward that had no backward, e.g. old log-probs of a step whose updates were all skipped)."""
-        model = self.parts.model
         if self.parts.dp.fsdp:
-            for m in model.modules():
+            for m in self.parts.policy.modules():
                 if hasattr(m, "reshard"):
                     m.reshard()
-        return model
+        return self.parts.policy
 
     def publish_weights(self, chunk_bytes: int) -> tuple[list, int] | None:
         """The whole state dict into the object store in chunks (rank 0 returns the refs). Under FSDP each
@@ -174,9 +173,9 @@ class TrainerRank:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             self._resharded()
-            osd = get_optimizer_state_dict(p.model, p.optimizer,
+            osd = get_optimizer_state_dict(p.policy, p.optimizer,
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            osd = _by_index(osd, [n for n, _ in p.model.named_parameters()]) if self.rank == 0 else None
+            osd = _by_index(osd, [n for n, _ in p.policy.named_parameters()]) if self.rank == 0 else None
         else:
             osd = p.optimizer.state_dict()
         if self.rank:
@@ -188,7 +187,7 @@ class TrainerRank:
         if p.dp.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(p.model, p.optimizer, _by_name(st["optimizer"], [n for n, _ in p.model.named_parameters()]),
+            set_optimizer_state_dict(p.policy, p.optimizer, _by_name(st["optimizer"], [n for n, _ in p.policy.named_parameters()]),
                                      options=StateDictOptions(full_state_dict=True))
         else:
             p.optimizer.load_state_dict(st["optimizer"])
@@ -206,6 +205,7 @@ class TrainerRank:
         from transformers import AutoModelForCausalLM
 
         sd = get_model_state_dict(self._resharded(), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = {k.removeprefix("lm."): v for k, v in sd.items()}  # ResponseLogprobs holds the LM as .lm
         if self.rank == 0:  # an unsharded skeleton without memory, so the saved config names the real class
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(p.model.config)

@@ -4,12 +4,23 @@ Prompts are left-padded so every row's next token sits in the last column; posit
 attention mask so padding does not shift them. Each sample draws its uniforms from its own generator,
 seeded from (prompt seed, sample index), and picks its token by inverse-CDF sampling: the same seed
 gives the same completion whichever batch the sample lands in (up to float differences in the model).
+
+Where the time goes, and what is done about it:
+
+* the G samples of a prompt share its prefix: the prompt is run once (prefill) and its keys/values
+  are copied to the G rows, instead of G identical prefills;
+* keys/values are appended into storage allocated once per batch (``_BufferedLayer``) rather than by
+  ``torch.cat`` at every step, which copies the whole cache each token (quadratic in the length);
+* finished rows leave the batch: once an eighth of the rows have stopped, the cache and the per-row
+  state keep only the live rows, so a batch of short answers with one long straggler does not pay for
+  B rows until the straggler ends.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from dapo.rollout.base import Completion, SamplingParams, derive_seed
 
@@ -37,12 +48,67 @@ def sample_inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=logp.shape[-1] - 1)
 
 
+class _BufferedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values live in storage allocated once, ``capacity`` positions long.
+
+    ``update`` writes the new positions in place and exposes views of the filled part, so a decode step
+    costs what the attention reads, not a copy of the whole cache. Grows (by doubling) if it must.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        B, h, n, _ = keys.shape
+        self._k = keys.new_empty(B, h, max(capacity, n), keys.shape[-1])
+        self._v = values.new_empty(B, h, max(capacity, n), values.shape[-1])
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self.n = n
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        t = key_states.shape[-2]
+        if self.n + t > self._k.shape[2]:
+            grow = max(self._k.shape[2], t)
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
+        self._k[:, :, self.n : self.n + t] = key_states
+        self._v[:, :, self.n : self.n + t] = value_states
+        self.n += t
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        k = self._k.new_empty(len(indices), *self._k.shape[1:])
+        v = self._v.new_empty(len(indices), *self._v.shape[1:])
+        k[:, :, : self.n] = self._k[indices, :, : self.n]
+        v[:, :, : self.n] = self._v[indices, :, : self.n]
+        self._k, self._v = k, v
+        self._expose()
+
+
+def _expand_cache(past, rows: torch.Tensor, capacity: int):
+    """The prefill cache of U unique prompts -> one row per sample (``rows`` indexes the prompts),
+    with room for ``capacity`` positions. Layers of other kinds (sliding windows...) are only indexed."""
+    if isinstance(past, DynamicCache) and past.layers and all(type(x) is DynamicLayer for x in past.layers):
+        past.layers = [_BufferedLayer(x.keys[rows], x.values[rows], capacity) for x in past.layers]
+    else:
+        past.batch_select_indices(rows)
+    return past
+
+
 class HFEngine:
     """The in-process engine: wraps a causal LM (on CPU or one GPU) and samples from it.
 
     In a single process the engine shares the trainer's model object, so ``load_weights`` with the
     trainer's own tensors only records the version; a separate engine (a Ray worker) copies them in.
     """
+
+    compact_frac: float = 0.125
+    """Drop finished rows from the decode batch once at least this fraction of it has finished."""
 
     def __init__(
         self,
@@ -68,7 +134,7 @@ class HFEngine:
             self.model.load_state_dict(state_dict, strict=False)
         self.weight_version = int(version)
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: a module caching a tensor in forward would poison training
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
     ) -> list[Completion]:
@@ -76,7 +142,8 @@ class HFEngine:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        # sort by prompt length so each batch pads little; results are put back in order below
+        # sort by prompt length so each batch pads little (a prompt's samples stay adjacent: the sort is
+        # stable); results are put back in order below
         order = sorted(range(len(rows)), key=lambda r: len(prompts[rows[r][0]]))
         out: list[Completion | None] = [None] * len(rows)
         was_training = self.model.training
@@ -101,48 +168,62 @@ class HFEngine:
     ) -> list[Completion]:
         dev = self.device
         B, L, T = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
-        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            input_ids[b, L - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            attn[b, L - len(p) :] = 1
+        # unique prompts: a prompt's n samples share one prefill
+        uniq: dict[tuple[int, ...], int] = {}
+        row_prompt = torch.tensor([uniq.setdefault(tuple(p), len(uniq)) for p in prompts], device=dev)  # (B,)
+        U = len(uniq)
+        input_ids = torch.full((U, L), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((U, L + T), dtype=torch.long)  # prompt mask, then one column per new token
+        for p, u_i in uniq.items():
+            input_ids[u_i, L - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            attn[u_i, L - len(p) :] = 1
         input_ids, attn = input_ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
+        pos = (attn[:, :L].cumsum(dim=1) - 1).clamp(min=0)  # (U, L)
         # each row's uniforms for every step, from its own generator
         u = torch.stack(
             [torch.rand(T, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in row_seeds]
         ).to(dev)  # (B, T)
-        eos = torch.tensor(self.eos_token_ids or (-1,), device=dev)
-        stop = torch.tensor(params.stop_token_ids or (), dtype=torch.long, device=dev)
+        ends = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)) or [-1], device=dev)
 
-        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
-        next_pos = pos[:, -1:] + 1  # (B, 1)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        toks, lps = [], []
+        out = self.model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=pos, use_cache=True,
+                         logits_to_keep=1)
+        past = _expand_cache(out.past_key_values, row_prompt, L + T)
+        logits = out.logits[:, -1][row_prompt]  # (B, V)
+        attn, next_pos = attn[row_prompt], pos[row_prompt, -1:] + 1  # (B, L + T), (B, 1)
+        attn[:, L:] = 1  # columns of tokens not generated yet are never read: only [:, :L + t + 1] is passed
+
+        tok_bt = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
+        lp_bt = torch.zeros((B, T), dtype=torch.float32, device=dev)
+        live = torch.arange(B, device=dev)  # original row of each row still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=dev)  # per row still in the batch
+        n_steps = 0
         for t in range(T):
-            logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # (B, V)
-            tok = sample_inverse_cdf(filter_logits(logp, params.top_p, params.top_k), u[:, t].to(logp.dtype))
+            logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # (b, V)
+            tok = sample_inverse_cdf(filter_logits(logp, params.top_p, params.top_k), u[live, t].to(logp.dtype))
             lp = logp.gather(-1, tok[:, None]).squeeze(-1)
             tok = tok.masked_fill(done, self.pad_token_id)
-            toks.append(tok)
-            lps.append(lp)
-            done = done | torch.isin(tok, eos) | (torch.isin(tok, stop) if stop.numel() else False)
-            if bool(done.all()) or t == T - 1:
+            tok_bt[live, t] = tok
+            lp_bt[live, t] = lp.float()
+            n_steps = t + 1
+            done = done | torch.isin(tok, ends)
+            n_done = int(done.sum())
+            if n_done == len(live) or t == T - 1:
                 break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
-            out = self.model(
-                input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=past, use_cache=True
-            )
+            if n_done >= max(1, int(self.compact_frac * len(live))):  # drop finished rows
+                keep = (~done).nonzero().squeeze(-1)
+                past.batch_select_indices(keep)
+                live, tok, attn, next_pos = live[keep], tok[keep], attn[keep], next_pos[keep]
+                done = done[keep]
+            out = self.model(input_ids=tok[:, None], attention_mask=attn[:, : L + t + 1], position_ids=next_pos,
+                             past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
             next_pos = next_pos + 1
-        tok_bt = torch.stack(toks, dim=1).cpu()  # (B, t)
-        lp_bt = torch.stack(lps, dim=1).float().cpu()
-        ends = set(self.eos_token_ids) | set(params.stop_token_ids)
+        tok_bt, lp_bt = tok_bt[:, :n_steps].cpu(), lp_bt[:, :n_steps].cpu()
+        ends_set = set(ends.tolist())
         comps = []
         for b in range(B):
             ids, lp = tok_bt[b].tolist(), lp_bt[b].tolist()
-            n = next((k + 1 for k, x in enumerate(ids) if x in ends), None)
+            n = next((k + 1 for k, x in enumerate(ids) if x in ends_set), None)
             reason = "stop" if n is not None else "length"
             n = n if n is not None else len(ids)
             comps.append(Completion(0, ids[:n], lp[:n], reason, self.weight_version))

@@ -1,8 +1,14 @@
 """The training model's side of the maths: log-probs (and entropy) of response tokens.
 
 Only response positions go through the LM head, and they go in chunks under activation checkpointing,
-so a (B, T, V) logits tensor is never materialised: peak extra memory is ``chunk x V`` floats in the
-forward pass and again in the backward pass, whatever the vocabulary.
+so a (B, T, V) logits tensor is never materialised: peak extra memory is a few ``chunk x V`` floats in
+the forward pass and again in the backward pass, with ``chunk`` capped so that ``chunk x V`` stays under
+``HEAD_CHUNK_ELEMS`` whatever the vocabulary.
+
+The G responses of a prompt share it: when prompts repeat in a batch (they do, G times each), the
+prompt is run once and its keys/values are indexed out to its rows, then the responses run on top of
+that cache. Same maths (the gradient of a shared prefix is the sum over its rows, which indexing gives),
+a fraction 1 - 1/G of the prompt tokens' compute saved, forward and backward.
 """
 from __future__ import annotations
 
@@ -10,8 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from dapo.algo import token_entropy, token_logprobs
+
+HEAD_CHUNK_ELEMS = 1 << 25
+"""Most logits held at once per chunk (x 4 bytes: 128 MiB); a 152k vocabulary gets 220-row chunks."""
 
 
 @dataclass
@@ -52,27 +62,46 @@ def make_seq_batch(prompts: list[list[int]], responses: list[list[int]], pad_id:
     return SeqBatch(ids, attn, rmask)
 
 
+def response_hidden(model: torch.nn.Module, batch: SeqBatch, share_prompts: bool = True) -> torch.Tensor:
+    """(B, T, H): the last hidden state at the position before each response token (it predicts that token).
+
+    With ``share_prompts``, rows with the same prompt share one prompt forward pass (see the module
+    docstring) when that halves the prompt rows at least; otherwise, or for models whose cache is not a
+    plain ``DynamicCache``, one pass over the whole padded batch.
+    """
+    ids, attn = batch.input_ids, batch.attention_mask
+    B, L = ids.shape
+    T = batch.n_resp
+    Lp = L - T
+    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
+    base = model.base_model
+    if share_prompts and Lp > 0 and B > 1 and not (model.training and _checkpointing(model)):
+        uniq, inv = torch.unique(torch.cat([ids[:, :Lp], attn[:, :Lp]], dim=1), dim=0, return_inverse=True)
+        U = uniq.shape[0]
+        if 2 * U <= B:
+            rep = torch.empty(U, dtype=torch.long, device=ids.device).scatter_(0, inv, torch.arange(B, device=ids.device))
+            pre = base(input_ids=ids[rep, :Lp], attention_mask=attn[rep, :Lp], position_ids=pos[rep, :Lp], use_cache=True)
+            cache = pre.past_key_values
+            if type(cache) is DynamicCache and cache.layers and all(type(x) is DynamicLayer for x in cache.layers):
+                cache.batch_select_indices(inv)  # (U, ...) -> (B, ...): differentiable indexing
+                out = base(input_ids=ids[:, Lp:], attention_mask=attn, position_ids=pos[:, Lp:], past_key_values=cache,
+                           use_cache=True).last_hidden_state  # (B, T, H)
+                return torch.cat([pre.last_hidden_state[inv, -1:], out[:, :-1]], dim=1)
+    hidden = base(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state  # (B, L, H)
+    return hidden[:, -T - 1 : -1]
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Activation checkpointing on (HF drops ``use_cache`` then, so the shared-prompt path is off)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
 def _head_chunk(head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):
     logits = head(h).float() / temperature  # (c, V)
     lp = token_logprobs(logits, labels, chunk=logits.shape[0] or 1)
     ent = token_entropy(logits.detach(), chunk=logits.shape[0] or 1) if with_entropy else torch.zeros_like(lp)
     return lp, ent
-
-
-def _trunk_hidden(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The trunk's last hidden states (B, L, H), through the model's own call.
-
-    Calling the whole model (not ``model.base_model``) lets wrappers see a forward: FSDP2 gathers the
-    root's parameters (embeddings, final norm, LM head) in its forward hook. Only one position's logits
-    are computed there (``logits_to_keep=1``); the hidden states come from a hook on the trunk.
-    """
-    seen: list[torch.Tensor] = []
-    handle = model.base_model.register_forward_hook(lambda _m, _a, out: seen.append(out.last_hidden_state))
-    try:
-        model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return seen[-1]
 
 
 def response_logprobs(
@@ -87,14 +116,13 @@ def response_logprobs(
     Differentiable in the log-probs (entropy is detached: it is a metric here). Padding positions hold
     garbage; multiply by ``batch.response_mask``.
     """
-    pos = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = _trunk_hidden(model, batch.input_ids, batch.attention_mask, pos)  # (B, L, H)
     T = batch.n_resp
-    h = hidden[:, -T - 1 : -1]  # (B, T, H): the position before each response token predicts it
+    h = response_hidden(model, batch)  # (B, T, H)
     labels = batch.input_ids[:, -T:]  # (B, T)
     B, _, H = h.shape
     h_flat, lab_flat = h.reshape(B * T, H), labels.reshape(B * T)
     head = model.get_output_embeddings()
+    chunk = max(1, min(chunk, HEAD_CHUNK_ELEMS // head.weight.shape[0]))
     lps, ents = [], []
     grad = torch.is_grad_enabled()
     for s in range(0, B * T, chunk):
@@ -108,3 +136,21 @@ def response_logprobs(
     logp = torch.cat(lps).view(B, T)
     ent = torch.cat(ents).view(B, T) if with_entropy else None
     return logp, ent
+
+
+class ResponseLogprobs(torch.nn.Module):
+    """``response_logprobs`` of the wrapped LM as one module call: what the trainer calls.
+
+    Going through one ``forward`` lets a wrapper around this module see every use of the LM's weights:
+    FSDP2 (``dapo.dist`` ranks) gathers the root's parameters (embeddings, final norm, LM head) in the
+    root's forward hook, while ``response_logprobs`` reaches them through ``model.base_model`` and the
+    head, never through the LM's own call. In one process it is a plain call.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: SeqBatch, temperature: float = 1.0, with_entropy: bool = False):
+        lp, ent = response_logprobs(self.lm, batch, temperature, with_entropy)
+        return lp.clone(), ent  # not a view: FSDP2 hooks the output for backward (B*T floats, no cost)

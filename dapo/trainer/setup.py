@@ -17,6 +17,7 @@ from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
 from dapo.trainer.batch import PromptItem, ScoreFn
 from dapo.trainer.checkpoint import latest_checkpoint
+from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.prompts import ListPromptStream, TaskPromptStream, encode_prompts
 from dapo.trainer.update import SINGLE, DataParallel, Learner, LocalLearner
 
@@ -49,8 +50,11 @@ class RunParts:
     learner: Learner | None = None
     run_dir: Path | None = None
     resume_from: Path | None = None
+    policy: ResponseLogprobs | None = None
 
     def __post_init__(self):
+        if self.policy is None and self.model is not None:
+            self.policy = ResponseLogprobs(self.model)
         if self.learner is None:
             self.learner = LocalLearner(self)
 

@@ -23,7 +23,7 @@ from dapo.algo import aggregate_loss, group_advantages, kl_penalty, policy_loss
 from dapo.config import Config
 from dapo.rollout.base import Completion, derive_seed
 from dapo.trainer.batch import Group
-from dapo.trainer.policy import make_seq_batch, response_logprobs
+from dapo.trainer.policy import ResponseLogprobs, make_seq_batch, response_logprobs
 
 
 class TrainingError(RuntimeError):
@@ -132,6 +132,8 @@ class TrainParts(Protocol):
     """What the update needs: ``RunParts`` in one process, ``dapo.dist``'s rank state on a rank."""
 
     model: torch.nn.Module
+    policy: ResponseLogprobs
+    """``ResponseLogprobs(model)`` (FSDP2-wrapped on a sharded rank): every training forward goes through it."""
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ref_model: torch.nn.Module | None
@@ -174,19 +176,33 @@ def _lengths(fb: FlatBatch) -> list[int]:
 # ------------------------------------------------------------------------------------------------ old log-probs
 
 
+def _engine_runs_the_policy(parts: TrainParts) -> bool:
+    """The engine samples with the trainer's own fp32 model object: its log-probs are the policy's.
+    (Never on a Ray rank, which has no engine.)"""
+    params = list(parts.model.parameters())
+    return getattr(getattr(parts, "engine", None), "model", None) is parts.model and all(
+        p.dtype == torch.float32 for p in params)
+
+
 @torch.no_grad()
 def old_logp_share(parts: TrainParts, fb: FlatBatch, cfg: Config) -> dict[int, list[float]]:
-    """This rank's share of the recomputed behaviour log-probs: {response index: log-probs}."""
-    if cfg.rollout.use_engine_logprobs:
+    """This rank's share of the recomputed behaviour log-probs: {response index: log-probs}.
+
+    Recomputed with the training model (its numerics, not the engine's), except where a recompute
+    cannot change anything: responses masked out of the loss, and responses sampled in this step by an
+    engine that runs the trainer's own fp32 model object (the single-process path), whose weights have
+    not changed since: there the engine's log-probs already are the old policy's, to float rounding.
+    """
+    if cfg.rollout.use_engine_logprobs or _engine_runs_the_policy(parts):
         return {}
-    todo = [i for i, f in enumerate(fb.fresh) if f and fb.responses[i]]
+    todo = [i for i, f in enumerate(fb.fresh) if f and fb.responses[i] and fb.keep[i] > 0]
     out: dict[int, list[float]] = {}
     for mb in _rank_micro_batches(todo, _lengths(fb), cfg.optim.micro_batch_size, parts.dp):
         rows = mb or []
         prompts = [fb.prompts[i] for i in rows] or [[parts.pad_id]]  # None: an empty pass for FSDP
         resps = [fb.responses[i] for i in rows] or [[parts.pad_id]]
         sb = make_seq_batch(prompts, resps, parts.pad_id).to(parts.device)
-        lp, _ = response_logprobs(parts.model, sb, cfg.rollout.temperature)  # (b, T)
+        lp, _ = parts.policy(sb, cfg.rollout.temperature)  # (b, T)
         for row, i in enumerate(rows):
             out[i] = lp[row, : len(fb.responses[i])].tolist()
     return out
@@ -222,7 +238,7 @@ def minibatch_backward(
     loss_sum, sums = 0.0, {}
     for k, mb in enumerate(mbs):
         if dp.fsdp and dp.world > 1:  # reduce-scatter once, after the last micro-batch
-            model.set_requires_gradient_sync(k == len(mbs) - 1)
+            parts.policy.set_requires_gradient_sync(k == len(mbs) - 1)
         rows = mb or []
         if rows:
             sb = make_seq_batch([fb.prompts[i] for i in rows], [fb.responses[i] for i in rows], parts.pad_id)
@@ -231,7 +247,7 @@ def minibatch_backward(
             sb, keep = make_seq_batch([[parts.pad_id]], [[parts.pad_id]], parts.pad_id), torch.zeros(1)
         sb = sb.to(parts.device)
         T = sb.n_resp
-        lp, ent = response_logprobs(model, sb, cfg.rollout.temperature, with_entropy=with_entropy)  # (b, T)
+        lp, ent = parts.policy(sb, cfg.rollout.temperature, with_entropy)  # (b, T)
         old = _pad_logps([old_logp[i] for i in rows] or [[0.0]], T).to(parts.device)
         adv = (fb.advantages[rows] if rows else torch.zeros(1)).to(parts.device)  # (b,)
         mask = sb.response_mask * keep.to(parts.device)[:, None]  # (b, T)

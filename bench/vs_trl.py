@@ -1,0 +1,302 @@
+"""dapo against TRL's GRPOTrainer configured as DAPO: seconds per RL step at the same work, side by side.
+
+    python bench/vs_trl.py                       # both model sizes, 2 threads
+    python bench/vs_trl.py --models tiny --steps 8
+
+Same checkpoint, prompts (the built-in addition task), reward (its exact verifier), group size G,
+prompts per rollout, max response length, learning rate (constant), and optimiser steps per rollout.
+One RL step = generate P x G responses, score them, old log-probs, P / mini optimiser steps of
+mini x G responses each. In TRL terms: per_device_train_batch_size = mini x G, gradient_accumulation_steps
+= 1, steps_per_generation = P / mini, num_iterations = 1, so one TRL "step" is one optimiser step and
+one rollout spans P / mini of them (and TRL recomputes old log-probs, as its generation and optimiser
+steps are not aligned). fp32 on both sides (TRL's bf16 default is turned off). Dynamic sampling and the
+soft overlong penalty are off so both do exactly the same work; overlong filtering is on
+(TRL: mask_truncated_completions).
+
+Each side runs in its own worker process (this script with --worker), started from this one, set up and
+warmed up, then stepped alternately A B A B over a pipe, so both see the same machine load. A step's
+time runs from the "go" command to the end of the RL step, as the worker sees it (dapo: ``train``'s
+on_step callback; TRL: a TrainerCallback at the rollout's last on_step_end). The split:
+gen = generation, old_logp = old log-probs (no grad), update = the rest (optimiser steps, scoring, bookkeeping).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODEL_SHAPES, emit_json, machine, model_dir, n_params, set_threads, summary, table  # noqa: E402
+
+SIDES = ("dapo", "trl")
+
+
+# --------------------------------------------------------------------------------------------------
+# worker side: a pipe protocol of JSON lines on a private copy of stdout (libraries print to stdout too)
+
+
+class Pipe:
+    def __init__(self):
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)  # anything else printed goes to stderr
+
+    def send(self, **kw: Any) -> None:
+        self.out.write(json.dumps(kw) + "\n")
+
+    def wait_go(self) -> float:
+        """Block until the parent says go; returns the time it did. Exits on anything else."""
+        cmd = sys.stdin.readline().strip()
+        if cmd != "go":
+            self.out.flush()
+            os._exit(0)
+        return time.perf_counter()
+
+
+def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
+    from dapo.config import load_config
+    from dapo.trainer.loop import train
+
+    set_threads(a.threads)
+    tmp = tempfile.mkdtemp(prefix="bench-dapo-")
+    cfg = load_config(overrides=[
+        f"model.path={a.model}", "model.device=cpu", "model.dtype=float32",
+        f"rollout.group_size={a.G}", f"rollout.max_new_tokens={a.max_new}", "rollout.temperature=1.0",
+        f"optim.train_batch_size={a.prompts}", f"optim.mini_batch_size={a.mini}",
+        f"optim.micro_batch_size={a.mini * a.G}", f"optim.lr={a.lr}", "optim.grad_clip=1.0",
+        f"optim.steps={a.warmup + a.steps + 1}", "algo.dynamic_sampling=false", "algo.soft_overlong=false",
+        "algo.overlong_filter=true", "data.eval_size=0", f"seed={a.seed}",
+        f"log.out_dir={tmp}", "log.run_name=r", "log.progress=none", "log.tensorboard=false",
+        "log.samples_every=0", "ckpt.save_final=false", *a.dapo_override,
+    ])
+    st: dict[str, Any] = {"t_go": None}
+
+    def on_step(step: int, m: dict) -> None:
+        t = time.perf_counter()
+        if step < a.warmup:
+            return
+        if step == a.warmup:
+            pipe.send(ready=True, threads=__import__("torch").get_num_threads())
+        else:
+            wall = t - st["t_go"]
+            gen, old = m["time/gen"], m.get("time/old_logp", 0.0)
+            pipe.send(wall=wall, gen=gen, old_logp=old, update=wall - gen - old,
+                      tokens=m["response/len_mean"] * a.prompts * a.G, reward=m["rollout/reward"])
+        st["t_go"] = pipe.wait_go()
+
+    train(cfg, log_stream=sys.stderr, on_step=on_step)
+    pipe.send(error="dapo ran out of steps")
+
+
+def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from dapo.data.tasks import get_task, task_splits
+
+    set_threads(a.threads)
+    task = get_task("addition")
+    spg = a.prompts // a.mini  # optimiser steps per rollout
+    n_rollouts = a.warmup + a.steps + 2
+    _, stream = task_splits(task, a.seed, 0)
+    exs = stream.take(a.prompts * n_rollouts)
+    data = Dataset.from_dict({"prompt": [e.prompt for e in exs], "answer": [e.answer for e in exs]})
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    st: dict[str, Any] = {"gen": 0.0, "old_logp": 0.0, "tokens": 0, "reward": 0.0, "t_go": None}
+
+    def reward(completions, answer, completion_ids, **kw):
+        st["tokens"] += sum(len(c) for c in completion_ids)
+        r = [task.score(c, ans)[0] for c, ans in zip(completions, answer)]
+        st["reward"] = sum(r) / len(r)  # one call per rollout
+        return r
+
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, fp16=False, seed=a.seed,
+        num_generations=a.G, per_device_train_batch_size=a.mini * a.G, gradient_accumulation_steps=1,
+        steps_per_generation=spg, num_iterations=1, max_completion_length=a.max_new, temperature=1.0, top_p=1.0,
+        top_k=0, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0,
+        mask_truncated_completions=True, scale_rewards="group", max_steps=n_rollouts * spg,
+        logging_steps=spg, report_to="none", save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % spg:
+                return
+            t = time.perf_counter()
+            k = state.global_step // spg  # rollouts done
+            if k == a.warmup:
+                pipe.send(ready=True, threads=torch.get_num_threads())
+            elif k > a.warmup:
+                wall = t - st["t_go"]
+                pipe.send(wall=wall, gen=st["gen"], old_logp=st["old_logp"],
+                          update=wall - st["gen"] - st["old_logp"], tokens=st["tokens"], reward=st["reward"])
+            if k >= a.warmup:
+                st["t_go"] = pipe.wait_go()
+            st.update(gen=0.0, old_logp=0.0, tokens=0, reward=0.0)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[Clock()])
+    set_threads(a.threads)  # in case a library changed it
+
+    def timed(name: str, fn, only_no_grad: bool = False):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                if not only_no_grad or not torch.is_grad_enabled():
+                    st[name] += time.perf_counter() - t0
+        return wrapper
+
+    trainer._generate = timed("gen", trainer._generate)
+    trainer._get_per_token_logps_and_entropies = timed("old_logp", trainer._get_per_token_logps_and_entropies, True)
+    trainer.train()
+    pipe.send(error="trl ran out of steps")
+
+
+# --------------------------------------------------------------------------------------------------
+# parent side
+
+
+class Worker:
+    def __init__(self, side: str, model: Path, a: argparse.Namespace):
+        cmd = [sys.executable, __file__, "--worker", side, "--model", str(model), "--threads", str(a.threads),
+               "--G", str(a.G), "--prompts", str(a.prompts), "--mini", str(a.mini), "--max-new", str(a.max_new),
+               "--lr", str(a.lr), "--steps", str(a.steps), "--warmup", str(a.warmup), "--seed", str(a.seed)]
+        for o in a.dapo_override:
+            cmd += ["--dapo-override", o]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(a.threads),
+                   PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
+        # OpenMP threads that spin while waiting make small ops 10-100x slower when the cores are shared
+        # with other busy processes (this machine): sleep instead. Both sides get the same setting.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        log = open(Path(tempfile.gettempdir()) / f"bench-vs-trl-{side}.log", "w")
+        self.side = side
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+
+    def recv(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.side} worker died (exit {self.p.wait()}); see "
+                               f"{Path(tempfile.gettempdir()) / f'bench-vs-trl-{self.side}.log'}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"{self.side}: {msg['error']}")
+        return msg
+
+    def step(self) -> dict:
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+        return self.recv()
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write("quit\n")
+            self.p.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    path = model_dir(kind, tmp)
+    print(f"[{kind}] {n_params(path) / 1e6:.2f}M parameters at {path}", file=sys.stderr)
+    workers = {}
+    try:
+        for side in SIDES:  # set up one at a time: neither's warm-up slows the other's
+            t0 = time.perf_counter()
+            workers[side] = Worker(side, path, a)
+            ready = workers[side].recv()
+            print(f"[{kind}] {side} ready in {time.perf_counter() - t0:.1f}s ({ready})", file=sys.stderr)
+        res: dict[str, list[dict]] = {s: [] for s in SIDES}
+        for i in range(a.steps):
+            for side in SIDES:  # A B A B
+                r = workers[side].step()
+                res[side].append(r)
+                print(f"[{kind}] step {i + 1} {side}: {r['wall']:.3f}s (gen {r['gen']:.3f}, old_logp "
+                      f"{r['old_logp']:.3f}, update {r['update']:.3f}, {r['tokens']:.0f} tokens)", file=sys.stderr)
+    finally:
+        for w in workers.values():
+            w.close()
+    out: dict[str, Any] = {"model": kind, "params_m": round(n_params(path) / 1e6, 2)}
+    for side in SIDES:
+        rs = res[side]
+        out[side] = {
+            "step_s": summary([r["wall"] for r in rs]),
+            "gen_s": summary([r["gen"] for r in rs])["median"],
+            "old_logp_s": summary([r["old_logp"] for r in rs])["median"],
+            "update_s": summary([r["update"] for r in rs])["median"],
+            "tokens_per_step": summary([r["tokens"] for r in rs])["median"],
+            "tokens_per_s": summary([r["tokens"] / r["wall"] for r in rs])["median"],
+            "gen_tokens_per_s": summary([r["tokens"] / max(r["gen"], 1e-9) for r in rs])["median"],
+        }
+    out["ratio_median"] = out["dapo"]["step_s"]["median"] / out["trl"]["step_s"]["median"]
+    # ratio of each A-B pair: the machine's load changes between pairs more than within one
+    pairs = [d["wall"] / t["wall"] for d, t in zip(res["dapo"], res["trl"])]
+    out["ratio_pairs"] = summary(pairs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="tiny,25m", help=f"comma list of: {', '.join(MODEL_SHAPES)}")
+    ap.add_argument("--steps", type=int, default=6, help="timed RL steps per side")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed RL steps per side before (>= 1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--G", type=int, default=8, help="responses per prompt")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout")
+    ap.add_argument("--mini", type=int, default=4, help="prompts per optimiser step")
+    ap.add_argument("--max-new", type=int, default=24, help="max response tokens")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dapo-override", action="append", default=[], help="extra dapo key=value (repeatable)")
+    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.warmup = max(1, a.warmup)
+    if a.worker:
+        pipe = Pipe()
+        (dapo_worker if a.worker == "dapo" else trl_worker)(a, pipe)
+        return 0
+
+    set_threads(a.threads)
+    rows, results = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        for kind in a.models.split(","):
+            r = compare(kind, a, tmp)
+            results.append(r)
+            for side in SIDES:
+                s = r[side]
+                rows.append({"model": f"{kind} ({r['params_m']}M)", "side": side, "step_s_median": s["step_s"]["median"],
+                             "min": s["step_s"]["min"], "max": s["step_s"]["max"], "gen_s": s["gen_s"],
+                             "old_logp_s": s["old_logp_s"], "update_s": s["update_s"],
+                             "tokens/step": s["tokens_per_step"], "tokens/s": s["tokens_per_s"],
+                             "dapo/trl": r["ratio_median"] if side == "dapo" else 1.0})
+    shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads")}
+    print(f"\nRL step, {a.prompts} prompts x G={a.G}, <= {a.max_new} new tokens, {a.prompts // a.mini} optimiser "
+          f"steps of {a.mini * a.G} responses; median of {a.steps} alternating steps after {a.warmup} warm-up")
+    print(table(rows))
+    for r in results:
+        p = r["ratio_pairs"]
+        print(f"{r['model']}: dapo/trl median {r['ratio_median']:.3f}; per A-B pair median {p['median']:.3f} "
+              f"(min {p['min']:.3f}, max {p['max']:.3f})")
+    emit_json({"bench": "vs_trl", "machine": machine(), "shape": shape, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
