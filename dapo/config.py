@@ -100,6 +100,8 @@ class RolloutConfig:
     """Take old log-probs from the rollout engine instead of recomputing them with the training model."""
     batch_size: int = 256
     """Most sequences the engine decodes at once."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM only: fraction of the GPU's memory vLLM may take (weights + KV cache); the rest is left to training."""
 
 
 @dataclass(frozen=True)
@@ -205,15 +207,27 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class DistConfig:
     rollout_workers: int = 0
-    """Ray rollout actors; 0 = an in-process engine."""
+    """Ray rollout actors, each with its own engine and model copy; prompts are split across them
+    (a prompt's G samples stay on one worker). 0 = an in-process engine."""
     trainer_ranks: int = 1
-    """Data-parallel trainer ranks; > 1 runs them as Ray actors in a torch.distributed group."""
+    """Data-parallel trainer ranks; > 1 runs them as Ray actors in a torch.distributed group (gloo on CPU,
+    NCCL on GPU), each training on its share of every mini-batch with the global token-mean denominator."""
     ray_address: str = ""
-    """Ray cluster address (ray start --head prints it); empty = start a local cluster when needed."""
+    """Ray cluster address (``ray start --head`` prints it, or ``auto``); empty = start a local,
+    loopback-only cluster when workers or ranks are asked for, and shut it down at the end."""
     fsdp: bool = False
-    """Shard parameters and optimiser state across trainer ranks with FSDP2 (fully_shard)."""
+    """Shard parameters, gradients and optimiser state across trainer ranks with FSDP2 (fully_shard)."""
     colocate: bool = False
-    """Share devices between rollout workers and trainer ranks on one machine."""
+    """Rollout worker i and trainer rank i share one device (half a GPU each, one placement group)."""
+    timeout_s: float = 3600.0
+    """Longest wait for any worker or rank call (generate, update, weight sync) before the run stops
+    with an error naming who did not answer. A dead actor is reported at once, not after this."""
+    worker_restarts: int = 0
+    """Replace a dead rollout worker (with the latest weights) up to this many times in the run;
+    0 = stop with an error naming it. Keeping the latest weights costs one model copy in the object store."""
+    weight_chunk_mb: int = 512
+    """Weights travel from the trainer to the rollout workers in chunks of about this many MB, one at a time
+    in each process's memory."""
 
 
 @dataclass(frozen=True)
@@ -516,6 +530,19 @@ def _validate(c: Config) -> None:
         bad("ckpt.keep_last", f"must be >= 1, got {c.ckpt.keep_last}")
     if c.dist.rollout_workers < 0 or c.dist.trainer_ranks < 1:
         bad("dist.trainer_ranks", "rollout_workers must be >= 0 and trainer_ranks >= 1")
+    if c.dist.timeout_s <= 0:
+        bad("dist.timeout_s", f"must be > 0, got {c.dist.timeout_s}")
+    if c.dist.worker_restarts < 0:
+        bad("dist.worker_restarts", f"must be >= 0, got {c.dist.worker_restarts}")
+    if c.dist.weight_chunk_mb < 1:
+        bad("dist.weight_chunk_mb", f"must be >= 1, got {c.dist.weight_chunk_mb}")
+    if c.dist.fsdp and c.dist.trainer_ranks < 2:
+        bad("dist.fsdp", "shards over trainer ranks: set dist.trainer_ranks >= 2 (one process trains unsharded)")
+    if c.dist.colocate and not (c.dist.rollout_workers and c.dist.trainer_ranks > 1):
+        bad("dist.colocate", "shares devices between Ray rollout workers and trainer ranks: set "
+                             "dist.rollout_workers >= 1 and dist.trainer_ranks >= 2")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
     if c.dist.trainer_ranks > 1 and o.mini_batch_size * r.group_size % c.dist.trainer_ranks:
         bad(
             "dist.trainer_ranks",

@@ -183,3 +183,21 @@ def response_logprobs(
     logp = torch.cat(lps).view(B, T)
     ent = torch.cat(ents).view(B, T) if with_entropy else None
     return logp, ent
+
+
+class ResponseLogprobs(torch.nn.Module):
+    """``response_logprobs`` of the wrapped LM as one module call: what the trainer calls.
+
+    Going through one ``forward`` lets a wrapper around this module see every use of the LM's weights:
+    FSDP2 (``dapo.dist`` ranks) gathers the root's parameters (embeddings, final norm, LM head) in the
+    root's forward hook, while ``response_logprobs`` reaches them through ``model.base_model`` and the
+    head, never through the LM's own call. In one process it is a plain call.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: SeqBatch, temperature: float = 1.0, with_entropy: bool = False):
+        lp, ent = response_logprobs(self.lm, batch, temperature, with_entropy)
+        return lp.clone(), ent  # not a view: FSDP2 hooks the output for backward (B*T floats, no cost)

@@ -14,10 +14,13 @@ import torch
 
 from dapo.config import Config
 from dapo.data.example import Example
+from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
 from dapo.trainer.batch import PromptItem, ScoreFn
 from dapo.trainer.checkpoint import is_complete, latest_checkpoint
+from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.prompts import ListPromptStream, TaskPromptStream, encode_prompts
+from dapo.trainer.update import SINGLE, DataParallel, Learner, LocalLearner
 
 
 class SetupError(ValueError):
@@ -26,10 +29,14 @@ class SetupError(ValueError):
 
 @dataclass
 class RunParts:
-    model: torch.nn.Module
+    """The run's pieces. In one process ``model``/``optimizer``/``scheduler`` are the trained ones and
+    ``learner`` wraps them; with Ray trainer ranks they live on the ranks (None here, or ``model`` is
+    the in-process engine's copy) and ``learner`` is a ``dapo.dist.RankGroup``."""
+
+    model: torch.nn.Module | None
     tokenizer: Any
-    engine: HFEngine
-    optimizer: torch.optim.Optimizer
+    engine: RolloutEngine
+    optimizer: torch.optim.Optimizer | None
     scheduler: Any
     stream: Any
     eval_items: list[PromptItem]
@@ -40,13 +47,28 @@ class RunParts:
     ref_model: torch.nn.Module | None = None
     bad_in_a_row: int = 0
     closers: list[Callable[[], None]] = field(default_factory=list)
+    dp: DataParallel = SINGLE
+    learner: Learner | None = None
+    run_dir: Path | None = None
+    resume_from: Path | None = None
+    policy: ResponseLogprobs | None = None
 
-    def weights_for_engine(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+    def __post_init__(self):
+        if self.policy is None and self.model is not None:
+            self.policy = ResponseLogprobs(self.model)
+        if self.learner is None:
+            self.learner = LocalLearner(self)
 
     def close(self) -> None:
+        """Run every closer (reward pool, Ray workers and ranks, the cluster), even if one fails."""
+        errors = []
         for c in self.closers:
-            c()
+            try:
+                c()
+            except Exception as e:  # noqa: BLE001  keep closing the rest; report the first below
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,28 +117,54 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
-def load_model_and_tokenizer(cfg: Config, path: str, device: torch.device, log: Callable[[str], None]):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_error(cfg: Config, path: str, e: Exception) -> SetupError:
+    hint = ""
+    if "safetensors" in str(e).lower() and not cfg.model.allow_unsafe_weights:
+        hint = " (only safetensors weights load by default; model.allow_unsafe_weights=true allows pickle files)"
+    return SetupError(f"cannot load model.path={path!r}: {e}{hint}")
 
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    kw: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+
+def load_model(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
+    """The causal LM at ``path`` on ``device`` in the configured dtype (also what Ray workers and ranks load)."""
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=None if cfg.model.allow_unsafe_weights else True,
-            attn_implementation=cfg.model.attn_implementation, **kw,
+            path, dtype=resolve_dtype(cfg.model.dtype, device), trust_remote_code=cfg.model.trust_remote_code,
+            use_safetensors=None if cfg.model.allow_unsafe_weights else True,
+            attn_implementation=cfg.model.attn_implementation,
         )
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path, **kw)
     except (OSError, ValueError, pickle.UnpicklingError) as e:  # the last: weights_only refused a pickle's contents
-        hint = ""
-        if "safetensors" in str(e).lower() and not cfg.model.allow_unsafe_weights:
-            hint = " (only safetensors weights load by default; model.allow_unsafe_weights=true allows pickle files)"
-        raise SetupError(f"cannot load model.path={path!r}: {e}{hint}") from None
+        raise _load_error(cfg, path, e) from None
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    return model.to(device)
+
+
+def load_tokenizer(cfg: Config, path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(cfg, path, e) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    return tokenizer
+
+
+def load_model_and_tokenizer(cfg: Config, path: str, device: torch.device, log: Callable[[str], None]):
+    return load_model(cfg, path, device), load_tokenizer(cfg, path)
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW and its linear warm-up schedule (per optimiser step), the same on every trainer rank."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    warm = o.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+    return optimizer, scheduler
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -190,7 +238,21 @@ def _file_parts(cfg: Config, tokenizer: Any, log: Callable[[str], None]):
     return ListPromptStream(exs, ids, cfg.seed, d.shuffle), eval_items, score_fn, [runner.close]
 
 
+def _generation_eos(cfg: Config, path: str) -> Any:
+    """Something with the model's ``generation_config``, without loading its weights."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
+    except (OSError, ValueError):
+        return SimpleNamespace(generation_config=None)
+
+
 def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callable[[str], None] = print) -> RunParts:
+    """Build the run. ``dist.rollout_workers`` > 0 puts rollout on Ray workers (``dapo.dist.RayEngine``),
+    ``dist.trainer_ranks`` > 1 puts training on Ray ranks (``dapo.dist.RankGroup``); the loop is the same."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = resolve_device(cfg.model.device)
@@ -202,23 +264,61 @@ def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Calla
         from dapo.trainer.sft import prepare_base_model
 
         path = str(prepare_base_model(cfg.data.task, log=log))
-    model, tokenizer = load_model_and_tokenizer(cfg, path, device, log)
+    d = cfg.dist
+    remote_rollout, remote_train = d.rollout_workers > 0, d.trainer_ranks > 1
+    if d.ray_address and not (remote_rollout or remote_train):
+        log(f"dist.ray_address={d.ray_address} is set but dist.rollout_workers=0 and dist.trainer_ranks=1: "
+            f"everything runs in this process")
+    tokenizer = load_tokenizer(cfg, path)
+    # the driver holds a model only when it trains or samples in this process
+    local_engine = not remote_rollout and cfg.rollout.engine == "hf"
+    model = load_model(cfg, path, device) if (local_engine or not remote_train) else None
     if cfg.data.path:
         stream, eval_items, score_fn, closers = _file_parts(cfg, tokenizer, log)
     else:
         stream, eval_items, score_fn, closers = _task_parts(cfg, tokenizer)
     pad_id = int(tokenizer.pad_token_id)
-    engine = HFEngine(model, pad_id, eos_ids(model, tokenizer), max_batch=cfg.rollout.batch_size)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    warm = o.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
-    ref = None
-    if cfg.algo.kl_coef > 0:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    eos = eos_ids(model if model is not None else _generation_eos(cfg, path), tokenizer)
+    optimizer = scheduler = ref = None
+    if not remote_train:
+        optimizer, scheduler = make_optimizer(cfg, model)
+        if cfg.algo.kl_coef > 0:
+            ref = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    return RunParts(model, tokenizer, engine, optimizer, scheduler, stream, eval_items, score_fn, decode, pad_id,
-                    device, ref, 0, closers)
+    parts = RunParts(model, tokenizer, None, optimizer, scheduler, stream, eval_items, score_fn, decode, pad_id,
+                     device, ref, 0, closers, run_dir=run_dir, resume_from=resume_from)
+    cluster = None
+    try:
+        if remote_rollout or remote_train:
+            from dapo.dist import Cluster
+
+            cluster = Cluster(d, want_gpu=cfg.model.device != "cpu", log=log)
+        if remote_train:
+            from dapo.dist import RankGroup
+
+            parts.learner = RankGroup(cfg, path, pad_id, cluster, log=log)
+            parts.closers.append(parts.learner.close)
+        if remote_rollout:
+            from dapo.dist import RayEngine
+
+            parts.engine = RayEngine(cfg, path, pad_id, eos, cluster, log=log)
+            parts.closers.append(parts.engine.close)
+        elif cfg.rollout.engine == "vllm":
+            from dapo.rollout.vllm import VLLMEngine
+
+            parts.engine = VLLMEngine(path, pad_id, eos, cfg)
+        else:
+            parts.engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
+    except BaseException as e:
+        parts.close()
+        if cluster is not None:
+            cluster.close()
+        if isinstance(e, ImportError):
+            raise SetupError(str(e)) from None
+        raise
+    if cluster is not None:
+        parts.closers.append(cluster.close)  # last: after the workers and ranks are gone
+    return parts

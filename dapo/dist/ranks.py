@@ -1,0 +1,299 @@
+"""Data-parallel trainer ranks on Ray: M actors in one ``torch.distributed`` group (gloo on CPU, NCCL on GPU).
+
+Every rank holds the model (whole, or an FSDP2 shard when ``dist.fsdp``), its optimiser state and the
+same schedule, and runs ``dapo.trainer.update`` - the very code of the single-process path - on its
+share of every mini-batch, with the mini-batch's global token count as the loss denominator. Summing
+the ranks' gradients (all-reduce, or FSDP2's reduce-scatter with divide factor 1) then gives exactly
+the single-process gradient, and every rank takes the same optimiser step.
+
+``RankGroup`` is the driver's handle: a ``Learner`` (old log-probs, update, weights to the rollout
+engine, optimiser state and model files for checkpoints) that fans each call out to the ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import torch
+import torch.distributed as tdist
+
+from dapo.config import Config
+from dapo.dist.cluster import Cluster, wait_all, where
+from dapo.dist.rollout import put_chunks
+from dapo.trainer.policy import ResponseLogprobs
+from dapo.trainer.update import (
+    DataParallel, FlatBatch, whole_tensor, minibatch_backward, old_logp_share, update_policy,
+)
+
+
+@dataclass
+class RankParts:
+    """A rank's training state, with the attribute names ``dapo.trainer.update`` reads (``TrainParts``)."""
+
+    model: torch.nn.Module
+    policy: ResponseLogprobs
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ref_model: torch.nn.Module | None
+    pad_id: int
+    device: torch.device
+    bad_in_a_row: int
+    dp: DataParallel
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _shard(policy: ResponseLogprobs, mesh: Any) -> None:
+    """FSDP2: each transformer block is one shard unit (HF names them in ``_no_split_modules``), and the
+    rest (embeddings, final norm, LM head) belongs to the root unit, ``ResponseLogprobs`` around the LM,
+    whose forward is where the trainer uses them."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(policy.lm, "_no_split_modules", None) or [])
+    for m in list(policy.lm.modules()):
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=mesh)
+    fully_shard(policy, mesh=mesh, reshard_after_forward=False)  # the root is needed again in backward
+
+
+def _by_index(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An FQN-keyed optimiser state dict (torch.distributed.checkpoint) in ``optimizer.state_dict()``'s
+    integer-keyed form, so checkpoints of 1 and M ranks are interchangeable."""
+    idx = {n: i for i, n in enumerate(names)}
+    return {"state": {idx[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [idx[k] for k in g["params"]]} for g in osd["param_groups"]]}
+
+
+def _by_name(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    return {"state": {names[int(k)]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]]}
+
+
+class TrainerRank:
+    """One trainer rank (a Ray actor)."""
+
+    def __init__(self, cfg: Config, path: str, pad_id: int, rank: int, world: int, use_gpu: bool):
+        self.cfg, self.path, self.pad_id, self.rank, self.world, self.use_gpu = cfg, path, pad_id, rank, world, use_gpu
+        self.parts: RankParts | None = None
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0's rendezvous address for the process group."""
+        host = ray.util.get_node_ip_address()
+        return host, _free_port(host)
+
+    def setup(self, host: str, port: int) -> dict[str, Any]:
+        from dapo.trainer.setup import load_model, make_optimizer
+
+        cfg = self.cfg
+        if self.use_gpu:  # Ray shows the actor only its own GPU(s)
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        if host in ("127.0.0.1", "localhost") and os.path.exists("/sys/class/net/lo"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster's ranks talk over loopback
+        tdist.init_process_group("nccl" if self.use_gpu else "gloo", init_method=f"tcp://{host}:{port}",
+                                 rank=self.rank, world_size=self.world,
+                                 timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg, self.path, device)
+        ref = None
+        if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
+            import copy
+
+            ref = copy.deepcopy(model).eval().requires_grad_(False)
+        policy = ResponseLogprobs(model)
+        if cfg.dist.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            _shard(policy, init_device_mesh(device.type, (self.world,)))
+        optimizer, scheduler = make_optimizer(cfg, model)
+        self.parts = RankParts(model, policy, optimizer, scheduler, ref, self.pad_id, device, 0,
+                               DataParallel(self.rank, self.world, cfg.dist.fsdp))
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device)}
+
+    # -------------------------------------------------------------------------------------------- training
+
+    def old_logp(self, fb: FlatBatch, cfg: Config) -> dict[int, list[float]]:
+        return old_logp_share(self.parts, fb, cfg)
+
+    def update(self, fb: FlatBatch, old_logp: list[list[float]], cfg: Config, step: int) -> dict[str, Any]:
+        m: dict[str, Any] = update_policy(self.parts, fb, old_logp, cfg, step)
+        if not self.parts.dp.fsdp:  # replicated parameters: a fingerprint to compare across ranks
+            with torch.no_grad():
+                m["_checksum"] = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                              for p in self.parts.model.parameters()]).cpu()  # (n_params, 2)
+        return m
+
+    def gradient(self, fb: FlatBatch, old_logp: list[list[float]], resp_idx: list[int], cfg: Config) -> dict | None:
+        """The summed gradient of one mini-batch (``resp_idx``: all ranks' responses), whole, on rank 0."""
+        p = self.parts
+        p.optimizer.zero_grad(set_to_none=True)
+        p.model.train()
+        minibatch_backward(p, fb, old_logp, resp_idx, cfg)
+        p.dp.reduce_grads(p.model)
+        grads = {n: whole_tensor(q.grad).detach().cpu().clone() for n, q in p.model.named_parameters() if q.grad is not None}
+        p.optimizer.zero_grad(set_to_none=True)
+        return grads if self.rank == 0 else None
+
+    # -------------------------------------------------------------------------------------------- weights, state
+
+    def _resharded(self) -> torch.nn.Module:
+        """The model with every FSDP unit back in its sharded state (the root stays gathered after a
+        forward that had no backward, e.g. old log-probs of a step whose updates were all skipped)."""
+        if self.parts.dp.fsdp:
+            for m in self.parts.policy.modules():
+                if hasattr(m, "reshard"):
+                    m.reshard()
+        return self.parts.policy
+
+    def publish_weights(self, chunk_bytes: int) -> tuple[list, int] | None:
+        """The whole state dict into the object store in chunks (rank 0 returns the refs). Under FSDP each
+        tensor is all-gathered in turn, a collective every rank joins, so only one chunk is ever whole here."""
+        self._resharded()
+        whole = ((k, whole_tensor(v)) for k, v in self.parts.model.state_dict().items())
+        if self.rank == 0:
+            return put_chunks(whole, chunk_bytes)
+        if self.parts.dp.fsdp:
+            for _ in whole:
+                pass
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        p = self.parts
+        if p.dp.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            self._resharded()
+            osd = get_optimizer_state_dict(p.policy, p.optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            osd = _by_index(osd, [n for n, _ in p.policy.named_parameters()]) if self.rank == 0 else None
+        else:
+            osd = p.optimizer.state_dict()
+        if self.rank:
+            return None
+        return {"optimizer": osd, "scheduler": p.scheduler.state_dict(), "bad_in_a_row": p.bad_in_a_row}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        p = self.parts
+        if p.dp.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(p.policy, p.optimizer, _by_name(st["optimizer"], [n for n, _ in p.policy.named_parameters()]),
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            p.optimizer.load_state_dict(st["optimizer"])
+        p.scheduler.load_state_dict(st["scheduler"])
+        p.bad_in_a_row = st["bad_in_a_row"]
+
+    def save_pretrained(self, path: str) -> None:
+        """Hugging Face files of the whole model, written by rank 0 (``path`` must be visible to it)."""
+        p = self.parts
+        if not p.dp.fsdp:
+            if self.rank == 0:
+                p.model.save_pretrained(path, safe_serialization=True)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        sd = get_model_state_dict(self._resharded(), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = {k.removeprefix("lm."): v for k, v in sd.items()}  # ResponseLogprobs holds the LM as .lm
+        if self.rank == 0:  # an unsharded skeleton without memory, so the saved config names the real class
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(p.model.config)
+            skeleton.save_pretrained(path, state_dict=sd, safe_serialization=True)
+            if getattr(p.model, "generation_config", None) is not None:
+                p.model.generation_config.save_pretrained(path)
+
+    def close(self) -> None:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+class RankGroup:
+    """The driver's ``Learner`` over M ``TrainerRank`` actors. A rank that dies stops the run with a
+    ``DistError`` naming it (a process group cannot lose a member); resume from the last checkpoint."""
+
+    def __init__(self, cfg: Config, path: str, pad_id: int, cluster: Cluster, log: Callable[[str], None] = print):
+        self.cfg, self.cluster = cfg, cluster
+        self.m = cfg.dist.trainer_ranks
+        self.timeout_s = cfg.dist.timeout_s
+        self.names = [f"trainer rank {r} of {self.m}" for r in range(self.m)]
+        self.actors = [ray.remote(TrainerRank).options(**cluster.options(r), max_restarts=0)
+                       .remote(cfg, path, pad_id, r, self.m, cluster.use_gpu) for r in range(self.m)]
+        host, port = wait_all([self.actors[0].address.remote()], self.names[:1], self.timeout_s, "starting trainer ranks")[0]
+        infos = self._all("setup", host, port, what="starting trainer ranks")
+        self.where = [where(i) for i in infos]
+        log(f"trainer: {self.m} ranks ({'FSDP2-sharded' if cfg.dist.fsdp else 'replicated'}) on {infos[0]['device']}, "
+            f"process group at {host}:{port}")
+
+    def _all(self, method: str, *args: Any, what: str) -> list[Any]:
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        return wait_all(refs, self.names, self.timeout_s, what)
+
+    def old_logp(self, fb: FlatBatch, cfg: Config) -> list[list[float]]:
+        out = [list(x) for x in fb.behaviour_logp]
+        for share in self._all("old_logp", ray.put(fb), cfg, what="old log-probs"):
+            for i, lp in share.items():
+                out[i] = lp
+        return out
+
+    def update(self, fb: FlatBatch, old_logp: list[list[float]], cfg: Config, step: int) -> dict[str, float]:
+        outs = self._all("update", ray.put(fb), ray.put(old_logp), cfg, step, what=f"update (step {step})")
+        sums = [o.pop("_checksum", None) for o in outs]
+        m = outs[0]
+        if sums[0] is not None:  # replicated ranks must hold identical parameters: 0.0 or something is wrong
+            m["dist/param_sync_err"] = max(float((s - sums[0]).abs().max()) for s in sums)
+        return m
+
+    def gradient(self, fb: FlatBatch, old_logp: list[list[float]], resp_idx: list[int], cfg: Config) -> dict[str, torch.Tensor]:
+        """The summed gradient of one mini-batch, whole (for checks against the single-process gradient)."""
+        return self._all("gradient", ray.put(fb), ray.put(old_logp), resp_idx, cfg, what="gradient")[0]
+
+    def push_weights(self, engine: Any, version: int) -> None:
+        refs, n = self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what="publishing weights")[0]
+        if hasattr(engine, "load_weight_refs"):  # Ray workers fetch the chunks themselves
+            engine.load_weight_refs(refs, n, version)
+        else:  # an engine in the driver process
+            sd: dict[str, torch.Tensor] = {}
+            for ref in refs:
+                sd.update(ray.get(ref, timeout=self.timeout_s))
+            engine.load_weights(sd, version)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's tensors, gathered in this process (tests, small models)."""
+        refs, _ = self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what="gathering weights")[0]
+        sd: dict[str, torch.Tensor] = {}
+        for ref in refs:
+            sd.update(ray.get(ref, timeout=self.timeout_s))
+        return sd
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._all("state_dict", what="gathering optimiser state")[0]
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        keep = ray.put({k: st[k] for k in ("optimizer", "scheduler", "bad_in_a_row")})
+        self._all("load_state_dict", keep, what="restoring optimiser state")
+
+    def save_pretrained(self, path: Any, safe_serialization: bool = True) -> None:
+        self._all("save_pretrained", str(path), what="saving the model")
+
+    def close(self) -> None:
+        try:
+            wait_all([a.close.remote() for a in self.actors], self.names, 30.0, "closing trainer ranks")
+        except Exception:  # noqa: BLE001  a dead rank cannot close; kill below either way
+            pass
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors = []

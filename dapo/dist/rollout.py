@@ -1,0 +1,224 @@
+"""Rollout on Ray: N workers, each owning an engine on its own copy of the model.
+
+``RayEngine`` is a ``RolloutEngine``: ``generate`` cuts the prompts into N contiguous slices (a
+prompt's G samples are drawn by one worker, so groups stay whole), runs the slices in parallel and
+concatenates the completions in prompt order. Every sample is seeded from its prompt's seed, so the
+result does not depend on N.
+
+Weights travel as chunks of about ``dist.weight_chunk_mb`` through the Ray object store: the sender
+holds one chunk at a time in its own memory, each worker copies one chunk at a time into its model,
+and the new version is stamped only when every tensor has arrived, so ``Completion.weight_version``
+proves which weights sampled it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from dapo.config import Config
+from dapo.dist.cluster import Cluster, DistError, actor_death_reason, wait_all, where
+from dapo.rollout.base import Completion, SamplingParams
+
+ChunkRefs = list  # list[ray.ObjectRef], each a dict[str, Tensor] of about dist.weight_chunk_mb
+
+
+def put_chunks(tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int) -> tuple[ChunkRefs, int]:
+    """Put (name, tensor) pairs into the object store in chunks; returns (chunk refs, tensor count).
+
+    ``tensors`` may be a generator (e.g. FSDP parameters gathered one by one): at most one chunk is
+    held in this process at a time.
+    """
+    refs, chunk, size, n = [], {}, 0, 0
+    for name, t in tensors:
+        chunk[name] = t.detach().cpu()
+        size += t.numel() * t.element_size()
+        n += 1
+        if size >= chunk_bytes:
+            refs.append(ray.put(chunk))
+            chunk, size = {}, 0
+    if chunk:
+        refs.append(ray.put(chunk))
+    return refs, n
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of ``parts`` contiguous slices of range(n), sizes differing by at most one."""
+    q, r = divmod(n, parts)
+    bounds, s = [], 0
+    for k in range(parts):
+        e = s + q + (k < r)
+        bounds.append((s, e))
+        s = e
+    return bounds
+
+
+class RolloutWorker:
+    """A Ray actor owning one rollout engine (HF or vLLM) on its own copy of the model."""
+
+    def __init__(self, cfg: Config, path: str, pad_id: int, eos: list[int], use_gpu: bool):
+        device = torch.device("cuda" if use_gpu else "cpu")  # Ray shows the actor only its own GPU
+        if cfg.rollout.engine == "vllm":
+            from dapo.rollout.vllm import VLLMEngine
+
+            self.engine: Any = VLLMEngine(path, pad_id, eos, cfg)
+        else:
+            from dapo.rollout.hf import HFEngine
+            from dapo.trainer.setup import load_model
+
+            model = load_model(cfg, path, device).eval().requires_grad_(False)
+            self.engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.engine.weight_version}
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Completion]:
+        return self.engine.generate(prompts, params, seeds)
+
+    def load_weights(self, refs: ChunkRefs, n_tensors: int, version: int) -> int:
+        """Copy the chunks in one at a time; stamp ``version`` only if all ``n_tensors`` arrived and, for an
+        HF engine, they named every tensor of the model and nothing else."""
+        own = set(self.engine.model.state_dict()) if hasattr(self.engine, "model") else None
+        seen: set[str] = set()
+        for ref in refs:
+            chunk = ray.get(ref)
+            if own is not None and not own.issuperset(chunk):
+                raise DistError(f"weights v{version}: unknown tensors {sorted(set(chunk) - own)[:5]}")
+            self.engine.load_weights(chunk, self.engine.weight_version)  # keep the old version until the end
+            seen.update(chunk)
+            del chunk
+        missing = sorted(own - seen) if own is not None else []
+        if len(seen) != n_tensors or missing:
+            raise DistError(f"weights v{version}: {len(seen)} of {n_tensors} tensors arrived, missing {missing[:5]}; "
+                            f"keeping v{self.engine.weight_version}")
+        self.engine.weight_version = int(version)
+        return self.engine.weight_version
+
+    def set_version(self, version: int) -> None:
+        """After a resume the model loaded from the checkpoint already is this version."""
+        self.engine.weight_version = int(version)
+
+
+class RayEngine:
+    """The ``RolloutEngine`` interface over N Ray rollout workers.
+
+    A worker that dies is reported with a ``DistError`` naming it, or, while ``dist.worker_restarts``
+    lasts, replaced by a new one that first loads the latest weights; the lost slice is then sampled
+    again with the same seeds, so the rollout is unchanged. No call waits longer than ``dist.timeout_s``.
+    """
+
+    def __init__(self, cfg: Config, path: str, pad_id: int, eos: Sequence[int], cluster: Cluster,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.path, self.pad_id, self.eos, self.cluster, self.log = cfg, path, pad_id, list(eos), cluster, log
+        self.n = cfg.dist.rollout_workers
+        self.timeout_s = cfg.dist.timeout_s
+        self.chunk_bytes = cfg.dist.weight_chunk_mb << 20
+        self.restarts_left = cfg.dist.worker_restarts
+        self.restarts = 0
+        self._version = 0
+        self._latest: tuple[ChunkRefs, int] | None = None  # kept only when workers may be replaced
+        self.workers = [self._spawn(k) for k in range(self.n)]
+        self.where = [where(i) for i in wait_all([w.info.remote() for w in self.workers], self.names(),
+                                                  self.timeout_s, "starting rollout workers")]
+
+    def names(self, ks: Iterable[int] | None = None) -> list[str]:
+        return [f"rollout worker {k} of {self.n}" for k in (range(self.n) if ks is None else ks)]
+
+    def _spawn(self, k: int) -> Any:
+        actor = ray.remote(RolloutWorker).options(**self.cluster.options(k), max_restarts=0)
+        return actor.remote(self.cfg, self.path, self.pad_id, self.eos, self.cluster.use_gpu)
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @weight_version.setter
+    def weight_version(self, version: int) -> None:
+        wait_all([w.set_version.remote(version) for w in self.workers], self.names(), self.timeout_s, "setting the weight version")
+        self._version = int(version)
+
+    # -------------------------------------------------------------------------------------------- calls
+
+    def _replace(self, k: int, cause: str) -> None:
+        """A new worker k with the latest weights, or a DistError if no restarts are left."""
+        if self.restarts_left <= 0:
+            raise DistError(
+                f"rollout worker {k} of {self.n} ({self.where[k]}) died: {cause}. Set dist.worker_restarts=N "
+                f"to replace dead workers with the latest weights, or check the worker's log (ray logs)."
+            )
+        self.restarts_left -= 1
+        self.restarts += 1
+        try:
+            ray.kill(self.workers[k])
+        except Exception:  # noqa: BLE001  already gone
+            pass
+        self.workers[k] = self._spawn(k)
+        w = self.workers[k]
+        if self._latest is not None:
+            ready = w.load_weights.remote(*self._latest, self._version)
+        else:  # no update yet: the weights at model.path are the current ones
+            ready = w.set_version.remote(self._version)
+        wait_all([ready], self.names([k]), self.timeout_s, f"replacing rollout worker {k}")
+        self.where[k] = where(ray.get(w.info.remote(), timeout=self.timeout_s))
+        print(f"dapo: rollout worker {k} of {self.n} died ({cause}); replaced it with weights "
+              f"v{self._version} ({self.restarts_left} restarts left)", file=sys.stderr)
+
+    def _run(self, call: Callable[[Any, int], Any], ks: Sequence[int], what: str) -> dict[int, Any]:
+        """``call(worker, k)`` on workers ``ks`` in parallel; dead workers are replaced and retried (or reported)."""
+        pending = {call(self.workers[k], k): k for k in ks}
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise DistError(f"{what}: no answer from {', '.join(self.names(sorted(pending.values())))} within "
+                                f"{self.timeout_s:g}s (dist.timeout_s)")
+            for ref in ready:
+                k = pending.pop(ref)
+                try:
+                    out[k] = ray.get(ref)
+                except RayActorError as e:
+                    self._replace(k, f"{what}: {actor_death_reason(e)}")
+                    pending[call(self.workers[k], k)] = k
+        return out
+
+    # -------------------------------------------------------------------------------------------- RolloutEngine
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
+        bounds = split_evenly(len(prompts), self.n)
+        ks = [k for k, (s, e) in enumerate(bounds) if e > s]
+        res = self._run(lambda w, k: w.generate.remote([list(p) for p in prompts[bounds[k][0] : bounds[k][1]]], params,
+                                                       list(seeds[bounds[k][0] : bounds[k][1]])), ks, "generate")
+        out: list[Completion] = []
+        for k in ks:
+            for c in res[k]:
+                c.prompt_index += bounds[k][0]
+                out.append(c)
+        return out
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """From a trainer in this process: chunk the state dict into the object store, then sync."""
+        refs, n = put_chunks(state_dict.items(), self.chunk_bytes)
+        self.load_weight_refs(refs, n, version)
+
+    def load_weight_refs(self, refs: ChunkRefs, n_tensors: int, version: int) -> None:
+        """Every worker loads the chunks (already in the object store) and stamps ``version``."""
+        self._latest = (refs, n_tensors) if self.restarts_left > 0 else None  # a replacement worker loads these
+        self._version = int(version)
+        self._run(lambda w, k: w.load_weights.remote(refs, n_tensors, version), range(self.n), f"weight sync v{version}")
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001  already gone
+                pass
+        self.workers = []
+        self._latest = None
+

@@ -1,0 +1,216 @@
+"""Scaling out on a real local Ray cluster (127.0.0.1 only): 2 rollout workers and 2 trainer ranks
+(gloo, CPU) train the tiny-model task; ranks stay in step, their summed gradient is the single-process
+gradient, workers sample with the latest weights, and a killed worker is replaced or reported.
+
+One cluster and one 2+2 run serve the module (actors take seconds each to start on a small machine);
+the FSDP2 ranks and the colocated run with a resume are marked slow (pytest -m slow).
+"""
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from conftest import TINY_RUN  # noqa: E402
+from dapo.algo import group_advantages  # noqa: E402
+from dapo.config import ConfigError, load_config  # noqa: E402
+from dapo.dist import Cluster, DistError, RankGroup, split_evenly, start_local_ray  # noqa: E402
+from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
+from dapo.trainer.loop import train  # noqa: E402
+from dapo.trainer.policy import ResponseLogprobs  # noqa: E402
+from dapo.trainer.setup import build_parts, load_model, resolve_run_dir  # noqa: E402
+from dapo.trainer.update import DataParallel, FlatBatch, compute_old_logp, minibatch_backward  # noqa: E402
+
+STEPS = 3
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18]]
+
+
+def _cfg(tiny_model_dir, out_dir, name, *extra):
+    return load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", f"log.out_dir={out_dir}",
+                                  f"log.run_name={name}", "algo.filter_metric=reward", "optim.lr=1e-2",
+                                  "dist.timeout_s=120", *extra])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    assert not ray.is_initialized()
+    start_local_ray(num_cpus=8)  # logical CPUs: room for the run's 4 actors and 2 more
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run(cluster, tiny_model_dir, tmp_path_factory):
+    """A 3-step 2+2 run whose workers and ranks stay up for the tests below (closed at the end)."""
+    cfg = _cfg(tiny_model_dir, tmp_path_factory.mktemp("dist"), "r", f"optim.steps={STEPS}",
+               "dist.rollout_workers=2", "dist.trainer_ranks=2", "dist.worker_restarts=1")
+    parts = build_parts(cfg, *resolve_run_dir(cfg))
+    history = []
+    try:
+        result = train(cfg, on_step=lambda step, m: history.append(dict(m)), parts=parts)
+        yield SimpleNamespace(cfg=cfg, parts=parts, result=result, history=history)
+    finally:
+        parts.close()
+
+
+def _batch(engine, cfg, n_prompts=4):
+    """A real rollout from ``engine`` laid out as the update reads it; one response masked out."""
+    G = cfg.rollout.group_size
+    comps = engine.generate(PROMPTS[:n_prompts], SamplingParams(n=G, max_new_tokens=8), [101 + i for i in range(n_prompts)])
+    rewards = torch.tensor([1.0 if (len(c.token_ids) + k) % 3 else -1.0 for k, c in enumerate(comps)])
+    keep = torch.ones(len(comps))
+    keep[1] = 0.0
+    return comps, FlatBatch([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps],
+                            [c.logprobs for c in comps], [True] * len(comps), group_advantages(rewards, G), keep)
+
+
+def _local(cfg, tiny_model_dir, state):
+    """The single-process side: the same weights in this process, rank 0 of 1."""
+    from dapo.trainer.setup import make_optimizer
+
+    model = load_model(cfg, str(tiny_model_dir), torch.device("cpu"))
+    model.load_state_dict(state)
+    opt, sched = make_optimizer(cfg, model)
+    return SimpleNamespace(model=model, policy=ResponseLogprobs(model), optimizer=opt, scheduler=sched, ref_model=None,
+                           pad_id=0, device=torch.device("cpu"), bad_in_a_row=0, dp=DataParallel())
+
+
+def test_cluster_binds_to_loopback_and_splits_prompts_evenly(cluster):
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert split_evenly(5, 2) == [(0, 3), (3, 5)] and split_evenly(1, 3) == [(0, 1), (1, 1), (1, 1)]
+
+
+def test_ranks_stay_identical_and_workers_use_the_latest_weights(run, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    assert len(run.history) == STEPS
+    pushes = 0
+    for step, m in enumerate(run.history, 1):
+        assert m["batch/groups"] > 0, f"step {step} trained on nothing"
+        assert m["dist/param_sync_err"] == 0.0, (step, m["dist/param_sync_err"])  # bit-identical replicas
+        assert m["rollout/weight_version"] == pushes, step  # sampled by the weights of the previous update
+        pushes += 1
+    engine = run.parts.engine
+    assert engine.weight_version == pushes
+    assert [ray.get(w.info.remote())["version"] for w in engine.workers] == [pushes, pushes]
+    # the workers hold exactly the trained weights: an in-process engine on them samples the same tokens
+    state = run.parts.learner.full_state_dict()
+    local = _local(run.cfg, tiny_model_dir, state).model
+    params = SamplingParams(n=4, max_new_tokens=8)
+    seeds = [7, 8, 9, 10, 11]
+    remote = engine.generate(PROMPTS, params, seeds)
+    here = HFEngine(local, 0, [1]).generate(PROMPTS, params, seeds)
+    assert [c.token_ids for c in remote] == [c.token_ids for c in here]
+    assert {c.weight_version for c in remote} == {pushes}
+    # training moved the weights, and rank 0 wrote them as the final checkpoint
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert sum(not torch.equal(base[k], state[k]) for k in base) > len(base) // 2
+    saved = load_file(str(run.result.run_dir / f"step_{STEPS}" / "model.safetensors"))
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+    assert "accuracy" in run.result.after
+
+
+def test_two_rank_gradient_equals_single_process_gradient(run, tiny_model_dir):
+    cfg = run.cfg
+    local = _local(cfg, tiny_model_dir, run.parts.learner.full_state_dict())
+    _, fb = _batch(run.parts.engine, cfg)
+    old = compute_old_logp(local, fb, cfg)
+    old_dist = run.parts.learner.old_logp(fb, cfg)
+    assert max(abs(a - b) for x, y in zip(old, old_dist) for a, b in zip(x, y)) < 1e-5
+    idx = list(range(len(fb.responses)))  # one optimiser step over every response: 8 per rank
+    g_dist = run.parts.learner.gradient(fb, old, idx, cfg)
+    minibatch_backward(local, fb, old, idx, cfg)
+    g_one = {n: p.grad for n, p in local.model.named_parameters() if p.grad is not None}
+    assert g_dist.keys() == g_one.keys() and len(g_one) > 10
+    for k in g_one:
+        torch.testing.assert_close(g_dist[k], g_one[k], atol=1e-5, rtol=0)
+    assert max(g.abs().max() for g in g_one.values()) > 1e-3  # a real gradient, not zeros on both sides
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, "unused", "fsdp", "dist.trainer_ranks=2", "dist.fsdp=true", "optim.micro_batch_size=3")
+    cl = Cluster(cfg.dist)
+    ranks = RankGroup(cfg, str(tiny_model_dir), 0, cl)
+    try:
+        local = _local(cfg, tiny_model_dir, ranks.full_state_dict())
+        _, fb = _batch(run.parts.engine, cfg)
+        old = compute_old_logp(local, fb, cfg)
+        idx = list(range(len(fb.responses)))
+        g_dist = ranks.gradient(fb, old, idx, cfg)
+        minibatch_backward(local, fb, old, idx, cfg)
+        for n, p in local.model.named_parameters():
+            torch.testing.assert_close(g_dist[n], p.grad, atol=1e-5, rtol=0)
+        # a whole update (2 optimiser steps, sharded AdamW state) lands on the same weights
+        from dapo.trainer.update import update_policy
+
+        local.optimizer.zero_grad(set_to_none=True)
+        m_one = update_policy(local, fb, old, cfg, step=1)
+        m_dist = ranks.update(fb, old, cfg, step=1)
+        assert m_dist["actor/updates"] == m_one["actor/updates"] == 2
+        assert m_dist["actor/loss_tokens"] == m_one["actor/loss_tokens"]
+        sharded = ranks.full_state_dict()
+        for k, v in local.model.state_dict().items():  # AdamW divides by sqrt(v): where a gradient is ~0,
+            torch.testing.assert_close(sharded[k], v, atol=1e-2 * cfg.optim.lr, rtol=0)  # 1e-8 noise moves ~lr
+    finally:
+        ranks.close()
+        cl.close()
+
+
+def test_killed_rollout_worker_is_replaced_then_reported(run):
+    """Runs last on the module's run: it kills its workers."""
+    engine = run.parts.engine
+    params = SamplingParams(n=4, max_new_tokens=8)
+    want = engine.generate(PROMPTS, params, [1, 2, 3, 4, 5])
+    os.kill(ray.get(engine.workers[1].info.remote())["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    got = engine.generate(PROMPTS, params, [1, 2, 3, 4, 5])  # worker 1 replaced, with the latest weights
+    assert time.monotonic() - t0 < 90 and engine.restarts == 1
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert {c.weight_version for c in got} == {engine.weight_version}
+    os.kill(ray.get(engine.workers[0].info.remote())["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(DistError, match=r"rollout worker 0 of 2 .*died.*dist.worker_restarts"):
+        engine.generate(PROMPTS, params, [1, 2, 3, 4, 5])  # no restarts left: a clear error, not a hang
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_colocated_run_resumes_with_optimizer_state_and_weight_version(cluster, tiny_model_dir, tmp_path):
+    common = ["dist.rollout_workers=2", "dist.trainer_ranks=2", "dist.colocate=true", "ckpt.every=1"]
+    first = train(_cfg(tiny_model_dir, tmp_path, "c", "optim.steps=2", *common))
+    assert first.steps == 2 and (tmp_path / "c" / "step_2" / "trainer_state.pt").exists()
+    hist = []
+    more = train(_cfg(tiny_model_dir, tmp_path, "c", "optim.steps=3", f"ckpt.resume={tmp_path / 'c'}", *common),
+                 on_step=lambda s, m: hist.append(m))
+    assert more.steps == 3 and len(hist) == 1
+    assert hist[0]["rollout/weight_version"] == 2 and hist[0]["dist/param_sync_err"] == 0.0
+
+
+def test_dist_settings_that_cannot_apply_are_rejected():
+    with pytest.raises(ConfigError, match="dist.fsdp"):
+        load_config(overrides=["dist.fsdp=true"])
+    with pytest.raises(ConfigError, match="dist.colocate"):
+        load_config(overrides=["dist.colocate=true", "dist.rollout_workers=2"])
+    with pytest.raises(ConfigError, match="dist.timeout_s"):
+        load_config(overrides=["dist.timeout_s=0"])
+
+
+def test_vllm_engine_without_vllm_says_how_to_get_it(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    from dapo.cli import main as cli_main
+    from dapo.rollout.vllm import VLLMEngine
+
+    with pytest.raises(ImportError, match="pip install vllm"):
+        VLLMEngine(str(tiny_model_dir), 0, [1], load_config())
+    rc = cli_main(["train", "--model", str(tiny_model_dir), f"log.out_dir={tmp_path}", "rollout.engine=vllm", *TINY_RUN])
+    assert rc == 2 and "rollout.engine=vllm needs vLLM" in capsys.readouterr().err
