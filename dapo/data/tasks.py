@@ -56,12 +56,6 @@ class Task(ABC):
 # addition: the default demo task
 
 
-def _operand(rng: random.Random, max_digits: int) -> int:
-    """A number with 1..max_digits digits, the digit count uniform (so short sums are common)."""
-    n = rng.randint(1, max_digits)
-    return rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1)
-
-
 def worked_sum(a: int, b: int) -> str:
     """Column addition of non-negative a and b, least significant column first, then ':' and the sum.
 
@@ -88,14 +82,17 @@ def answer_after_colon(response: str) -> str | None:
 
 
 class Addition(Task):
-    """``357+68=`` -> ``15,12,04:425``: a sum of two 1-3 digit numbers with a column-by-column worked answer.
+    """``357+68=`` -> ``15,12,04:425``: a sum of two numbers below 10**max_digits, worked column by column.
 
-    The reward reads only the text after the last ':', so the model is free to get the columns wrong;
-    the worked columns are what make the sum learnable for a 1M-parameter model.
+    Operands are uniform over 0..999 (so 1-3 digits, mostly 3). The reward reads only the text after
+    the last ':', so the model is free to get the columns wrong; the worked columns are what make the
+    sum learnable for a 1M-parameter model. Uniform values rather than uniform digit counts: with
+    mostly 3+3-digit prompts the columns line up the same way in most examples, and the warm-up learns
+    much faster (sampled accuracy at step 250, each on its own held-out prompts: 32% vs 9%).
     """
 
     name = "addition"
-    description = "a+b with 1-3 digit operands; worked answer: carry+digit per column, then ':' and the sum"
+    description = "a+b with operands 0-999; worked answer: carry+digit per column, then ':' and the sum"
 
     def __init__(self, max_digits: int = 3):
         self.max_digits = max_digits
@@ -103,7 +100,7 @@ class Addition(Task):
         self.max_response_len = 3 * max_digits - 1 + 1 + max_digits + 1
 
     def make_example(self, rng: random.Random) -> Example:
-        a, b = _operand(rng, self.max_digits), _operand(rng, self.max_digits)
+        a, b = rng.randrange(10**self.max_digits), rng.randrange(10**self.max_digits)
         return Example(prompt=f"{a}+{b}=", answer=str(a + b), data_source=self.name, fields={"a": a, "b": b})
 
     def score(self, response: str, answer: str) -> tuple[float, bool]:

@@ -1,0 +1,175 @@
+"""The supervised warm-up and the cached demo base model, on tiny settings (seconds, not minutes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+
+from dapo.data.charvocab import make_char_tokenizer
+from dapo.data.example import Example
+from dapo.data.tasks import TrainStream, get_task
+from dapo.trainer.sft import (
+    IGNORE_INDEX,
+    SFTSettings,
+    accuracy,
+    base_model_dir,
+    build_tiny_model,
+    prepare_base_model,
+    sft,
+    sft_batch,
+    sft_loss,
+    sft_main,
+)
+
+ADD = get_task("addition")
+TINY = dict(layers=1, hidden=32, heads=2, ffn=64, max_pos=32)
+TINY_SETTINGS = SFTSettings(**TINY, batch=16, max_steps=3, target_accuracy=None, n_probe=8)
+THREADS = 1  # tiny models: a second thread only adds synchronisation (and spins on a busy machine)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_char_tokenizer()
+
+
+def _tiny_model(tok, seed=0):
+    return build_tiny_model(len(tok), tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, **TINY, seed=seed)
+
+
+def test_build_tiny_model_default_size_and_tied(tok):
+    m = build_tiny_model(len(tok), tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    assert isinstance(m, Qwen2ForCausalLM)
+    V, h, f, L = len(tok), 128, 512, 4
+    # embedding (tied with the head) + per layer: q,k,v,o weights, q,k,v biases, MLP, 2 norms + final norm
+    expected = V * h + L * (4 * h * h + 3 * h + 3 * h * f + 2 * h) + h
+    assert sum(p.numel() for p in m.parameters()) == expected == 1_064_064
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert m.config.eos_token_id == tok.eos_token_id and m.config.pad_token_id == tok.pad_token_id
+
+
+def test_build_tiny_model_seeded_and_leaves_global_rng(tok):
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = _tiny_model(tok, 0), _tiny_model(tok, 0), _tiny_model(tok, 1)
+    assert torch.rand(1) == before  # model init used a forked RNG
+    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), n
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_sft_batch_labels_only_response(tok):
+    exs = [Example("357+68=", "425"), Example("9+1=", "10")]
+    ids, labels = sft_batch(tok, ADD, exs)
+    assert ids.shape == labels.shape == (2, len("357+68=15,12,04:425") + 1)
+    assert tok.decode(ids[0]) == "357+68=15,12,04:425<eos>"
+    assert tok.decode(ids[1]) == "9+1=10:10<eos>" + "<pad>" * 10  # right padding
+    assert (labels[0, :7] == IGNORE_INDEX).all() and (labels[1, :4] == IGNORE_INDEX).all()
+    assert tok.decode(labels[0, 7:]) == "15,12,04:425<eos>"
+    assert tok.decode(labels[1, 4:10]) == "10:10<eos>"
+    assert (labels[1, 10:] == IGNORE_INDEX).all()
+
+
+def test_short_sft_lowers_loss(tok):
+    fixed = sft_batch(tok, ADD, TrainStream(ADD, seed=99).take(64))
+    m = _tiny_model(tok)
+    with torch.no_grad():
+        before = sft_loss(m, *fixed).item()
+    r = sft(m, tok, ADD, max_steps=30, lr=3e-3, batch=32, seed=0, n_probe=8, num_threads=THREADS,
+            log=lambda s: None)
+    with torch.no_grad():
+        after = sft_loss(m, *fixed).item()
+    assert after < before - 1.0, (before, after)  # ln(100) ~ 4.6 at init; the format alone is learnt fast
+    assert r.steps == 30 and r.stopped == "max_steps" and 0.0 <= r.sampled_accuracy <= 1.0
+
+
+def test_sft_stops_on_target(tok):
+    m = _tiny_model(tok)
+    r = sft(m, tok, ADD, max_steps=50, target_accuracy=0.0, min_steps=4, eval_every=2, batch=8, n_probe=8,
+            num_threads=THREADS, log=lambda s: None)
+    assert r.stopped == "target" and r.steps == 4 and len(r.history) == 1
+
+
+def test_accuracy_untrained_and_reproducible(tok):
+    m = _tiny_model(tok)
+    exs = TrainStream(ADD, seed=5).take(16)
+    assert accuracy(m, tok, ADD, exs, seed=0, greedy=True) == 0.0  # an untrained model cannot add
+    a = accuracy(m, tok, ADD, exs, seed=3)
+    assert 0.0 <= a <= 1.0 and accuracy(m, tok, ADD, exs, seed=3) == a
+
+
+def test_prepare_base_model_writes_loadable_dir_and_caches(tok, tmp_path):
+    lines: list[str] = []
+    kw = dict(cache_dir=tmp_path, settings=TINY_SETTINGS, num_threads=THREADS)
+    path = prepare_base_model("addition", **kw, log=lines.append)
+    assert path == base_model_dir("addition", TINY_SETTINGS, tmp_path) and path.parent.parent == tmp_path
+    meta = json.loads((path / "sft.json").read_text())
+    assert meta["steps"] == 3 and meta["seed"] == 0 and meta["task"] == "addition"
+    assert {"seconds", "sampled_accuracy", "greedy_accuracy"} <= set(meta)
+    assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary directory left behind
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    loaded_tok = AutoTokenizer.from_pretrained(path)
+    assert isinstance(model, Qwen2ForCausalLM) and model.config.num_hidden_layers == 1
+    assert loaded_tok.decode(loaded_tok("12+3=")["input_ids"]) == "12+3="
+
+    # the second call is a cache hit: nothing retrained, the files untouched
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    lines.clear()
+    assert prepare_base_model("addition", **kw, log=lines.append) == path
+    assert lines and "cached" in lines[0] and (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # other settings, another directory; force rebuilds in place, deterministically
+    other = prepare_base_model("addition", cache_dir=tmp_path, log=lambda s: None, num_threads=THREADS,
+                               settings=SFTSettings(**{**TINY_SETTINGS.__dict__, "seed": 1}))
+    assert other != path
+    weights = load_file(path / "model.safetensors")
+    assert prepare_base_model("addition", **kw, force=True, log=lambda s: None) == path
+    rebuilt = load_file(path / "model.safetensors")
+    assert weights.keys() == rebuilt.keys() and all(torch.equal(weights[k], rebuilt[k]) for k in weights)
+
+
+def test_prepare_base_model_never_trusts_a_partial_dir(tmp_path):
+    path = base_model_dir("addition", TINY_SETTINGS, tmp_path)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{half written")  # what a killed non-atomic writer would leave
+    kw = dict(cache_dir=tmp_path, settings=TINY_SETTINGS, num_threads=THREADS)
+    assert prepare_base_model("addition", **kw, log=lambda s: None) == path
+    assert (path / "sft.json").is_file()
+    AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_prepare_base_model_interrupted_leaves_nothing(tmp_path):
+    def kill(line: str) -> None:
+        if line.startswith("sft done"):
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C at the end of training
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare_base_model("addition", cache_dir=tmp_path, settings=TINY_SETTINGS, num_threads=THREADS,
+                           log=kill)
+    assert not base_model_dir("addition", TINY_SETTINGS, tmp_path).exists()
+
+
+def test_unknown_task_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="addition"):
+        prepare_base_model("nope", cache_dir=tmp_path)
+
+
+def test_sft_main_writes_out_dir(tmp_path, capsys):
+    out = tmp_path / "base"
+    path = sft_main(["--out", str(out), "--max-steps", "2", "--target-acc", "0", "--n-probe", "4",
+                     "--threads", "1"])
+    assert path == out and json.loads((out / "sft.json").read_text())["steps"] == 2
+    assert str(out) in capsys.readouterr().out
