@@ -32,7 +32,7 @@ PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18]]
 def _cfg(tiny_model_dir, out_dir, name, *extra):
     return load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", f"log.out_dir={out_dir}",
                                   f"log.run_name={name}", "algo.filter_metric=reward", "optim.lr=1e-2",
-                                  "dist.timeout_s=120", *extra])
+                                  "dist.timeout_s=600", *extra])
 
 
 @pytest.fixture(scope="module")

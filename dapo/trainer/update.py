@@ -229,8 +229,7 @@ def minibatch_backward(
     denominator counts all of it, so the ranks' gradients sum to the single-process gradient.
     Returns this rank's loss (its partial sum) and token-weighted stat sums.
     """
-    a, o = cfg.algo, cfg.optim
-    model, dp = parts.model, parts.dp
+    a, o, dp = cfg.algo, cfg.optim, parts.dp
     valid = {i: fb.keep[i].item() * len(fb.responses[i]) for i in resp_idx}
     num_tokens = float(sum(valid.values()))
     num_seqs = float(sum(1 for v in valid.values() if v > 0))
