@@ -142,8 +142,8 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    steps: int = 40
-    """RL steps (one rollout batch each)."""
+    steps: int = 120
+    """RL steps (one rollout batch each); the demo's 120 take about two minutes on 2 CPU cores."""
     max_samples: int = 0
     """Also stop once this many responses have been generated (an equal budget across presets); 0 = no limit."""
     train_batch_size: int = 16
