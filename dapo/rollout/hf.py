@@ -191,6 +191,10 @@ class HFEngine:
         logits = out.logits[:, -1][row_prompt]  # (B, V)
         attn, next_pos = attn[row_prompt], pos[row_prompt, -1:] + 1  # (B, L + T), (B, 1)
         attn[:, L:] = 1  # columns of tokens not generated yet are never read: only [:, :L + t + 1] is passed
+        if all(isinstance(x, _BufferedLayer) for x in getattr(past, "layers", ())):
+            # every layer attends to every cached position: hand the model its (b, 1, 1, keys) mask ready-made
+            # rather than have it rebuild a causal 4D mask from the 2D one at every token
+            attn = attn.bool()[:, None, None, :]
 
         tok_bt = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
         lp_bt = torch.zeros((B, T), dtype=torch.float32, device=dev)
@@ -214,7 +218,7 @@ class HFEngine:
                 past.batch_select_indices(keep)
                 live, tok, attn, next_pos = live[keep], tok[keep], attn[keep], next_pos[keep]
                 done = done[keep]
-            out = self.model(input_ids=tok[:, None], attention_mask=attn[:, : L + t + 1], position_ids=next_pos,
+            out = self.model(input_ids=tok[:, None], attention_mask=attn[..., : L + t + 1], position_ids=next_pos,
                              past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
             next_pos = next_pos + 1
