@@ -74,10 +74,10 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         f"log.out_dir={tmp}", "log.run_name=r", "log.progress=none", "log.tensorboard=false",
         "log.samples_every=0", "ckpt.save_final=false", *a.dapo_override,
     ])
-    st: dict[str, Any] = {"t_go": None}
+    st: dict[str, Any] = {"t_go": None, "c_go": None}
 
     def on_step(step: int, m: dict) -> None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         if step < a.warmup:
             return
         if step == a.warmup:
@@ -85,9 +85,11 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         else:
             wall = t - st["t_go"]
             gen, old = m["time/gen"], m.get("time/old_logp", 0.0)
-            pipe.send(wall=wall, gen=gen, old_logp=old, update=wall - gen - old,
-                      tokens=m["response/len_mean"] * a.prompts * a.G, reward=m["rollout/reward"])
+            pipe.send(wall=wall, gen=gen, old_logp=old, update=wall - gen - old, cpu=c - st["c_go"],
+                      tokens=m["response/len_mean"] * a.prompts * a.G, reward=m["rollout/reward"],
+                      truncated=m["response/truncated_frac"])
         st["t_go"] = pipe.wait_go()
+        st["c_go"] = time.process_time()
 
     train(cfg, log_stream=sys.stderr, on_step=on_step)
     pipe.send(error="dapo ran out of steps")
@@ -110,10 +112,13 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
     data = Dataset.from_dict({"prompt": [e.prompt for e in exs], "answer": [e.answer for e in exs]})
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
-    st: dict[str, Any] = {"gen": 0.0, "old_logp": 0.0, "tokens": 0, "reward": 0.0, "t_go": None}
+    st: dict[str, Any] = {"gen": 0.0, "old_logp": 0.0, "tokens": 0, "reward": 0.0, "t_go": None, "c_go": None,
+                          "truncated": 0.0}
+    eos = {tokenizer.eos_token_id}
 
     def reward(completions, answer, completion_ids, **kw):
         st["tokens"] += sum(len(c) for c in completion_ids)
+        st["truncated"] = sum(1 for c in completion_ids if not c or c[-1] not in eos) / len(completion_ids)
         r = [task.score(c, ans)[0] for c, ans in zip(completions, answer)]
         st["reward"] = sum(r) / len(r)  # one call per rollout
         return r
@@ -133,16 +138,17 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % spg:
                 return
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             k = state.global_step // spg  # rollouts done
             if k == a.warmup:
                 pipe.send(ready=True, threads=torch.get_num_threads())
             elif k > a.warmup:
                 wall = t - st["t_go"]
-                pipe.send(wall=wall, gen=st["gen"], old_logp=st["old_logp"],
-                          update=wall - st["gen"] - st["old_logp"], tokens=st["tokens"], reward=st["reward"])
+                pipe.send(wall=wall, gen=st["gen"], old_logp=st["old_logp"], update=wall - st["gen"] - st["old_logp"],
+                          cpu=c - st["c_go"], tokens=st["tokens"], reward=st["reward"], truncated=st["truncated"])
             if k >= a.warmup:
                 st["t_go"] = pipe.wait_go()
+                st["c_go"] = time.process_time()
             st.update(gen=0.0, old_logp=0.0, tokens=0, reward=0.0)
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
@@ -228,7 +234,8 @@ def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
                 r = workers[side].step()
                 res[side].append(r)
                 print(f"[{kind}] step {i + 1} {side}: {r['wall']:.3f}s (gen {r['gen']:.3f}, old_logp "
-                      f"{r['old_logp']:.3f}, update {r['update']:.3f}, {r['tokens']:.0f} tokens)", file=sys.stderr)
+                      f"{r['old_logp']:.3f}, update {r['update']:.3f}, cpu {r['cpu']:.3f}, {r['tokens']:.0f} tokens)",
+                      file=sys.stderr)
     finally:
         for w in workers.values():
             w.close()
@@ -243,11 +250,15 @@ def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
             "tokens_per_step": summary([r["tokens"] for r in rs])["median"],
             "tokens_per_s": summary([r["tokens"] / r["wall"] for r in rs])["median"],
             "gen_tokens_per_s": summary([r["tokens"] / max(r["gen"], 1e-9) for r in rs])["median"],
+            "cpu_s": summary([r["cpu"] for r in rs])["median"],
+            "truncated_frac": summary([r["truncated"] for r in rs])["median"],
+            "reward": summary([r["reward"] for r in rs])["median"],
         }
     out["ratio_median"] = out["dapo"]["step_s"]["median"] / out["trl"]["step_s"]["median"]
     # ratio of each A-B pair: the machine's load changes between pairs more than within one
     pairs = [d["wall"] / t["wall"] for d, t in zip(res["dapo"], res["trl"])]
     out["ratio_pairs"] = summary(pairs)
+    out["ratio_cpu"] = out["dapo"]["cpu_s"] / out["trl"]["cpu_s"]
     return out
 
 
@@ -285,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                              "min": s["step_s"]["min"], "max": s["step_s"]["max"], "gen_s": s["gen_s"],
                              "old_logp_s": s["old_logp_s"], "update_s": s["update_s"],
                              "tokens/step": s["tokens_per_step"], "tokens/s": s["tokens_per_s"],
+                             "trunc": s["truncated_frac"], "cpu_s": s["cpu_s"],
                              "dapo/trl": r["ratio_median"] if side == "dapo" else 1.0})
     shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads")}
     print(f"\nRL step, {a.prompts} prompts x G={a.G}, <= {a.max_new} new tokens, {a.prompts // a.mini} optimiser "
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         p = r["ratio_pairs"]
         print(f"{r['model']}: dapo/trl median {r['ratio_median']:.3f}; per A-B pair median {p['median']:.3f} "
-              f"(min {p['min']:.3f}, max {p['max']:.3f})")
+              f"(min {p['min']:.3f}, max {p['max']:.3f}); process CPU time {r['ratio_cpu']:.3f}")
     emit_json({"bench": "vs_trl", "machine": machine(), "shape": shape, "results": results})
     return 0
 

@@ -1,0 +1,204 @@
+"""How an RL step's cost grows with G, response length and prompt batch; and LM-head memory at a 152k vocabulary.
+
+    python bench/scaling.py                 # all sweeps (~15-30 min on 2 shared cores)
+    python bench/scaling.py --quick         # smaller grid
+    python bench/scaling.py --only vocab    # just the log-prob memory comparison
+
+Sweeps: a Qwen2 of the demo's shape (1.06M parameters, random init) with room for 2048 positions. EOS
+is ignored (the engine gets no stop tokens), so every response is exactly L tokens long and the work
+is known: P prompts x G responses x L tokens. Overlong filtering is off (every response trains; it
+would otherwise mask all of them) and dynamic sampling is off. One RL step = generate, score, old
+log-probs, min(P, 4) optimiser steps, as ``dapo.trainer.loop`` does it (its pieces are driven here so
+the EOS can be switched off). Peak memory is the kernel's peak RSS (VmHWM, reset before each step)
+minus the RSS before the step.
+
+Vocab: log-probs and entropy of B x T response tokens under a model with a 151,936-token vocabulary
+(Qwen2.5's), two ways: dapo's ``response_logprobs`` (response positions only, LM head in chunks of at
+most 128 MiB of logits, recomputed in backward) and the naive way (full ``model(...).logits`` in fp32,
+``log_softmax``, gather, entropy from the full softmax). Peak RSS over the call, for no-grad (old
+log-probs) and forward + backward (the update).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see RESULTS.md
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakRSS, build_char_model, emit_json, machine, set_threads, summary, table  # noqa: E402
+
+SHAPE = dict(layers=4, hidden=128, heads=4, ffn=512, max_pos=2048)
+BASE = dict(P=4, G=8, L=128)
+
+
+# --------------------------------------------------------------------------------------------------
+# RL step sweeps
+
+
+def rl_step_costs(model_path: Path, P: int, G: int, L: int, steps: int, tmp: str) -> dict[str, Any]:
+    import torch
+
+    from dapo.config import load_config
+    from dapo.rollout.base import SamplingParams
+    from dapo.trainer.batch import DynamicSampler, SamplerSettings
+    from dapo.trainer.loop import compute_old_logp, flatten_groups, update_policy
+    from dapo.trainer.setup import build_parts
+
+    mini = max(1, P // 4)
+    cfg = load_config(overrides=[
+        f"model.path={model_path}", "model.device=cpu", f"rollout.group_size={G}", f"rollout.max_new_tokens={L}",
+        f"optim.train_batch_size={P}", f"optim.mini_batch_size={mini}", "optim.micro_batch_size=64",
+        "algo.dynamic_sampling=false", "algo.overlong_filter=false", "algo.soft_overlong=false", "data.eval_size=0",
+        f"log.out_dir={tmp}", f"log.run_name=s-{P}-{G}-{L}", "log.tensorboard=false",
+    ])
+    run_dir = Path(tmp) / f"s-{P}-{G}-{L}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parts = build_parts(cfg, run_dir, None, log=lambda s: None)
+    parts.engine.eos_token_ids = ()  # never stop early: every response is exactly L tokens
+    sampler = DynamicSampler(parts.engine, parts.stream, parts.score_fn, parts.decode, SamplerSettings(
+        group_size=G, train_batch_size=P, gen_batch_size=P, params=SamplingParams(n=G, max_new_tokens=L),
+        dynamic_sampling=False, seed=cfg.seed))
+    rows = []
+    for step in range(1, steps + 2):  # the first is a warm-up
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            groups, m = sampler.collect(step)
+            fb = flatten_groups(groups, cfg, step)
+            t1 = time.perf_counter()
+            old = compute_old_logp(parts, fb, cfg)
+            t2 = time.perf_counter()
+            update_policy(parts, fb, old, cfg, step)
+            parts.engine.load_weights(parts.weights_for_engine(), parts.engine.weight_version + 1)
+            t3 = time.perf_counter()
+        tokens = sum(len(r) for r in fb.responses)
+        assert tokens == P * G * L, (tokens, P * G * L)
+        if step > 1:
+            rows.append({"step_s": t3 - t0, "gen_s": m["time/gen"], "old_logp_s": t2 - t1, "update_s": t3 - t2,
+                         "peak_mb": mem.delta_mb})
+    parts.close()
+    del parts
+    med = {k: summary([r[k] for r in rows])["median"] for k in rows[0]}
+    tokens = P * G * L
+    return {"P": P, "G": G, "L": L, "gen_tokens": tokens, **med, "s_per_1k_tokens": med["step_s"] / tokens * 1000,
+            "gen_tok_per_s": tokens / med["gen_s"], "step_min_s": min(r["step_s"] for r in rows)}
+
+
+def sweeps(a: argparse.Namespace, tmp: str) -> dict[str, list[dict]]:
+    path = build_char_model(Path(tmp) / "model", **SHAPE)
+    grid = {
+        "G": [4, 8, 16] + ([] if a.quick else [32]),
+        "L": [64, 128, 256] + ([] if a.quick else [512, 1024]),
+        "P": [2, 4, 8] + ([] if a.quick else [16]),
+    }
+    out: dict[str, list[dict]] = {}
+    for var, values in grid.items():
+        out[var] = []
+        for v in values:
+            kw = {**BASE, var: v}
+            r = rl_step_costs(path, kw["P"], kw["G"], kw["L"], a.steps, tmp)
+            print(f"[scaling] {var}={v}: {r['step_s']:.2f}s/step, {r['s_per_1k_tokens']:.3f}s per 1k tokens, "
+                  f"peak +{r['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+            out[var].append(r)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# LM-head memory at a large vocabulary
+
+
+def naive_logprobs(model, sb, temperature: float = 1.0):
+    """What dapo does not do: every position's fp32 logits at once, then log_softmax over all of them."""
+    import torch
+
+    T = sb.n_resp
+    pos = (sb.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=sb.input_ids, attention_mask=sb.attention_mask, position_ids=pos).logits.float()  # (B, L, V)
+    logp_all = torch.log_softmax(logits[:, -T - 1 : -1] / temperature, dim=-1)  # (B, T, V)
+    lp = logp_all.gather(-1, sb.input_ids[:, -T:, None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return lp, ent.detach()
+
+
+def vocab_memory(a: argparse.Namespace, tmp: str) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dapo.trainer.policy import make_seq_batch, response_logprobs
+
+    V = 151936
+    path = build_char_model(Path(tmp) / "bigvocab", layers=2, hidden=256, heads=4, ffn=512, max_pos=2048, vocab_size=V)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B, T in ([(4, 128), (4, 256)] if a.quick else [(4, 128), (4, 256), (8, 256)]):
+        Lp = 32
+        prompts = [torch.randint(4, V, (Lp,), generator=g).tolist() for _ in range(B)]
+        resps = [torch.randint(4, V, (T,), generator=g).tolist() for _ in range(B)]
+        sb = make_seq_batch(prompts, resps, 0)
+        full_gb = B * (Lp + T) * V * 4 / 2**30
+        for how in ("dapo", "naive"):
+            for mode in ("no_grad", "fwd_bwd"):
+                model.zero_grad(set_to_none=True)
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    if mode == "no_grad":
+                        with torch.no_grad():
+                            lp, ent = (response_logprobs(model, sb, 1.0, with_entropy=True) if how == "dapo"
+                                       else naive_logprobs(model, sb))
+                    else:
+                        lp, ent = (response_logprobs(model, sb, 1.0, with_entropy=True) if how == "dapo"
+                                   else naive_logprobs(model, sb))
+                        (lp * sb.response_mask).sum().backward()
+                    dt = time.perf_counter() - t0
+                keep = (lp.detach().clone(), ent.clone())
+                del lp, ent
+                rows.append({"B": B, "T": T, "V": V, "method": how, "mode": mode, "peak_mb": mem.delta_mb,
+                             "full_logits_mb": full_gb * 1024, "seconds": dt})
+                if how == "dapo" and mode == "no_grad":
+                    ref = keep
+                elif how == "naive" and mode == "no_grad":  # the two must agree
+                    rows[-1]["max_abs_diff_logp"] = float((keep[0] - ref[0]).abs().max())
+                print(f"[vocab] B={B} T={T} {how} {mode}: peak +{mem.delta_mb:.0f} MB ({dt:.1f}s)",
+                      file=sys.stderr, flush=True)
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller grid")
+    ap.add_argument("--steps", type=int, default=2, help="timed RL steps per configuration (after 1 warm-up)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=["sweeps", "vocab"], help="run one part")
+    a = ap.parse_args(argv)
+    set_threads(a.threads)
+    res: dict[str, Any] = {"bench": "scaling", "machine": machine(), "shape": SHAPE, "base": BASE}
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
+        if a.only in (None, "sweeps"):
+            res["sweeps"] = sweeps(a, tmp)
+            cols = ["P", "G", "L", "gen_tokens", "step_s", "gen_s", "old_logp_s", "update_s", "s_per_1k_tokens",
+                    "gen_tok_per_s", "peak_mb"]
+            for var, rows in res["sweeps"].items():
+                print(f"\nRL step cost as {var} grows ({SHAPE['layers']} layers x {SHAPE['hidden']}, EOS ignored; "
+                      f"median of {a.steps} steps)")
+                print(table(rows, cols))
+        if a.only in (None, "vocab"):
+            res["vocab"] = vocab_memory(a, tmp)
+            print("\nLog-probs + entropy of B x T response tokens at V = 151,936: peak RSS over the call")
+            print(table(res["vocab"], ["B", "T", "method", "mode", "peak_mb", "full_logits_mb", "seconds",
+                                       "max_abs_diff_logp"], nd=1))
+    emit_json(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
