@@ -116,7 +116,7 @@ def test_prepare_base_model_writes_loadable_dir_and_caches(tok, tmp_path):
     assert path == base_model_dir("addition", TINY_SETTINGS, tmp_path) and path.parent.parent == tmp_path
     meta = json.loads((path / "sft.json").read_text())
     assert meta["steps"] == 3 and meta["seed"] == 0 and meta["task"] == "addition"
-    assert {"seconds", "sampled_accuracy", "greedy_accuracy"} <= set(meta)
+    assert {"seconds", "cpu_seconds", "sampled_accuracy", "greedy_accuracy"} <= set(meta)
     assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin"))
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary directory left behind
 

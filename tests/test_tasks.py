@@ -116,6 +116,11 @@ def test_addition_score(response, answer, expected):
     assert ADD.score(response, answer) == expected
 
 
+def test_addition_extract_answer():
+    assert ADD.extract_answer("15,12,04: 425\n") == "425"
+    assert ADD.extract_answer("425") is None
+
+
 def test_addition_examples_are_consistent():
     rng = random.Random(1)
     for _ in range(500):

@@ -51,6 +51,10 @@ class Task(ABC):
     def sft_response(self, example: Example) -> str:
         """The worked response to imitate in the warm-up, without eos."""
 
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer a response commits to (for maj@k and sample logs); None if it gives none."""
+        return answer_after_colon(response)
+
 
 # --------------------------------------------------------------------------------------------------
 # addition: the default demo task

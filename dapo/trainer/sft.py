@@ -170,6 +170,8 @@ class SFTResult:
     """Optimiser steps taken."""
     seconds: float
     """Wall time of the loop, evaluations included."""
+    cpu_seconds: float
+    """CPU time of this process over the loop (all threads): comparable across busy and idle machines."""
     stopped: str
     """'target' (sampled accuracy reached the target) or 'max_steps'."""
     sampled_accuracy: float
@@ -229,7 +231,7 @@ def _sft_loop(model, tokenizer, task, max_steps, target, min_steps, eval_every, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup_steps)))
     history: list[dict] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss_sum, loss_n, step, stopped, sampled = 0.0, 0, 0, "max_steps", None
 
     model.train()
@@ -260,10 +262,12 @@ def _sft_loop(model, tokenizer, task, max_steps, target, min_steps, eval_every, 
         sampled = accuracy(model, tokenizer, task, probe, probe_seed)
     greedy = accuracy(model, tokenizer, task, probe, probe_seed, greedy=True)
     model.train()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     log(f"sft done: {step} steps, {seconds:.0f}s, held-out accuracy sampled {sampled:.3f} greedy {greedy:.3f}"
         f" ({stopped})")
-    return SFTResult(step, seconds, stopped, sampled, greedy, loss.item(), history)
+    if target is not None and stopped != "target":
+        log(f"warning: sampled accuracy {sampled:.3f} never reached the target {target} in {max_steps} steps")
+    return SFTResult(step, seconds, cpu_seconds, stopped, sampled, greedy, loss.item(), history)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,6 +374,8 @@ def build_base_model(
             "task": task_name,
             "steps": res.steps,
             "seconds": round(res.seconds, 2),
+            "cpu_seconds": round(res.cpu_seconds, 2),
+            "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "stopped": res.stopped,
             "sampled_accuracy": res.sampled_accuracy,
             "greedy_accuracy": res.greedy_accuracy,
