@@ -132,9 +132,46 @@ def test_addition_examples_are_consistent():
         assert ADD.score(resp, ex.answer) == (1.0, True)
 
 
+# ---------------------------------------------------------------------------------------------- multisum
+
+MULTI = get_task("multisum")
+
+
+@pytest.mark.parametrize(
+    "prompt, style, response",
+    [
+        ("23+7+481=", "worked", "11,11,05:511"),  # 3+7+1=11, 2+8+1(carry)=11, 4+1(carry)=05
+        ("23+7+481=", "direct", ":511"),
+        ("99+99+99=", "worked", "27,29:297"),  # carries above 1
+        ("999+999+999+999=", "worked", "36,39,39:3996"),
+        ("0+0=", "worked", "00:0"),
+        ("5+5=", None, "10:10"),  # no style recorded: worked
+    ],
+)
+def test_multisum_sft_response(prompt, style, response):
+    fields = {"style": style} if style else {}
+    assert MULTI.sft_response(Example(prompt, "", fields=fields)) == response
+
+
+def test_multisum_examples_mix_styles_and_score():
+    rng = random.Random(2)
+    exs = [MULTI.make_example(rng) for _ in range(400)]
+    styles = [e.fields["style"] for e in exs]
+    assert 120 < styles.count("direct") < 280  # direct_frac 0.5
+    for e in exs:
+        terms = [int(x) for x in e.prompt[:-1].split("+")]
+        assert 2 <= len(terms) <= 4 and e.answer == str(sum(terms)) and e.fields["terms"] == terms
+        resp = MULTI.sft_response(e)
+        assert len(resp) <= MULTI.max_response_len and MULTI.score(resp, e.answer) == (1.0, True)
+        assert resp.startswith(":") == (e.fields["style"] == "direct")
+    assert MULTI.score("11,11,05:512", "511") == (-1.0, False)
+    ev, stream = task_splits("multisum", seed=0, n_eval=64)
+    assert not {e.prompt for e in ev} & {e.prompt for e in stream.take(500)}
+
+
 def test_get_task_error_lists_names():
     assert get_task("addition") is TASKS["addition"]
-    with pytest.raises(ValueError, match="addition"):
+    with pytest.raises(ValueError, match="addition, multisum"):
         get_task("additoin")
 
 

@@ -60,23 +60,27 @@ class Task(ABC):
 # addition: the default demo task
 
 
-def worked_sum(a: int, b: int) -> str:
-    """Column addition of non-negative a and b, least significant column first, then ':' and the sum.
+def worked_sum(*terms: int) -> str:
+    """Column addition of non-negative terms, least significant column first, then ':' and the sum.
 
     Each column is written as two digits, the carry out then the sum digit, columns joined by ','.
+    With up to 10 terms every carry is a single digit.
 
     >>> worked_sum(357, 68)
     '15,12,04:425'
     >>> worked_sum(9, 1)
     '10:10'
+    >>> worked_sum(99, 99, 99)
+    '27,29:297'
     """
-    ra, rb = str(a)[::-1], str(b)[::-1]
+    assert 1 <= len(terms) <= 10 and min(terms) >= 0, terms
+    rev = [str(t)[::-1] for t in terms]
     carry, cols = 0, []
-    for i in range(max(len(ra), len(rb))):
-        s = int(ra[i] if i < len(ra) else 0) + int(rb[i] if i < len(rb) else 0) + carry
+    for i in range(max(len(r) for r in rev)):
+        s = sum(int(r[i]) for r in rev if i < len(r)) + carry
         carry, digit = divmod(s, 10)
         cols.append(f"{carry}{digit}")
-    return ",".join(cols) + ":" + str(a + b)
+    return ",".join(cols) + ":" + str(sum(terms))
 
 
 def answer_after_colon(response: str) -> str | None:
@@ -118,9 +122,54 @@ class Addition(Task):
 
 
 # --------------------------------------------------------------------------------------------------
+# multisum: a task where the length of the reasoning matters
+
+
+class MultiSum(Task):
+    """``23+7+481=`` -> ``:511`` (direct) or ``11,11,05:511`` (worked): sums of several numbers.
+
+    The warm-up imitates both styles, chosen per example (``fields["style"]``, direct with probability
+    ``direct_frac``), so the base model starts by answering either way. A 1M-parameter model cannot
+    add several 3-digit numbers in one step, so direct answers are almost always wrong and worked ones
+    are right part of the time: RL should shift the policy towards longer, worked responses, the
+    demo's small version of reasoning growing longer during RL. Worked responses are 5-13 tokens and
+    direct ones 2-5, so a ``rollout.max_new_tokens`` inside that range makes Soft Overlong Punishment
+    and Overlong Filtering bite. Scoring is as for addition: the text after the last ':'.
+    """
+
+    name = "multisum"
+    description = "sums of 2-4 numbers 0-999; warm-up answers are direct (':511') or worked column by column"
+
+    def __init__(self, min_terms: int = 2, max_terms: int = 4, max_digits: int = 3, direct_frac: float = 0.5):
+        assert 2 <= min_terms <= max_terms <= 10 and 0.0 <= direct_frac <= 1.0
+        self.min_terms, self.max_terms, self.max_digits = min_terms, max_terms, max_digits
+        self.direct_frac = direct_frac
+        sum_digits = len(str(max_terms * (10**max_digits - 1)))
+        self.max_response_len = 3 * max_digits - 1 + 1 + sum_digits
+
+    def make_example(self, rng: random.Random) -> Example:
+        terms = [rng.randrange(10**self.max_digits) for _ in range(rng.randint(self.min_terms, self.max_terms))]
+        style = "direct" if rng.random() < self.direct_frac else "worked"
+        return Example(prompt="+".join(map(str, terms)) + "=", answer=str(sum(terms)), data_source=self.name,
+                       fields={"terms": terms, "style": style})
+
+    def score(self, response: str, answer: str) -> tuple[float, bool]:
+        ok = answer_after_colon(response) == answer.strip()
+        return (1.0, True) if ok else (-1.0, False)
+
+    def sft_response(self, example: Example) -> str:
+        """The worked answer, or ':' and the sum when ``example.fields["style"] == "direct"``."""
+        assert isinstance(example.prompt, str) and example.prompt.endswith("="), example.prompt
+        terms = [int(x) for x in example.prompt[:-1].split("+")]
+        if example.fields.get("style") == "direct":
+            return ":" + str(sum(terms))
+        return worked_sum(*terms)
+
+
+# --------------------------------------------------------------------------------------------------
 # registry
 
-TASKS: dict[str, Task] = {t.name: t for t in (Addition(),)}
+TASKS: dict[str, Task] = {t.name: t for t in (Addition(), MultiSum())}
 """Built-in tasks by name. A new task is one class and one entry here."""
 
 
