@@ -232,7 +232,7 @@ def _sft_loop(model, tokenizer, task, max_steps, target, min_steps, eval_every, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup_steps)))
     history: list[dict] = []
     t0, c0 = time.perf_counter(), time.process_time()
-    loss_sum, loss_n, step, stopped, sampled = 0.0, 0, 0, "max_steps", None
+    loss_sum, loss_n, step, stopped, sampled, last_loss = 0.0, 0, 0, "max_steps", None, float("nan")
 
     model.train()
     for step in range(1, max_steps + 1):
@@ -244,7 +244,8 @@ def _sft_loop(model, tokenizer, task, max_steps, target, min_steps, eval_every, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         sched.step()
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        last_loss = loss.item()
+        loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
 
         if target is not None and step >= min_steps and (step - min_steps) % eval_every == 0:
             sampled = accuracy(model, tokenizer, task, probe, probe_seed)
@@ -267,7 +268,7 @@ def _sft_loop(model, tokenizer, task, max_steps, target, min_steps, eval_every, 
         f" ({stopped})")
     if target is not None and stopped != "target":
         log(f"warning: sampled accuracy {sampled:.3f} never reached the target {target} in {max_steps} steps")
-    return SFTResult(step, seconds, cpu_seconds, stopped, sampled, greedy, loss.item(), history)
+    return SFTResult(step, seconds, cpu_seconds, stopped, sampled, greedy, last_loss, history)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,6 +351,7 @@ def build_base_model(
     """
     out = Path(out_dir)
     if is_complete(out) and not force:
+        log(f"{out} already holds a base model; force=True (--force) rebuilds it")
         return out
     task = get_task(task_name)
     out.parent.mkdir(parents=True, exist_ok=True)
