@@ -203,8 +203,17 @@ def table(rows: list[dict[str, Any]], cols: Sequence[str] | None = None, nd: int
 
 
 def emit_json(obj: dict[str, Any]) -> None:
-    """The script's one JSON line, last on stdout."""
-    print(json.dumps(obj, default=lambda o: round(o, 6) if isinstance(o, float) else str(o)), flush=True)
+    """The script's one JSON line, last on stdout (strict JSON: NaN becomes null)."""
+    def clean(o: Any) -> Any:
+        if isinstance(o, float):
+            return None if o != o or o in (float("inf"), float("-inf")) else o
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    print(json.dumps(clean(obj), default=str, allow_nan=False), flush=True)
 
 
 def set_threads(n: int | None) -> int:

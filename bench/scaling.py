@@ -1,6 +1,6 @@
 """How an RL step's cost grows with G, response length and prompt batch; and LM-head memory at a 152k vocabulary.
 
-    python bench/scaling.py                 # all sweeps (~15-30 min on 2 shared cores)
+    python bench/scaling.py                 # all sweeps and the vocabulary part (~20 min on 2 shared cores)
     python bench/scaling.py --quick         # smaller grid
     python bench/scaling.py --only vocab    # just the log-prob memory comparison
 
@@ -8,20 +8,24 @@ Sweeps: a Qwen2 of the demo's shape (1.06M parameters, random init) with room fo
 is ignored (the engine gets no stop tokens), so every response is exactly L tokens long and the work
 is known: P prompts x G responses x L tokens. Overlong filtering is off (every response trains; it
 would otherwise mask all of them) and dynamic sampling is off. One RL step = generate, score, old
-log-probs, min(P, 4) optimiser steps, as ``dapo.trainer.loop`` does it (its pieces are driven here so
-the EOS can be switched off). Peak memory is the kernel's peak RSS (VmHWM, reset before each step)
-minus the RSS before the step.
+log-probs, min(P, 4) optimiser steps, as ``dapo.trainer.loop`` does it (its pieces, ``parts.learner``
+and the sampler, are driven here so the EOS can be switched off). Each configuration runs in its own
+child process; its peak memory is the kernel's peak RSS (VmHWM, reset after setup) over its steps minus
+the RSS before them. The machine is shared and noisy: CPU seconds (process time) are reported beside
+wall seconds, and the linear fit (cost = a + b x generated tokens) is done on them.
 
 Vocab: log-probs and entropy of B x T response tokens under a model with a 151,936-token vocabulary
 (Qwen2.5's), two ways: dapo's ``response_logprobs`` (response positions only, LM head in chunks of at
-most 128 MiB of logits, recomputed in backward) and the naive way (full ``model(...).logits`` in fp32,
-``log_softmax``, gather, entropy from the full softmax). Peak RSS over the call, for no-grad (old
-log-probs) and forward + backward (the update).
+most 128 MiB of logits, gradient formed chunk by chunk in backward) and the naive way (full
+``model(...).logits`` in fp32, ``log_softmax``, gather, entropy from the full softmax). Peak RSS over
+the call, for no-grad (old log-probs) and forward + backward (the update).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +34,9 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see RESULTS.md
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, build_char_model, emit_json, machine, set_threads, summary, table  # noqa: E402
+from common import (  # noqa: E402
+    PeakRSS, build_char_model, emit_json, machine, peak_rss_mb, reset_peak_rss, rss_mb, set_threads, summary, table,
+)
 
 SHAPE = dict(layers=4, hidden=128, heads=4, ffn=512, max_pos=2048)
 BASE = dict(P=4, G=8, L=128)
@@ -41,12 +47,11 @@ BASE = dict(P=4, G=8, L=128)
 
 
 def rl_step_costs(model_path: Path, P: int, G: int, L: int, steps: int, tmp: str) -> dict[str, Any]:
-    import torch
-
+    """One configuration, in this process: a warm-up step, then ``steps`` timed ones."""
     from dapo.config import load_config
     from dapo.rollout.base import SamplingParams
     from dapo.trainer.batch import DynamicSampler, SamplerSettings
-    from dapo.trainer.loop import compute_old_logp, flatten_groups, update_policy
+    from dapo.trainer.loop import flatten_groups
     from dapo.trainer.setup import build_parts
 
     mini = max(1, P // 4)
@@ -63,32 +68,38 @@ def rl_step_costs(model_path: Path, P: int, G: int, L: int, steps: int, tmp: str
     sampler = DynamicSampler(parts.engine, parts.stream, parts.score_fn, parts.decode, SamplerSettings(
         group_size=G, train_batch_size=P, gen_batch_size=P, params=SamplingParams(n=G, max_new_tokens=L),
         dynamic_sampling=False, seed=cfg.seed))
+    import gc
+
+    gc.collect()
+    base_mb = rss_mb()  # model, optimiser state (empty until the first step), engine: before any step
+    reset_peak_rss()
     rows = []
     for step in range(1, steps + 2):  # the first is a warm-up
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            groups, m = sampler.collect(step)
-            fb = flatten_groups(groups, cfg, step)
-            t1 = time.perf_counter()
-            old = compute_old_logp(parts, fb, cfg)
-            t2 = time.perf_counter()
-            update_policy(parts, fb, old, cfg, step)
-            parts.engine.load_weights(parts.weights_for_engine(), parts.engine.weight_version + 1)
-            t3 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        groups, m = sampler.collect(step)
+        fb = flatten_groups(groups, cfg, step)
+        t1 = time.perf_counter()
+        old = parts.learner.old_logp(fb, cfg)
+        t2 = time.perf_counter()
+        parts.learner.update(fb, old, cfg, step)
+        parts.learner.push_weights(parts.engine, parts.engine.weight_version + 1)
+        t3, c3 = time.perf_counter(), time.process_time()
         tokens = sum(len(r) for r in fb.responses)
         assert tokens == P * G * L, (tokens, P * G * L)
         if step > 1:
-            rows.append({"step_s": t3 - t0, "gen_s": m["time/gen"], "old_logp_s": t2 - t1, "update_s": t3 - t2,
-                         "peak_mb": mem.delta_mb})
+            rows.append({"step_s": t3 - t0, "cpu_s": c3 - c0, "gen_s": m["time/gen"], "old_logp_s": t2 - t1,
+                         "update_s": t3 - t2})
+    peak = peak_rss_mb() - base_mb
     parts.close()
-    del parts
     med = {k: summary([r[k] for r in rows])["median"] for k in rows[0]}
     tokens = P * G * L
-    return {"P": P, "G": G, "L": L, "gen_tokens": tokens, **med, "s_per_1k_tokens": med["step_s"] / tokens * 1000,
-            "gen_tok_per_s": tokens / med["gen_s"], "step_min_s": min(r["step_s"] for r in rows)}
+    return {"P": P, "G": G, "L": L, "gen_tokens": tokens, **med, "cpu_ms_per_token": med["cpu_s"] / tokens * 1000,
+            "gen_tok_per_s": tokens / med["gen_s"], "step_min_s": min(r["step_s"] for r in rows),
+            "peak_mb": peak, "peak_kb_per_token": peak * 1024 / tokens}
 
 
 def sweeps(a: argparse.Namespace, tmp: str) -> dict[str, list[dict]]:
+    """Each configuration in a fresh child process, so its peak memory is its own."""
     path = build_char_model(Path(tmp) / "model", **SHAPE)
     grid = {
         "G": [4, 8, 16] + ([] if a.quick else [32]),
@@ -100,11 +111,27 @@ def sweeps(a: argparse.Namespace, tmp: str) -> dict[str, list[dict]]:
         out[var] = []
         for v in values:
             kw = {**BASE, var: v}
-            r = rl_step_costs(path, kw["P"], kw["G"], kw["L"], a.steps, tmp)
-            print(f"[scaling] {var}={v}: {r['step_s']:.2f}s/step, {r['s_per_1k_tokens']:.3f}s per 1k tokens, "
-                  f"peak +{r['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--one", str(kw["P"]), str(kw["G"]), str(kw["L"]), "--model", str(path),
+                   "--steps", str(a.steps), "--threads", str(a.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"[scaling] {var}={v}: {r['step_s']:.2f}s/step ({r['cpu_s']:.2f} CPU-s), "
+                  f"{r['cpu_ms_per_token']:.3f} CPU-ms per token, peak +{r['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
             out[var].append(r)
     return out
+
+
+def linear_fit(rows: list[dict]) -> dict[str, float]:
+    """Least squares cpu_s = a + b * tokens over all configurations, and the worst relative residual."""
+    xs = [r["gen_tokens"] for r in rows]
+    ys = [r["cpu_s"] for r in rows]
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    a0 = my - b * mx
+    worst = max(abs(y - (a0 + b * x)) / y for x, y in zip(xs, ys))
+    return {"intercept_s": a0, "cpu_ms_per_token": b * 1000, "worst_rel_residual": worst, "n": n}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +163,7 @@ def vocab_memory(a: argparse.Namespace, tmp: str) -> list[dict]:
     model.train()
     g = torch.Generator().manual_seed(0)
     rows = []
-    for B, T in ([(4, 128), (4, 256)] if a.quick else [(4, 128), (4, 256), (8, 256)]):
+    for B, T in [(2, 256), (4, 256), (8, 256)] if not a.quick else [(2, 256), (4, 256)]:
         Lp = 32
         prompts = [torch.randint(4, V, (Lp,), generator=g).tolist() for _ in range(B)]
         resps = [torch.randint(4, V, (T,), generator=g).tolist() for _ in range(B)]
@@ -176,21 +203,32 @@ def vocab_memory(a: argparse.Namespace, tmp: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller grid")
-    ap.add_argument("--steps", type=int, default=2, help="timed RL steps per configuration (after 1 warm-up)")
+    ap.add_argument("--steps", type=int, default=3, help="timed RL steps per configuration (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["sweeps", "vocab"], help="run one part")
+    ap.add_argument("--one", nargs=3, type=int, metavar=("P", "G", "L"), help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     set_threads(a.threads)
+    if a.one:  # a child: one configuration, one JSON line
+        with tempfile.TemporaryDirectory(prefix="bench-scaling-one-") as tmp:
+            emit_json(rl_step_costs(Path(a.model), *a.one, a.steps, tmp))
+        return 0
     res: dict[str, Any] = {"bench": "scaling", "machine": machine(), "shape": SHAPE, "base": BASE}
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         if a.only in (None, "sweeps"):
             res["sweeps"] = sweeps(a, tmp)
-            cols = ["P", "G", "L", "gen_tokens", "step_s", "gen_s", "old_logp_s", "update_s", "s_per_1k_tokens",
-                    "gen_tok_per_s", "peak_mb"]
+            every = [r for rows in res["sweeps"].values() for r in rows]
+            res["fit"] = linear_fit(every)
+            cols = ["P", "G", "L", "gen_tokens", "step_s", "cpu_s", "gen_s", "update_s", "cpu_ms_per_token",
+                    "gen_tok_per_s", "peak_mb", "peak_kb_per_token"]
             for var, rows in res["sweeps"].items():
                 print(f"\nRL step cost as {var} grows ({SHAPE['layers']} layers x {SHAPE['hidden']}, EOS ignored; "
-                      f"median of {a.steps} steps)")
+                      f"median of {a.steps} steps; peak = peak RSS over the steps minus RSS before them)")
                 print(table(rows, cols))
+            f = res["fit"]
+            print(f"\nAll {f['n']} configurations: CPU-s per step = {f['intercept_s']:.3f} + "
+                  f"{f['cpu_ms_per_token']:.3f} ms x generated tokens (worst relative residual {f['worst_rel_residual']:.0%})")
         if a.only in (None, "vocab"):
             res["vocab"] = vocab_memory(a, tmp)
             print("\nLog-probs + entropy of B x T response tokens at V = 151,936: peak RSS over the call")
