@@ -12,7 +12,7 @@ log-probs, min(P, 4) optimiser steps, as ``dapo.trainer.loop`` does it (its piec
 and the sampler, are driven here so the EOS can be switched off). Each configuration runs in its own
 child process; its peak memory is the kernel's peak RSS (VmHWM, reset after setup) over its steps minus
 the RSS before them. The machine is shared and noisy: CPU seconds (process time) are reported beside
-wall seconds, and the linear fit (cost = a + b x generated tokens) is done on them.
+wall seconds, and the growth summary (cost ratio against token ratio, per sweep) uses them.
 
 Vocab: log-probs and entropy of B x T response tokens under a model with a 151,936-token vocabulary
 (Qwen2.5's), two ways: dapo's ``response_logprobs`` (response positions only, LM head in chunks of at
@@ -123,15 +123,12 @@ def sweeps(a: argparse.Namespace, tmp: str) -> dict[str, list[dict]]:
     return out
 
 
-def linear_fit(rows: list[dict]) -> dict[str, float]:
-    """Least squares cpu_s = a + b * tokens over all configurations, and the worst relative residual."""
-    xs = [r["gen_tokens"] for r in rows]
-    ys = [r["cpu_s"] for r in rows]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
-    a0 = my - b * mx
-    worst = max(abs(y - (a0 + b * x)) / y for x, y in zip(xs, ys))
-    return {"intercept_s": a0, "cpu_ms_per_token": b * 1000, "worst_rel_residual": worst, "n": n}
+def growth(rows: list[dict]) -> dict[str, float]:
+    """From the smallest to the largest configuration of a sweep: how much the work and the cost grew."""
+    a, b = rows[0], rows[-1]
+    return {"tokens_x": b["gen_tokens"] / a["gen_tokens"], "cpu_s_x": b["cpu_s"] / a["cpu_s"],
+            "step_s_x": b["step_s"] / a["step_s"], "ms_per_token_first": a["cpu_ms_per_token"],
+            "ms_per_token_last": b["cpu_ms_per_token"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,17 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         if a.only in (None, "sweeps"):
             res["sweeps"] = sweeps(a, tmp)
-            every = [r for rows in res["sweeps"].values() for r in rows]
-            res["fit"] = linear_fit(every)
+            res["growth"] = {var: growth(rows) for var, rows in res["sweeps"].items()}
             cols = ["P", "G", "L", "gen_tokens", "step_s", "cpu_s", "gen_s", "update_s", "cpu_ms_per_token",
                     "gen_tok_per_s", "peak_mb", "peak_kb_per_token"]
             for var, rows in res["sweeps"].items():
                 print(f"\nRL step cost as {var} grows ({SHAPE['layers']} layers x {SHAPE['hidden']}, EOS ignored; "
                       f"median of {a.steps} steps; peak = peak RSS over the steps minus RSS before them)")
                 print(table(rows, cols))
-            f = res["fit"]
-            print(f"\nAll {f['n']} configurations: CPU-s per step = {f['intercept_s']:.3f} + "
-                  f"{f['cpu_ms_per_token']:.3f} ms x generated tokens (worst relative residual {f['worst_rel_residual']:.0%})")
+            print("\nGrowth, smallest -> largest configuration of each sweep (CPU seconds; wall in brackets)")
+            for var, g in res["growth"].items():
+                print(f"  {var}: tokens x{g['tokens_x']:.0f} -> cost x{g['cpu_s_x']:.1f} (wall x{g['step_s_x']:.1f}); "
+                      f"CPU-ms per generated token {g['ms_per_token_first']:.2f} -> {g['ms_per_token_last']:.2f}")
         if a.only in (None, "vocab"):
             res["vocab"] = vocab_memory(a, tmp)
             print("\nLog-probs + entropy of B x T response tokens at V = 151,936: peak RSS over the call")
