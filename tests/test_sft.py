@@ -17,6 +17,7 @@ from dapo.trainer.sft import (
     accuracy,
     base_model_dir,
     build_tiny_model,
+    default_threads,
     prepare_base_model,
     sft,
     sft_batch,
@@ -160,6 +161,11 @@ def test_prepare_base_model_interrupted_leaves_nothing(tmp_path):
         prepare_base_model("addition", cache_dir=tmp_path, settings=TINY_SETTINGS, num_threads=THREADS,
                            log=kill)
     assert not base_model_dir("addition", TINY_SETTINGS, tmp_path).exists()
+
+
+def test_default_threads_in_range():
+    n = default_threads()
+    assert isinstance(n, int) and 1 <= n <= 4
 
 
 def test_unknown_task_is_an_error(tmp_path):
