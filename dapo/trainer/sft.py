@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from dapo.data.charvocab import DEFAULT_ALPHABET, make_char_tokenizer
 from dapo.data.example import Example
-from dapo.data.tasks import Task, TrainStream, eval_examples, get_task
+from dapo.data.tasks import TASKS, Task, TrainStream, eval_examples, get_task
 from dapo.rollout.base import SamplingParams, derive_seed
 from dapo.rollout.hf import HFEngine
 
@@ -486,7 +486,7 @@ def sft_main(argv: Sequence[str] | None = None) -> Path:
     """
     d = SFTSettings()
     ap = argparse.ArgumentParser(prog="dapo sft", description="supervised warm-up: make a task's demo base model")
-    ap.add_argument("--task", default="addition", help="built-in task (default: addition)")
+    ap.add_argument("--task", default="addition", help=f"built-in task: {', '.join(TASKS)} (default: addition)")
     ap.add_argument("--out", default="", help="output directory (default: the cache used by `dapo train`)")
     ap.add_argument("--target-acc", type=float, default=d.target_accuracy,
                     help=f"stop at this held-out sampled accuracy (default {d.target_accuracy}); "
@@ -498,7 +498,7 @@ def sft_main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--n-probe", type=int, default=d.n_probe,
                     help=f"held-out prompts per accuracy measurement (default {d.n_probe})")
     ap.add_argument("--seed", type=int, default=d.seed, help=f"model init and data seed (default {d.seed})")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: see default_threads)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: one per idle core, at most 4)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the output exists")
     a = ap.parse_args(argv)
     settings = dataclasses.replace(
