@@ -11,7 +11,7 @@ mini x G responses each. In TRL terms: per_device_train_batch_size = mini x G, g
 one rollout spans P / mini of them (and TRL recomputes old log-probs, as its generation and optimiser
 steps are not aligned). fp32 on both sides (TRL's bf16 default is turned off). Dynamic sampling and the
 soft overlong penalty are off so both do exactly the same work; overlong filtering is on
-(TRL: mask_truncated_completions).
+(TRL: mask_truncated_completions) unless --no-overlong-filter.
 
 Each side runs in its own worker process (this script with --worker), started from this one, set up and
 warmed up, then stepped alternately A B A B over a pipe, so both see the same machine load. A step's
@@ -70,7 +70,7 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         f"optim.train_batch_size={a.prompts}", f"optim.mini_batch_size={a.mini}",
         f"optim.micro_batch_size={a.mini * a.G}", f"optim.lr={a.lr}", "optim.grad_clip=1.0",
         f"optim.steps={a.warmup + a.steps + 1}", "algo.dynamic_sampling=false", "algo.soft_overlong=false",
-        "algo.overlong_filter=true", "data.eval_size=0", f"seed={a.seed}",
+        f"algo.overlong_filter={'false' if a.no_overlong_filter else 'true'}", "data.eval_size=0", f"seed={a.seed}",
         f"log.out_dir={tmp}", "log.run_name=r", "log.progress=none", "log.tensorboard=false",
         "log.samples_every=0", "ckpt.save_final=false", *a.dapo_override,
     ])
@@ -129,7 +129,7 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         steps_per_generation=spg, num_iterations=1, max_completion_length=a.max_new, temperature=1.0, top_p=1.0,
         top_k=0, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0,
-        mask_truncated_completions=True, scale_rewards="group", max_steps=n_rollouts * spg,
+        mask_truncated_completions=not a.no_overlong_filter, scale_rewards="group", max_steps=n_rollouts * spg,
         logging_steps=spg, report_to="none", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False,
     )
@@ -182,6 +182,8 @@ class Worker:
                "--lr", str(a.lr), "--steps", str(a.steps), "--warmup", str(a.warmup), "--seed", str(a.seed)]
         for o in a.dapo_override:
             cmd += ["--dapo-override", o]
+        if a.no_overlong_filter:
+            cmd.append("--no-overlong-filter")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(a.threads),
                    PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
         # OpenMP threads that spin while waiting make small ops 10-100x slower when the cores are shared
@@ -274,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new", type=int, default=24, help="max response tokens")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-overlong-filter", action="store_true",
+                    help="train on truncated responses too (both sides): a random model's mostly are, and dapo does "
+                         "not run the update's forward/backward on responses masked out of the loss")
     ap.add_argument("--dapo-override", action="append", default=[], help="extra dapo key=value (repeatable)")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -298,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                              "tokens/step": s["tokens_per_step"], "tokens/s": s["tokens_per_s"],
                              "trunc": s["truncated_frac"], "cpu_s": s["cpu_s"],
                              "dapo/trl": r["ratio_median"] if side == "dapo" else 1.0})
-    shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads")}
+    shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads",
+                                        "no_overlong_filter")}
     print(f"\nRL step, {a.prompts} prompts x G={a.G}, <= {a.max_new} new tokens, {a.prompts // a.mini} optimiser "
           f"steps of {a.mini * a.G} responses; median of {a.steps} alternating steps after {a.warmup} warm-up")
     print(table(rows))
