@@ -126,21 +126,25 @@ class Addition(Task):
 
 
 class MultiSum(Task):
-    """``23+7+481=`` -> ``:511`` (direct) or ``11,11,05:511`` (worked): sums of several numbers.
+    """``23+7+48=`` -> ``:78`` (direct) or ``18,07:78`` (worked): sums of several numbers.
 
     The warm-up imitates both styles, chosen per example (``fields["style"]``, direct with probability
-    ``direct_frac``), so the base model starts by answering either way. A 1M-parameter model cannot
-    add several 3-digit numbers in one step, so direct answers are almost always wrong and worked ones
-    are right part of the time: RL should shift the policy towards longer, worked responses, the
-    demo's small version of reasoning growing longer during RL. Worked responses are 5-13 tokens and
-    direct ones 2-5, so a ``rollout.max_new_tokens`` inside that range makes Soft Overlong Punishment
-    and Overlong Filtering bite. Scoring is as for addition: the text after the last ':'.
+    ``direct_frac``), so the base model starts by answering either way. A small model cannot add
+    several numbers in one step, so direct answers are mostly wrong and worked ones right part of the
+    time: RL should shift the policy towards longer, worked responses, the demo's small version of
+    reasoning growing longer during RL. With the defaults worked responses are 4-9 tokens and direct
+    ones 2-4, so a ``rollout.max_new_tokens`` inside that range makes Soft Overlong Punishment and
+    Overlong Filtering bite. Scoring is as for addition: the text after the last ':'.
+
+    Harder than addition for the 1M-parameter demo model: with the defaults (2-3 terms below 100) the
+    warm-up reached 9% sampled / 16% greedy accuracy after 600 steps (~7 CPU-minutes); with 2-4 terms
+    below 1000 it was still at 0% after 550. A multisum demo needs a longer warm-up or a bigger model.
     """
 
     name = "multisum"
-    description = "sums of 2-4 numbers 0-999; warm-up answers are direct (':511') or worked column by column"
+    description = "sums of 2-3 numbers 0-99; warm-up answers are direct (':78') or worked column by column"
 
-    def __init__(self, min_terms: int = 2, max_terms: int = 4, max_digits: int = 3, direct_frac: float = 0.5):
+    def __init__(self, min_terms: int = 2, max_terms: int = 3, max_digits: int = 2, direct_frac: float = 0.5):
         assert 2 <= min_terms <= max_terms <= 10 and 0.0 <= direct_frac <= 1.0
         self.min_terms, self.max_terms, self.max_digits = min_terms, max_terms, max_digits
         self.direct_frac = direct_frac
