@@ -161,7 +161,12 @@ def load_model_and_tokenizer(cfg: Config, path: str, device: torch.device, log: 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW and its linear warm-up schedule (per optimiser step), the same on every trainer rank."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the fused kernel (as HF Trainer's default adamw_torch_fused): 3-4x faster steps than the per-tensor
+    # loop on CPU. Plain float tensors on CPU/CUDA only: FSDP2's sharded DTensors keep the default.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not hasattr(p, "full_tensor")
+                for p in params)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None)
     warm = o.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
     return optimizer, scheduler
