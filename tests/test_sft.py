@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 from dapo.data.charvocab import make_char_tokenizer
 from dapo.data.example import Example
-from dapo.data.tasks import TrainStream, get_task
+from dapo.data.tasks import MULTISUM_SFT_STEPS, TrainStream, get_task
 from dapo.trainer.sft import (
     IGNORE_INDEX,
     SFTSettings,
@@ -23,6 +23,7 @@ from dapo.trainer.sft import (
     sft_batch,
     sft_loss,
     sft_main,
+    task_settings,
 )
 
 ADD = get_task("addition")
@@ -100,6 +101,29 @@ def test_sft_stops_on_target(tok):
     r = sft(m, tok, ADD, max_steps=50, target_accuracy=0.0, min_steps=4, eval_every=2, batch=8, n_probe=8,
             num_threads=THREADS, log=lambda s: None)
     assert r.stopped == "target" and r.steps == 4 and len(r.history) == 1
+
+
+def test_sft_measures_without_target_and_runs_every_step(tok):
+    m = _tiny_model(tok)
+    r = sft(m, tok, ADD, max_steps=5, target_accuracy=None, min_steps=2, eval_every=2, batch=8, n_probe=8,
+            num_threads=THREADS, log=lambda s: None)
+    assert r.stopped == "max_steps" and r.steps == 5 and [h["step"] for h in r.history] == [2, 4]
+
+
+def test_task_settings_apply_the_tasks_overrides():
+    assert task_settings("addition") == SFTSettings()
+    ms = task_settings("multisum")
+    assert ms.target_accuracy is None and ms.max_steps == MULTISUM_SFT_STEPS and ms.lr == SFTSettings().lr
+    assert task_settings("multisum_direct") == ms  # the control differs in its data only
+    assert ms.key("multisum") != ms.key("multisum_direct")  # and is cached apart
+
+
+def test_sft_main_uses_the_tasks_settings(tmp_path):
+    out = tmp_path / "ms"
+    sft_main(["--task", "multisum_direct", "--out", str(out), "--max-steps", "2", "--n-probe", "4", "--threads", "1"])
+    meta = json.loads((out / "sft.json").read_text())
+    assert meta["steps"] == 2 and meta["settings"]["target_accuracy"] is None
+    assert meta["settings"]["eval_every"] == task_settings("multisum").eval_every
 
 
 def test_accuracy_untrained_and_reproducible(tok):

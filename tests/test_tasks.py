@@ -169,6 +169,20 @@ def test_multisum_examples_mix_styles_and_score():
     assert not {e.prompt for e in ev} & {e.prompt for e in stream.take(500)}
 
 
+def test_multisum_direct_draws_the_same_prompts_and_answers_directly():
+    direct = get_task("multisum_direct")
+    assert direct.family == MULTI.family and direct.sft_overrides == MULTI.sft_overrides
+    ev_m, st_m = task_splits("multisum", seed=4, n_eval=32)
+    ev_d, st_d = task_splits("multisum_direct", seed=4, n_eval=32)
+    assert [e.prompt for e in ev_m] == [e.prompt for e in ev_d]
+    train_m, train_d = st_m.take(300), st_d.take(300)
+    assert [e.prompt for e in train_m] == [e.prompt for e in train_d]
+    assert all(direct.sft_response(e).startswith(":") for e in train_d)  # the worked pattern never appears
+    assert 90 < sum(not MULTI.sft_response(e).startswith(":") for e in train_m) < 210
+    e = train_d[0]
+    assert direct.score(":" + e.answer, e.answer) == MULTI.score(":" + e.answer, e.answer) == (1.0, True)
+
+
 def test_get_task_error_lists_names():
     assert get_task("addition") is TASKS["addition"]
     with pytest.raises(ValueError, match="addition, multisum"):

@@ -38,6 +38,14 @@ class Task(ABC):
     """One line for ``dapo train --help`` and reports."""
     max_response_len: int = 0
     """Characters in the longest worked response (eos excluded): a floor for ``rollout.max_new_tokens``."""
+    sft_overrides: dict = {}
+    """Fields of ``dapo.trainer.sft.SFTSettings`` that differ for this task's demo base model."""
+
+    @property
+    def family(self) -> str:
+        """Seeds the prompt streams and held-out sets: tasks of one family (variants that differ only in
+        their warm-up data) draw exactly the same prompts."""
+        return self.name
 
     @abstractmethod
     def make_example(self, rng: random.Random) -> Example:
@@ -124,6 +132,8 @@ class Addition(Task):
 # --------------------------------------------------------------------------------------------------
 # multisum: a task where the length of the reasoning matters
 
+MULTISUM_SFT_STEPS = 1000
+
 
 class MultiSum(Task):
     """``23+7+48=`` -> ``:78`` (direct) or ``18,07:78`` (worked): sums of several numbers.
@@ -143,18 +153,27 @@ class MultiSum(Task):
 
     name = "multisum"
     description = "sums of 2-3 numbers 0-99; warm-up answers are direct (':78') or worked column by column"
+    sft_overrides = {"target_accuracy": None, "max_steps": MULTISUM_SFT_STEPS, "min_steps": 100, "eval_every": 100}
+    """A fixed warm-up length, the same for every variant, so bases differ only in their warm-up data."""
 
-    def __init__(self, min_terms: int = 2, max_terms: int = 3, max_digits: int = 2, direct_frac: float = 0.5):
+    def __init__(self, min_terms: int = 2, max_terms: int = 3, max_digits: int = 2, direct_frac: float = 0.5,
+                 name: str = "multisum", description: str = ""):
         assert 2 <= min_terms <= max_terms <= 10 and 0.0 <= direct_frac <= 1.0
         self.min_terms, self.max_terms, self.max_digits = min_terms, max_terms, max_digits
         self.direct_frac = direct_frac
+        self.name = name
+        self.description = description or self.description
         sum_digits = len(str(max_terms * (10**max_digits - 1)))
         self.max_response_len = 3 * max_digits - 1 + 1 + sum_digits
+
+    @property
+    def family(self) -> str:
+        return "multisum"  # every variant draws the same prompts
 
     def make_example(self, rng: random.Random) -> Example:
         terms = [rng.randrange(10**self.max_digits) for _ in range(rng.randint(self.min_terms, self.max_terms))]
         style = "direct" if rng.random() < self.direct_frac else "worked"
-        return Example(prompt="+".join(map(str, terms)) + "=", answer=str(sum(terms)), data_source=self.name,
+        return Example(prompt="+".join(map(str, terms)) + "=", answer=str(sum(terms)), data_source="multisum",
                        fields={"terms": terms, "style": style})
 
     def score(self, response: str, answer: str) -> tuple[float, bool]:
@@ -173,7 +192,12 @@ class MultiSum(Task):
 # --------------------------------------------------------------------------------------------------
 # registry
 
-TASKS: dict[str, Task] = {t.name: t for t in (Addition(), MultiSum())}
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Addition(),
+    MultiSum(),
+    MultiSum(direct_frac=1.0, name="multisum_direct",
+             description="multisum prompts; the warm-up data has direct answers only (the length experiment's control)"),
+)}
 """Built-in tasks by name. A new task is one class and one entry here."""
 
 
@@ -201,7 +225,7 @@ def eval_examples(task: Task, seed: int, n: int, tag: str = "eval") -> list[Exam
     Use another ``tag`` for a second held-out set drawn independently of the first (the warm-up's
     stopping probe uses ``"sft-probe"``, so choosing when to stop does not tune on the RL eval set).
     """
-    rng = random.Random(f"{task.name}/{seed}/{tag}")  # str seeds hash with sha512: stable across processes
+    rng = random.Random(f"{task.family}/{seed}/{tag}")  # str seeds hash with sha512: stable across processes
     out: list[Example] = []
     seen: set[str] = set()
     for _ in range(1000 + 200 * HELDOUT_MOD * n):
@@ -218,7 +242,7 @@ def eval_examples(task: Task, seed: int, n: int, tag: str = "eval") -> list[Exam
 
 def train_example(task: Task, seed: int, index: int) -> Example:
     """Training example number ``index`` of the stream seeded by ``seed``; never a held-out prompt."""
-    rng = random.Random(f"{task.name}/{seed}/train/{index}")
+    rng = random.Random(f"{task.family}/{seed}/train/{index}")
     for _ in range(1000):
         ex = task.make_example(rng)
         if not is_heldout(ex.prompt):

@@ -247,7 +247,7 @@ def _sft_loop(model, tokenizer, task, max_steps, target, min_steps, eval_every, 
         last_loss = loss.item()
         loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
 
-        if target is not None and step >= min_steps and (step - min_steps) % eval_every == 0:
+        if eval_every > 0 and step >= min_steps and (step - min_steps) % eval_every == 0:
             sampled = accuracy(model, tokenizer, task, probe, probe_seed)
             model.train()
             history.append({"step": step, "seconds": round(time.perf_counter() - t0, 2),
@@ -255,11 +255,11 @@ def _sft_loop(model, tokenizer, task, max_steps, target, min_steps, eval_every, 
             log(f"sft step {step:4d}  loss {loss_sum / loss_n:.4f}  sampled acc {sampled:.3f}"
                 f"  ({time.perf_counter() - t0:.0f}s)")
             loss_sum, loss_n = 0.0, 0
-            if sampled >= target:
+            if target is not None and sampled >= target:
                 stopped = "target"
                 break
 
-    if sampled is None or stopped != "target":
+    if sampled is None or (stopped != "target" and history[-1]["step"] != step):
         sampled = accuracy(model, tokenizer, task, probe, probe_seed)
     greedy = accuracy(model, tokenizer, task, probe, probe_seed, greedy=True)
     model.train()
@@ -304,6 +304,11 @@ class SFTSettings:
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def task_settings(task_name: str) -> SFTSettings:
+    """The default settings with the task's own ``sft_overrides`` (e.g. multisum trains a fixed number of steps)."""
+    return dataclasses.replace(SFTSettings(), **get_task(task_name).sft_overrides)
 
 
 def default_threads() -> int:
@@ -359,7 +364,7 @@ def is_complete(path: Path) -> bool:
 def build_base_model(
     out_dir: str | Path,
     task_name: str = "addition",
-    settings: SFTSettings = SFTSettings(),
+    settings: SFTSettings | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
     num_threads: int | None = None,
@@ -375,6 +380,7 @@ def build_base_model(
         log(f"{out} already holds a base model; force=True (--force) rebuilds it")
         return out
     task = get_task(task_name)
+    settings = settings or task_settings(task_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out)
     tokenizer = make_char_tokenizer()
@@ -432,8 +438,7 @@ def prepare_base_model(
     ``num_threads`` (default: :func:`default_threads`) changes float rounding, not the cache key: the
     cache holds whichever build finished first.
     """
-    settings = settings or SFTSettings()
-    get_task(task_name)  # fail on a bad name before touching the cache
+    settings = settings or task_settings(task_name)  # fails on a bad task name before touching the cache
     out = base_model_dir(task_name, settings, cache_dir)
     if is_complete(out) and not force:
         log(f"base model for task {task_name!r}: cached at {out}")
@@ -485,26 +490,28 @@ def sft_main(argv: Sequence[str] | None = None) -> Path:
     Without ``--out`` the model goes to the cache that ``dapo train`` reads. Prints and returns the path.
     """
     d = SFTSettings()
-    ap = argparse.ArgumentParser(prog="dapo sft", description="supervised warm-up: make a task's demo base model")
+    ap = argparse.ArgumentParser(prog="dapo sft", description="supervised warm-up: make a task's demo base model",
+                                 epilog="Defaults are the task's own settings (the ones `dapo train` uses); the "
+                                        "values shown are addition's.")
     ap.add_argument("--task", default="addition", help=f"built-in task: {', '.join(TASKS)} (default: addition)")
     ap.add_argument("--out", default="", help="output directory (default: the cache used by `dapo train`)")
-    ap.add_argument("--target-acc", type=float, default=d.target_accuracy,
-                    help=f"stop at this held-out sampled accuracy (default {d.target_accuracy}); "
-                    "<= 0: run --max-steps")
-    ap.add_argument("--max-steps", type=int, default=d.max_steps, help=f"step cap (default {d.max_steps})")
-    ap.add_argument("--min-steps", type=int, default=d.min_steps, help=f"first measurement (default {d.min_steps})")
-    ap.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
-    ap.add_argument("--batch", type=int, default=d.batch, help=f"examples per step (default {d.batch})")
-    ap.add_argument("--n-probe", type=int, default=d.n_probe,
-                    help=f"held-out prompts per accuracy measurement (default {d.n_probe})")
-    ap.add_argument("--seed", type=int, default=d.seed, help=f"model init and data seed (default {d.seed})")
+    ap.add_argument("--target-acc", type=float, help=f"stop at this held-out sampled accuracy (default "
+                    f"{d.target_accuracy}); <= 0: run --max-steps")
+    ap.add_argument("--max-steps", type=int, help=f"step cap (default {d.max_steps})")
+    ap.add_argument("--min-steps", type=int, help=f"first measurement (default {d.min_steps})")
+    ap.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
+    ap.add_argument("--batch", type=int, help=f"examples per step (default {d.batch})")
+    ap.add_argument("--n-probe", type=int, help=f"held-out prompts per accuracy measurement (default {d.n_probe})")
+    ap.add_argument("--seed", type=int, help=f"model init and data seed (default {d.seed})")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: one per idle core, at most 4)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the output exists")
     a = ap.parse_args(argv)
-    settings = dataclasses.replace(
-        d, target_accuracy=a.target_acc if a.target_acc and a.target_acc > 0 else None,
-        max_steps=a.max_steps, min_steps=a.min_steps, lr=a.lr, batch=a.batch, seed=a.seed, n_probe=a.n_probe,
-    )
+    settings = task_settings(a.task)
+    given = {"max_steps": a.max_steps, "min_steps": a.min_steps, "lr": a.lr, "batch": a.batch, "seed": a.seed,
+             "n_probe": a.n_probe}
+    if a.target_acc is not None:
+        given["target_accuracy"] = a.target_acc if a.target_acc > 0 else None
+    settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
     if a.out:
         path = build_base_model(a.out, a.task, settings, force=a.force, num_threads=a.threads or None)
     else:
