@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from dapo.report import write_report
 
-        page = write_report([Path(r["run_dir"]) for r in runs], out / "report")
+        page = write_report([Path(r["run_dir"]) for r in runs], out / "report", mean_seeds=True)
         print(f"report: {page}")
     except ImportError as e:  # matplotlib missing: the table still stands
         print(f"no report: {e}", file=sys.stderr)

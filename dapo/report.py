@@ -9,7 +9,9 @@ comparing with and without dynamic sampling, which spends more samples per step.
 one colour each. PNGs go to the output directory, and ``report.html`` embeds them (base64) with a
 table of each run's ``summary.json``, so the page can be mailed or attached on its own.
 
-Metrics a run did not log are skipped; a panel no run has is left out.
+Metrics a run did not log are skipped; a panel no run has is left out. With ``--mean-seeds``, runs whose
+names differ only in a trailing ``-s<seed>`` (as ``dapo ablate`` names them) are drawn as one line: at
+each step, the mean over the seeds that logged it (the samples axis too).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -134,6 +137,26 @@ def _unique_labels(runs: list[Run]) -> None:
             r.label = f"{r.path.resolve().parent.name}/{r.label}"
 
 
+def mean_over_seeds(runs: list[Run]) -> list[Run]:
+    """One run per name without its ``-s<seed>`` suffix: every metric averaged over the seeds at each step."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(re.sub(r"-s\d+$", "", r.label), []).append(r)
+    out = []
+    for label, rs in groups.items():
+        by_step: dict[int, list[dict[str, float]]] = {}
+        for r in rs:
+            for row in r.rows:
+                by_step.setdefault(int(row["step"]), []).append(row)
+        rows = []
+        for step in sorted(by_step):
+            keys = set().union(*by_step[step])
+            rows.append({k: sum(x[k] for x in by_step[step] if k in x) / sum(k in x for x in by_step[step]) for k in keys})
+        n = f" (mean of {len(rs)})" if len(rs) > 1 else ""
+        out.append(Run(rs[0].path, label + n, rows, {}, rs[0].preset))
+    return out
+
+
 def _matplotlib():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -235,13 +258,17 @@ def default_out_dir(run_dirs: Sequence[str | Path]) -> Path:
     return Path(os.path.commonpath([str(p.parent) for p in paths])) / "report"
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> Path:
-    """Plot every run's metrics into ``out_dir`` (PNG per panel and x-axis) and return the path of report.html."""
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None, mean_seeds: bool = False) -> Path:
+    """Plot every run's metrics into ``out_dir`` (PNG per panel and x-axis) and return the path of report.html.
+
+    ``mean_seeds``: one line per run name without its ``-s<seed>`` suffix (see :func:`mean_over_seeds`);
+    the page's table still lists every run."""
     if not run_dirs:
         raise ReportError("no run directories given")
     _matplotlib()  # fail before reading anything when it is missing
     runs = [load_run(d) for d in run_dirs]
     _unique_labels(runs)
+    lines = mean_over_seeds(runs) if mean_seeds else runs
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     images: list[tuple[str, list[tuple[str, Path]]]] = []
@@ -249,7 +276,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         imgs = []
         for x_axis in X_AXES:
             png = out / f"{panel[0]}_vs_{x_axis[0]}.png"
-            if plot_panel(runs, panel, x_axis, png):
+            if plot_panel(lines, panel, x_axis, png):
                 imgs.append((f"{panel[1]} vs {x_axis[2]}", png))
             elif png.exists():  # a stale image from an earlier report of other runs
                 png.unlink()
@@ -264,8 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dapo report", description="Plots and an HTML report from run directories' metrics.jsonl.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (several are overlaid)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/report, or report/ beside several runs)")
+    p.add_argument("--mean-seeds", action="store_true",
+                   help="one line per run name without its -s<seed> suffix, averaged over the seeds")
     args = p.parse_args(list(argv) if argv is not None else None)
-    page = write_report(args.run_dirs, args.out)
+    page = write_report(args.run_dirs, args.out, mean_seeds=args.mean_seeds)
     pngs = sorted(x.name for x in page.parent.glob("*_vs_*.png"))
     print(f"wrote {page} ({len(pngs)} plots: {', '.join(pngs)})")
     return 0

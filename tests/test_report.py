@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from dapo.report import ReportError, load_run, main, read_metrics, write_report  # noqa: E402
+from dapo.report import ReportError, load_run, main, mean_over_seeds, read_metrics, write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,3 +104,23 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(ReportError, match="pip install matplotlib"):
         write_report([make_run(tmp_path / "r", "dapo")], tmp_path / "out")
+
+
+def test_mean_over_seeds_averages_each_step(tmp_path):
+    for seed, steps in ((0, 4), (1, 6)):
+        make_run(tmp_path / f"dapo-lr0.0001-s{seed}", "dapo", steps=steps, with_eval=False)
+    (tmp_path / "dapo-lr0.0001-s1" / "metrics.jsonl").write_text("\n".join(
+        json.dumps({"step": s, "rollout/acc": 1.0, "batch/samples_total": 100.0 * s}) for s in range(1, 7)) + "\n")
+    make_run(tmp_path / "grpo-lr0.0001-s0", "grpo", steps=3, with_eval=False)
+    runs = [load_run(tmp_path / n) for n in ("dapo-lr0.0001-s0", "dapo-lr0.0001-s1", "grpo-lr0.0001-s0")]
+    lines = {r.label: r for r in mean_over_seeds(runs)}
+    assert set(lines) == {"dapo-lr0.0001 (mean of 2)", "grpo-lr0.0001"}
+    d = lines["dapo-lr0.0001 (mean of 2)"]
+    assert [r["step"] for r in d.rows] == [1, 2, 3, 4, 5, 6]
+    assert d.rows[1]["rollout/acc"] == pytest.approx((0.2 + 1.0) / 2)  # both seeds at step 2
+    assert d.rows[1]["batch/samples_total"] == pytest.approx((128.0 + 200.0) / 2)
+    assert d.rows[4]["rollout/acc"] == 1.0  # only seed 1 reached step 5
+    assert d.rows[0]["actor/entropy"] == 1.0  # a key only one seed logged is that seed's value
+    page = write_report([r.path for r in runs], tmp_path / "rep", mean_seeds=True)
+    assert_png(page.parent / "accuracy_vs_step.png")
+    assert "dapo-lr0.0001-s1" in page.read_text()  # the table still lists every run
