@@ -26,6 +26,10 @@ QUICK = {"seeds": 2, "max_samples": 3072}
 _TAIL = 5  # "at the end" = mean over the last 5 logged steps
 
 
+class AblationStopped(RuntimeError):
+    pass
+
+
 def _tail_mean(rows: list[dict], key: str) -> float:
     vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))][-_TAIL:]
     return float(statistics.fmean(vals)) if vals else float("nan")
@@ -41,6 +45,8 @@ def run_one(row: str, seed: int, lr: float, budget: int, out: Path, extra: Seque
         "ckpt.save_final=false", *extra,
     ])
     res = train(cfg)
+    if not res.after:  # stopped by a signal (SIGINT/SIGTERM) before its final evaluation
+        raise AblationStopped(f"run {res.run_dir} stopped at step {res.steps} before its final evaluation")
     rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {
         "row": row, "seed": seed, "lr": lr, "run_dir": str(res.run_dir), "steps": res.steps,
@@ -100,7 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, (row, seed, lr) in enumerate(plan, 1):
-        runs.append(run_one(row, seed, lr, budget, out, args.overrides))
+        try:
+            runs.append(run_one(row, seed, lr, budget, out, args.overrides))
+        except AblationStopped as e:
+            print(f"dapo ablate: {e}; the {len(runs)} finished runs are in {out / 'ablation.json'}. "
+                  f"Run again with another --out to start over.", file=sys.stderr)
+            return 130
         r = runs[-1]
         print(f"[{i}/{len(plan)}] {row:17s} lr {lr:g} seed {seed}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f}, "
               f"entropy {r['entropy_end']:.3f}, len {r['len_end']:.1f}, {r['steps']} steps, {r['wall_s']:.0f}s "

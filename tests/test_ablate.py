@@ -32,3 +32,21 @@ def test_ablate_end_to_end_tiny(tiny_model_dir, tmp_path):
         assert r["samples"] >= 32  # each run stopped on the sample budget, not on steps
     assert (tmp_path / "ablation.md").read_text().count("\n| ") >= 3
     assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_ablate_stops_cleanly_when_a_run_is_stopped(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM during a run: that run checkpoints and stops (no final evaluation); ablate says so and exits
+    130 instead of crashing on the missing result."""
+    import os
+    import signal
+
+    from dapo.trainer import loop
+
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: real(cfg, on_step=lambda s, m: os.kill(os.getpid(), signal.SIGTERM), **kw))
+    rc = main(["--rows", "grpo", "--seeds", "1", "--max-samples", "64", "--high-lr", "0", "--out", str(tmp_path),
+               f"model.path={tiny_model_dir}", *TINY_RUN])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 1 before its final evaluation" in err and "0 finished runs" in err
+    assert json.loads((tmp_path / "runs" / "grpo-lr0.0001-s0" / "summary.json").read_text())["stopped_by"] == "SIGTERM"
