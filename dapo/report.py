@@ -191,8 +191,13 @@ def plot_panel(runs: list[Run], panel: tuple, x_axis: tuple, out_path: Path) -> 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.92)  # fixed margins: tight_layout costs a draw
+    if drawn <= 4:
+        ax.legend(fontsize="small")
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.92)  # fixed margins: tight_layout costs a draw
+    else:  # many lines: the legend goes beside the axes instead of over the curves
+        fig.set_size_inches(10.4, 4.4)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        fig.subplots_adjust(left=0.07, right=0.58, bottom=0.12, top=0.92)
     fig.savefig(out_path, format="png")
     return True
 
