@@ -141,7 +141,7 @@ def mean_over_seeds(runs: list[Run]) -> list[Run]:
     """One run per name without its ``-s<seed>`` suffix: every metric averaged over the seeds at each step."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        groups.setdefault(re.sub(r"-s\d+$", "", r.label), []).append(r)
+        groups.setdefault(re.sub(r"-s\d+(?=( \(.*\))?$)", "", r.label), []).append(r)  # "x-s1 (dapo)" -> "x (dapo)"
     out = []
     for label, rs in groups.items():
         by_step: dict[int, list[dict[str, float]]] = {}

@@ -112,9 +112,11 @@ def test_mean_over_seeds_averages_each_step(tmp_path):
     (tmp_path / "dapo-lr0.0001-s1" / "metrics.jsonl").write_text("\n".join(
         json.dumps({"step": s, "rollout/acc": 1.0, "batch/samples_total": 100.0 * s}) for s in range(1, 7)) + "\n")
     make_run(tmp_path / "grpo-lr0.0001-s0", "grpo", steps=3, with_eval=False)
-    runs = [load_run(tmp_path / n) for n in ("dapo-lr0.0001-s0", "dapo-lr0.0001-s1", "grpo-lr0.0001-s0")]
+    for seed in (0, 1):  # names without the preset get it appended: "len-s0 (dapo)"
+        make_run(tmp_path / f"len-s{seed}", "dapo", steps=2, with_eval=False)
+    runs = [load_run(tmp_path / n) for n in ("dapo-lr0.0001-s0", "dapo-lr0.0001-s1", "grpo-lr0.0001-s0", "len-s0", "len-s1")]
     lines = {r.label: r for r in mean_over_seeds(runs)}
-    assert set(lines) == {"dapo-lr0.0001 (mean of 2)", "grpo-lr0.0001"}
+    assert set(lines) == {"dapo-lr0.0001 (mean of 2)", "grpo-lr0.0001", "len (dapo) (mean of 2)"}
     d = lines["dapo-lr0.0001 (mean of 2)"]
     assert [r["step"] for r in d.rows] == [1, 2, 3, 4, 5, 6]
     assert d.rows[1]["rollout/acc"] == pytest.approx((0.2 + 1.0) / 2)  # both seeds at step 2
