@@ -139,16 +139,18 @@ class MultiSum(Task):
     """``23+7+48=`` -> ``:78`` (direct) or ``18,07:78`` (worked): sums of several numbers.
 
     The warm-up imitates both styles, chosen per example (``fields["style"]``, direct with probability
-    ``direct_frac``), so the base model starts by answering either way. A small model cannot add
-    several numbers in one step, so direct answers are mostly wrong and worked ones right part of the
-    time: RL should shift the policy towards longer, worked responses, the demo's small version of
+    ``direct_frac``), so the base model starts by answering either way. A small model adds several
+    numbers in one step less reliably than column by column, so worked answers are right more often:
+    RL should shift the policy towards longer, worked responses, the demo's small version of
     reasoning growing longer during RL. With the defaults worked responses are 4-9 tokens and direct
     ones 2-4, so a ``rollout.max_new_tokens`` inside that range makes Soft Overlong Punishment and
     Overlong Filtering bite. Scoring is as for addition: the text after the last ':'.
 
-    Harder than addition for the 1M-parameter demo model: with the defaults (2-3 terms below 100) the
-    warm-up reached 9% sampled / 16% greedy accuracy after 600 steps (~7 CPU-minutes); with 2-4 terms
-    below 1000 it was still at 0% after 550. A multisum demo needs a longer warm-up or a bigger model.
+    Harder than addition for the 1M-parameter demo model, so its warm-up runs a fixed
+    ``MULTISUM_SFT_STEPS`` steps instead of stopping at 25%: measured on 2 cores, the mixed base reached
+    39% sampled accuracy (41% of its answers worked, right 46% of the time; direct ones 34%) and the
+    ``multisum_direct`` control 13% (never worked). ``dapo train data.task=multisum`` then turns 97% of
+    the answers worked (length 6.7 -> 9.5 tokens) on an accuracy-only reward; see the README.
     """
 
     name = "multisum"
