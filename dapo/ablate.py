@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,11 +39,14 @@ def _tail_mean(rows: list[dict], key: str) -> float:
 def run_one(row: str, seed: int, lr: float, budget: int, out: Path, extra: Sequence[str]) -> dict[str, Any]:
     from dapo.trainer.loop import train
 
-    name = f"{row.replace('+', 'plus_')}-lr{lr:g}-s{seed}"
+    run_dir = out / "runs" / run_name(row, seed, lr)
+    # a directory left by an interrupted ablation is continued from its newest checkpoint (or restarted
+    # in place when it has none): nothing in it is thrown away
+    resume = [f"ckpt.resume={run_dir}"] if run_dir.is_dir() and any(run_dir.iterdir()) else []
     cfg = load_config(row, overrides=[
         f"seed={seed}", f"optim.lr={lr}", f"optim.max_samples={budget}", "optim.steps=100000",
-        f"log.out_dir={out / 'runs'}", f"log.run_name={name}", "log.progress=none", "log.tensorboard=false",
-        "ckpt.save_final=false", *extra,
+        f"log.out_dir={out / 'runs'}", f"log.run_name={run_dir.name}", "log.progress=none", "log.tensorboard=false",
+        "ckpt.save_final=false", *extra, *resume,
     ])
     res = train(cfg)
     if not res.after:  # stopped by a signal (SIGINT/SIGTERM) before its final evaluation
@@ -54,6 +58,28 @@ def run_one(row: str, seed: int, lr: float, budget: int, out: Path, extra: Seque
         "entropy_end": _tail_mean(rows, "actor/entropy"), "len_end": _tail_mean(rows, "response/len_mean"),
         "samples": rows[-1]["batch/samples_total"] if rows else 0, "wall_s": res.wall_s,
     }
+
+
+def run_name(row: str, seed: int, lr: float) -> str:
+    return f"{row.replace('+', 'plus_')}-lr{lr:g}-s{seed}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _previous_runs(out: Path, budget: int, overrides: list[str]) -> dict[tuple, dict[str, Any]]:
+    """Finished runs of an earlier, interrupted ``dapo ablate`` into the same ``--out`` (same settings)."""
+    path = out / "ablation.json"
+    if not path.exists():
+        return {}
+    prev = json.loads(path.read_text())
+    if prev.get("budget") != budget or prev.get("overrides", []) != overrides:
+        raise ValueError(f"{out} holds an ablation with budget {prev.get('budget')} and overrides "
+                         f"{prev.get('overrides', [])}, not {budget} and {overrides}; choose another --out")
+    return {(r["row"], r["seed"], r["lr"]): r for r in prev.get("runs", [])}
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate of the table")
     p.add_argument("--high-lr", type=float, default=DEFAULTS["high_lr"],
                    help="the GRPO/DAPO pair again at this learning rate; 0 = skip")
-    p.add_argument("--out", default="", help="output directory (default runs/ablate-<time>)")
+    p.add_argument("--out", default="", help="output directory (default runs/ablate-<time>); an interrupted "
+                   "ablation's directory is continued: finished runs are kept, a stopped run resumes")
     p.add_argument("overrides", nargs="*", help="key=value applied to every run (e.g. data.task=addition)")
     args = p.parse_args(list(argv or []))
     seeds = args.seeds or (QUICK if args.quick else DEFAULTS)["seeds"]
@@ -103,25 +130,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = [(r, s, args.lr) for r in rows for s in range(seeds)]
     if args.high_lr:
         plan += [(r, s, args.high_lr) for r in ("grpo", "dapo") for s in range(seeds)]
+    overrides = list(args.overrides)
+    done = _previous_runs(out, budget, overrides)
+    if done:
+        print(f"continuing the ablation in {out}: {len(done)} runs already finished", file=sys.stderr)
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, (row, seed, lr) in enumerate(plan, 1):
+        if (row, seed, lr) in done:
+            runs.append(done[(row, seed, lr)])
+            continue
         try:
-            runs.append(run_one(row, seed, lr, budget, out, args.overrides))
+            runs.append(run_one(row, seed, lr, budget, out, overrides))
         except AblationStopped as e:
             print(f"dapo ablate: {e}; the {len(runs)} finished runs are in {out / 'ablation.json'}. "
-                  f"Run again with another --out to start over.", file=sys.stderr)
+                  f"The same command with --out {out} continues it.", file=sys.stderr)
             return 130
         r = runs[-1]
         print(f"[{i}/{len(plan)}] {row:17s} lr {lr:g} seed {seed}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f}, "
               f"entropy {r['entropy_end']:.3f}, len {r['len_end']:.1f}, {r['steps']} steps, {r['wall_s']:.0f}s "
               f"(total {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-        (out / "ablation.json").write_text(json.dumps({"budget": budget, "runs": runs, "table": summarise(runs)}, indent=1))
+        _write_json(out / "ablation.json", {"budget": budget, "overrides": overrides, "runs": runs, "table": summarise(runs)})
     table = summarise(runs)
     md = to_markdown(table, budget)
     (out / "ablation.md").write_text(md)
-    (out / "ablation.json").write_text(json.dumps({"budget": budget, "runs": runs, "table": table,
-                                                   "wall_s": time.perf_counter() - t0}, indent=1))
+    _write_json(out / "ablation.json", {"budget": budget, "overrides": overrides, "runs": runs, "table": table,
+                                        "wall_s": time.perf_counter() - t0})
     print(md)
     try:
         from dapo.report import write_report

@@ -50,3 +50,20 @@ def test_ablate_stops_cleanly_when_a_run_is_stopped(tiny_model_dir, tmp_path, mo
     err = capsys.readouterr().err
     assert "stopped at step 1 before its final evaluation" in err and "0 finished runs" in err
     assert json.loads((tmp_path / "runs" / "grpo-lr0.0001-s0" / "summary.json").read_text())["stopped_by"] == "SIGTERM"
+
+    # the same command continues it: the stopped run resumes from its step-1 checkpoint, the next one runs
+    monkeypatch.setattr(loop, "train", real)
+    args = ["--rows", "grpo", "--seeds", "2", "--max-samples", "64", "--high-lr", "0", "--out", str(tmp_path),
+            f"model.path={tiny_model_dir}", *TINY_RUN]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert [(r["row"], r["seed"]) for r in data["runs"]] == [("grpo", 0), ("grpo", 1)]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "runs" / "grpo-lr0.0001-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps == sorted(set(steps)) and data["runs"][0]["samples"] >= 64  # step 1 kept, not redone
+
+    # once finished, the same command trains nothing again
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: pytest.fail("a finished run was trained again"))
+    assert main(args) == 0
+    # other settings into the same directory are refused
+    with pytest.raises(ValueError, match="budget 64"):
+        main([*args[:5], "128", *args[6:]])
