@@ -247,6 +247,13 @@ def _train(cfg: Config, parts: RunParts, log_stream: Any, on_step: Callable[[int
                        cfg.log.wandb_project, cfg.to_dict(), stream=log_stream, start_step=start)
     logger.message(f"run directory: {run_dir}" + (f" (resuming from {resume_from.name})" if resume_from else
                    " (no complete checkpoint in it yet: starting again from step 0)" if cfg.ckpt.resume else ""))
+    if parts.device.type == "cpu":
+        from dapo.trainer.sft import idle_fraction
+        from dapo.trainer.setup import contention_warning
+
+        warn = contention_warning(torch.get_num_threads(), os.cpu_count() or 1, idle_fraction(), dict(os.environ))
+        if warn:
+            logger.message(f"warning: {warn}")
     if not before:
         before = evaluate(parts, cfg, cfg.seed)
         logger.message(f"held-out accuracy before: {before['accuracy']:.3f} (n={before['n']})")

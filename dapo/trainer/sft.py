@@ -320,10 +320,10 @@ def default_threads() -> int:
     meanwhile). 4 is the most a 1M-parameter model uses well.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores, round(cores * _idle_fraction())))
+    return max(1, min(4, cores, round(cores * idle_fraction())))
 
 
-def _idle_fraction(window_s: float = 0.25) -> float:
+def idle_fraction(window_s: float = 0.25) -> float:
     """Fraction of CPU time the whole machine spent idle over ``window_s`` (Linux ``/proc/stat``);
     elsewhere estimated from the 1-minute load average, which lags by about a minute."""
 
