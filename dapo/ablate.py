@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dapo.config import ABLATION_ROWS, load_config
+from dapo.fsutil import write_atomic
 
 DEFAULTS = {"seeds": 3, "max_samples": 8192, "lr": 1e-4, "high_lr": 4e-4}
 QUICK = {"seeds": 2, "max_samples": 3072}
@@ -62,12 +62,6 @@ def run_one(row: str, seed: int, lr: float, budget: int, out: Path, extra: Seque
 
 def run_name(row: str, seed: int, lr: float) -> str:
     return f"{row.replace('+', 'plus_')}-lr{lr:g}-s{seed}"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _previous_runs(out: Path, budget: int, overrides: list[str]) -> dict[tuple, dict[str, Any]]:
@@ -150,12 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {row:17s} lr {lr:g} seed {seed}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f}, "
               f"entropy {r['entropy_end']:.3f}, len {r['len_end']:.1f}, {r['steps']} steps, {r['wall_s']:.0f}s "
               f"(total {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-        _write_json(out / "ablation.json", {"budget": budget, "overrides": overrides, "runs": runs, "table": summarise(runs)})
+        write_atomic(out / "ablation.json", json.dumps(
+            {"budget": budget, "overrides": overrides, "runs": runs, "table": summarise(runs)}, indent=1))
     table = summarise(runs)
     md = to_markdown(table, budget)
     (out / "ablation.md").write_text(md)
-    _write_json(out / "ablation.json", {"budget": budget, "overrides": overrides, "runs": runs, "table": table,
-                                        "wall_s": time.perf_counter() - t0})
+    write_atomic(out / "ablation.json", json.dumps({"budget": budget, "overrides": overrides, "runs": runs,
+                                                    "table": table, "wall_s": time.perf_counter() - t0}, indent=1))
     print(md)
     try:
         from dapo.report import write_report

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dapo.fsutil import write_atomic
 
 
 class ConfigError(ValueError):
@@ -570,10 +571,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
     # write then rename: a kill mid-write must not leave a truncated config.yaml, which would still parse
     # (with fewer keys, silently defaulted) when the run is resumed
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
 
 
 def describe() -> str:

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dapo.data.example import Example
+from dapo.fsutil import write_atomic
 from dapo.rollout.base import SamplingParams, derive_seed
 from dapo.trainer.batch import PromptItem, ScoreFn
 
@@ -447,9 +447,7 @@ def run_eval(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     name = f"task-{args.data[len('task:'):]}" if is_task else Path(args.data.rstrip("/")).name.split(".")[0]
     out = Path(args.out) if args.out else model_dir / f"eval_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(result, indent=1, ensure_ascii=False))
     return result, out
 
 

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from dapo.fsutil import write_atomic
+
 
 class ReportError(ValueError):
     """A run directory that cannot be reported on, or matplotlib missing; the message says which."""
@@ -250,9 +252,7 @@ def write_html(runs: list[Run], images: list[tuple[str, list[tuple[str, Path]]]]
     if not images:
         parts.append("<p>None of the runs logged any of the plotted metrics.</p>")
     parts.append("</body></html>\n")
-    tmp = out_path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out_path)
+    write_atomic(out_path, "\n".join(parts))
 
 
 def default_out_dir(run_dirs: Sequence[str | Path]) -> Path:

@@ -28,6 +28,7 @@ import torch
 
 from dapo.config import Config, save_config
 from dapo.data.example import Example
+from dapo.fsutil import write_atomic
 from dapo.rollout.base import Completion, SamplingParams, derive_seed
 from dapo.trainer.batch import DynamicSampler, Group, PromptItem, SamplerSettings
 from dapo.trainer.checkpoint import load_trainer_state, save_checkpoint
@@ -163,9 +164,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut by a kill mid-write
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(x + "\n" for x in keep))
 
 
 def _count_bad_rollout(parts: RunParts, cfg: Config, step: int, frac: float) -> None:
@@ -251,7 +250,7 @@ def _train(cfg: Config, parts: RunParts, log_stream: Any, on_step: Callable[[int
         from dapo.trainer.sft import idle_fraction
         from dapo.trainer.setup import contention_warning
 
-        warn = contention_warning(torch.get_num_threads(), os.cpu_count() or 1, idle_fraction(), dict(os.environ))
+        warn = contention_warning(torch.get_num_threads(), os.cpu_count() or 1, idle_fraction, dict(os.environ))
         if warn:
             logger.message(f"warning: {warn}")
     if not before:
@@ -330,7 +329,5 @@ def _train(cfg: Config, parts: RunParts, log_stream: Any, on_step: Callable[[int
     result = RunResult(run_dir, step, before, after, wall, history)
     summary = {"before": before, "after": after, "wall_s": wall, "steps": step, "preset": cfg.preset,
                "stopped_by": stopped_by}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    os.replace(tmp, run_dir / "summary.json")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     return result
