@@ -159,8 +159,11 @@ def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tmp_path):
 def test_contention_warning_only_when_threads_would_spin_on_a_busy_cpu():
     from dapo.trainer.setup import contention_warning
 
-    busy = contention_warning(threads=2, cores=2, idle=0.4, env={})  # 1.2 cores busy elsewhere
+    def never():
+        raise AssertionError("the idle fraction is sampled only when spinning is possible")
+
+    busy = contention_warning(threads=2, cores=2, idle=lambda: 0.4, env={})  # 1.2 cores busy elsewhere
     assert busy and "OMP_WAIT_POLICY=PASSIVE" in busy and "1.2 of 2 cores" in busy
-    assert contention_warning(threads=2, cores=2, idle=0.9, env={}) is None  # idle machine
-    assert contention_warning(threads=1, cores=2, idle=0.0, env={}) is None  # one thread cannot spin
-    assert contention_warning(threads=2, cores=2, idle=0.0, env={"OMP_WAIT_POLICY": "PASSIVE"}) is None  # user chose
+    assert contention_warning(threads=2, cores=2, idle=lambda: 0.9, env={}) is None  # idle machine
+    assert contention_warning(threads=1, cores=2, idle=never, env={}) is None  # one thread cannot spin
+    assert contention_warning(threads=2, cores=2, idle=never, env={"OMP_WAIT_POLICY": "PASSIVE"}) is None  # user chose

@@ -158,16 +158,21 @@ def load_model_and_tokenizer(cfg: Config, path: str, device: torch.device, log: 
     return load_model(cfg, path, device), load_tokenizer(cfg, path)
 
 
-def contention_warning(threads: int, cores: int, idle: float, env: dict[str, str]) -> str | None:
+def contention_warning(threads: int, cores: int, idle: Callable[[], float], env: dict[str, str]) -> str | None:
     """A warning when other processes keep the CPU busy and OpenMP would spin: None when all is well.
+
+    ``idle`` measures the machine's idle fraction (``dapo.trainer.sft.idle_fraction``: a quarter-second
+    sample); it is called only when the thread count and environment leave spinning possible.
 
     With more than one torch thread and the default OpenMP wait policy, each parallel region spins
     waiting for threads that share a core with another busy process: measured here, a run next to one
     other busy process went from 40 s to over 5 CPU-minutes. ``OMP_WAIT_POLICY=PASSIVE`` avoids it (at
     ~10% cost on an idle machine), so dapo does not set it for you.
     """
-    busy = cores * (1.0 - idle)
-    if threads <= 1 or "OMP_WAIT_POLICY" in env or busy < 0.5:
+    if threads <= 1 or "OMP_WAIT_POLICY" in env:
+        return None
+    busy = cores * (1.0 - idle())
+    if busy < 0.5:
         return None
     return (f"the CPU is busy with other work ({busy:.1f} of {cores} cores) and torch uses {threads} threads: "
             f"OpenMP threads spin while waiting and can make training several times slower; set "
