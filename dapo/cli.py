@@ -70,8 +70,6 @@ def train_main(argv: Sequence[str]) -> int:
 
 def _resume_config(cfg, over: list[str]):
     """Resuming without --config: start from the run's saved config.yaml, then apply the new overrides."""
-    from pathlib import Path
-
     import yaml
 
     from dapo.config import config_from_dict, load_config as _load
