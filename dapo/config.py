@@ -157,6 +157,10 @@ class OptimConfig:
     """Responses per forward/backward; gradients accumulate over micro-batches (exact token-mean)."""
     epochs: int = 1
     """Passes over each rollout batch."""
+    skip_zero_adv: bool = True
+    """No backward pass for responses whose advantage is exactly 0 (all-equal groups without dynamic
+    sampling): their gradient is zero, so the update is the same for less work; they still get a
+    forward pass for the metrics. Off with a KL term (it gives them a gradient)."""
     lr: float = 1e-4
     """AdamW learning rate (paper: 1e-6 for 32B)."""
     betas: tuple[float, float] = (0.9, 0.999)

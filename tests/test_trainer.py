@@ -167,3 +167,71 @@ def test_contention_warning_only_when_threads_would_spin_on_a_busy_cpu():
     assert contention_warning(threads=2, cores=2, idle=lambda: 0.9, env={}) is None  # idle machine
     assert contention_warning(threads=1, cores=2, idle=never, env={}) is None  # one thread cannot spin
     assert contention_warning(threads=2, cores=2, idle=never, env={"OMP_WAIT_POLICY": "PASSIVE"}) is None  # user chose
+
+
+def _zero_adv_batch(tiny_model_dir, tmp_path, *extra):
+    from dapo.trainer.setup import build_parts
+    from dapo.trainer.update import FlatBatch
+
+    cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "optim.micro_batch_size=3", *extra])
+    parts = build_parts(cfg, tmp_path, None, log=lambda s: None)
+    G, P = cfg.rollout.group_size, 4
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
+    comps = parts.engine.generate(prompts, SamplingParams(n=G, max_new_tokens=6), list(range(P)))
+    adv = torch.randn(P * G, generator=torch.Generator().manual_seed(0))
+    adv[:G] = 0.0  # an all-equal group
+    adv[2 * G + 1] = 0.0  # one response at its group's mean
+    keep = torch.ones(P * G)
+    keep[3] = 0.0  # a zero-advantage response that is also masked out (overlong)
+    fb = FlatBatch([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
+                   [True] * len(comps), adv, keep)
+    old = [[x - 0.1 * ((i + j) % 3) for j, x in enumerate(c.logprobs)] for i, c in enumerate(comps)]  # ratio != 1
+    return cfg, parts, fb, old
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_zero_advantage_responses_skip_the_backward_with_the_same_gradient_and_metrics(tiny_model_dir, tmp_path, agg):
+    from dataclasses import replace
+
+    from dapo.trainer.update import minibatch_backward
+
+    cfg, parts, fb, old = _zero_adv_batch(tiny_model_dir, tmp_path, f"algo.loss_agg={agg}")
+    calls = []  # (rows, autograd on) per forward
+    forward = parts.policy.forward
+    parts.policy.forward = lambda sb, *a: calls.append((sb.input_ids.shape[0], torch.is_grad_enabled())) or forward(sb, *a)
+    idx = list(range(len(fb.responses)))  # one mini-batch of every response
+    out = {}
+    for skip in (False, True):
+        c = replace(cfg, optim=replace(cfg.optim, skip_zero_adv=skip))
+        parts.model.zero_grad(set_to_none=True)
+        calls.clear()
+        loss, sums = minibatch_backward(parts, fb, old, idx, c, with_entropy=True)
+        grads = {n: p.grad.clone() for n, p in parts.model.named_parameters()}
+        out[skip] = (loss, sums, grads, list(calls))
+    (l0, s0, g0, c0), (l1, s1, g1, c1) = out[False], out[True]
+    assert [r for r, grad in c0 if grad] and not [r for r, grad in c0 if not grad]
+    assert sum(r for r, grad in c1 if not grad) == 4 and sum(r for r, grad in c1 if grad) == 11  # 16 - 5 zero - 1 masked
+    assert abs(l0 - l1) < 1e-6
+    assert s0.keys() == s1.keys() and {"entropy", "approx_kl", "ratio_mean", "clipfrac_high"} <= s0.keys()
+    for k in s0:  # the metrics count the skipped responses' tokens as before
+        assert s1[k] == pytest.approx(s0[k], rel=1e-5, abs=1e-6), k
+    assert s0["approx_kl"] > 1e-3
+    assert max(g.abs().max() for g in g0.values()) > 1e-3
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5)
+
+
+def test_zero_advantage_skip_is_off_with_kl_and_when_the_whole_mini_batch_is_zero(tiny_model_dir, tmp_path):
+    from dapo.trainer.update import update_policy, zero_advantage_rows
+
+    cfg, parts, fb, old = _zero_adv_batch(tiny_model_dir, tmp_path)
+    rows = list(range(len(fb.responses)))
+    assert zero_advantage_rows(fb, rows, cfg) == [0, 1, 2, 3, 9]
+    cfg_kl, *_ = _zero_adv_batch(tiny_model_dir, tmp_path / "kl", "algo.kl_coef=0.1")
+    assert zero_advantage_rows(fb, rows, cfg_kl) == []  # the KL term gives them a gradient
+    assert zero_advantage_rows(fb, rows[:4], cfg) == []  # all zero: run as usual
+    # a mini-batch of nothing but zero advantages still takes its optimiser step, on a zero gradient
+    fb.advantages[:] = 0.0
+    m = update_policy(parts, fb, old, cfg, step=1)
+    assert m["actor/updates"] == 2 and m["actor/grad_norm"] == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in parts.model.parameters())

@@ -219,6 +219,20 @@ def compute_old_logp(parts: TrainParts, fb: FlatBatch, cfg: Config) -> list[list
 # ------------------------------------------------------------------------------------------------ update
 
 
+def zero_advantage_rows(fb: FlatBatch, rows: list[int], cfg: Config) -> list[int]:
+    """The responses of ``rows`` whose backward pass can be skipped: advantage exactly 0 and no KL term.
+
+    Their loss is -0 * ratio at every token, so their gradient is exactly zero; they still count in the
+    loss's denominator (token-mean, seq-mean), and their tokens still enter the metrics. Empty when the
+    switch is off, when a KL term gives them a gradient, or when every row of the mini-batch is one of
+    them (then the mini-batch runs as usual, so AdamW still takes its step on a zero gradient).
+    """
+    if not cfg.optim.skip_zero_adv or cfg.algo.kl_coef > 0:
+        return []
+    zero = [i for i in rows if fb.advantages[i].item() == 0.0]
+    return [] if len(zero) == len(rows) else zero
+
+
 def minibatch_backward(
     parts: TrainParts, fb: FlatBatch, old_logp: list[list[float]], resp_idx: list[int], cfg: Config,
     with_entropy: bool = False,
@@ -227,48 +241,67 @@ def minibatch_backward(
 
     ``resp_idx`` is the WHOLE mini-batch (every rank's responses): the token-mean (or seq-mean)
     denominator counts all of it, so the ranks' gradients sum to the single-process gradient.
+    Responses with an exactly-zero advantage (``optim.skip_zero_adv``) get a forward pass without
+    autograd, for the metrics only: the gradient is the same, for less work.
     Returns this rank's loss (its partial sum) and token-weighted stat sums.
     """
-    a, o, dp = cfg.algo, cfg.optim, parts.dp
     valid = {i: fb.keep[i].item() * len(fb.responses[i]) for i in resp_idx}
     num_tokens = float(sum(valid.values()))
     num_seqs = float(sum(1 for v in valid.values() if v > 0))
-    mbs = _rank_micro_batches([i for i in resp_idx if valid[i] > 0], _lengths(fb), o.micro_batch_size, dp)
-    loss_sum, sums = 0.0, {}
+    rows = [i for i in resp_idx if valid[i] > 0]
+    no_grad = set(zero_advantage_rows(fb, rows, cfg))
+    sums: dict[str, float] = {}
+    # the metrics-only pass first: under FSDP a forward without backward leaves the root unsharded, and
+    # the backward passes that follow reshard it
+    for mb in _rank_micro_batches([i for i in rows if i in no_grad], _lengths(fb), cfg.optim.micro_batch_size, parts.dp):
+        with torch.no_grad():
+            _micro_pass(parts, fb, old_logp, mb or [], cfg, with_entropy, num_tokens, num_seqs, sums)
+    loss_sum = 0.0
+    mbs = _rank_micro_batches([i for i in rows if i not in no_grad], _lengths(fb), cfg.optim.micro_batch_size, parts.dp)
     for k, mb in enumerate(mbs):
-        if dp.fsdp and dp.world > 1:  # reduce-scatter once, after the last micro-batch
+        if parts.dp.fsdp and parts.dp.world > 1:  # reduce-scatter once, after the last micro-batch
             parts.policy.set_requires_gradient_sync(k == len(mbs) - 1)
-        rows = mb or []
-        if rows:
-            sb = make_seq_batch([fb.prompts[i] for i in rows], [fb.responses[i] for i in rows], parts.pad_id)
-            keep = fb.keep[rows]
-        else:  # an empty pass: one padding token with mask 0, so the same collectives run
-            sb, keep = make_seq_batch([[parts.pad_id]], [[parts.pad_id]], parts.pad_id), torch.zeros(1)
-        sb = sb.to(parts.device)
-        T = sb.n_resp
-        lp, ent = parts.policy(sb, cfg.rollout.temperature, with_entropy)  # (b, T)
-        old = _pad_logps([old_logp[i] for i in rows] or [[0.0]], T).to(parts.device)
-        adv = (fb.advantages[rows] if rows else torch.zeros(1)).to(parts.device)  # (b,)
-        mask = sb.response_mask * keep.to(parts.device)[:, None]  # (b, T)
-        loss_tok, st = policy_loss(lp, old, adv, mask, a.eps_low, a.eps_high, a.clip_c)
-        if a.kl_coef > 0:
-            with torch.no_grad():
-                ref_lp, _ = response_logprobs(parts.ref_model, sb, cfg.rollout.temperature)
-            kl = kl_penalty(lp, ref_lp, a.kl_kind)
-            loss_tok = loss_tok + a.kl_coef * kl * mask
-            st["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-        loss = aggregate_loss(loss_tok, mask, a.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                              max_len=cfg.rollout.max_new_tokens)
+        loss = _micro_pass(parts, fb, old_logp, mb or [], cfg, with_entropy, num_tokens, num_seqs, sums)
         loss.backward()
         loss_sum += loss.item()
-        ntok = mask.sum().item()
-        sums["tokens"] = sums.get("tokens", 0.0) + ntok
-        for key, v in st.items():
-            sums[key] = sums.get(key, 0.0) + v.item() * ntok
-        if ent is not None:
-            sums["entropy"] = sums.get("entropy", 0.0) + (ent * mask).sum().item()
-            sums["entropy_tokens"] = sums.get("entropy_tokens", 0.0) + ntok
     return loss_sum, sums
+
+
+def _micro_pass(
+    parts: TrainParts, fb: FlatBatch, old_logp: list[list[float]], rows: list[int], cfg: Config, with_entropy: bool,
+    num_tokens: float, num_seqs: float, sums: dict[str, float],
+) -> torch.Tensor:
+    """The loss of one micro-batch (``rows``; empty: a padding pass, so the same collectives run) with its
+    share of the mini-batch's normaliser; adds its token-weighted stats to ``sums``."""
+    a = cfg.algo
+    if rows:
+        sb = make_seq_batch([fb.prompts[i] for i in rows], [fb.responses[i] for i in rows], parts.pad_id)
+        keep = fb.keep[rows]
+    else:  # an empty pass: one padding token with mask 0
+        sb, keep = make_seq_batch([[parts.pad_id]], [[parts.pad_id]], parts.pad_id), torch.zeros(1)
+    sb = sb.to(parts.device)
+    T = sb.n_resp
+    lp, ent = parts.policy(sb, cfg.rollout.temperature, with_entropy)  # (b, T)
+    old = _pad_logps([old_logp[i] for i in rows] or [[0.0]], T).to(parts.device)
+    adv = (fb.advantages[rows] if rows else torch.zeros(1)).to(parts.device)  # (b,)
+    mask = sb.response_mask * keep.to(parts.device)[:, None]  # (b, T)
+    loss_tok, st = policy_loss(lp, old, adv, mask, a.eps_low, a.eps_high, a.clip_c)
+    if a.kl_coef > 0:
+        with torch.no_grad():
+            ref_lp, _ = response_logprobs(parts.ref_model, sb, cfg.rollout.temperature)
+        kl = kl_penalty(lp, ref_lp, a.kl_kind)
+        loss_tok = loss_tok + a.kl_coef * kl * mask
+        st["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    loss = aggregate_loss(loss_tok, mask, a.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                          max_len=cfg.rollout.max_new_tokens)
+    ntok = mask.sum().item()
+    sums["tokens"] = sums.get("tokens", 0.0) + ntok
+    for key, v in st.items():
+        sums[key] = sums.get(key, 0.0) + v.item() * ntok
+    if ent is not None:
+        sums["entropy"] = sums.get("entropy", 0.0) + (ent * mask).sum().item()
+        sums["entropy_tokens"] = sums.get("entropy_tokens", 0.0) + ntok
+    return loss
 
 
 def whole_tensor(x: torch.Tensor) -> torch.Tensor:
