@@ -23,6 +23,9 @@ from dapo.config import ABLATION_ROWS, load_config
 from dapo.fsutil import write_atomic
 
 DEFAULTS = {"seeds": 3, "max_samples": 8192, "lr": 1e-4, "high_lr": 4e-4}
+EVAL = ["data.eval_seed=0", "log.eval_k=8"]
+"""Every run is scored on the same held-out prompts, 8 samples each (avg@8): the seeds' spread is then
+the training's, not which prompts a seed happened to draw (overridable like any key)."""
 QUICK = {"seeds": 2, "max_samples": 3072}
 _TAIL = 5  # "at the end" = mean over the last 5 logged steps
 
@@ -91,13 +94,13 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_markdown(table: list[dict[str, Any]], budget: int) -> str:
+def to_markdown(table: list[dict[str, Any]], budget: int, scoring: str = "") -> str:
     head = ("| row | lr | held-out acc (mean ± std) | before | entropy (end) | response len (end) | samples | steps |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = [f"| {t['row']} | {t['lr']:g} | {t['acc_mean']:.3f} ± {t['acc_std']:.3f} (n={t['seeds']}) | "
              f"{t['acc_before']:.3f} | {t['entropy_end']:.3f} | {t['len_end']:.1f} | {t['samples']:.0f} | {t['steps']:.0f} |"
              for t in table]
-    return f"Equal budget: {budget} generated samples per run.\n\n" + head + "\n".join(lines) + "\n"
+    return f"Equal budget: {budget} generated samples per run.{scoring}\n\n" + head + "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,14 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds or (QUICK if args.quick else DEFAULTS)["seeds"]
     budget = args.max_samples or (QUICK if args.quick else DEFAULTS)["max_samples"]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    overrides = [*EVAL, *args.overrides]
     for r in rows:
-        load_config(r, overrides=list(args.overrides))  # fail on a bad row or key before any run starts
+        cfg = load_config(r, overrides=overrides)  # fail on a bad row or key before any run starts
+    ev = "the same" if cfg.data.eval_seed is not None else "each seed's own"
+    scoring = (f" Held-out accuracy: avg@{cfg.log.eval_k} (T {cfg.rollout.eval_temperature:g}) over {ev} "
+               f"{cfg.data.eval_size} held-out prompts.")
     out = Path(args.out or f"runs/ablate-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     plan = [(r, s, args.lr) for r in rows for s in range(seeds)]
     if args.high_lr:
         plan += [(r, s, args.high_lr) for r in ("grpo", "dapo") for s in range(seeds)]
-    overrides = list(args.overrides)
     done = _previous_runs(out, budget, overrides)
     if done:
         print(f"continuing the ablation in {out}: {len(done)} runs already finished", file=sys.stderr)
@@ -147,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_atomic(out / "ablation.json", json.dumps(
             {"budget": budget, "overrides": overrides, "runs": runs, "table": summarise(runs)}, indent=1))
     table = summarise(runs)
-    md = to_markdown(table, budget)
+    md = to_markdown(table, budget, scoring)
     (out / "ablation.md").write_text(md)
     write_atomic(out / "ablation.json", json.dumps({"budget": budget, "overrides": overrides, "runs": runs,
                                                     "table": table, "wall_s": time.perf_counter() - t0}, indent=1))

@@ -66,6 +66,9 @@ class DataConfig:
     """Drop repeated prompts (DAPO-Math-17k repeats each about 100 times) and report how many."""
     eval_size: int = 256
     """Number of held-out prompts evaluated before and after training."""
+    eval_seed: int | None = None
+    """Seed that draws the held-out prompts (built-in task, or the slice held out of ``path``); None = ``seed``.
+    Fix it to compare runs of different seeds on the same prompts."""
     reward: str = "auto"
     """Verifier: auto (the built-in task's own, or math for files), math (DAPO math scoring), or module:function."""
     reward_workers: int = 0
@@ -192,7 +195,8 @@ class LogConfig:
     eval_every: int = 0
     """Evaluate on held-out prompts every N steps (0 = only before and after)."""
     eval_k: int = 1
-    """Samples per held-out prompt in the periodic evaluation: eval/avg@k, eval/pass@k, eval/maj@k (paper: 32)."""
+    """Samples per held-out prompt: the before/after accuracy is their mean (avg@k); the periodic evaluation
+    also logs eval/pass@k and eval/maj@k (paper: 32)."""
     samples_every: int = 10
     """Save a few decoded responses every N steps to samples.jsonl."""
 

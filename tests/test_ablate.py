@@ -1,5 +1,6 @@
 """dapo ablate: progressive rows under an equal sample budget, a table over seeds, a report."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,11 @@ def test_ablate_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert [t["row"] for t in data["table"]] == ["grpo", "dapo"]
     for r in data["runs"]:
         assert r["samples"] >= 32  # each run stopped on the sample budget, not on steps
-    assert (tmp_path / "ablation.md").read_text().count("\n| ") >= 3
+    md = (tmp_path / "ablation.md").read_text()
+    assert md.count("\n| ") >= 3 and "avg@8 (T 1) over the same 8 held-out prompts" in md
+    for r in data["runs"]:  # every run scored alike: 8 samples of each of the same held-out prompts
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert summary["before"]["k"] == summary["after"]["k"] == 8
     assert (tmp_path / "report" / "report.html").exists()
 
 

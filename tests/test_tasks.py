@@ -203,6 +203,9 @@ def test_eval_and_train_are_disjoint_and_deterministic():
     ev2, stream2 = task_splits(ADD, seed=3, n_eval=256)
     assert ev2 == ev and stream2.take(50) == train[:50]
     assert [e.prompt for e in task_splits(ADD, seed=4, n_eval=256)[0]] != prompts
+    # a fixed eval seed: the same held-out prompts under every training seed, the training streams still differ
+    ev5, st5 = task_splits(ADD, seed=5, n_eval=256, eval_seed=3)
+    assert ev5 == ev and st5.take(50) != train[:50]
     # an independent probe set (another tag) is held out too, but drawn separately
     probe = eval_examples(ADD, 3, 256, tag="sft-probe")
     assert all(is_heldout(e.prompt) for e in probe) and [e.prompt for e in probe] != prompts

@@ -235,3 +235,26 @@ def test_zero_advantage_skip_is_off_with_kl_and_when_the_whole_mini_batch_is_zer
     m = update_policy(parts, fb, old, cfg, step=1)
     assert m["actor/updates"] == 2 and m["actor/grad_norm"] == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in parts.model.parameters())
+
+
+def test_held_out_accuracy_averages_eval_k_samples_of_each_prompt(tiny_model_dir, tmp_path):
+    from dapo.trainer.loop import evaluate
+    from dapo.trainer.setup import build_parts
+
+    cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "log.eval_k=3", "data.eval_seed=11"])
+    parts = build_parts(cfg, tmp_path, None, log=lambda s: None)
+    other = build_parts(load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "data.eval_seed=11", "seed=9"]),
+                        tmp_path / "b", None, log=lambda s: None)
+    assert [it.example for it in other.eval_items] == [it.example for it in parts.eval_items]  # eval_seed, not seed
+    seen = []
+
+    def score(texts, exs):  # "correct" = the example is one of the first three held-out prompts
+        seen.extend(exs)
+        ok = [e in [it.example for it in parts.eval_items[:3]] for e in exs]
+        return [float(c) for c in ok], ok, {}
+
+    parts.score_fn = score
+    res = evaluate(parts, cfg, cfg.seed)
+    assert (res["n"], res["k"]) == (8, 3) and len(seen) == 24
+    assert all(seen.count(it.example) == 3 for it in parts.eval_items)  # each prompt's own k responses
+    assert res["accuracy"] == pytest.approx(9 / 24)

@@ -284,10 +284,11 @@ class TrainStream:
         self.cursor = int(state["cursor"])
 
 
-def task_splits(task: Task | str, seed: int, n_eval: int) -> tuple[list[Example], TrainStream]:
-    """(``n_eval`` held-out examples, the training stream from index 0), both deterministic in ``seed``.
+def task_splits(task: Task | str, seed: int, n_eval: int, eval_seed: int | None = None) -> tuple[list[Example], TrainStream]:
+    """(``n_eval`` held-out examples, the training stream from index 0), deterministic in ``seed``
+    (the held-out ones in ``eval_seed`` when given).
 
     No training prompt is ever a held-out prompt, whatever ``n_eval`` (see :func:`is_heldout`).
     """
     task = get_task(task) if isinstance(task, str) else task
-    return eval_examples(task, seed, n_eval), TrainStream(task, seed)
+    return eval_examples(task, seed if eval_seed is None else eval_seed, n_eval), TrainStream(task, seed)

@@ -54,22 +54,24 @@ class RunResult:
 
 @torch.no_grad()
 def evaluate(parts: RunParts, cfg: Config, seed: int, tag: str = "eval") -> dict[str, float]:
-    """Held-out accuracy: one sample per prompt at the eval temperature / top-p."""
+    """Held-out accuracy: ``log.eval_k`` samples per prompt at the eval temperature / top-p, averaged (avg@k)."""
     if not parts.eval_items:
         return {"accuracy": float("nan"), "n": 0}
+    k = cfg.log.eval_k
     params = SamplingParams(
-        n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
+        n=k, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
         top_p=cfg.rollout.eval_top_p, top_k=cfg.rollout.top_k,
     )
     items = parts.eval_items
     comps = parts.engine.generate([it.prompt_ids for it in items], params, [derive_seed(seed, 7919, i) for i in range(len(items))])
     texts = [parts.decode(c.token_ids) for c in comps]
-    scores, correct, _ = parts.score_fn(texts, [it.example for it in items])
+    scores, correct, _ = parts.score_fn(texts, [items[c.prompt_index].example for c in comps])
     return {
         "accuracy": sum(correct) / len(correct),
         "score": sum(scores) / len(scores),
         "len_mean": sum(len(c.token_ids) for c in comps) / len(comps),
         "n": len(items),
+        "k": k,
     }
 
 

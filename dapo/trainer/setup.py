@@ -212,7 +212,7 @@ def _task_parts(cfg: Config, tokenizer: Any):
         task = get_task(cfg.data.task)
     except ValueError as e:
         raise SetupError(f"data.task: {e}") from None
-    eval_ex, stream = task_splits(task, cfg.seed, cfg.data.eval_size)
+    eval_ex, stream = task_splits(task, cfg.seed, cfg.data.eval_size, cfg.data.eval_seed)
 
     def encode(ex: Example) -> list[int]:
         return tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
@@ -248,7 +248,7 @@ def _file_parts(cfg: Config, tokenizer: Any, log: Callable[[str], None]):
         ev, ev_ids = ev[: d.eval_size], ev_ids[: d.eval_size]
     else:  # hold out a seeded slice of the training file (at most a tenth of it)
         order = list(range(len(exs)))
-        random.Random(f"{cfg.seed}/holdout").shuffle(order)
+        random.Random(f"{cfg.seed if d.eval_seed is None else d.eval_seed}/holdout").shuffle(order)
         n_ev = min(d.eval_size, len(exs) // 10)
         ev_set = set(order[:n_ev])
         ev, ev_ids = [exs[i] for i in order[:n_ev]], [ids[i] for i in order[:n_ev]]
