@@ -128,6 +128,10 @@ class AlgoConfig:
     """Most generation rounds per step while refilling the batch (verl: max_num_gen_batches)."""
     on_gen_cap: str = "train"
     """When ``max_gen_rounds`` runs out: train (on the groups kept, and log it) or error."""
+    refill: str = "batch"
+    """How many prompts a refill round samples: batch (``gen_batch_size`` every round, as the paper and
+    verl; the surplus is discarded) or adaptive (the first round ``gen_batch_size``, later rounds only
+    what this step's keep rate says is missing, x1.25: fewer samples thrown away, same kept groups)."""
     carry_over: bool = False
     """Keep surplus mixed groups for the next step (with their behaviour log-probs) instead of discarding (paper)."""
     overlong_filter: bool = True
@@ -470,6 +474,8 @@ def _validate(c: Config) -> None:
         bad("algo.kl_kind", f"{a.kl_kind!r} is not one of {', '.join(KL_KINDS)}")
     if a.filter_metric not in ("acc", "reward"):
         bad("algo.filter_metric", f"must be acc or reward, got {a.filter_metric!r}")
+    if a.refill not in ("batch", "adaptive"):
+        bad("algo.refill", f"must be batch or adaptive, got {a.refill!r}")
     if a.on_gen_cap not in ("train", "error"):
         bad("algo.on_gen_cap", f"must be train or error, got {a.on_gen_cap!r}")
     if a.max_gen_rounds < 1:

@@ -66,6 +66,7 @@ def test_roundtrip_through_yaml(tmp_path):
         ("algo.dynamic_sampling=maybe", "algo.dynamic_sampling: expected bool"),
         ("optim.steps=2.5", "optim.steps: expected int"),
         ("algo.loss_agg=sample-mean", "algo.loss_agg"),
+        ("algo.refill=lazy", "algo.refill"),
         ("noequals", "key=value"),
     ],
 )

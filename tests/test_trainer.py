@@ -89,6 +89,26 @@ def test_carry_over_keeps_surplus_groups_with_behaviour_logprobs(tiny_model_dir)
     assert s2.carried == []  # the paper's default: surplus discarded
 
 
+def _half_mixed(texts, examples):
+    """Even prompt numbers: alternately right and wrong (a mixed group); odd ones: all wrong. Keep rate 1/2."""
+    ok = [int(e.prompt[1:]) % 2 == 0 and i % 2 == 0 for i, e in enumerate(examples)]
+    return [1.0 if c else -1.0 for c in ok], ok, {}
+
+
+def test_adaptive_refill_samples_only_what_the_keep_rate_needs(tiny_model_dir):
+    batch = _sampler(tiny_model_dir, score=_half_mixed, gen_batch_size=8)
+    adaptive = _sampler(tiny_model_dir, score=_half_mixed, gen_batch_size=8, refill="adaptive")
+    gb, mb = batch.collect(step=1)
+    ga, ma = adaptive.collect(step=1)
+    # round 1: prompts 0-7, 4 kept; round 2: the paper's rule takes 8 more, adaptive ceil(1.25 x 2 / (4/8)) = 5
+    assert (mb["batch/samples_total"], ma["batch/samples_total"]) == (16 * 4, 13 * 4)
+    assert mb["batch/gen_rounds"] == ma["batch/gen_rounds"] == 2
+    assert [g.item.uid for g in ga] == [g.item.uid for g in gb] == [0, 2, 4, 6, 8, 10]  # the same groups ...
+    assert [c.token_ids for g in ga for c in g.completions] == [c.token_ids for g in gb for c in g.completions]
+    _, ma2 = adaptive.collect(step=2)  # ... and every step starts with a whole round (prompts 13-20, then 21-25)
+    assert ma2["batch/samples_total"] - ma["batch/samples_total"] == (8 + 5) * 4
+
+
 def test_no_dynamic_sampling_trains_on_every_group(tiny_model_dir):
     s = _sampler(tiny_model_dir, dynamic_sampling=False, train_batch_size=5)
     groups, m = s.collect(step=1)

@@ -3,6 +3,8 @@
 Each generation round samples ``gen_batch_size`` prompts x G responses, scores them, and keeps only
 groups whose outcomes are mixed (all-correct and all-wrong groups have zero advantage and so no
 gradient). Rounds repeat until ``train_batch_size`` groups are kept or ``max_gen_rounds`` is spent.
+With ``refill="adaptive"`` the rounds after the first sample only about as many prompts as are missing
+at the keep rate seen so far in the step.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class SamplerSettings:
     filter_metric: str = "acc"
     max_gen_rounds: int = 8
     on_gen_cap: str = "train"
+    refill: str = "batch"
     carry_over: bool = False
     soft_overlong: bool = False
     overlong_cache_len: int = 4
@@ -86,7 +89,7 @@ class DynamicSampler:
         """The groups to train on at ``step`` and the round's metrics."""
         s = self.s
         kept: list[Group] = list(self.carried)
-        self.carried = []
+        n_carried, self.carried = len(kept), []
         t_gen = t_rew = 0.0
         rounds, seen_groups, all_groups = 0, 0, []
         stats_sum: dict[str, float] = {}
@@ -95,7 +98,9 @@ class DynamicSampler:
                 break
             if rounds >= (s.max_gen_rounds if s.dynamic_sampling else 1):
                 break
-            n = s.gen_batch_size if s.dynamic_sampling else s.train_batch_size
+            n = s.train_batch_size
+            if s.dynamic_sampling:
+                n = self._round_size(s.train_batch_size - len(kept), len(kept) - n_carried, seen_groups)
             items = self.stream.take(n)
             t0 = time.perf_counter()
             comps = self.engine.generate(
@@ -151,6 +156,14 @@ class DynamicSampler:
         }
         metrics.update(stats_sum)
         return kept, metrics
+
+    def _round_size(self, missing: int, kept_here: int, seen_here: int) -> int:
+        """Prompts for the next round: ``gen_batch_size``; with adaptive refill, after the step's first round,
+        the missing groups over the keep rate seen so far in this step, with a quarter to spare."""
+        s = self.s
+        if s.refill != "adaptive" or not seen_here or not kept_here:
+            return s.gen_batch_size
+        return max(1, min(s.gen_batch_size, math.ceil(1.25 * missing * seen_here / kept_here)))
 
     def _score(self, items: Sequence[PromptItem], comps: list[Completion], step: int) -> tuple[list[Group], dict]:
         G = self.s.group_size
