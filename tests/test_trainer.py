@@ -278,3 +278,22 @@ def test_held_out_accuracy_averages_eval_k_samples_of_each_prompt(tiny_model_dir
     assert (res["n"], res["k"]) == (8, 3) and len(seen) == 24
     assert all(seen.count(it.example) == 3 for it in parts.eval_items)  # each prompt's own k responses
     assert res["accuracy"] == pytest.approx(9 / 24)
+
+
+def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dapo.trainer.logger import RunLogger
+
+    first = RunLogger(tmp_path, 5, progress="none")
+    for step in range(1, 6):  # the run got to step 5; its newest checkpoint is step 3
+        first.log(step, {"rollout/acc": float(step)})
+    first.close()
+    again = RunLogger(tmp_path, 5, progress="none", start_step=3, resumed=True)
+    for step in (4, 5):
+        again.log(step, {"rollout/acc": 100.0 + step})
+    again.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("rollout/acc")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 104.0), (5, 105.0)]

@@ -48,6 +48,7 @@ class RunLogger(NullLogger):
         config: dict | None = None,
         stream: TextIO | None = None,
         start_step: int = 0,
+        resumed: bool = False,
     ):
         self.run_dir = Path(run_dir)
         self.total = total_steps
@@ -62,7 +63,8 @@ class RunLogger(NullLogger):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+                # on a resume, events past the checkpoint are hidden: the steps after it are logged again
+                self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resumed else None)
             except ImportError:
                 self.message("tensorboard not installed: skipping TensorBoard events (pip install tensorboard)")
         self.wandb = None

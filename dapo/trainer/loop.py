@@ -246,7 +246,8 @@ def _train(cfg: Config, parts: RunParts, log_stream: Any, on_step: Callable[[int
         for name in ("metrics.jsonl", "samples.jsonl"):
             _truncate_metrics(run_dir / name, start)
     logger = RunLogger(run_dir, cfg.optim.steps, cfg.log.progress, cfg.log.tensorboard, cfg.log.wandb,
-                       cfg.log.wandb_project, cfg.to_dict(), stream=log_stream, start_step=start)
+                       cfg.log.wandb_project, cfg.to_dict(), stream=log_stream, start_step=start,
+                       resumed=bool(cfg.ckpt.resume))
     logger.message(f"run directory: {run_dir}" + (f" (resuming from {resume_from.name})" if resume_from else
                    " (no complete checkpoint in it yet: starting again from step 0)" if cfg.ckpt.resume else ""))
     if parts.device.type == "cpu":
