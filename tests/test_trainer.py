@@ -297,3 +297,26 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("rollout/acc")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 104.0), (5, 105.0)]
+
+
+def test_kl_reference_after_a_resume_is_the_initial_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    from dapo.trainer.setup import SetupError, build_parts
+
+    init = tmp_path / "init"
+    shutil.copytree(tiny_model_dir, init)
+    common = [*TINY_RUN, f"model.path={init}", "algo.kl_coef=0.1", "algo.filter_metric=reward", "optim.lr=1e-2",
+              "ckpt.every=2", f"log.out_dir={tmp_path}", "log.run_name=r"]
+    train(load_config(overrides=common + ["optim.steps=2"]))
+    cfg = load_config(overrides=common + ["optim.steps=4"])
+    parts = build_parts(cfg, tmp_path / "r", tmp_path / "r" / "step_2", log=lambda s: None)
+    first, ckpt = load_file(str(init / "model.safetensors")), load_file(str(tmp_path / "r" / "step_2" / "model.safetensors"))
+    ref, policy = parts.ref_model.state_dict(), parts.model.state_dict()
+    moved = [k for k in first if not torch.equal(first[k], ckpt[k])]
+    assert len(moved) > len(first) // 2  # training moved the policy away from its start ...
+    assert all(torch.equal(ref[k], first[k]) for k in first)  # ... the reference stays at the start
+    assert all(torch.equal(policy[k], ckpt[k]) for k in ckpt)
+    shutil.rmtree(init)
+    with pytest.raises(SetupError, match="KL reference is the run's initial model"):
+        build_parts(cfg, tmp_path / "r", tmp_path / "r" / "step_2", log=lambda s: None)

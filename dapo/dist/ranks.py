@@ -80,8 +80,10 @@ def _by_name(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
 class TrainerRank:
     """One trainer rank (a Ray actor)."""
 
-    def __init__(self, cfg: Config, path: str, pad_id: int, rank: int, world: int, use_gpu: bool):
+    def __init__(self, cfg: Config, path: str, pad_id: int, rank: int, world: int, use_gpu: bool,
+                 ref_path: str | None = None):
         self.cfg, self.path, self.pad_id, self.rank, self.world, self.use_gpu = cfg, path, pad_id, rank, world, use_gpu
+        self.ref_path = ref_path
         self.parts: RankParts | None = None
 
     def address(self) -> tuple[str, int]:
@@ -109,7 +111,8 @@ class TrainerRank:
         if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
             import copy
 
-            ref = copy.deepcopy(model).eval().requires_grad_(False)
+            ref = model if self.ref_path in (None, self.path) else load_model(cfg, self.ref_path, device)
+            ref = copy.deepcopy(ref).eval().requires_grad_(False)
         policy = ResponseLogprobs(model)
         if cfg.dist.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
@@ -222,13 +225,14 @@ class RankGroup:
     """The driver's ``Learner`` over M ``TrainerRank`` actors. A rank that dies stops the run with a
     ``DistError`` naming it (a process group cannot lose a member); resume from the last checkpoint."""
 
-    def __init__(self, cfg: Config, path: str, pad_id: int, cluster: Cluster, log: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, path: str, pad_id: int, cluster: Cluster, log: Callable[[str], None] = print,
+                 ref_path: str | None = None):
         self.cfg, self.cluster = cfg, cluster
         self.m = cfg.dist.trainer_ranks
         self.timeout_s = cfg.dist.timeout_s
         self.names = [f"trainer rank {r} of {self.m}" for r in range(self.m)]
         self.actors = [ray.remote(TrainerRank).options(**cluster.options(r), max_restarts=0)
-                       .remote(cfg, path, pad_id, r, self.m, cluster.use_gpu) for r in range(self.m)]
+                       .remote(cfg, path, pad_id, r, self.m, cluster.use_gpu, ref_path) for r in range(self.m)]
         host, port = wait_all([self.actors[0].address.remote()], self.names[:1], self.timeout_s, "starting trainer ranks")[0]
         infos = self._all("setup", host, port, what="starting trainer ranks")
         self.where = [where(i) for i in infos]

@@ -276,20 +276,32 @@ def _generation_eos(cfg: Config, path: str) -> Any:
         return SimpleNamespace(generation_config=None)
 
 
+def _load_reference(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
+    try:
+        return load_model(cfg, path, device)
+    except SetupError as e:
+        raise SetupError(f"algo.kl_coef > 0: the KL reference is the run's initial model, which did not load: {e}") from None
+
+
+def initial_model_path(cfg: Config, log: Callable[[str], None] = print) -> str:
+    """The model a run starts from: ``model.path``, or the built-in task's base model (prepared if not cached)."""
+    if cfg.model.path:
+        return cfg.model.path
+    from dapo.trainer.sft import prepare_base_model
+
+    return str(prepare_base_model(cfg.data.task, log=log))
+
+
 def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callable[[str], None] = print) -> RunParts:
     """Build the run. ``dist.rollout_workers`` > 0 puts rollout on Ray workers (``dapo.dist.RayEngine``),
     ``dist.trainer_ranks`` > 1 puts training on Ray ranks (``dapo.dist.RankGroup``); the loop is the same."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = resolve_device(cfg.model.device)
-    if resume_from is not None:
-        path = str(resume_from)
-    elif cfg.model.path:
-        path = cfg.model.path
-    else:
-        from dapo.trainer.sft import prepare_base_model
-
-        path = str(prepare_base_model(cfg.data.task, log=log))
+    init = initial_model_path(cfg, log) if resume_from is None or cfg.algo.kl_coef > 0 else None
+    path = str(resume_from) if resume_from is not None else init
+    # the KL reference is the run's initial policy, also after a resume (not the checkpoint resumed from)
+    ref_path = init if cfg.algo.kl_coef > 0 else None
     d = cfg.dist
     remote_rollout, remote_train = d.rollout_workers > 0, d.trainer_ranks > 1
     if d.ray_address and not (remote_rollout or remote_train):
@@ -308,8 +320,8 @@ def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Calla
     optimizer = scheduler = ref = None
     if not remote_train:
         optimizer, scheduler = make_optimizer(cfg, model)
-        if cfg.algo.kl_coef > 0:
-            ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if ref_path is not None:
+            ref = (copy.deepcopy(model) if ref_path == path else _load_reference(cfg, ref_path, device)).eval().requires_grad_(False)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -325,7 +337,7 @@ def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Calla
         if remote_train:
             from dapo.dist import RankGroup
 
-            parts.learner = RankGroup(cfg, path, pad_id, cluster, log=log)
+            parts.learner = RankGroup(cfg, path, pad_id, cluster, log=log, ref_path=ref_path)
             parts.closers.append(parts.learner.close)
         if remote_rollout:
             from dapo.dist import RayEngine
