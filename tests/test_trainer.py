@@ -103,6 +103,8 @@ def test_adaptive_refill_samples_only_what_the_keep_rate_needs(tiny_model_dir):
     # round 1: prompts 0-7, 4 kept; round 2: the paper's rule takes 8 more, adaptive ceil(1.25 x 2 / (4/8)) = 5
     assert (mb["batch/samples_total"], ma["batch/samples_total"]) == (16 * 4, 13 * 4)
     assert mb["batch/gen_rounds"] == ma["batch/gen_rounds"] == 2
+    assert (mb["batch/kept_frac"], mb["batch/mixed_frac"]) == (6 / 16, 8 / 16)  # 8 mixed, 2 of them surplus
+    assert (ma["batch/kept_frac"], ma["batch/mixed_frac"]) == (6 / 13, 7 / 13)
     assert [g.item.uid for g in ga] == [g.item.uid for g in gb] == [0, 2, 4, 6, 8, 10]  # the same groups ...
     assert [c.token_ids for g in ga for c in g.completions] == [c.token_ids for g in gb for c in g.completions]
     _, ma2 = adaptive.collect(step=2)  # ... and every step starts with a whole round (prompts 13-20, then 21-25)
@@ -118,7 +120,7 @@ def test_no_dynamic_sampling_trains_on_every_group(tiny_model_dir):
 REQUIRED_METRICS = [
     "rollout/acc", "rollout/reward", "response/len_mean", "response/len_max", "response/truncated_frac",
     "actor/entropy", "actor/clipfrac_low", "actor/clipfrac_high", "actor/clipfrac_dual", "actor/approx_kl",
-    "actor/grad_norm", "actor/lr", "batch/kept_frac", "batch/gen_rounds", "batch/samples_total",
+    "actor/grad_norm", "actor/lr", "batch/kept_frac", "batch/mixed_frac", "batch/gen_rounds", "batch/samples_total",
     "time/gen", "time/reward", "time/old_logp", "time/update", "perf/tokens_per_s",
 ]
 

@@ -91,7 +91,7 @@ class DynamicSampler:
         kept: list[Group] = list(self.carried)
         n_carried, self.carried = len(kept), []
         t_gen = t_rew = 0.0
-        rounds, seen_groups, all_groups = 0, 0, []
+        rounds, seen_groups, mixed, all_groups = 0, 0, 0, []
         stats_sum: dict[str, float] = {}
         while True:
             if s.dynamic_sampling and len(kept) >= s.train_batch_size:
@@ -116,10 +116,11 @@ class DynamicSampler:
             seen_groups += len(groups)
             all_groups += groups
             self.samples_total += len(comps)
+            metric = [g.correct if s.filter_metric == "acc" else g.rewards for g in groups]
+            mask = keep_groups(torch.tensor(metric, dtype=torch.float32).reshape(-1), s.group_size).tolist()
+            mixed += sum(mask)
             if s.dynamic_sampling:
-                metric = [g.correct if s.filter_metric == "acc" else g.rewards for g in groups]
-                mask = keep_groups(torch.tensor(metric, dtype=torch.float32).reshape(-1), s.group_size)
-                kept += [g for g, k in zip(groups, mask.tolist()) if k]
+                kept += [g for g, k in zip(groups, mask) if k]
             else:
                 kept += groups
         self.rounds_total += rounds
@@ -147,6 +148,7 @@ class DynamicSampler:
             "rollout/nan_logprob_frac": _mean([float(math.isnan(sum(c.logprobs))) for c in resp]),
             "batch/groups": float(len(kept)),
             "batch/kept_frac": len([g for g in all_groups if g in kept]) / max(1, seen_groups),
+            "batch/mixed_frac": mixed / max(1, seen_groups),  # with a gradient (by filter_metric), kept or not
             "batch/gen_rounds": float(rounds),
             "batch/capped": float(capped),
             "batch/carried": float(len(self.carried)),
