@@ -166,8 +166,8 @@ class OptimConfig:
     """Passes over each rollout batch."""
     skip_zero_adv: bool = True
     """No backward pass for responses whose advantage is exactly 0 (all-equal groups without dynamic
-    sampling): their gradient is zero, so the update is the same for less work; they still get a
-    forward pass for the metrics. Off with a KL term (it gives them a gradient)."""
+    sampling) when they are at least a quarter of a mini-batch: their gradient is zero, so the update is
+    the same for less work; they still get a forward pass for the metrics. Off with a KL term."""
     lr: float = 1e-4
     """AdamW learning rate (paper: 1e-6 for 32B)."""
     betas: tuple[float, float] = (0.9, 0.999)

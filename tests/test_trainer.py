@@ -252,6 +252,7 @@ def test_zero_advantage_skip_is_off_with_kl_and_when_the_whole_mini_batch_is_zer
     cfg_kl, *_ = _zero_adv_batch(tiny_model_dir, tmp_path / "kl", "algo.kl_coef=0.1")
     assert zero_advantage_rows(fb, rows, cfg_kl) == []  # the KL term gives them a gradient
     assert zero_advantage_rows(fb, rows[:4], cfg) == []  # all zero: run as usual
+    assert zero_advantage_rows(fb, rows[8:12], cfg) == [9] and zero_advantage_rows(fb, rows[8:13], cfg) == []  # < 1/4
     # a mini-batch of nothing but zero advantages still takes its optimiser step, on a zero gradient
     fb.advantages[:] = 0.0
     m = update_policy(parts, fb, old, cfg, step=1)

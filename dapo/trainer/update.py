@@ -224,13 +224,14 @@ def zero_advantage_rows(fb: FlatBatch, rows: list[int], cfg: Config) -> list[int
 
     Their loss is -0 * ratio at every token, so their gradient is exactly zero; they still count in the
     loss's denominator (token-mean, seq-mean), and their tokens still enter the metrics. Empty when the
-    switch is off, when a KL term gives them a gradient, or when every row of the mini-batch is one of
-    them (then the mini-batch runs as usual, so AdamW still takes its step on a zero gradient).
+    switch is off, when a KL term gives them a gradient, when they are under a quarter of the rows (their
+    separate forward pass would cost about what it saves on a small model: bench/zero_adv.py), or when
+    every row is one of them (then the mini-batch runs as usual, so AdamW still steps on a zero gradient).
     """
     if not cfg.optim.skip_zero_adv or cfg.algo.kl_coef > 0:
         return []
     zero = [i for i in rows if fb.advantages[i].item() == 0.0]
-    return [] if len(zero) == len(rows) else zero
+    return [] if 4 * len(zero) < len(rows) or len(zero) == len(rows) else zero
 
 
 def minibatch_backward(
