@@ -92,7 +92,7 @@ class TrainerRank:
         return host, _free_port(host)
 
     def setup(self, host: str, port: int) -> dict[str, Any]:
-        from dapo.trainer.setup import load_model, make_optimizer
+        from dapo.trainer.setup import load_model, make_optimizer, reference_model
 
         cfg = self.cfg
         if self.use_gpu:  # Ray shows the actor only its own GPU(s)
@@ -109,10 +109,7 @@ class TrainerRank:
         model = load_model(cfg, self.path, device)
         ref = None
         if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
-            import copy
-
-            ref = model if self.ref_path in (None, self.path) else load_model(cfg, self.ref_path, device)
-            ref = copy.deepcopy(ref).eval().requires_grad_(False)
+            ref = reference_model(cfg, model, self.path, self.ref_path, device)
         policy = ResponseLogprobs(model)
         if cfg.dist.fsdp:
             from torch.distributed.device_mesh import init_device_mesh

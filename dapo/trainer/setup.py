@@ -276,11 +276,18 @@ def _generation_eos(cfg: Config, path: str) -> Any:
         return SimpleNamespace(generation_config=None)
 
 
-def _load_reference(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
-    try:
-        return load_model(cfg, path, device)
-    except SetupError as e:
-        raise SetupError(f"algo.kl_coef > 0: the KL reference is the run's initial model, which did not load: {e}") from None
+def reference_model(cfg: Config, model: torch.nn.Module, path: str, ref_path: str | None,
+                    device: torch.device) -> torch.nn.Module:
+    """The frozen KL reference: a copy of ``model`` (loaded from ``path``) when ``ref_path`` is that same
+    model or None, else the run's initial model loaded from ``ref_path`` (a resumed run)."""
+    if ref_path is None or ref_path == path:
+        ref = copy.deepcopy(model)
+    else:
+        try:
+            ref = load_model(cfg, ref_path, device)
+        except SetupError as e:
+            raise SetupError(f"algo.kl_coef > 0: the KL reference is the run's initial model, which did not load: {e}") from None
+    return ref.eval().requires_grad_(False)
 
 
 def initial_model_path(cfg: Config, log: Callable[[str], None] = print) -> str:
@@ -321,7 +328,7 @@ def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Calla
     if not remote_train:
         optimizer, scheduler = make_optimizer(cfg, model)
         if ref_path is not None:
-            ref = (copy.deepcopy(model) if ref_path == path else _load_reference(cfg, ref_path, device)).eval().requires_grad_(False)
+            ref = reference_model(cfg, model, path, ref_path, device)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
