@@ -232,6 +232,10 @@ class DistConfig:
     """Shard parameters, gradients and optimiser state across trainer ranks with FSDP2 (fully_shard)."""
     colocate: bool = False
     """Rollout worker i and trainer rank i share one device (half a GPU each, one placement group)."""
+    rollout_on_ranks: bool = False
+    """The trainer ranks sample too, each its slice of the prompts with an engine on the very model it
+    trains (verl's hybrid engine): no rollout workers, no weight transfer, and no old log-prob recompute
+    (the sampler's log-probs are the old policy's). HF engine, replicated ranks (not FSDP)."""
     timeout_s: float = 3600.0
     """Longest wait for any worker or rank call (generate, update, weight sync) before the run stops
     with an error naming who did not answer. A dead actor is reported at once, not after this."""
@@ -556,6 +560,10 @@ def _validate(c: Config) -> None:
     if c.dist.colocate and not (c.dist.rollout_workers and c.dist.trainer_ranks > 1):
         bad("dist.colocate", "shares devices between Ray rollout workers and trainer ranks: set "
                              "dist.rollout_workers >= 1 and dist.trainer_ranks >= 2")
+    if c.dist.rollout_on_ranks and (c.dist.trainer_ranks < 2 or c.dist.rollout_workers or c.dist.fsdp
+                                    or r.engine != "hf"):
+        bad("dist.rollout_on_ranks", "samples on replicated trainer ranks with the HF engine: set "
+                                     "dist.trainer_ranks >= 2, dist.rollout_workers=0, dist.fsdp=false, rollout.engine=hf")
     if not 0 < r.gpu_memory_utilization <= 1:
         bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
     if c.dist.trainer_ranks > 1 and o.mini_batch_size * r.group_size % c.dist.trainer_ranks:

@@ -131,6 +131,36 @@ def test_two_rank_gradient_equals_single_process_gradient(run, tiny_model_dir):
     assert max(g.abs().max() for g in g_one.values()) > 1e-3  # a real gradient, not zeros on both sides
 
 
+def test_ranks_that_sample_themselves_use_their_own_weights_and_no_recompute(cluster, tiny_model_dir, tmp_path):
+    """dist.rollout_on_ranks: no rollout workers and no weights in the driver; the ranks sample with the
+    weights they train (the same tokens as an engine on the gathered weights), and their log-probs are the
+    old policy's, so the old log-prob pass returns them unchanged."""
+    from dapo.dist.ranks import RankEngine
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "h", f"optim.steps={STEPS}", "dist.trainer_ranks=2", "dist.rollout_on_ranks=true")
+    parts = build_parts(cfg, *resolve_run_dir(cfg))
+    history = []
+    try:
+        train(cfg, on_step=lambda step, m: history.append(dict(m)), parts=parts)
+        assert isinstance(parts.engine, RankEngine) and parts.model is None
+        assert [m["rollout/weight_version"] for m in history] == list(range(STEPS))
+        assert all(m["dist/param_sync_err"] == 0.0 and m["batch/groups"] > 0 for m in history)
+        assert parts.engine.weight_version == STEPS
+        local = _local(cfg, tiny_model_dir, parts.learner.full_state_dict())
+        params, seeds = SamplingParams(n=4, max_new_tokens=8), [7, 8, 9, 10, 11]
+        remote = parts.engine.generate(PROMPTS, params, seeds)  # 3 prompts on rank 0, 2 on rank 1
+        here = HFEngine(local.model, 0, [1]).generate(PROMPTS, params, seeds)
+        assert [c.token_ids for c in remote] == [c.token_ids for c in here]
+        assert [c.prompt_index for c in remote] == [c.prompt_index for c in here]
+        assert {c.weight_version for c in remote} == {STEPS}
+        _, fb = _batch(parts.engine, cfg)
+        assert parts.learner.old_logp(fb, cfg) == fb.behaviour_logp  # not recomputed ...
+        recomputed = compute_old_logp(local, fb, cfg)  # ... and what a recompute would give, to rounding
+        assert max(abs(a - b) for x, y in zip(recomputed, fb.behaviour_logp) for a, b in zip(x, y)) < 1e-5
+    finally:
+        parts.close()
+
+
 @pytest.mark.slow
 def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir):
     cfg = _cfg(tiny_model_dir, "unused", "fsdp", "dist.trainer_ranks=2", "dist.fsdp=true", "optim.micro_batch_size=3")
@@ -198,6 +228,10 @@ def test_dist_settings_that_cannot_apply_are_rejected():
         load_config(overrides=["dist.colocate=true", "dist.rollout_workers=2"])
     with pytest.raises(ConfigError, match="dist.timeout_s"):
         load_config(overrides=["dist.timeout_s=0"])
+    with pytest.raises(ConfigError, match="dist.rollout_on_ranks"):
+        load_config(overrides=["dist.rollout_on_ranks=true"])  # one rank: nothing to sample on
+    with pytest.raises(ConfigError, match="dist.rollout_on_ranks"):
+        load_config(overrides=["dist.rollout_on_ranks=true", "dist.trainer_ranks=2", "dist.fsdp=true"])
 
 
 def test_vllm_engine_without_vllm_says_how_to_get_it(tiny_model_dir, tmp_path, capsys):

@@ -2,15 +2,17 @@
 
     dapo train dist.rollout_workers=2 dist.trainer_ranks=2            # local loopback cluster
     dapo train dist.ray_address=auto dist.rollout_workers=8 dist.trainer_ranks=8 dist.fsdp=true
+    dapo train dist.trainer_ranks=2 dist.rollout_on_ranks=true          # ranks sample with their own model
 
 The driver runs the same loop as one process; ``RayEngine`` (rollout) and ``RankGroup`` (training)
-stand behind the same two interfaces the loop calls. See docs/scaling.md.
+stand behind the same two interfaces the loop calls (``RankEngine`` when the ranks sample too).
+See the README's "Scaling out".
 """
 from dapo.dist.cluster import Cluster, DistError, start_local_ray, wait_all
-from dapo.dist.ranks import RankGroup, TrainerRank
+from dapo.dist.ranks import RankEngine, RankGroup, TrainerRank
 from dapo.dist.rollout import RayEngine, RolloutWorker, put_chunks, split_evenly
 
 __all__ = [
-    "Cluster", "DistError", "RankGroup", "RayEngine", "RolloutWorker", "TrainerRank", "put_chunks",
+    "Cluster", "DistError", "RankEngine", "RankGroup", "RayEngine", "RolloutWorker", "TrainerRank", "put_chunks",
     "split_evenly", "start_local_ray", "wait_all",
 ]

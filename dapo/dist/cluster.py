@@ -73,7 +73,8 @@ class Cluster:
         self.use_gpu = bool(want_gpu and res.get("GPU", 0) >= 1)
         log(f"ray: {'started a local cluster on 127.0.0.1' if self.started else 'connected'}; "
             f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; rollout on {d.rollout_workers} workers, "
-            f"training on {d.trainer_ranks} rank(s){' (colocated)' if d.colocate else ''}")
+            f"training on {d.trainer_ranks} rank(s){' (colocated)' if d.colocate else ''}"
+            f"{'; the ranks sample too' if d.rollout_on_ranks else ''}")
         self.pg = None
         if d.colocate:
             n = max(d.rollout_workers, d.trainer_ranks)

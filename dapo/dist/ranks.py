@@ -7,7 +7,8 @@ the ranks' gradients (all-reduce, or FSDP2's reduce-scatter with divide factor 1
 the single-process gradient, and every rank takes the same optimiser step.
 
 ``RankGroup`` is the driver's handle: a ``Learner`` (old log-probs, update, weights to the rollout
-engine, optimiser state and model files for checkpoints) that fans each call out to the ranks.
+engine, optimiser state and model files for checkpoints) that fans each call out to the ranks. With
+``dist.rollout_on_ranks`` the ranks also sample (``RankEngine``), each with an engine on its own replica.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch.distributed as tdist
 
 from dapo.config import Config
 from dapo.dist.cluster import Cluster, wait_all, where
-from dapo.dist.rollout import put_chunks
+from dapo.dist.rollout import put_chunks, split_evenly
+from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.update import (
     DataParallel, FlatBatch, whole_tensor, minibatch_backward, old_logp_share, update_policy,
@@ -43,6 +45,8 @@ class RankParts:
     device: torch.device
     bad_in_a_row: int
     dp: DataParallel
+    engine: Any = None
+    """An HF engine on ``model`` itself (``dist.rollout_on_ranks``): the update then knows the sampler ran the policy."""
 
 
 def _free_port(host: str) -> int:
@@ -81,9 +85,9 @@ class TrainerRank:
     """One trainer rank (a Ray actor)."""
 
     def __init__(self, cfg: Config, path: str, pad_id: int, rank: int, world: int, use_gpu: bool,
-                 ref_path: str | None = None):
+                 ref_path: str | None = None, eos: list[int] | None = None):
         self.cfg, self.path, self.pad_id, self.rank, self.world, self.use_gpu = cfg, path, pad_id, rank, world, use_gpu
-        self.ref_path = ref_path
+        self.ref_path, self.eos = ref_path, eos
         self.parts: RankParts | None = None
 
     def address(self) -> tuple[str, int]:
@@ -116,9 +120,19 @@ class TrainerRank:
 
             _shard(policy, init_device_mesh(device.type, (self.world,)))
         optimizer, scheduler = make_optimizer(cfg, model)
+        engine = None
+        if cfg.dist.rollout_on_ranks:
+            from dapo.rollout.hf import HFEngine
+
+            engine = HFEngine(model, self.pad_id, self.eos or [], max_batch=cfg.rollout.batch_size)
         self.parts = RankParts(model, policy, optimizer, scheduler, ref, self.pad_id, device, 0,
-                               DataParallel(self.rank, self.world, cfg.dist.fsdp))
+                               DataParallel(self.rank, self.world, cfg.dist.fsdp), engine)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device)}
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], version: int) -> list[Completion]:
+        """Sample with this rank's replica, whose weights are ``version`` (``dist.rollout_on_ranks``)."""
+        self.parts.engine.weight_version = version
+        return self.parts.engine.generate(prompts, params, seeds)
 
     # -------------------------------------------------------------------------------------------- training
 
@@ -223,13 +237,13 @@ class RankGroup:
     ``DistError`` naming it (a process group cannot lose a member); resume from the last checkpoint."""
 
     def __init__(self, cfg: Config, path: str, pad_id: int, cluster: Cluster, log: Callable[[str], None] = print,
-                 ref_path: str | None = None):
+                 ref_path: str | None = None, eos: list[int] | None = None):
         self.cfg, self.cluster = cfg, cluster
         self.m = cfg.dist.trainer_ranks
         self.timeout_s = cfg.dist.timeout_s
         self.names = [f"trainer rank {r} of {self.m}" for r in range(self.m)]
         self.actors = [ray.remote(TrainerRank).options(**cluster.options(r), max_restarts=0)
-                       .remote(cfg, path, pad_id, r, self.m, cluster.use_gpu, ref_path) for r in range(self.m)]
+                       .remote(cfg, path, pad_id, r, self.m, cluster.use_gpu, ref_path, eos) for r in range(self.m)]
         host, port = wait_all([self.actors[0].address.remote()], self.names[:1], self.timeout_s, "starting trainer ranks")[0]
         infos = self._all("setup", host, port, what="starting trainer ranks")
         self.where = [where(i) for i in infos]
@@ -260,6 +274,9 @@ class RankGroup:
         return self._all("gradient", ray.put(fb), ray.put(old_logp), resp_idx, cfg, what="gradient")[0]
 
     def push_weights(self, engine: Any, version: int) -> None:
+        if isinstance(engine, RankEngine) and engine.group is self:  # the ranks sample with what they train
+            engine.weight_version = version
+            return
         refs, n = self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what="publishing weights")[0]
         if hasattr(engine, "load_weight_refs"):  # Ray workers fetch the chunks themselves
             engine.load_weight_refs(refs, n, version)
@@ -298,3 +315,34 @@ class RankGroup:
             except Exception:  # noqa: BLE001
                 pass
         self.actors = []
+
+
+class RankEngine:
+    """The ``RolloutEngine`` over the trainer ranks themselves (``dist.rollout_on_ranks``).
+
+    ``generate`` cuts the prompts into contiguous slices, one per rank (a prompt's G samples stay on one
+    rank), and each rank samples its slice with an HF engine on its own replica; every sample is seeded
+    from its prompt's seed, and the replicas are identical, so the result does not depend on the split.
+    The weights never travel: after an update the ranks already hold them, and ``weight_version`` only
+    counts. A rank that dies stops the run (a process group cannot lose a member).
+    """
+
+    def __init__(self, group: RankGroup):
+        self.group = group
+        self.weight_version = 0
+
+    def generate(self, prompts: Any, params: SamplingParams, seeds: Any) -> list[Completion]:
+        assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
+        g = self.group
+        bounds = [(k, s, e) for k, (s, e) in enumerate(split_evenly(len(prompts), g.m)) if e > s]
+        refs = [g.actors[k].generate.remote([list(p) for p in prompts[s:e]], params, list(seeds[s:e]), self.weight_version)
+                for k, s, e in bounds]
+        out: list[Completion] = []
+        for (k, s, _), comps in zip(bounds, wait_all(refs, [g.names[k] for k, _, _ in bounds], g.timeout_s, "generate")):
+            for c in comps:
+                c.prompt_index += s
+                out.append(c)
+        return out
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        raise RuntimeError("the ranks sample with the weights they train (dist.rollout_on_ranks): nothing to load")

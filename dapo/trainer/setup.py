@@ -316,7 +316,7 @@ def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Calla
             f"everything runs in this process")
     tokenizer = load_tokenizer(cfg, path)
     # the driver holds a model only when it trains or samples in this process
-    local_engine = not remote_rollout and cfg.rollout.engine == "hf"
+    local_engine = not remote_rollout and not d.rollout_on_ranks and cfg.rollout.engine == "hf"
     model = load_model(cfg, path, device) if (local_engine or not remote_train) else None
     if cfg.data.path:
         stream, eval_items, score_fn, closers = _file_parts(cfg, tokenizer, log)
@@ -344,9 +344,13 @@ def build_parts(cfg: Config, run_dir: Path, resume_from: Path | None, log: Calla
         if remote_train:
             from dapo.dist import RankGroup
 
-            parts.learner = RankGroup(cfg, path, pad_id, cluster, log=log, ref_path=ref_path)
+            parts.learner = RankGroup(cfg, path, pad_id, cluster, log=log, ref_path=ref_path, eos=eos)
             parts.closers.append(parts.learner.close)
-        if remote_rollout:
+        if d.rollout_on_ranks:
+            from dapo.dist.ranks import RankEngine
+
+            parts.engine = RankEngine(parts.learner)
+        elif remote_rollout:
             from dapo.dist import RayEngine
 
             parts.engine = RayEngine(cfg, path, pad_id, eos, cluster, log=log)
