@@ -2,6 +2,7 @@
 
     python bench/vs_trl.py                       # both model sizes, 2 threads
     python bench/vs_trl.py --models tiny --steps 8
+    python bench/vs_trl.py --models tiny --procs 2 --threads 1   # both sides data-parallel over 2 processes
 
 Same checkpoint, prompts (the built-in addition task), reward (its exact verifier), group size G,
 prompts per rollout, max response length, learning rate (constant), and optimiser steps per rollout.
@@ -18,6 +19,11 @@ warmed up, then stepped alternately A B A B over a pipe, so both see the same ma
 time runs from the "go" command to the end of the RL step, as the worker sees it (dapo: ``train``'s
 on_step callback; TRL: a TrainerCallback at the rollout's last on_step_end). The split:
 gen = generation, old_logp = old log-probs (no grad), update = the rest (optimiser steps, scoring, bookkeeping).
+
+``--procs N`` runs each side data-parallel over N processes of ``--threads`` threads each, the way each
+framework does it: dapo as N Ray trainer ranks that also sample (``dist.trainer_ranks=N
+dist.rollout_on_ranks=true``); TRL as N ``torch.distributed`` (gloo) processes under accelerate, each
+generating and training on 1/N of every batch (the worker starts ranks 1..N-1 itself and times rank 0).
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ SIDES = ("dapo", "trl")
 
 class Pipe:
     def __init__(self):
+        self.at_exit: list = []  # called before the worker exits on the parent's "quit"
         self.out = os.fdopen(os.dup(1), "w", buffering=1)
         os.dup2(2, 1)  # anything else printed goes to stderr
 
@@ -54,6 +61,8 @@ class Pipe:
         cmd = sys.stdin.readline().strip()
         if cmd != "go":
             self.out.flush()
+            for f in self.at_exit:
+                f()
             os._exit(0)
         return time.perf_counter()
 
@@ -64,6 +73,7 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
 
     set_threads(a.threads)
     tmp = tempfile.mkdtemp(prefix="bench-dapo-")
+    procs = [f"dist.trainer_ranks={a.procs}", "dist.rollout_on_ranks=true"] if a.procs > 1 else []
     cfg = load_config(overrides=[
         f"model.path={a.model}", "model.device=cpu", "model.dtype=float32",
         f"rollout.group_size={a.G}", f"rollout.max_new_tokens={a.max_new}", "rollout.temperature=1.0",
@@ -72,7 +82,7 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         f"optim.steps={a.warmup + a.steps + 1}", "algo.dynamic_sampling=false", "algo.soft_overlong=false",
         f"algo.overlong_filter={'false' if a.no_overlong_filter else 'true'}", "data.eval_size=0", f"seed={a.seed}",
         f"log.out_dir={tmp}", "log.run_name=r", "log.progress=none", "log.tensorboard=false",
-        "log.samples_every=0", "ckpt.save_final=false", *a.dapo_override,
+        "log.samples_every=0", "ckpt.save_final=false", *procs, *a.dapo_override,
     ])
     st: dict[str, Any] = {"t_go": None, "c_go": None}
 
@@ -95,7 +105,35 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
     pipe.send(error="dapo ran out of steps")
 
 
-def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
+def _trl_ranks(a: argparse.Namespace) -> tuple[int, list[subprocess.Popen]]:
+    """--procs N: this worker becomes rank 0 of an N-process gloo group and starts ranks 1..N-1 (same
+    script and arguments, --rank k), which train alongside it without talking to the parent."""
+    if a.procs <= 1:
+        return 0, []
+    if a.rank == 0:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(WORLD_SIZE=str(a.procs), RANK=str(a.rank), LOCAL_RANK=str(a.rank), LOCAL_WORLD_SIZE=str(a.procs))
+    kids = []
+    if a.rank == 0:
+        for k in range(1, a.procs):
+            log = open(Path(tempfile.gettempdir()) / f"bench-vs-trl-trl-rank{k}.log", "w")
+            kids.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(k)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=dict(os.environ)))
+    return a.rank, kids
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trl_worker(a: argparse.Namespace, pipe: Pipe | None) -> None:
+    rank, kids = _trl_ranks(a)
+    if pipe is not None:
+        pipe.at_exit.append(lambda: [k.kill() for k in kids])
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -125,18 +163,18 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
 
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, fp16=False, seed=a.seed,
-        num_generations=a.G, per_device_train_batch_size=a.mini * a.G, gradient_accumulation_steps=1,
+        num_generations=a.G, per_device_train_batch_size=a.mini * a.G // a.procs, gradient_accumulation_steps=1,
         steps_per_generation=spg, num_iterations=1, max_completion_length=a.max_new, temperature=1.0, top_p=1.0,
         top_k=0, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0,
         mask_truncated_completions=not a.no_overlong_filter, scale_rewards="group", max_steps=n_rollouts * spg,
         logging_steps=spg, report_to="none", save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False,
+        dataloader_num_workers=0, remove_unused_columns=False, ddp_backend="gloo" if a.procs > 1 else None,
     )
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step % spg:
+            if state.global_step % spg or pipe is None:  # ranks > 0 just train
                 return
             t, c = time.perf_counter(), time.process_time()
             k = state.global_step // spg  # rollouts done
@@ -145,7 +183,7 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
             elif k > a.warmup:
                 wall = t - st["t_go"]
                 pipe.send(wall=wall, gen=st["gen"], old_logp=st["old_logp"], update=wall - st["gen"] - st["old_logp"],
-                          cpu=c - st["c_go"], tokens=st["tokens"], reward=st["reward"], truncated=st["truncated"])
+                          cpu=c - st["c_go"], tokens=st["tokens"] * a.procs, reward=st["reward"], truncated=st["truncated"])
             if k >= a.warmup:
                 st["t_go"] = pipe.wait_go()
                 st["c_go"] = time.process_time()
@@ -168,7 +206,8 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
     trainer._generate = timed("gen", trainer._generate)
     trainer._get_per_token_logps_and_entropies = timed("old_logp", trainer._get_per_token_logps_and_entropies, True)
     trainer.train()
-    pipe.send(error="trl ran out of steps")
+    if pipe is not None:
+        pipe.send(error="trl ran out of steps")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +217,7 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe) -> None:
 class Worker:
     def __init__(self, side: str, model: Path, a: argparse.Namespace):
         cmd = [sys.executable, __file__, "--worker", side, "--model", str(model), "--threads", str(a.threads),
+               "--procs", str(a.procs),
                "--G", str(a.G), "--prompts", str(a.prompts), "--mini", str(a.mini), "--max-new", str(a.max_new),
                "--lr", str(a.lr), "--steps", str(a.steps), "--warmup", str(a.warmup), "--seed", str(a.seed)]
         for o in a.dapo_override:
@@ -269,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,25m", help=f"comma list of: {', '.join(MODEL_SHAPES)}")
     ap.add_argument("--steps", type=int, default=6, help="timed RL steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed RL steps per side before (>= 1)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    ap.add_argument("--procs", type=int, default=1, help="data-parallel processes per side (see the docstring)")
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--G", type=int, default=8, help="responses per prompt")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout")
     ap.add_argument("--mini", type=int, default=4, help="prompts per optimiser step")
@@ -284,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.warmup = max(1, a.warmup)
+    if a.worker == "trl" and a.rank > 0:
+        trl_worker(a, None)
+        return 0
     if a.worker:
         pipe = Pipe()
         (dapo_worker if a.worker == "dapo" else trl_worker)(a, pipe)
@@ -304,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                              "trunc": s["truncated_frac"], "cpu_s": s["cpu_s"],
                              "dapo/trl": r["ratio_median"] if side == "dapo" else 1.0})
     shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads",
-                                        "no_overlong_filter")}
+                                        "procs", "no_overlong_filter")}
     print(f"\nRL step, {a.prompts} prompts x G={a.G}, <= {a.max_new} new tokens, {a.prompts // a.mini} optimiser "
           f"steps of {a.mini * a.G} responses; median of {a.steps} alternating steps after {a.warmup} warm-up")
     print(table(rows))
