@@ -28,7 +28,7 @@ from dapo.dist.rollout import put_chunks, split_evenly
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.update import (
-    DataParallel, FlatBatch, whole_tensor, minibatch_backward, old_logp_share, update_policy,
+    DataParallel, FlatBatch, engine_runs_the_policy, whole_tensor, minibatch_backward, old_logp_share, update_policy,
 )
 
 
@@ -127,7 +127,8 @@ class TrainerRank:
             engine = HFEngine(model, self.pad_id, self.eos or [], max_batch=cfg.rollout.batch_size)
         self.parts = RankParts(model, policy, optimizer, scheduler, ref, self.pad_id, device, 0,
                                DataParallel(self.rank, self.world, cfg.dist.fsdp), engine)
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device)}
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device),
+                "samples_the_policy": engine_runs_the_policy(self.parts)}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], version: int) -> list[Completion]:
         """Sample with this rank's replica, whose weights are ``version`` (``dist.rollout_on_ranks``)."""
@@ -247,6 +248,7 @@ class RankGroup:
         host, port = wait_all([self.actors[0].address.remote()], self.names[:1], self.timeout_s, "starting trainer ranks")[0]
         infos = self._all("setup", host, port, what="starting trainer ranks")
         self.where = [where(i) for i in infos]
+        self.samples_the_policy = all(i["samples_the_policy"] for i in infos)  # see old_logp
         log(f"trainer: {self.m} ranks ({'FSDP2-sharded' if cfg.dist.fsdp else 'replicated'}) on {infos[0]['device']}, "
             f"process group at {host}:{port}")
 
@@ -256,6 +258,8 @@ class RankGroup:
 
     def old_logp(self, fb: FlatBatch, cfg: Config) -> list[list[float]]:
         out = [list(x) for x in fb.behaviour_logp]
+        if self.samples_the_policy:  # the ranks sampled with their own fp32 models: nothing to recompute
+            return out
         for share in self._all("old_logp", ray.put(fb), cfg, what="old log-probs"):
             for i, lp in share.items():
                 out[i] = lp

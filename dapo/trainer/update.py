@@ -176,9 +176,9 @@ def _lengths(fb: FlatBatch) -> list[int]:
 # ------------------------------------------------------------------------------------------------ old log-probs
 
 
-def _engine_runs_the_policy(parts: TrainParts) -> bool:
+def engine_runs_the_policy(parts: TrainParts) -> bool:
     """The engine samples with the trainer's own fp32 model object: its log-probs are the policy's.
-    (Never on a Ray rank, which has no engine.)"""
+    (In one process, and on Ray ranks that sample themselves: ``dist.rollout_on_ranks``.)"""
     params = list(parts.model.parameters())
     return getattr(getattr(parts, "engine", None), "model", None) is parts.model and all(
         p.dtype == torch.float32 for p in params)
@@ -193,7 +193,7 @@ def old_logp_share(parts: TrainParts, fb: FlatBatch, cfg: Config) -> dict[int, l
     engine that runs the trainer's own fp32 model object (the single-process path), whose weights have
     not changed since: there the engine's log-probs already are the old policy's, to float rounding.
     """
-    if cfg.rollout.use_engine_logprobs or _engine_runs_the_policy(parts):
+    if cfg.rollout.use_engine_logprobs or engine_runs_the_policy(parts):
         return {}
     todo = [i for i, f in enumerate(fb.fresh) if f and fb.responses[i] and fb.keep[i] > 0]
     out: dict[int, list[float]] = {}
