@@ -171,6 +171,36 @@ def test_stop_and_resume_continues_with_the_same_data_order(tiny_model_dir, tmp_
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_resume_from_an_older_checkpoint_branches_and_never_overwrites_the_newer_ones(tiny_model_dir, tmp_path):
+    from dapo.trainer.setup import SetupError
+
+    common = ["algo.filter_metric=reward", "optim.lr=1e-2", "ckpt.every=2", "ckpt.keep_last=5", *TINY_RUN,
+              f"model.path={tiny_model_dir}", f"log.out_dir={tmp_path}", "optim.steps=4"]
+    train(load_config(overrides=common + ["log.run_name=src"]))
+    src = tmp_path / "src"
+
+    def snapshot():
+        return {str(q.relative_to(src)): q.read_bytes() for q in sorted(src.rglob("*")) if q.is_file()}
+
+    before = snapshot()
+    assert "step_4/model.safetensors" in before and "step_2/model.safetensors" in before
+    with pytest.raises(SetupError, match=r"newer checkpoints \(step_4\).*log.run_name="):
+        train(load_config(overrides=common + [f"ckpt.resume={src / 'step_2'}"]))
+    assert snapshot() == before
+    res = train(load_config(overrides=common + [f"ckpt.resume={src / 'step_2'}", "log.run_name=branch"]))
+    assert res.run_dir == tmp_path / "branch" and res.steps == 4
+    assert snapshot() == before  # the source run is untouched, byte for byte
+    rows = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("src", "branch")}
+    assert [r["step"] for r in rows["branch"]] == [1, 2, 3, 4]
+    assert rows["branch"][:2] == rows["src"][:2]  # the source's lines up to the checkpoint, copied
+    for a, b in zip(rows["src"][2:], rows["branch"][2:]):  # then the same steps again, from the same state
+        for k in ("rollout/reward", "batch/samples_total", "actor/pg_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert sorted(q.name for q in (tmp_path / "branch").glob("step_*")) == ["step_4"]
+    with pytest.raises(SetupError, match="already exists and is not empty"):  # a branch never reuses a directory
+        train(load_config(overrides=common + [f"ckpt.resume={src / 'step_2'}", "log.run_name=branch"]))
+
+
 def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

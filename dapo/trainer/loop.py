@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -244,11 +245,14 @@ def _train(cfg: Config, parts: RunParts, log_stream: Any, on_step: Callable[[int
     save_config(cfg, run_dir / "config.yaml")  # only now: a resume refused above must not overwrite the run's config
     if cfg.ckpt.resume:  # lines past the checkpoint (or all, when none was written yet) are produced again
         for name in ("metrics.jsonl", "samples.jsonl"):
+            if resume_from is not None and resume_from.parent != run_dir and (resume_from.parent / name).is_file():
+                shutil.copyfile(resume_from.parent / name, run_dir / name)  # a branch starts with the source's logs
             _truncate_metrics(run_dir / name, start)
     logger = RunLogger(run_dir, cfg.optim.steps, cfg.log.progress, cfg.log.tensorboard, cfg.log.wandb,
                        cfg.log.wandb_project, cfg.to_dict(), stream=log_stream, start_step=start,
                        resumed=bool(cfg.ckpt.resume))
-    logger.message(f"run directory: {run_dir}" + (f" (resuming from {resume_from.name})" if resume_from else
+    logger.message(f"run directory: {run_dir}" + (f" (resuming from {resume_from.name})" if resume_from and resume_from.parent == run_dir
+                   else f" (branching off {resume_from})" if resume_from else
                    " (no complete checkpoint in it yet: starting again from step 0)" if cfg.ckpt.resume else ""))
     if parts.device.type == "cpu":
         from dapo.trainer.sft import idle_fraction

@@ -17,7 +17,7 @@ from dapo.data.example import Example
 from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
 from dapo.trainer.batch import PromptItem, ScoreFn
-from dapo.trainer.checkpoint import is_complete, latest_checkpoint
+from dapo.trainer.checkpoint import is_complete, latest_checkpoint, list_checkpoints
 from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.prompts import ListPromptStream, TaskPromptStream, encode_prompts
 from dapo.trainer.update import SINGLE, DataParallel, Learner, LocalLearner
@@ -90,7 +90,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from or None). Never reuses a finished run's directory silently."""
+    """(run directory, checkpoint to resume from or None). Never reuses a finished run's directory silently.
+
+    A resume continues in the checkpoint's own run directory, dropping what was logged after the checkpoint
+    (it is produced again). Resuming from a checkpoint older than the run's newest would also overwrite the
+    newer checkpoints: that is refused, unless ``log.run_name`` names another directory, where the run then
+    branches off (with the source's metrics and samples up to the checkpoint), leaving the source untouched.
+    """
     if cfg.ckpt.resume:
         p = Path(cfg.ckpt.resume)
         if not p.exists():
@@ -99,13 +105,26 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             if not is_complete(p, verify=True):
                 raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: not a complete checkpoint (manifest missing, or a "
                                  f"file missing or damaged); resume from the run directory to use its newest complete one")
-            return p.parent, p
-        ckpt = latest_checkpoint(p)
+            source, ckpt = p.parent, p
+        else:
+            source, ckpt = p, latest_checkpoint(p)
+        branch = Path(cfg.log.out_dir) / cfg.log.run_name if cfg.log.run_name else None
+        branching = branch is not None and branch.resolve() != source.resolve()
         if ckpt is None:
             if (p / "config.yaml").exists():  # a run killed before its first checkpoint: nothing to lose, start again
-                return p, None
+                return (_branch_dir(branch, source) if branching else p), None
             raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no complete checkpoint (step_N/ with a manifest) in it")
-        return p, ckpt
+        if branching:
+            return _branch_dir(branch, source), ckpt
+        step = int(ckpt.name.removeprefix("step_")) if ckpt.name.startswith("step_") else None
+        newer = [q.name for s, q in list_checkpoints(source) if step is not None and s > step and is_complete(q)]
+        if newer:
+            raise SetupError(
+                f"ckpt.resume={cfg.ckpt.resume}: {source} has newer checkpoints ({', '.join(newer)}); continuing from "
+                f"{ckpt.name} there would overwrite them and the metrics after it. Branch into a new directory with "
+                f"log.run_name=NEW_NAME (log.out_dir={cfg.log.out_dir}), or resume the newest with ckpt.resume={source}"
+            )
+        return source, ckpt
     name = cfg.log.run_name or f"{cfg.preset.replace('+', 'plus_')}-{cfg.data.task if not cfg.data.path else Path(cfg.data.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.log.out_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -115,6 +134,16 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, None
+
+
+def _branch_dir(branch: Path, source: Path) -> Path:
+    """A new, empty run directory for a run resumed from ``source``'s checkpoint (the loop copies the source's
+    logs up to the checkpoint into it once the checkpoint has loaded); never an existing, non-empty one."""
+    if branch.exists() and any(branch.iterdir()):
+        raise SetupError(f"log.run_name: {branch} already exists and is not empty; a resume branches into a new "
+                         f"directory only (or drop log.run_name to continue in {source})")
+    branch.mkdir(parents=True, exist_ok=True)
+    return branch
 
 
 def _load_error(cfg: Config, path: str, e: Exception) -> SetupError:
