@@ -73,9 +73,9 @@ def _resume_config(cfg, over: list[str]):
     import yaml
 
     from dapo.config import config_from_dict, load_config as _load
-    from dapo.trainer.setup import resolve_run_dir
+    from dapo.trainer.setup import resume_source
 
-    run_dir, _ = resolve_run_dir(cfg)
+    run_dir, _ = resume_source(cfg)
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return cfg

@@ -171,7 +171,7 @@ def test_stop_and_resume_continues_with_the_same_data_order(tiny_model_dir, tmp_
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
-def test_resume_from_an_older_checkpoint_branches_and_never_overwrites_the_newer_ones(tiny_model_dir, tmp_path):
+def test_resume_from_an_older_checkpoint_branches_and_never_overwrites_the_newer_ones(tiny_model_dir, tmp_path, capsys):
     from dapo.trainer.setup import SetupError
 
     common = ["algo.filter_metric=reward", "optim.lr=1e-2", "ckpt.every=2", "ckpt.keep_last=5", *TINY_RUN,
@@ -199,6 +199,21 @@ def test_resume_from_an_older_checkpoint_branches_and_never_overwrites_the_newer
     assert sorted(q.name for q in (tmp_path / "branch").glob("step_*")) == ["step_4"]
     with pytest.raises(SetupError, match="already exists and is not empty"):  # a branch never reuses a directory
         train(load_config(overrides=common + [f"ckpt.resume={src / 'step_2'}", "log.run_name=branch"]))
+    # from the command line, on a run moved elsewhere (its saved config still names tmp_path/src): the saved
+    # run name does not count as naming another run, so an older checkpoint is refused; a new name branches
+    import shutil
+
+    from dapo.cli import main as cli_main
+
+    moved = tmp_path / "elsewhere" / "src"
+    shutil.copytree(src, moved)
+    moved_files = {str(q.relative_to(moved)): q.read_bytes() for q in sorted(moved.rglob("*")) if q.is_file()}
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(moved / "step_2")]) == 2
+    assert "newer checkpoints (step_4)" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", str(moved / "step_2"), "log.run_name=cli_branch"]) == 0
+    assert {str(q.relative_to(moved)): q.read_bytes() for q in sorted(moved.rglob("*")) if q.is_file()} == moved_files
+    assert [json.loads(x)["step"] for x in (tmp_path / "cli_branch" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tmp_path):

@@ -89,40 +89,48 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise SetupError(f"model.dtype={name!r}: use auto, float32, bfloat16 or float16") from None
 
 
+def resume_source(cfg: Config) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint) that ``ckpt.resume`` names, checked; no checkpoint only for a run killed
+    before its first one. Changes nothing on disk."""
+    p = Path(cfg.ckpt.resume)
+    if not p.exists():
+        raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no such directory")
+    if (p / "trainer_state.pt").exists() or p.name.startswith("step_"):
+        if not is_complete(p, verify=True):
+            raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: not a complete checkpoint (manifest missing, or a "
+                             f"file missing or damaged); resume from the run directory to use its newest complete one")
+        return p.parent, p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None and not (p / "config.yaml").exists():
+        raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no complete checkpoint (step_N/ with a manifest) in it")
+    return p, ckpt  # None: a run killed before its first checkpoint, nothing to lose: it starts again
+
+
 def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from or None). Never reuses a finished run's directory silently.
 
     A resume continues in the checkpoint's own run directory, dropping what was logged after the checkpoint
-    (it is produced again). Resuming from a checkpoint older than the run's newest would also overwrite the
-    newer checkpoints: that is refused, unless ``log.run_name`` names another directory, where the run then
-    branches off (with the source's metrics and samples up to the checkpoint), leaving the source untouched.
+    (it is produced again). Continuing from a checkpoint older than the run's newest would overwrite the newer
+    checkpoints and their metrics: that is refused. Naming another run (``log.run_name``, ``log.out_dir``:
+    other than the resumed run's own) branches off instead: a new directory, which the loop starts with the
+    source's metrics and samples up to the checkpoint, and the source is left untouched.
     """
     if cfg.ckpt.resume:
-        p = Path(cfg.ckpt.resume)
-        if not p.exists():
-            raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no such directory")
-        if (p / "trainer_state.pt").exists() or p.name.startswith("step_"):
-            if not is_complete(p, verify=True):
-                raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: not a complete checkpoint (manifest missing, or a "
-                                 f"file missing or damaged); resume from the run directory to use its newest complete one")
-            source, ckpt = p.parent, p
-        else:
-            source, ckpt = p, latest_checkpoint(p)
-        branch = Path(cfg.log.out_dir) / cfg.log.run_name if cfg.log.run_name else None
-        branching = branch is not None and branch.resolve() != source.resolve()
-        if ckpt is None:
-            if (p / "config.yaml").exists():  # a run killed before its first checkpoint: nothing to lose, start again
-                return (_branch_dir(branch, source) if branching else p), None
-            raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no complete checkpoint (step_N/ with a manifest) in it")
-        if branching:
-            return _branch_dir(branch, source), ckpt
-        step = int(ckpt.name.removeprefix("step_")) if ckpt.name.startswith("step_") else None
+        source, ckpt = resume_source(cfg)
+        if _names_another_run(cfg, source):
+            branch = Path(cfg.log.out_dir) / cfg.log.run_name
+            if branch.exists() and any(branch.iterdir()):
+                raise SetupError(f"log.run_name: {branch} already exists and is not empty; a resume branches into a "
+                                 f"new directory only (or leave log.run_name as it was to continue in {source})")
+            branch.mkdir(parents=True, exist_ok=True)
+            return branch, ckpt
+        step = int(ckpt.name.removeprefix("step_")) if ckpt is not None and ckpt.name.startswith("step_") else None
         newer = [q.name for s, q in list_checkpoints(source) if step is not None and s > step and is_complete(q)]
         if newer:
             raise SetupError(
                 f"ckpt.resume={cfg.ckpt.resume}: {source} has newer checkpoints ({', '.join(newer)}); continuing from "
                 f"{ckpt.name} there would overwrite them and the metrics after it. Branch into a new directory with "
-                f"log.run_name=NEW_NAME (log.out_dir={cfg.log.out_dir}), or resume the newest with ckpt.resume={source}"
+                f"log.run_name=NEW_NAME, or resume the newest with ckpt.resume={source}"
             )
         return source, ckpt
     name = cfg.log.run_name or f"{cfg.preset.replace('+', 'plus_')}-{cfg.data.task if not cfg.data.path else Path(cfg.data.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -136,14 +144,25 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
-def _branch_dir(branch: Path, source: Path) -> Path:
-    """A new, empty run directory for a run resumed from ``source``'s checkpoint (the loop copies the source's
-    logs up to the checkpoint into it once the checkpoint has loaded); never an existing, non-empty one."""
-    if branch.exists() and any(branch.iterdir()):
-        raise SetupError(f"log.run_name: {branch} already exists and is not empty; a resume branches into a new "
-                         f"directory only (or drop log.run_name to continue in {source})")
-    branch.mkdir(parents=True, exist_ok=True)
-    return branch
+def _names_another_run(cfg: Config, source: Path) -> bool:
+    """``log.out_dir``/``log.run_name`` point away from ``source`` and were not simply carried over from its
+    saved config (a run that was moved or copied still names where it was first written)."""
+    if not cfg.log.run_name:
+        return False
+    target = Path(cfg.log.out_dir) / cfg.log.run_name
+    if target.resolve() == source.resolve():
+        return False
+    saved = source / "config.yaml"
+    if saved.exists():
+        import yaml
+
+        try:
+            log = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("log", {})
+        except (OSError, yaml.YAMLError):
+            log = {}
+        if (str(log.get("out_dir")), str(log.get("run_name"))) == (str(cfg.log.out_dir), str(cfg.log.run_name)):
+            return False
+    return True
 
 
 def _load_error(cfg: Config, path: str, e: Exception) -> SetupError:
