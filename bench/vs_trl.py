@@ -20,10 +20,11 @@ time runs from the "go" command to the end of the RL step, as the worker sees it
 on_step callback; TRL: a TrainerCallback at the rollout's last on_step_end). The split:
 gen = generation, old_logp = old log-probs (no grad), update = the rest (optimiser steps, scoring, bookkeeping).
 
-``--procs N`` runs each side data-parallel over N processes of ``--threads`` threads each, the way each
-framework does it: dapo as N Ray trainer ranks that also sample (``dist.trainer_ranks=N
-dist.rollout_on_ranks=true``); TRL as N ``torch.distributed`` (gloo) processes under accelerate, each
-generating and training on 1/N of every batch (the worker starts ranks 1..N-1 itself and times rank 0).
+``--procs N`` runs each side data-parallel over N processes, the way each framework does it: dapo as N Ray
+trainer ranks that also sample (``dist.trainer_ranks=N dist.rollout_on_ranks=true``; Ray gives each rank
+one CPU and one thread, whatever ``--threads``); TRL as N ``torch.distributed`` (gloo) processes under
+accelerate with ``--threads`` threads each, each generating and training on 1/N of every batch (the
+worker starts ranks 1..N-1 itself and times rank 0). Use ``--threads 1`` for the same footing.
 """
 from __future__ import annotations
 
