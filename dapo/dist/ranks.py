@@ -24,7 +24,7 @@ import torch.distributed as tdist
 
 from dapo.config import Config
 from dapo.dist.cluster import Cluster, wait_all, where
-from dapo.dist.rollout import put_chunks, split_evenly
+from dapo.dist.rollout import put_chunks, sample_in_slices
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.update import (
@@ -124,7 +124,9 @@ class TrainerRank:
         if cfg.dist.rollout_on_ranks:
             from dapo.rollout.hf import HFEngine
 
-            engine = HFEngine(model, self.pad_id, self.eos or [], max_batch=cfg.rollout.batch_size)
+            if not self.eos:
+                raise ValueError("dist.rollout_on_ranks: the ranks need the stop token ids (RankGroup(eos=...))")
+            engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size)
         self.parts = RankParts(model, policy, optimizer, scheduler, ref, self.pad_id, device, 0,
                                DataParallel(self.rank, self.world, cfg.dist.fsdp), engine)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device),
@@ -336,17 +338,14 @@ class RankEngine:
         self.weight_version = 0
 
     def generate(self, prompts: Any, params: SamplingParams, seeds: Any) -> list[Completion]:
-        assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
         g = self.group
-        bounds = [(k, s, e) for k, (s, e) in enumerate(split_evenly(len(prompts), g.m)) if e > s]
-        refs = [g.actors[k].generate.remote([list(p) for p in prompts[s:e]], params, list(seeds[s:e]), self.weight_version)
-                for k, s, e in bounds]
-        out: list[Completion] = []
-        for (k, s, _), comps in zip(bounds, wait_all(refs, [g.names[k] for k, _, _ in bounds], g.timeout_s, "generate")):
-            for c in comps:
-                c.prompt_index += s
-                out.append(c)
-        return out
+
+        def run(slices):
+            refs = [g.actors[k].generate.remote(ps, params, ss, self.weight_version) for k, ps, ss in slices]
+            return dict(zip([k for k, _, _ in slices], wait_all(refs, [g.names[k] for k, _, _ in slices], g.timeout_s,
+                                                                "generate")))
+
+        return sample_in_slices(prompts, seeds, g.m, run)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         raise RuntimeError("the ranks sample with the weights they train (dist.rollout_on_ranks): nothing to load")

@@ -58,6 +58,23 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def sample_in_slices(prompts: Sequence[Sequence[int]], seeds: Sequence[int], parts: int,
+                     run: Callable[[list[tuple[int, list[list[int]], list[int]]]], dict[int, list[Completion]]]
+                     ) -> list[Completion]:
+    """Sample ``prompts`` in ``parts`` contiguous slices (a prompt's samples stay in one): ``run`` gets
+    (part k, its prompts, their seeds) for every non-empty slice, answers {k: completions}; the result is
+    every completion in prompt order, with ``prompt_index`` counted over all the prompts."""
+    assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
+    bounds = {k: (s, e) for k, (s, e) in enumerate(split_evenly(len(prompts), parts)) if e > s}
+    res = run([(k, [list(p) for p in prompts[s:e]], list(seeds[s:e])) for k, (s, e) in bounds.items()])
+    out: list[Completion] = []
+    for k, (s, _) in bounds.items():
+        for c in res[k]:
+            c.prompt_index += s
+            out.append(c)
+    return out
+
+
 class RolloutWorker:
     """A Ray actor owning one rollout engine (HF or vLLM) on its own copy of the model."""
 
@@ -190,17 +207,11 @@ class RayEngine:
     # -------------------------------------------------------------------------------------------- RolloutEngine
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
-        assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
-        bounds = split_evenly(len(prompts), self.n)
-        ks = [k for k, (s, e) in enumerate(bounds) if e > s]
-        res = self._run(lambda w, k: w.generate.remote([list(p) for p in prompts[bounds[k][0] : bounds[k][1]]], params,
-                                                       list(seeds[bounds[k][0] : bounds[k][1]])), ks, "generate")
-        out: list[Completion] = []
-        for k in ks:
-            for c in res[k]:
-                c.prompt_index += bounds[k][0]
-                out.append(c)
-        return out
+        def run(slices):
+            args = {k: (ps, ss) for k, ps, ss in slices}
+            return self._run(lambda w, k: w.generate.remote(args[k][0], params, args[k][1]), list(args), "generate")
+
+        return sample_in_slices(prompts, seeds, self.n, run)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """From a trainer in this process: chunk the state dict into the object store, then sync."""
