@@ -101,6 +101,15 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def newer_checkpoints(ckpt: Path) -> list[Path]:
+    """The complete checkpoints of ``ckpt``'s run directory with a higher step than ``ckpt``'s (none for a
+    directory not named ``step_N``)."""
+    m = _STEP_DIR.match(Path(ckpt).name)
+    if not m:
+        return []
+    return [p for s, p in list_checkpoints(Path(ckpt).parent) if s > int(m.group(1)) and is_complete(p)]
+
+
 def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
     """The newest complete checkpoint in ``run_dir`` (partial or corrupt ones are skipped), or None."""
     for _, p in reversed(list_checkpoints(run_dir)):

@@ -17,7 +17,7 @@ from dapo.data.example import Example
 from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
 from dapo.trainer.batch import PromptItem, ScoreFn
-from dapo.trainer.checkpoint import is_complete, latest_checkpoint, list_checkpoints
+from dapo.trainer.checkpoint import is_complete, latest_checkpoint, newer_checkpoints
 from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.prompts import ListPromptStream, TaskPromptStream, encode_prompts
 from dapo.trainer.update import SINGLE, DataParallel, Learner, LocalLearner
@@ -124,8 +124,7 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
                                  f"new directory only (or leave log.run_name as it was to continue in {source})")
             branch.mkdir(parents=True, exist_ok=True)
             return branch, ckpt
-        step = int(ckpt.name.removeprefix("step_")) if ckpt is not None and ckpt.name.startswith("step_") else None
-        newer = [q.name for s, q in list_checkpoints(source) if step is not None and s > step and is_complete(q)]
+        newer = [q.name for q in newer_checkpoints(ckpt)] if ckpt is not None else []
         if newer:
             raise SetupError(
                 f"ckpt.resume={cfg.ckpt.resume}: {source} has newer checkpoints ({', '.join(newer)}); continuing from "
