@@ -404,3 +404,22 @@ def test_load_reward_fn_by_name_module_and_file(fns_file, tmp_path):
         load_reward_fn("math:pi")
     with pytest.raises(ValueError, match="one entry each"):
         RewardRunner("math").score(["a"], ["b", "c"])
+
+
+def test_a_worker_ignores_sigint_from_its_first_instruction(capfd):
+    """A terminal's Ctrl-C reaches every process of the group, reward workers still starting included:
+    sent right after the spawn (the child is then still importing), it must neither kill the worker nor
+    print a KeyboardInterrupt traceback. The parent blocks SIGINT around the spawn so the child starts with
+    it blocked, then ignores it before unblocking."""
+    import os
+    import signal
+
+    with RewardRunner("math", workers=2) as runner:
+        for w in runner._pool:  # the processes exist but are nowhere near _worker_main yet
+            assert not w.ready
+            os.kill(w.proc.pid, signal.SIGINT)
+        batch = runner.score(["Answer: 4", "Answer: 5"], ["4", "4"])
+        assert batch.scores == [1.0, -1.0] and batch.stats["reward/errors"] == 0.0
+        assert all(w.proc.is_alive() for w in runner._pool)
+    err = capfd.readouterr().err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err

@@ -206,8 +206,14 @@ def _score_one(caller: _Caller, response: str, answer: str, extra: dict, timeout
 
 def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None) -> None:
     """A worker: load the function, then score chunks of (index, response, answer, extra) forever,
-    sending one (index, score, correct, kind, message) per item as soon as it is done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it kills us
+    sending one (index, score, correct, kind, message) per item as soon as it is done.
+
+    Ctrl-C is the trainer's to handle (it stops us). The parent started this process with SIGINT blocked
+    (``_Worker``), so a terminal's Ctrl-C to the process group that lands during interpreter start-up stays
+    pending; ignoring SIGINT discards it, and only then is it unblocked."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         fn = load_reward_fn(fn_spec)
         if getattr(fn, "__module__", "") == "dapo.rewards.math":
@@ -240,7 +246,21 @@ class _Worker:
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child, fn_spec, timeout_s, memory_mb),
                                 daemon=True, name="dapo-reward")
-        self.proc.start()
+        # the child inherits the signal mask: with SIGINT blocked from its first instruction, a Ctrl-C to
+        # the process group during its start-up (seconds of imports) cannot raise KeyboardInterrupt in it
+        # before _worker_main ignores SIGINT; here a SIGINT that arrives meanwhile is delivered on unblock
+        # before the block: starting multiprocessing's resource tracker unblocks SIGINT and SIGTERM again
+        # (resource_tracker.ensure_running), which start() would otherwise do in the middle of it
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        blocked = hasattr(signal, "pthread_sigmask")
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
+        try:
+            self.proc.start()
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child.close()
         self.ready = False
         self.started = time.monotonic()
