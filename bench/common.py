@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
 # models
 
 MODEL_SHAPES: dict[str, dict[str, int]] = {
-    # the demo's base model shape (dapo.trainer.sft.SFTSettings): 1.06M parameters
+    # the demo's base model shape (dapo.config.SFTConfig): 1.06M parameters
     "tiny": dict(layers=4, hidden=128, heads=4, ffn=512, max_pos=128),
     # the same shape, random init (no warm-up needed: for quick checks of the scripts themselves)
     "tiny-rand": dict(layers=4, hidden=128, heads=4, ffn=512, max_pos=128),
@@ -62,7 +62,7 @@ def build_char_model(out_dir: str | Path, layers: int, hidden: int, heads: int, 
 
 def demo_model_dir() -> Path:
     """The built-in demo's base model (SFT warm-up on addition, cached in ~/.cache/dapo; built if missing)."""
-    from dapo.trainer.sft import prepare_base_model
+    from dapo.warmup import prepare_base_model
 
     return Path(prepare_base_model("addition", log=lambda s: print(s, file=sys.stderr)))
 

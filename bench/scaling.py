@@ -58,7 +58,7 @@ def rl_step_costs(model_path: Path, P: int, G: int, L: int, steps: int, tmp: str
     cfg = load_config(overrides=[
         f"model.path={model_path}", "model.device=cpu", f"rollout.group_size={G}", f"rollout.max_new_tokens={L}",
         f"optim.train_batch_size={P}", f"optim.mini_batch_size={mini}", "optim.micro_batch_size=64",
-        "algo.dynamic_sampling=false", "algo.overlong_filter=false", "algo.soft_overlong=false", "data.eval_size=0",
+        "algo.dynamic_sampling=false", "algo.overlong_filter=false", "algo.soft_overlong=false", "eval.size=0",
         f"log.out_dir={tmp}", f"log.run_name=s-{P}-{G}-{L}", "log.tensorboard=false",
     ])
     run_dir = Path(tmp) / f"s-{P}-{G}-{L}"

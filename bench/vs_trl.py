@@ -81,7 +81,7 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         f"optim.train_batch_size={a.prompts}", f"optim.mini_batch_size={a.mini}",
         f"optim.micro_batch_size={a.mini * a.G}", f"optim.lr={a.lr}", "optim.grad_clip=1.0",
         f"optim.steps={a.warmup + a.steps + 1}", "algo.dynamic_sampling=false", "algo.soft_overlong=false",
-        f"algo.overlong_filter={'false' if a.no_overlong_filter else 'true'}", "data.eval_size=0", f"seed={a.seed}",
+        f"algo.overlong_filter={'false' if a.no_overlong_filter else 'true'}", "eval.size=0", f"seed={a.seed}",
         f"log.out_dir={tmp}", "log.run_name=r", "log.progress=none", "log.tensorboard=false",
         "log.samples_every=0", "ckpt.save_final=false", *procs, *a.dapo_override,
     ])

@@ -35,8 +35,8 @@ def main() -> None:
     import torch
 
     from dapo.config import load_config
-    from dapo.trainer.setup import build_parts
-    from dapo.trainer.update import FlatBatch, minibatch_backward
+    from dapo.trainer.build import build_run
+    from dapo.trainer.update import TrainBatch
 
     threads = set_threads(a.threads)
     P, G = 4, a.G
@@ -44,8 +44,8 @@ def main() -> None:
     for kind in a.models:
         path = build_char_model(Path(tempfile.mkdtemp(prefix="bench-zero-")) / kind, **MODEL_SHAPES[kind])
         cfg = load_config(overrides=[f"model.path={path}", f"optim.micro_batch_size={P * G}", f"rollout.group_size={G}",
-                                     "data.eval_size=0"])
-        parts = build_parts(cfg, tempfile.mkdtemp(prefix="bench-zero-run-"), None, log=lambda s: None)
+                                     "eval.size=0"])
+        learner = build_run(cfg, Path(tempfile.mkdtemp(prefix="bench-zero-run-")), None, log=lambda s: None).learner
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(5, 60, (7,), generator=g).tolist() for _ in range(P)]
         resps = [torch.randint(5, 60, (int(torch.randint(10, 18, (1,), generator=g)),), generator=g).tolist()
@@ -54,14 +54,14 @@ def main() -> None:
         for zero in a.zero_groups:
             adv = torch.randn(P * G, generator=g)
             adv[: zero * G] = 0.0
-            fb = FlatBatch([prompts[i // G] for i in range(P * G)], resps, old, [True] * (P * G), adv, torch.ones(P * G))
+            fb = TrainBatch([prompts[i // G] for i in range(P * G)], resps, old, [True] * (P * G), adv, torch.ones(P * G))
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(a.repeats + 1):  # the first round warms up
                 for skip in (False, True):
-                    c = replace(cfg, optim=replace(cfg.optim, skip_zero_adv=skip))
-                    parts.model.zero_grad(set_to_none=True)
+                    learner.cfg = replace(cfg, optim=replace(cfg.optim, skip_zero_adv=skip))
+                    learner.model.zero_grad(set_to_none=True)
                     t = time.perf_counter()
-                    minibatch_backward(parts, fb, old, list(range(P * G)), c, with_entropy=True)
+                    learner.minibatch_backward(fb, old, list(range(P * G)), with_entropy=True)
                     times[skip].append(time.perf_counter() - t)
             off, on = summary(times[False][1:]), summary(times[True][1:])
             rows.append({"model": kind, "zero groups": f"{zero}/{P}", "full s": off["median"], "skip s": on["median"],

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from dapo.config import ABLATION_ROWS, load_config
+from dapo.config import ABLATION_ROWS, default, load_config
 from dapo.fsutil import write_atomic
 
-DEFAULTS = {"seeds": 3, "max_samples": 8192, "lr": 1e-4, "high_lr": 4e-4}
-EVAL = ["data.eval_seed=0", "log.eval_k=8"]
+DEFAULTS = {"seeds": 3, "max_samples": 8192, "high_lr": 4e-4}
+"""The ablation's own settings; the table's learning rate is the config's (``optim.lr``)."""
+EVAL = ["eval.seed=0", "eval.k=8"]
 """Every run is scored on the same held-out prompts, 8 samples each (avg@8): the seeds' spread is then
 the training's, not which prompts a seed happened to draw (overridable like any key)."""
 QUICK = {"seeds": 2, "max_samples": 3072}
@@ -49,7 +50,7 @@ def run_one(row: str, seed: int, lr: float, budget: int, out: Path, extra: Seque
     cfg = load_config(row, overrides=[
         f"seed={seed}", f"optim.lr={lr}", f"optim.max_samples={budget}", "optim.steps=100000",
         f"log.out_dir={out / 'runs'}", f"log.run_name={run_dir.name}", "log.progress=none", "log.tensorboard=false",
-        "ckpt.save_final=false", *extra, *resume,
+        "log.report=false", "ckpt.save_final=false", *extra, *resume,
     ])
     res = train(cfg)
     if not res.after:  # stopped by a signal (SIGINT/SIGTERM) before its final evaluation
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help=f"seeds per row (default {DEFAULTS['seeds']})")
     p.add_argument("--max-samples", type=int, help=f"generated samples per run (default {DEFAULTS['max_samples']})")
     p.add_argument("--rows", default=",".join(ABLATION_ROWS), help="comma-separated presets, in table order")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate of the table")
+    p.add_argument("--lr", type=float, default=default("optim.lr"), help=f"optim.lr of the table (default {default('optim.lr'):g})")
     p.add_argument("--high-lr", type=float, default=DEFAULTS["high_lr"],
                    help="the GRPO/DAPO pair again at this learning rate; 0 = skip")
     p.add_argument("--out", default="", help="output directory (default runs/ablate-<time>); an interrupted "
@@ -123,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [*EVAL, *args.overrides]
     for r in rows:
         cfg = load_config(r, overrides=overrides)  # fail on a bad row or key before any run starts
-    ev = "the same" if cfg.data.eval_seed is not None else "each seed's own"
-    scoring = (f" Held-out accuracy: avg@{cfg.log.eval_k} (T {cfg.rollout.eval_temperature:g}) over {ev} "
-               f"{cfg.data.eval_size} held-out prompts.")
+    ev = "the same" if cfg.eval.seed is not None else "each seed's own"
+    scoring = (f" Held-out accuracy: avg@{cfg.eval.k} (T {cfg.eval.temperature:g}) over {ev} "
+               f"{cfg.eval.size} held-out prompts.")
     out = Path(args.out or f"runs/ablate-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     plan = [(r, s, args.lr) for r in rows for s in range(seeds)]

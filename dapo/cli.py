@@ -2,7 +2,7 @@
 
     dapo train                                   # the built-in demo: tiny model, addition, DAPO
     dapo train --preset grpo optim.steps=20      # naive GRPO on the same task
-    dapo train --model DIR --data FILE data.reward=my_module:score
+    dapo train --model DIR --data FILE reward.fn=my_module:score
 
 User errors (bad config, missing files) print one line; DAPO_DEBUG=1 shows the traceback.
 """
@@ -20,7 +20,7 @@ from dapo.config import PRESET_DOCS, ConfigError, describe, load_config
 
 # subcommands that live in their own modules, each with a ``main(argv) -> int``
 _SUBCOMMANDS = {
-    "sft": ("dapo.trainer.sft", "sft_main", "supervised warm-up that makes the demo's base model"),
+    "sft": ("dapo.warmup.command", "main", "supervised warm-up: a base model to start RL from (a task's, or your file's)"),
     "eval": ("dapo.eval", "main", "avg@k, pass@k, maj@k over a dataset"),
     "report": ("dapo.report", "main", "plots and an HTML report from runs' metrics.jsonl"),
     "ablate": ("dapo.ablate", "main", "the paper's Table 1 rows, several seeds, equal sample budget"),
@@ -40,7 +40,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="starting preset (default dapo)")
     p.add_argument("--model", help="shortcut for model.path=...")
     p.add_argument("--data", help="shortcut for data.path=...")
-    p.add_argument("--reward", help="shortcut for data.reward=... (math, or module:function)")
+    p.add_argument("--reward", help="shortcut for reward.fn=... (math, module:function or file.py:function)")
     p.add_argument("--resume", help="shortcut for ckpt.resume=RUN_DIR")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value")
@@ -53,7 +53,7 @@ def train_main(argv: Sequence[str]) -> int:
         print(describe())
         return 0
     over = list(args.overrides)
-    for flag, key in (("model", "model.path"), ("data", "data.path"), ("reward", "data.reward"), ("resume", "ckpt.resume")):
+    for flag, key in (("model", "model.path"), ("data", "data.path"), ("reward", "reward.fn"), ("resume", "ckpt.resume")):
         if getattr(args, flag):
             over.append(f"{key}={getattr(args, flag)}")
     cfg = load_config(args.preset, args.config, over)
@@ -64,7 +64,7 @@ def train_main(argv: Sequence[str]) -> int:
     result = train(cfg)
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps,
                       "before": result.before.get("accuracy"), "after": result.after.get("accuracy"),
-                      "wall_s": round(result.wall_s, 1)}))
+                      "wall_s": round(result.wall_s, 1), "report": str(result.report) if result.report else None}))
     return 0
 
 
@@ -73,7 +73,7 @@ def _resume_config(cfg, over: list[str]):
     import yaml
 
     from dapo.config import config_from_dict, load_config as _load
-    from dapo.trainer.setup import resume_source
+    from dapo.trainer.run import resume_source
 
     run_dir, _ = resume_source(cfg)
     saved = run_dir / "config.yaml"
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(continue with --resume RUN_DIR)", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        from dapo.trainer.loop import TrainingError  # repeated non-finite updates, non-finite weights
+        from dapo.trainer.update import TrainingError  # a run that cannot go on: non-finite, idle
 
         if not isinstance(e, TrainingError):
             raise

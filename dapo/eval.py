@@ -1,36 +1,36 @@
-"""avg@k, pass@k and maj@k of a model over a dataset, overall and per ``data_source``.
+"""The one evaluator: avg@k, pass@k and maj@k of a policy over held-out problems, overall and per
+``data_source``. Training (before, every ``eval.every`` steps, after), the warm-up's stopping probe and
+``dapo eval`` all call ``evaluate``, with the same seeds and the same ``eval.*`` defaults, so the same
+weights give the same numbers wherever they are measured.
 
-    dapo eval --model runs/dapo-x/step_40 --data aime24.jsonl --k 32          # the paper's AIME metric
+    dapo eval --model runs/dapo-x/step_40 --data aime24.jsonl --k 32 --top-p 0.7   # the paper's AIME metric
     dapo eval --model runs/dapo-addition-x/step_40 --data task:addition --k 8
 
-Each problem gets k samples (paper: temperature 1.0, top-p 0.7), each scored by the verifier:
+Each problem gets k samples, each scored by the verifier:
 
 - avg@k: the mean accuracy over all k samples of all problems (the paper's "avg@32" on AIME).
 - pass@j: the chance that at least one of j samples is correct, by the unbiased estimator of Chen et al.
   2021 (arXiv 2107.03374) from the k samples; reported for j = 1, 2, 4, ... up to k (pass@1 = avg@k).
 - maj@k: the fraction of problems whose most common extracted answer (majority vote) is correct.
 
-Sampling seeds come from (seed, problem index), so the first N problems get the same samples whether
-or not the rest are evaluated, and the same samples in any batch. The engine knows no text; this
-module decodes, scores and votes. ``evaluate_k`` is the pure-ish core that the training loop can call
-on its held-out items; ``main`` is the command.
+Sampling seeds come from (eval seed, problem index) only, so the first N problems get the same samples
+whether or not the rest are evaluated, in any batch, at any step. The engine knows no text; this module
+decodes, scores and votes.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dapo.data.example import Example
 from dapo.fsutil import write_atomic
+from dapo.items import PromptItem, ScoreFn
+from dapo.rewards.math import vote_answer
 from dapo.rollout.base import SamplingParams, derive_seed
-from dapo.trainer.batch import PromptItem, ScoreFn
 
 EVAL_SEED_TAG = 104723
 """Mixed into every eval sampling seed, so eval samples never share a seed with training rollouts."""
@@ -105,25 +105,6 @@ def pass_ks(k: int) -> list[int]:
     return out + [k]
 
 
-def default_pred(response: str) -> str | None:
-    """The answer a response gives, normalised, for the majority vote.
-
-    The DAPO math answer (``Answer: ...`` or ``\\boxed{...}``, normalised exactly as ``score_math``
-    does, so it equals ``MathScore.pred``); failing that, the text after the last ':' (the built-in
-    tasks' format, ``15,12,04:425``); None when there is neither.
-
-    >>> default_pred("so\\nAnswer: $1{,}000$"), default_pred("15,12,04:425"), default_pred("no idea")
-    ('1000', '425', None)
-    """
-    from dapo.rewards.math import extract_answer, normalize_answer
-
-    raw = extract_answer(response)
-    if raw is not None:
-        return normalize_answer(raw)
-    head, sep, tail = response.rpartition(":")
-    return (" ".join(tail.split()) or None) if sep else None
-
-
 # --------------------------------------------------------------------------------------------------
 # evaluation
 
@@ -143,33 +124,31 @@ def summarize(problems: list[dict[str, Any]], samples: list[dict[str, Any]], k: 
     return m
 
 
-def evaluate_k(
+def evaluate(
     engine: Any,
     items: Sequence[PromptItem],
     score_fn: ScoreFn,
-    k: int,
+    decode: Callable[[list[int]], str],
     params: SamplingParams,
     seed: int,
-    decode: Callable[[list[int]], str],
     *,
-    extract: Extract = default_pred,
+    extract: Extract = vote_answer,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Sample ``k`` responses per item, score them, and compute avg@k, pass@j, maj@k.
+    """Sample ``params.n`` (= k) responses per item, score them, and compute avg@k, pass@j, maj@k.
 
-    engine: a rollout engine (``generate(prompt_ids, params, seeds)``). items: the problems (prompt ids
-    and Example). score_fn: ``(texts, examples) -> (scores, correct, stats)``, the training loop's. params:
-    sampling settings (``n`` is replaced by k). seed: eval seed; problem i is sampled with
-    derive_seed(seed, EVAL_SEED_TAG, i). decode: token ids -> text. extract: response -> normalised
-    answer for the vote.
+    engine: a rollout engine (``generate(prompt_ids, params, seeds)``). items: the problems (prompt ids and
+    Example). score_fn: ``(texts, examples) -> RewardBatch``. decode: token ids -> text. params: sampling
+    settings (``sampling_params`` builds them from ``eval.*``). seed: the eval seed; problem i is sampled
+    with derive_seed(seed, EVAL_SEED_TAG, i). extract: response -> normalised answer for the vote.
 
     Returns ``{"k", "metrics": {...}, "by_source": {source: {...}}, "reward_stats", "problems": [...],
     "samples": [...]}``: one record per problem (n, c, majority answer) and per sample (response, pred,
-    score, correct, length, finish_reason), from which every metric can be recomputed.
+    score, correct, length, finish_reason, reward error), from which every metric can be recomputed.
     """
+    k = params.n
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    params = replace(params, n=k)
     # prompts per generate call: about one engine batch of sequences, so progress moves as it works
     chunk = max(1, getattr(engine, "max_batch", 256) // k)
     problems: list[dict[str, Any]] = []
@@ -181,20 +160,19 @@ def evaluate_k(
         idx = list(range(start, start + len(batch)))
         comps = engine.generate([it.prompt_ids for it in batch], params, [derive_seed(seed, EVAL_SEED_TAG, i) for i in idx])
         texts = [decode(c.token_ids) for c in comps]
-        exs = [batch[c.prompt_index].example for c in comps]
-        scores, correct, stats = score_fn(texts, exs)
-        for key, v in (stats or {}).items():
-            if isinstance(v, (int, float)):
-                reward_stats[key] = reward_stats.get(key, 0.0) + float(v)
+        scored = score_fn(texts, [batch[c.prompt_index].example for c in comps])
+        for key, v in scored.stats.items():
+            reward_stats[key] = reward_stats.get(key, 0.0) + float(v)
+        errors = scored.errors or [""] * len(comps)
         for b, (i, it) in enumerate(zip(idx, batch)):
-            rows = range(b * k, (b + 1) * k)  # completions come grouped per prompt
             recs = []
-            for j, r in enumerate(rows):
+            for j, r in enumerate(range(b * k, (b + 1) * k)):  # completions come grouped per prompt
                 assert comps[r].prompt_index == b, "engine returned completions out of order"
                 recs.append({
                     "problem": i, "sample": j, "data_source": it.example.data_source, "response": texts[r],
-                    "pred": extract(texts[r]), "score": float(scores[r]), "correct": bool(correct[r]),
+                    "pred": extract(texts[r]), "score": float(scored.scores[r]), "correct": bool(scored.correct[r]),
                     "length": len(comps[r].token_ids), "finish_reason": comps[r].finish_reason,
+                    **({"reward_error": errors[r]} if errors[r] else {}),
                 })
             v = _vote([s["pred"] for s in recs])
             c = sum(s["correct"] for s in recs)
@@ -217,12 +195,33 @@ def evaluate_k(
             "reward_stats": reward_stats, "problems": problems, "samples": samples}
 
 
+def sampling_params(cfg: Any) -> SamplingParams:
+    """The evaluation's sampling settings from a config: ``eval.k``, ``eval.temperature``, ``eval.top_p``,
+    and training's ``rollout.max_new_tokens`` and ``rollout.top_k``."""
+    e, r = cfg.eval, cfg.rollout
+    return SamplingParams(n=e.k, max_new_tokens=r.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                          top_k=r.top_k)
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """What a run reports before and after training: accuracy (avg@k) and what it was measured on."""
+    m, k = result["metrics"], result["k"]
+    if not m.get("problems"):
+        return {"accuracy": float("nan"), "n": 0, "k": k}
+    return {"accuracy": float(m[f"avg@{k}"]), "score": float(m["score_mean"]), "len_mean": float(m["len_mean"]),
+            "n": int(m["problems"]), "k": k}
+
+
 def as_metrics(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
-    """The headline numbers as flat metric keys for metrics.jsonl (``eval/avg@32``, ``eval/pass@32``, ...)."""
+    """The headline numbers as flat metric keys for metrics.jsonl (``eval/acc`` = ``eval/avg@k``,
+    ``eval/pass@k``, ``eval/maj@k``, ...)."""
     k = result["k"]
     m = result["metrics"]
     keys = [f"avg@{k}", "pass@1", f"pass@{k}", f"maj@{k}", "len_mean"]
-    return {f"{prefix}/{key}": float(m[key]) for key in keys if key in m}
+    out = {f"{prefix}/{key}": float(m[key]) for key in keys if key in m}
+    if f"avg@{k}" in m:
+        out[f"{prefix}/acc"] = float(m[f"avg@{k}"])
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -240,8 +239,19 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+
+
 # --------------------------------------------------------------------------------------------------
 # the command: load a model and a dataset, evaluate, print, save
+
+EVAL_FLAGS = {
+    "--k": "eval.k", "--temperature": "eval.temperature", "--top-p": "eval.top_p", "--top-k": "rollout.top_k",
+    "--max-new-tokens": "rollout.max_new_tokens", "--template": "data.template", "--reward": "reward.fn",
+    "--seed": "seed", "--prompt-key": "data.prompt_key", "--answer-key": "data.answer_key",
+    "--max-prompt-len": "data.max_prompt_len", "--long-prompts": "data.long_prompts", "--bad-rows": "data.bad_rows",
+    "--dedup": "data.dedup", "--reward-workers": "reward.workers", "--reward-timeout-s": "reward.timeout_s",
+    "--device": "model.device", "--dtype": "model.dtype", "--batch-size": "rollout.batch_size",
+}
 
 
 def _progress_printer(mode: str, stream=None) -> Progress | None:
@@ -271,180 +281,93 @@ def _progress_printer(mode: str, stream=None) -> Progress | None:
     return show
 
 
-def _run_config(model_dir: Path) -> dict[str, Any]:
-    """The training run's config.yaml beside a checkpoint (step_N/ sits in the run directory), if any."""
-    import yaml
+def _parser():
+    import argparse
 
-    for p in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
-        if p.is_file():
-            try:
-                cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
-            except yaml.YAMLError:
-                continue
-            if isinstance(cfg, dict):
-                return cfg
-    return {}
-
-
-@dataclass
-class _Problems:
-    """A dataset ready to evaluate, but for tokenising: what the command needs before loading the model."""
-
-    examples: list[Example]
-    encode: Callable[[Any, list[Example]], list[PromptItem]]
-    """(tokenizer, examples) -> items; may drop prompts that are too long."""
-    score_fn: ScoreFn
-    extract: Extract
-    info: dict[str, Any]
-
-
-def _task_problems(name: str, args, closers: list) -> _Problems:
-    from dapo.data.tasks import answer_after_colon, eval_examples, get_task
-
-    task = get_task(name)
-    if args.template not in ("auto", "none"):
-        raise ValueError(f"--template {args.template}: task:{name} prompts are in the task's own format; "
-                         "use --template auto (or none)")
-    exs = eval_examples(task, args.seed, args.limit or 256)  # the held-out split training evaluates on
-
-    def encode(tokenizer: Any, examples: list[Example]) -> list[PromptItem]:
-        return [PromptItem(-1 - i, ex, tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
-                for i, ex in enumerate(examples)]
-
-    info = {"template": "task", "reward": args.reward if args.reward != "auto" else f"task:{name}"}
-    if args.reward != "auto":
-        return _Problems(exs, encode, _runner_score_fn(args.reward, args, closers), default_pred, info)
-
-    def score_fn(texts: list[str], examples: list[Example]):
-        out = [task.score(t, e.answer) for t, e in zip(texts, examples)]
-        return [s for s, _ in out], [c for _, c in out], {}
-
-    return _Problems(exs, encode, score_fn, getattr(task, "extract_answer", None) or answer_after_colon, info)
-
-
-def _runner_score_fn(spec: str, args, closers: list) -> ScoreFn:
-    from dapo.rewards import RewardRunner
-
-    runner = RewardRunner(spec, workers=args.reward_workers, timeout_s=args.reward_timeout_s)
-    closers.append(runner.close)
-
-    def score_fn(texts: list[str], examples: list[Example]):
-        res = runner.score(texts, [e.answer for e in examples], [dict(e.fields, data_source=e.data_source) for e in examples])
-        return res.scores, res.correct, res.stats
-
-    return score_fn
-
-
-def _file_problems(path: str, args, closers: list) -> _Problems:
-    from dapo.data.files import load_examples
-    from dapo.trainer.prompts import encode_prompts
-
-    template = "dapo_math" if args.template == "auto" else args.template
-    exs, stats = load_examples(path, args.prompt_key, args.answer_key, bad_rows=args.bad_rows, dedup=args.dedup)
-    if args.limit:
-        exs = exs[: args.limit]
-    reward = "math" if args.reward == "auto" else args.reward
-    info: dict[str, Any] = {"template": template, "reward": reward,
-                            "load_stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else str(stats)}
-
-    def encode(tokenizer: Any, examples: list[Example]) -> list[PromptItem]:
-        kept, fitted, n_drop, n_trunc = encode_prompts(examples, template, tokenizer, args.max_prompt_len,
-                                                       args.long_prompts)
-        info.update(dropped_long=n_drop, truncated_long=n_trunc)
-        if n_drop or n_trunc:
-            print(f"dapo eval: {path}: {n_drop} prompts longer than --max-prompt-len {args.max_prompt_len} "
-                  f"dropped, {n_trunc} truncated", file=sys.stderr)
-        if not kept:
-            raise ValueError(f"{path}: no problems left to evaluate after the prompt-length filter "
-                             f"(--max-prompt-len {args.max_prompt_len})")
-        return [PromptItem(-1 - n, e, x) for n, (e, x) in enumerate(zip(kept, fitted))]
-
-    return _Problems(exs, encode, _runner_score_fn(reward, args, closers), default_pred, info)
-
-
-def _parser() -> argparse.ArgumentParser:
-    from dapo.data.templates import TEMPLATES
+    from dapo.config.flags import add_key_flags
 
     p = argparse.ArgumentParser(
         prog="dapo eval",
-        description="avg@k, pass@k and maj@k of a model over a dataset (the paper: --k 32, T 1.0, top-p 0.7).",
+        description="avg@k, pass@k and maj@k of a model over a dataset. A model in a run directory (a step_N/) is "
+                    "evaluated with its run's config (template, reward, keys, lengths) unless flags say otherwise. "
+                    "The paper evaluates AIME with --k 32 --top-p 0.7.",
+        epilog="key=value overrides any config key (dapo train --help-config lists them).",
     )
     p.add_argument("--model", required=True, help="model directory (Hugging Face format, e.g. a run's step_N/)")
     p.add_argument("--data", required=True, help="problem file (JSONL, Parquet, CSV) or task:NAME for a built-in task")
-    p.add_argument("--k", type=int, default=32, help="samples per problem (default 32)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
-    p.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling (paper: 0.7)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help="response length limit; 0 = the training run's rollout.max_new_tokens when the model sits in a run directory, else 24")
-    p.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
-                   help="prompt template for files (auto = dapo_math, as in training); tasks use their own")
-    p.add_argument("--reward", default="auto", help="math, module:function or file.py:function (auto = math for files, the task's own for tasks)")
     p.add_argument("--out", help="JSON results file (default: MODEL/eval_<data name>.json)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (and, for tasks, which held-out problems)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N problems only (tasks: N problems, default 256)")
-    p.add_argument("--prompt-key", default="prompt")
-    p.add_argument("--answer-key", default="reward_model.ground_truth")
-    p.add_argument("--max-prompt-len", type=int, default=1024)
-    p.add_argument("--long-prompts", default="drop", choices=["drop", "truncate"])
-    p.add_argument("--bad-rows", default="error", choices=["error", "skip"])
-    p.add_argument("--dedup", action="store_true", help="drop repeated prompts")
-    p.add_argument("--reward-workers", type=int, default=0)
-    p.add_argument("--reward-timeout-s", type=float, default=5.0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--batch-size", type=int, default=256, help="most sequences decoded at once")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N problems only (tasks: N held-out "
+                   "problems; default eval.size)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"])
     p.add_argument("--no-samples", action="store_true", help="leave the per-sample records (responses) out of the JSON")
+    add_key_flags(p, EVAL_FLAGS)
+    p.add_argument("overrides", nargs="*", help="key=value")
     return p
 
 
-def run_eval(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    """Everything ``main`` does but printing the table: returns (result, path of the JSON written)."""
-    from dapo.config import Config, ModelConfig
-    from dapo.rollout.hf import HFEngine
-    from dapo.trainer.setup import eos_ids, load_model_and_tokenizer, resolve_device
+def _eval_config(args: Any) -> Any:
+    """The run's config beside the model (when it sits in a run directory), then the flags and overrides."""
+    import yaml
 
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+    from dapo.config import config_from_dict, load_config
+    from dapo.config.flags import key_overrides
+
+    base = None
+    model_dir = Path(args.model)
+    for p in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
+        if p.is_file():
+            try:
+                base = config_from_dict(yaml.safe_load(p.read_text(encoding="utf-8")))
+            except (yaml.YAMLError, ValueError, TypeError, AttributeError):
+                continue
+            break
+    data = (["data.path=", f"data.task={args.data[len('task:'):]}"] if args.data.startswith("task:")
+            else [f"data.path={args.data}"])
+    # algo.soft_overlong=false: reward shaping is training's, and its window must not constrain --max-new-tokens here
+    over = [f"model.path={model_dir}", "model.tokenizer=", "algo.soft_overlong=false", *data,
+            *key_overrides(args, EVAL_FLAGS), *args.overrides]
+    if args.data.startswith("task:") and getattr(args, "reward.fn") is None:
+        over.append("reward.fn=auto")  # a task scores with its own verifier, whatever a run's file used
+    return load_config(base.preset if base else None, None, over, base=base)
+
+
+def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
+    """Everything ``main`` does but printing the table: returns (result, path of the JSON written)."""
+    from dapo.model import compute_dtype, eos_ids, load_model, load_tokenizer, resolve_device
+    from dapo.problems import load_problems
+    from dapo.rollout.hf import HFEngine
+
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such directory")
-    is_task = args.data.startswith("task:")
-    max_new = args.max_new_tokens or int((_run_config(model_dir).get("rollout") or {}).get("max_new_tokens") or 24)
-    closers: list[Callable[[], None]] = []
+    cfg = _eval_config(args)
     t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.model, str(model_dir))
+    # data and reward before the weights: a typo should not cost loading a large model
+    probs = load_problems(cfg, tok, lambda s: print(s, file=sys.stderr), train=False, limit=args.limit)
     try:
-        # data and reward first: a typo should not cost loading a large model
-        if is_task:
-            probs = _task_problems(args.data[len("task:"):], args, closers)
-        else:
-            probs = _file_problems(args.data, args, closers)
-        cfg = Config(model=ModelConfig(path=str(model_dir), dtype=args.dtype, device=args.device))
-        device = resolve_device(args.device)
-        model, tok = load_model_and_tokenizer(cfg, str(model_dir), device, lambda s: print(s, file=sys.stderr))
-        items = probs.encode(tok, probs.examples)
-        engine = HFEngine(model, int(tok.pad_token_id), eos_ids(model, tok), max_batch=args.batch_size)
-        params = SamplingParams(n=args.k, max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k)
-        print(f"dapo eval: {len(items)} problems x {args.k} samples (T {args.temperature}, top-p {args.top_p}, "
-              f"max {max_new} new tokens) on {device}", file=sys.stderr)
-        result = evaluate_k(engine, items, probs.score_fn, args.k, params, args.seed,
-                            lambda ids: tok.decode(ids, skip_special_tokens=True),
-                            extract=probs.extract, progress=_progress_printer(args.progress))
+        device = resolve_device(cfg.model.device)
+        model = load_model(cfg.model, str(model_dir), device, compute_dtype(cfg.model.dtype, device))  # no training
+        engine = HFEngine(model, int(tok.pad_token_id), eos_ids(model, tok), max_batch=cfg.rollout.batch_size)
+        params = sampling_params(cfg)
+        print(f"dapo eval: {len(probs.eval_items)} problems x {params.n} samples (T {params.temperature}, top-p "
+              f"{params.top_p}, max {params.max_new_tokens} new tokens) on {device}", file=sys.stderr)
+        result = evaluate(engine, probs.eval_items, probs.score_fn, lambda ids: tok.decode(ids, skip_special_tokens=True),
+                          params, cfg.eval_seed, extract=probs.extract, progress=_progress_printer(args.progress))
     finally:
-        for close in closers:
-            close()
+        probs.close()
+    is_task = not cfg.data.path
     result = {
-        "settings": {"model": str(model_dir), "data": args.data, "k": args.k, "temperature": args.temperature,
-                     "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": max_new, "seed": args.seed,
-                     "limit": args.limit, **probs.info},
+        "settings": {"model": str(model_dir), "data": args.data, "k": params.n, "temperature": params.temperature,
+                     "top_p": params.top_p, "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
+                     "seed": cfg.eval_seed, "limit": args.limit, "template": probs.template,
+                     "reward": f"task:{cfg.data.task}" if is_task else cfg.reward.fn},
         "wall_s": time.perf_counter() - t0,
         **result,
     }
     if args.no_samples:
         result.pop("samples")
-    name = f"task-{args.data[len('task:'):]}" if is_task else Path(args.data.rstrip("/")).name.split(".")[0]
+    name = f"task-{cfg.data.task}" if is_task else Path(args.data.rstrip("/")).name.split(".")[0]
     out = Path(args.out) if args.out else model_dir / f"eval_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=1, ensure_ascii=False))
@@ -452,7 +375,7 @@ def run_eval(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(list(argv) if argv is not None else None)
+    args = _parser().parse_intermixed_args(list(argv) if argv is not None else None)
     result, out = run_eval(args)
     s = result["settings"]
     print(f"{s['model']} on {s['data']}: {result['metrics']['problems']} problems x {s['k']} samples "

@@ -1,7 +1,9 @@
-"""Writing files so that a kill mid-write never leaves a truncated one behind."""
+"""Writing files and directories so that a kill mid-write never leaves a truncated one behind."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -12,3 +14,45 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (where the platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(final: Path) -> Path:
+    """A new empty directory beside ``final`` to write its contents into before ``install_dir``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+
+
+def install_dir(tmp: Path, final: Path, replace: bool = True) -> bool:
+    """Rename the finished directory ``tmp`` to ``final``, atomically: a reader sees the old ``final`` or the
+    whole new one, never a part. An existing ``final`` is moved aside first and removed only after the
+    rename (``replace``), or kept, and ``tmp`` deleted (not ``replace``: a concurrent writer finished first).
+    Returns whether ``tmp`` was installed."""
+    old = None
+    if final.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if old is not None:
+            os.rename(old, final)  # put the old one back: never leave nothing where something was
+        raise
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return True

@@ -36,6 +36,6 @@ def tiny_model_dir(tmp_path_factory):
 # settings that make a run take seconds: G=4, 4 prompts, 8 new tokens
 TINY_RUN = [
     "rollout.group_size=4", "optim.train_batch_size=4", "optim.mini_batch_size=2", "optim.micro_batch_size=5",
-    "rollout.max_new_tokens=8", "algo.overlong_cache_len=2", "data.eval_size=8", "log.progress=plain",
+    "rollout.max_new_tokens=8", "algo.overlong_cache_len=2", "eval.size=8", "log.progress=plain",
     "algo.max_gen_rounds=2", "log.tensorboard=false",
 ]

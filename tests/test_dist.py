@@ -20,10 +20,11 @@ from dapo.algo import group_advantages  # noqa: E402
 from dapo.config import ConfigError, load_config  # noqa: E402
 from dapo.dist import Cluster, DistError, RankGroup, split_evenly, start_local_ray  # noqa: E402
 from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
+from dapo.model import load_model, make_optimizer  # noqa: E402
+from dapo.trainer.build import build_run  # noqa: E402
 from dapo.trainer.loop import train  # noqa: E402
-from dapo.trainer.policy import ResponseLogprobs  # noqa: E402
-from dapo.trainer.setup import build_parts, load_model, resolve_run_dir  # noqa: E402
-from dapo.trainer.update import DataParallel, FlatBatch, compute_old_logp, minibatch_backward  # noqa: E402
+from dapo.trainer.run import resolve_run_dir  # noqa: E402
+from dapo.trainer.update import Learner, TrainBatch, whole_tensor  # noqa: E402
 
 STEPS = 3
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18]]
@@ -48,13 +49,13 @@ def run(cluster, tiny_model_dir, tmp_path_factory):
     """A 3-step 2+2 run whose workers and ranks stay up for the tests below (closed at the end)."""
     cfg = _cfg(tiny_model_dir, tmp_path_factory.mktemp("dist"), "r", f"optim.steps={STEPS}",
                "dist.rollout_workers=2", "dist.trainer_ranks=2", "dist.worker_restarts=1")
-    parts = build_parts(cfg, *resolve_run_dir(cfg))
+    built = build_run(cfg, *resolve_run_dir(cfg))
     history = []
     try:
-        result = train(cfg, on_step=lambda step, m: history.append(dict(m)), parts=parts)
-        yield SimpleNamespace(cfg=cfg, parts=parts, result=result, history=history)
+        result = train(cfg, on_step=lambda step, m: history.append(dict(m)), run=built)
+        yield SimpleNamespace(cfg=cfg, run=built, result=result, history=history)
     finally:
-        parts.close()
+        built.close()
 
 
 def _batch(engine, cfg, n_prompts=4):
@@ -64,19 +65,34 @@ def _batch(engine, cfg, n_prompts=4):
     rewards = torch.tensor([1.0 if (len(c.token_ids) + k) % 3 else -1.0 for k, c in enumerate(comps)])
     keep = torch.ones(len(comps))
     keep[1] = 0.0
-    return comps, FlatBatch([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps],
-                            [c.logprobs for c in comps], [True] * len(comps), group_advantages(rewards, G), keep)
+    return comps, TrainBatch([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps],
+                             [c.logprobs for c in comps], [True] * len(comps), group_advantages(rewards, G), keep)
 
 
 def _local(cfg, tiny_model_dir, state):
     """The single-process side: the same weights in this process, rank 0 of 1."""
-    from dapo.trainer.setup import make_optimizer
-
-    model = load_model(cfg, str(tiny_model_dir), torch.device("cpu"))
+    model = load_model(cfg.model, str(tiny_model_dir), torch.device("cpu"))
     model.load_state_dict(state)
-    opt, sched = make_optimizer(cfg, model)
-    return SimpleNamespace(model=model, policy=ResponseLogprobs(model), optimizer=opt, scheduler=sched, ref_model=None,
-                           pad_id=0, device=torch.device("cpu"), bad_in_a_row=0, dp=DataParallel())
+    opt, sched = make_optimizer(cfg.optim, model)
+    return Learner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
+
+
+def _ranks_gradient(group, batch, old, idx):
+    """The summed gradient of one mini-batch (``idx``: all ranks' responses) as the ranks hold it after
+    their all-reduce, whole, from rank 0: run on each rank actor with Ray's ``__ray_call__``."""
+
+    def on_rank(rank, batch, old, idx):
+        lr = rank.learner
+        lr.optimizer.zero_grad(set_to_none=True)
+        lr.model.train()
+        lr.minibatch_backward(batch, old, idx)
+        lr.dp.reduce_grads(lr.model)
+        grads = {n: whole_tensor(q.grad).detach().cpu().clone() for n, q in lr.model.named_parameters()
+                 if q.grad is not None}
+        lr.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    return ray.get([a.__ray_call__.remote(on_rank, batch, old, idx) for a in group.actors])[0]
 
 
 def test_cluster_binds_to_loopback_and_splits_prompts_evenly(cluster):
@@ -94,11 +110,11 @@ def test_ranks_stay_identical_and_workers_use_the_latest_weights(run, tiny_model
         assert m["dist/param_sync_err"] == 0.0, (step, m["dist/param_sync_err"])  # bit-identical replicas
         assert m["rollout/weight_version"] == pushes, step  # sampled by the weights of the previous update
         pushes += 1
-    engine = run.parts.engine
+    engine = run.run.engine
     assert engine.weight_version == pushes
     assert [ray.get(w.info.remote())["version"] for w in engine.workers] == [pushes, pushes]
     # the workers hold exactly the trained weights: an in-process engine on them samples the same tokens
-    state = run.parts.learner.full_state_dict()
+    state = run.run.learner.full_state_dict()
     local = _local(run.cfg, tiny_model_dir, state).model
     params = SamplingParams(n=4, max_new_tokens=8)
     seeds = [7, 8, 9, 10, 11]
@@ -116,14 +132,14 @@ def test_ranks_stay_identical_and_workers_use_the_latest_weights(run, tiny_model
 
 def test_two_rank_gradient_equals_single_process_gradient(run, tiny_model_dir):
     cfg = run.cfg
-    local = _local(cfg, tiny_model_dir, run.parts.learner.full_state_dict())
-    _, fb = _batch(run.parts.engine, cfg)
-    old = compute_old_logp(local, fb, cfg)
-    old_dist = run.parts.learner.old_logp(fb, cfg)
+    local = _local(cfg, tiny_model_dir, run.run.learner.full_state_dict())
+    _, fb = _batch(run.run.engine, cfg)
+    old = local.old_logp(fb)
+    old_dist = run.run.learner.old_logp(fb)
     assert max(abs(a - b) for x, y in zip(old, old_dist) for a, b in zip(x, y)) < 1e-5
     idx = list(range(len(fb.responses)))  # one optimiser step over every response: 8 per rank
-    g_dist = run.parts.learner.gradient(fb, old, idx, cfg)
-    minibatch_backward(local, fb, old, idx, cfg)
+    g_dist = _ranks_gradient(run.run.learner, fb, old, idx)
+    local.minibatch_backward(fb, old, idx)
     g_one = {n: p.grad for n, p in local.model.named_parameters() if p.grad is not None}
     assert g_dist.keys() == g_one.keys() and len(g_one) > 10
     for k in g_one:
@@ -138,27 +154,57 @@ def test_ranks_that_sample_themselves_use_their_own_weights_and_no_recompute(clu
     from dapo.dist.ranks import RankEngine
 
     cfg = _cfg(tiny_model_dir, tmp_path, "h", f"optim.steps={STEPS}", "dist.trainer_ranks=2", "dist.rollout_on_ranks=true")
-    parts = build_parts(cfg, *resolve_run_dir(cfg))
+    built = build_run(cfg, *resolve_run_dir(cfg))
     history = []
     try:
-        train(cfg, on_step=lambda step, m: history.append(dict(m)), parts=parts)
-        assert isinstance(parts.engine, RankEngine) and parts.model is None
+        train(cfg, on_step=lambda step, m: history.append(dict(m)), run=built)
+        assert isinstance(built.engine, RankEngine) and isinstance(built.learner, RankGroup)  # no model here
         assert [m["rollout/weight_version"] for m in history] == list(range(STEPS))
         assert all(m["dist/param_sync_err"] == 0.0 and m["batch/groups"] > 0 for m in history)
-        assert parts.engine.weight_version == STEPS
-        local = _local(cfg, tiny_model_dir, parts.learner.full_state_dict())
+        assert built.engine.weight_version == STEPS
+        local = _local(cfg, tiny_model_dir, built.learner.full_state_dict())
         params, seeds = SamplingParams(n=4, max_new_tokens=8), [7, 8, 9, 10, 11]
-        remote = parts.engine.generate(PROMPTS, params, seeds)  # 3 prompts on rank 0, 2 on rank 1
+        remote = built.engine.generate(PROMPTS, params, seeds)  # 3 prompts on rank 0, 2 on rank 1
         here = HFEngine(local.model, 0, [1]).generate(PROMPTS, params, seeds)
         assert [c.token_ids for c in remote] == [c.token_ids for c in here]
         assert [c.prompt_index for c in remote] == [c.prompt_index for c in here]
         assert {c.weight_version for c in remote} == {STEPS}
-        _, fb = _batch(parts.engine, cfg)
-        assert parts.learner.old_logp(fb, cfg) == fb.behaviour_logp  # not recomputed ...
-        recomputed = compute_old_logp(local, fb, cfg)  # ... and what a recompute would give, to rounding
+        _, fb = _batch(built.engine, cfg)
+        assert built.learner.old_logp(fb) == fb.behaviour_logp  # not recomputed ...
+        recomputed = local.old_logp(fb)  # ... and what a recompute would give, to rounding
         assert max(abs(a - b) for x, y in zip(recomputed, fb.behaviour_logp) for a, b in zip(x, y)) < 1e-5
     finally:
-        parts.close()
+        built.close()
+
+
+def test_a_nan_rollout_with_ranks_does_not_block_later_checkpoints(cluster, tiny_model_dir, tmp_path, capsys):
+    """The loop counts rollouts with NaN log-probs, the ranks count non-finite updates: a NaN rollout at
+    step 2 skips that step's update and checkpoint, and the checkpoints after it are written again."""
+    cfg = _cfg(tiny_model_dir, tmp_path, "n", "optim.steps=4", "dist.trainer_ranks=2", "ckpt.every=1",
+               "ckpt.keep_last=5")
+    built = build_run(cfg, *resolve_run_dir(cfg))
+    generate, calls = built.engine.generate, []
+
+    def nan_on_step_2(prompts, params, seeds):
+        comps = generate(prompts, params, seeds)
+        calls.append(len(comps))
+        if len(calls) == 2:  # the second generation round is step 2's (TINY_RUN refills at most once per step)
+            for c in comps:
+                c.logprobs = [float("nan")] * len(c.logprobs)
+        return comps
+
+    built.engine.generate = nan_on_step_2
+    history = []
+    try:
+        train(cfg, on_step=lambda step, m: history.append(dict(m)), run=built)
+    finally:
+        built.close()
+    from dapo.trainer.checkpoint import list_checkpoints
+
+    nan_steps = [i + 1 for i, m in enumerate(history) if m["rollout/nan_logprob_frac"]]
+    assert nan_steps and nan_steps[0] < 4
+    saved = [s for s, _ in list_checkpoints(tmp_path / "n")]
+    assert nan_steps[0] not in saved and saved[-1] == 4 and all(s in saved for s in range(nan_steps[0] + 1, 5))
 
 
 @pytest.mark.slow
@@ -168,19 +214,17 @@ def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir)
     ranks = RankGroup(cfg, str(tiny_model_dir), 0, cl)
     try:
         local = _local(cfg, tiny_model_dir, ranks.full_state_dict())
-        _, fb = _batch(run.parts.engine, cfg)
-        old = compute_old_logp(local, fb, cfg)
+        _, fb = _batch(run.run.engine, cfg)
+        old = local.old_logp(fb)
         idx = list(range(len(fb.responses)))
-        g_dist = ranks.gradient(fb, old, idx, cfg)
-        minibatch_backward(local, fb, old, idx, cfg)
+        g_dist = _ranks_gradient(ranks, fb, old, idx)
+        local.minibatch_backward(fb, old, idx)
         for n, p in local.model.named_parameters():
             torch.testing.assert_close(g_dist[n], p.grad, atol=1e-5, rtol=0)
         # a whole update (2 optimiser steps, sharded AdamW state) lands on the same weights
-        from dapo.trainer.update import update_policy
-
         local.optimizer.zero_grad(set_to_none=True)
-        m_one = update_policy(local, fb, old, cfg, step=1)
-        m_dist = ranks.update(fb, old, cfg, step=1)
+        m_one = local.update(fb, old, step=1)
+        m_dist = ranks.update(fb, old, step=1)
         assert m_dist["actor/updates"] == m_one["actor/updates"] == 2
         assert m_dist["actor/loss_tokens"] == m_one["actor/loss_tokens"]
         sharded = ranks.full_state_dict()
@@ -193,7 +237,7 @@ def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir)
 
 def test_killed_rollout_worker_is_replaced_then_reported(run):
     """Runs last on the module's run: it kills its workers."""
-    engine = run.parts.engine
+    engine = run.run.engine
     params = SamplingParams(n=4, max_new_tokens=8)
     want = engine.generate(PROMPTS, params, [1, 2, 3, 4, 5])
     os.kill(ray.get(engine.workers[1].info.remote())["pid"], signal.SIGKILL)

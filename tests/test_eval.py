@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dapo.eval import EVAL_SEED_TAG, _vote, as_metrics, evaluate_k, format_table, majority_vote, pass_at_k, pass_ks
+from dapo.eval import EVAL_SEED_TAG, _vote, as_metrics, evaluate, format_table, majority_vote, pass_at_k, pass_ks
 from dapo.rollout.base import Completion, SamplingParams, derive_seed
-from dapo.trainer.batch import PromptItem
+from dapo.items import PromptItem
+from dapo.rewards import RewardBatch
 
 MATH_20 = Path(__file__).parent / "fixtures" / "math_20.jsonl"
 
@@ -84,13 +85,13 @@ def _fake_items(n):
 
 def _fake_score(texts, exs):
     correct = [t[0] == e.answer for t, e in zip(texts, exs)]
-    return [1.0 if c else -1.0 for c in correct], correct, {"reward/errors": 0.0}
+    return RewardBatch([1.0 if c else -1.0 for c in correct], correct, {"reward/errors": 0.0})
 
 
 def test_samples_depend_on_problem_index_not_on_batching():
     items = _fake_items(10)
     decode = lambda ids: "".join(map(str, ids))  # noqa: E731
-    runs = [evaluate_k(SeedEchoEngine(mb), items[:n], _fake_score, 4, SamplingParams(), 3, decode)
+    runs = [evaluate(SeedEchoEngine(mb), items[:n], _fake_score, decode, SamplingParams(n=4), 3)
             for mb, n in [(4, 10), (1000, 10), (8, 6)]]
     resp = [[s["response"] for s in r["samples"]] for r in runs]
     assert resp[0] == resp[1] and resp[2] == resp[0][: 6 * 4]
@@ -105,11 +106,12 @@ def test_samples_depend_on_problem_index_not_on_batching():
 def tiny_engine(tiny_model_dir):
     from dapo.config import Config
     from dapo.rollout.hf import HFEngine
-    from dapo.trainer.setup import eos_ids, load_model_and_tokenizer
+    from dapo.model import eos_ids, load_model, load_tokenizer
 
     import torch
 
-    model, tok = load_model_and_tokenizer(Config(), str(tiny_model_dir), torch.device("cpu"), print)
+    model = load_model(Config().model, str(tiny_model_dir), torch.device("cpu"))
+    tok = load_tokenizer(Config().model, str(tiny_model_dir))
     return HFEngine(model, tok.pad_token_id, eos_ids(model, tok), max_batch=64), tok
 
 
@@ -150,15 +152,14 @@ def test_evaluate_k_on_math_20_matches_hand_computation(tiny_engine, tmp_path):
     runner = RewardRunner(f"{tmp_path / 'my_reward.py'}:reward")
 
     def score_fn(texts, examples):
-        res = runner.score(texts, [e.answer for e in examples])
-        return res.scores, res.correct, res.stats
+        return runner.score(texts, [e.answer for e in examples])
 
     k = 4
     # top-k 3 and short responses: few distinct first characters, so votes collide and tie
-    params = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=3)
+    params = SamplingParams(n=k, max_new_tokens=3, temperature=1.0, top_k=3)
     seen = []
-    res = evaluate_k(engine, items, score_fn, k, params, seed=1, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                     extract=first_char, progress=lambda d, t, a: seen.append((d, t)))
+    res = evaluate(engine, items, score_fn, lambda ids: tok.decode(ids, skip_special_tokens=True), params, seed=1,
+                   extract=first_char, progress=lambda d, t, a: seen.append((d, t)))
     assert seen[-1] == (20, 20)
     samples, problems = res["samples"], res["problems"]
     assert len(samples) == 20 * k and len(problems) == 20
@@ -205,7 +206,8 @@ def test_cli_on_jsonl_with_user_reward(tiny_model_dir, tmp_path, capsys):
     assert "avg@3" in cap.out and "pass@3" in cap.out and "maj@3" in cap.out and str(out) in cap.out
     assert "6/6 problems" in cap.err
     res = json.loads(out.read_text())
-    assert res["settings"]["top_p"] == 0.7 and res["settings"]["template"] == "dapo_math"
+    # eval.top_p's default; template auto with a user's reward and no chat template: the prompt as it is
+    assert res["settings"]["top_p"] == 1.0 and res["settings"]["template"] == "none"
     assert len(res["samples"]) == 6 * 3
     avg, pass_j, maj, _ = _expected(res["samples"], 3)
     assert res["metrics"]["avg@3"] == pytest.approx(avg) and res["metrics"]["pass@3"] == pytest.approx(pass_j[3])

@@ -11,24 +11,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 from dapo.data.charvocab import make_char_tokenizer
 from dapo.data.example import Example
 from dapo.data.tasks import MULTISUM_SFT_STEPS, TrainStream, get_task
-from dapo.trainer.sft import (
-    IGNORE_INDEX,
-    SFTSettings,
-    accuracy,
-    base_model_dir,
-    build_tiny_model,
-    default_threads,
-    prepare_base_model,
-    sft,
-    sft_batch,
-    sft_loss,
-    sft_main,
+from dapo.config import SFTConfig
+from dapo.cpu import default_threads
+from dapo.items import PromptItem
+from dapo.problems import task_score_fn
+from dapo.warmup import (
+    IGNORE_INDEX, base_model_dir, build_tiny_model, make_probe, prepare_base_model, sft, sft_batch, sft_loss,
     task_settings,
 )
+from dapo.warmup.base import task_pairs
+from dapo.warmup.command import main as sft_main
 
 ADD = get_task("addition")
 TINY = dict(layers=1, hidden=32, heads=2, ffn=64, max_pos=32)
-TINY_SETTINGS = SFTSettings(**TINY, batch=16, max_steps=3, target_accuracy=None, n_probe=8)
+TINY_SETTINGS = SFTConfig(**TINY, batch=16, max_steps=3, target_accuracy=None, n_probe=8)
 THREADS = 1  # tiny models: a second thread only adds synchronisation (and spins on a busy machine)
 
 
@@ -71,9 +67,23 @@ def test_build_tiny_model_seeded_and_leaves_global_rng(tok):
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
 
+def _pairs(tok, exs):
+    return [(tok(e.prompt)["input_ids"], tok(ADD.sft_response(e))["input_ids"] + [tok.eos_token_id]) for e in exs]
+
+
+def _probe(tok, exs, seed=0, greedy_len=None):
+    items = [PromptItem(-1 - i, e, tok(e.prompt)["input_ids"]) for i, e in enumerate(exs)]
+    return make_probe(items, task_score_fn(ADD), tok, seed, greedy_len or ADD.max_response_len + 1)
+
+
+def _run(model, tok, probe=None, seed=0, **settings):
+    return sft(model, task_pairs(ADD, tok, seed), tok.pad_token_id, SFTConfig(**settings), probe, THREADS,
+               log=lambda s: None)
+
+
 def test_sft_batch_labels_only_response(tok):
     exs = [Example("357+68=", "425"), Example("9+1=", "10")]
-    ids, labels = sft_batch(tok, ADD, exs)
+    ids, labels = sft_batch(_pairs(tok, exs), tok.pad_token_id)
     assert ids.shape == labels.shape == (2, len("357+68=15,12,04:425") + 1)
     assert tok.decode(ids[0]) == "357+68=15,12,04:425<eos>"
     assert tok.decode(ids[1]) == "9+1=10:10<eos>" + "<pad>" * 10  # right padding
@@ -84,12 +94,12 @@ def test_sft_batch_labels_only_response(tok):
 
 
 def test_short_sft_lowers_loss(tok):
-    fixed = sft_batch(tok, ADD, TrainStream(ADD, seed=99).take(64))
+    fixed = sft_batch(_pairs(tok, TrainStream(ADD, seed=99).take(64)), tok.pad_token_id)
     m = _tiny_model(tok)
     with torch.no_grad():
         before = sft_loss(m, *fixed).item()
-    r = sft(m, tok, ADD, max_steps=30, lr=3e-3, batch=32, seed=0, n_probe=8, num_threads=THREADS,
-            log=lambda s: None)
+    probe = _probe(tok, TrainStream(ADD, seed=7).take(8))
+    r = _run(m, tok, probe, max_steps=30, lr=3e-3, batch=32, target_accuracy=None, min_steps=0, eval_every=0)
     with torch.no_grad():
         after = sft_loss(m, *fixed).item()
     assert after < before - 1.0, (before, after)  # ln(100) ~ 4.6 at init; the format alone is learnt fast
@@ -98,24 +108,24 @@ def test_short_sft_lowers_loss(tok):
 
 def test_sft_stops_on_target(tok):
     m = _tiny_model(tok)
-    r = sft(m, tok, ADD, max_steps=50, target_accuracy=0.0, min_steps=4, eval_every=2, batch=8, n_probe=8,
-            num_threads=THREADS, log=lambda s: None)
+    r = _run(m, tok, _probe(tok, TrainStream(ADD, seed=7).take(8)), max_steps=50, target_accuracy=0.0, min_steps=4,
+             eval_every=2, batch=8)
     assert r.stopped == "target" and r.steps == 4 and len(r.history) == 1
 
 
 def test_sft_measures_without_target_and_runs_every_step(tok):
     m = _tiny_model(tok)
-    r = sft(m, tok, ADD, max_steps=5, target_accuracy=None, min_steps=2, eval_every=2, batch=8, n_probe=8,
-            num_threads=THREADS, log=lambda s: None)
+    r = _run(m, tok, _probe(tok, TrainStream(ADD, seed=7).take(8)), max_steps=5, target_accuracy=None, min_steps=2,
+             eval_every=2, batch=8)
     assert r.stopped == "max_steps" and r.steps == 5 and [h["step"] for h in r.history] == [2, 4]
 
 
-def test_task_settings_apply_the_tasks_overrides():
-    assert task_settings("addition") == SFTSettings()
+def test_task_settings_apply_the_tasks_overrides(tmp_path):
+    assert task_settings("addition") == SFTConfig()
     ms = task_settings("multisum")
-    assert ms.target_accuracy is None and ms.max_steps == MULTISUM_SFT_STEPS and ms.lr == SFTSettings().lr
+    assert ms.target_accuracy is None and ms.max_steps == MULTISUM_SFT_STEPS and ms.lr == SFTConfig().lr
     assert task_settings("multisum_direct") == ms  # the control differs in its data only
-    assert ms.key("multisum") != ms.key("multisum_direct")  # and is cached apart
+    assert base_model_dir("multisum", ms, tmp_path) != base_model_dir("multisum_direct", ms, tmp_path)  # cached apart
 
 
 def test_sft_main_uses_the_tasks_settings(tmp_path):
@@ -126,12 +136,12 @@ def test_sft_main_uses_the_tasks_settings(tmp_path):
     assert meta["settings"]["eval_every"] == task_settings("multisum").eval_every
 
 
-def test_accuracy_untrained_and_reproducible(tok):
+def test_probe_accuracy_untrained_and_reproducible(tok):
     m = _tiny_model(tok)
     exs = TrainStream(ADD, seed=5).take(16)
-    assert accuracy(m, tok, ADD, exs, seed=0, greedy=True) == 0.0  # an untrained model cannot add
-    a = accuracy(m, tok, ADD, exs, seed=3)
-    assert 0.0 <= a <= 1.0 and accuracy(m, tok, ADD, exs, seed=3) == a
+    assert _probe(tok, exs)(m, True) == 0.0  # an untrained model cannot add
+    a = _probe(tok, exs, seed=3)(m, False)
+    assert 0.0 <= a <= 1.0 and _probe(tok, exs, seed=3)(m, False) == a
 
 
 def test_prepare_base_model_writes_loadable_dir_and_caches(tok, tmp_path):
@@ -158,7 +168,7 @@ def test_prepare_base_model_writes_loadable_dir_and_caches(tok, tmp_path):
 
     # other settings, another directory; force rebuilds in place, deterministically
     other = prepare_base_model("addition", cache_dir=tmp_path, log=lambda s: None, num_threads=THREADS,
-                               settings=SFTSettings(**{**TINY_SETTINGS.__dict__, "seed": 1}))
+                               settings=TINY_SETTINGS, seed=1)
     assert other != path
     weights = load_file(path / "model.safetensors")
     assert prepare_base_model("addition", **kw, force=True, log=lambda s: None) == path

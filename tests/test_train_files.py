@@ -19,8 +19,8 @@ def test_dapo_math_parquet_with_duplicates_trains_two_steps(tiny_model_dir, tmp_
     reward.write_text("def score(response, ground_truth, **fields):\n    return 1.0 if len(response) % 2 else -1.0\n")
     cfg = load_config(overrides=[
         *TINY_RUN, f"model.path={tiny_model_dir}", f"data.path={tmp_path / 'dapo-math.parquet'}", "data.dedup=true",
-        f"data.reward={reward}:score", "data.template=none", "data.max_prompt_len=400", "optim.steps=2",
-        "log.eval_every=2", "log.eval_k=3", f"log.out_dir={tmp_path}", "log.run_name=pq",
+        f"reward.fn={reward}:score", "data.template=none", "data.max_prompt_len=400", "optim.steps=2",
+        "eval.every=2", "eval.k=3", f"log.out_dir={tmp_path}", "log.run_name=pq",
     ])
     result = train(cfg)
     assert result.steps == 2

@@ -11,8 +11,10 @@ from dapo.cli import main as cli_main
 from dapo.config import load_config
 from dapo.data.example import Example
 from dapo.rollout import HFEngine, SamplingParams
-from dapo.trainer.batch import DynamicSampler, GenCapReached, PromptItem, SamplerSettings
+from dapo.items import PromptItem
+from dapo.rewards import RewardBatch
 from dapo.trainer.loop import train
+from dapo.trainer.sampler import DynamicSampler, GenCapReached
 
 
 class _Prompts:
@@ -34,10 +36,19 @@ class _Prompts:
         self.cursor = s["cursor"]
 
 
+def _verdicts(ok):
+    return RewardBatch([1.0 if c else -1.0 for c in ok], list(ok), {})
+
+
 def _parity_score(texts, examples):
     """Correct iff the response's first character code is even: mixed groups for some prompts, not all."""
-    ok = [bool(t) and ord(t[0]) % 2 == 0 for t in texts]
-    return [1.0 if c else -1.0 for c in ok], ok, {}
+    return _verdicts([bool(t) and ord(t[0]) % 2 == 0 for t in texts])
+
+
+_SAMPLER_KEYS = {"group_size": "rollout.group_size", "train_batch_size": "optim.train_batch_size",
+                 "gen_batch_size": "rollout.gen_batch_size", "max_gen_rounds": "algo.max_gen_rounds",
+                 "on_gen_cap": "algo.on_gen_cap", "refill": "algo.refill", "carry_over": "algo.carry_over",
+                 "dynamic_sampling": "algo.dynamic_sampling"}
 
 
 def _sampler(tiny_model_dir, score=_parity_score, **kw):
@@ -46,11 +57,11 @@ def _sampler(tiny_model_dir, score=_parity_score, **kw):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     eng = HFEngine(model, tok.pad_token_id, [tok.eos_token_id])
-    settings = dict(group_size=4, train_batch_size=6, gen_batch_size=4, params=SamplingParams(n=4, max_new_tokens=3),
-                    max_gen_rounds=6)
+    settings = dict(group_size=4, train_batch_size=6, gen_batch_size=4, max_gen_rounds=6)
     settings.update(kw)
-    return DynamicSampler(eng, _Prompts(), score, lambda ids: tok.decode(ids, skip_special_tokens=True),
-                          SamplerSettings(**settings))
+    cfg = load_config(overrides=[f"{_SAMPLER_KEYS[k]}={v}" for k, v in settings.items()]
+                      + ["rollout.max_new_tokens=3", "algo.soft_overlong=false", "optim.mini_batch_size=1"])
+    return DynamicSampler(cfg, eng, _Prompts(), score, lambda ids: tok.decode(ids, skip_special_tokens=True))
 
 
 def test_dynamic_sampling_keeps_only_mixed_groups(tiny_model_dir):
@@ -66,7 +77,7 @@ def test_dynamic_sampling_keeps_only_mixed_groups(tiny_model_dir):
 
 def test_dynamic_sampling_stops_at_the_cap(tiny_model_dir):
     def all_wrong(texts, examples):
-        return [-1.0] * len(texts), [False] * len(texts), {}
+        return _verdicts([False] * len(texts))
 
     s = _sampler(tiny_model_dir, score=all_wrong, max_gen_rounds=3)
     groups, m = s.collect(step=1)
@@ -91,8 +102,7 @@ def test_carry_over_keeps_surplus_groups_with_behaviour_logprobs(tiny_model_dir)
 
 def _half_mixed(texts, examples):
     """Even prompt numbers: alternately right and wrong (a mixed group); odd ones: all wrong. Keep rate 1/2."""
-    ok = [int(e.prompt[1:]) % 2 == 0 and i % 2 == 0 for i, e in enumerate(examples)]
-    return [1.0 if c else -1.0 for c in ok], ok, {}
+    return _verdicts([int(e.prompt[1:]) % 2 == 0 and i % 2 == 0 for i, e in enumerate(examples)])
 
 
 def test_adaptive_refill_samples_only_what_the_keep_rate_needs(tiny_model_dir):
@@ -172,7 +182,7 @@ def test_stop_and_resume_continues_with_the_same_data_order(tiny_model_dir, tmp_
 
 
 def test_resume_from_an_older_checkpoint_branches_and_never_overwrites_the_newer_ones(tiny_model_dir, tmp_path, capsys):
-    from dapo.trainer.setup import SetupError
+    from dapo.model import SetupError
 
     common = ["algo.filter_metric=reward", "optim.lr=1e-2", "ckpt.every=2", "ckpt.keep_last=5", *TINY_RUN,
               f"model.path={tiny_model_dir}", f"log.out_dir={tmp_path}", "optim.steps=4"]
@@ -224,7 +234,7 @@ def test_existing_run_dir_is_never_overwritten(tiny_model_dir, tmp_path):
 
 
 def test_contention_warning_only_when_threads_would_spin_on_a_busy_cpu():
-    from dapo.trainer.setup import contention_warning
+    from dapo.cpu import contention_warning
 
     def never():
         raise AssertionError("the idle fraction is sampled only when spinning is possible")
@@ -237,43 +247,41 @@ def test_contention_warning_only_when_threads_would_spin_on_a_busy_cpu():
 
 
 def _zero_adv_batch(tiny_model_dir, tmp_path, *extra):
-    from dapo.trainer.setup import build_parts
-    from dapo.trainer.update import FlatBatch
+    from dapo.trainer.build import build_run
+    from dapo.trainer.update import TrainBatch
 
     cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "optim.micro_batch_size=3", *extra])
-    parts = build_parts(cfg, tmp_path, None, log=lambda s: None)
+    run = build_run(cfg, tmp_path, None, log=lambda s: None)
     G, P = cfg.rollout.group_size, 4
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
-    comps = parts.engine.generate(prompts, SamplingParams(n=G, max_new_tokens=6), list(range(P)))
+    comps = run.engine.generate(prompts, SamplingParams(n=G, max_new_tokens=6), list(range(P)))
     adv = torch.randn(P * G, generator=torch.Generator().manual_seed(0))
     adv[:G] = 0.0  # an all-equal group
     adv[2 * G + 1] = 0.0  # one response at its group's mean
     keep = torch.ones(P * G)
     keep[3] = 0.0  # a zero-advantage response that is also masked out (overlong)
-    fb = FlatBatch([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
-                   [True] * len(comps), adv, keep)
+    fb = TrainBatch([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
+                    [True] * len(comps), adv, keep)
     old = [[x - 0.1 * ((i + j) % 3) for j, x in enumerate(c.logprobs)] for i, c in enumerate(comps)]  # ratio != 1
-    return cfg, parts, fb, old
+    return cfg, run.learner, fb, old
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_zero_advantage_responses_skip_the_backward_with_the_same_gradient_and_metrics(tiny_model_dir, tmp_path, agg):
     from dataclasses import replace
 
-    from dapo.trainer.update import minibatch_backward
-
-    cfg, parts, fb, old = _zero_adv_batch(tiny_model_dir, tmp_path, f"algo.loss_agg={agg}")
+    cfg, learner, fb, old = _zero_adv_batch(tiny_model_dir, tmp_path, f"algo.loss_agg={agg}")
     calls = []  # (rows, autograd on) per forward
-    forward = parts.policy.forward
-    parts.policy.forward = lambda sb, *a: calls.append((sb.input_ids.shape[0], torch.is_grad_enabled())) or forward(sb, *a)
+    forward = learner.policy.forward
+    learner.policy.forward = lambda sb, *a: calls.append((sb.input_ids.shape[0], torch.is_grad_enabled())) or forward(sb, *a)
     idx = list(range(len(fb.responses)))  # one mini-batch of every response
     out = {}
     for skip in (False, True):
-        c = replace(cfg, optim=replace(cfg.optim, skip_zero_adv=skip))
-        parts.model.zero_grad(set_to_none=True)
+        learner.cfg = replace(cfg, optim=replace(cfg.optim, skip_zero_adv=skip))
+        learner.model.zero_grad(set_to_none=True)
         calls.clear()
-        loss, sums = minibatch_backward(parts, fb, old, idx, c, with_entropy=True)
-        grads = {n: p.grad.clone() for n, p in parts.model.named_parameters()}
+        loss, sums = learner.minibatch_backward(fb, old, idx, with_entropy=True)
+        grads = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
         out[skip] = (loss, sums, grads, list(calls))
     (l0, s0, g0, c0), (l1, s1, g1, c1) = out[False], out[True]
     assert [r for r, grad in c0 if grad] and not [r for r, grad in c0 if not grad]
@@ -289,9 +297,9 @@ def test_zero_advantage_responses_skip_the_backward_with_the_same_gradient_and_m
 
 
 def test_zero_advantage_skip_is_off_with_kl_and_when_the_whole_mini_batch_is_zero(tiny_model_dir, tmp_path):
-    from dapo.trainer.update import update_policy, zero_advantage_rows
+    from dapo.trainer.update import zero_advantage_rows
 
-    cfg, parts, fb, old = _zero_adv_batch(tiny_model_dir, tmp_path)
+    cfg, learner, fb, old = _zero_adv_batch(tiny_model_dir, tmp_path)
     rows = list(range(len(fb.responses)))
     assert zero_advantage_rows(fb, rows, cfg) == [0, 1, 2, 3, 9]
     cfg_kl, *_ = _zero_adv_batch(tiny_model_dir, tmp_path / "kl", "algo.kl_coef=0.1")
@@ -300,31 +308,32 @@ def test_zero_advantage_skip_is_off_with_kl_and_when_the_whole_mini_batch_is_zer
     assert zero_advantage_rows(fb, rows[8:12], cfg) == [9] and zero_advantage_rows(fb, rows[8:13], cfg) == []  # < 1/4
     # a mini-batch of nothing but zero advantages still takes its optimiser step, on a zero gradient
     fb.advantages[:] = 0.0
-    m = update_policy(parts, fb, old, cfg, step=1)
+    m = learner.update(fb, old, step=1)
     assert m["actor/updates"] == 2 and m["actor/grad_norm"] == 0.0
-    assert all(p.grad is not None and not p.grad.any() for p in parts.model.parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in learner.model.parameters())
 
 
 def test_held_out_accuracy_averages_eval_k_samples_of_each_prompt(tiny_model_dir, tmp_path):
-    from dapo.trainer.loop import evaluate
-    from dapo.trainer.setup import build_parts
+    from dapo.eval import headline
+    from dapo.trainer.build import build_run
+    from dapo.trainer.loop import run_eval
 
-    cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "log.eval_k=3", "data.eval_seed=11"])
-    parts = build_parts(cfg, tmp_path, None, log=lambda s: None)
-    other = build_parts(load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "data.eval_seed=11", "seed=9"]),
-                        tmp_path / "b", None, log=lambda s: None)
-    assert [it.example for it in other.eval_items] == [it.example for it in parts.eval_items]  # eval_seed, not seed
+    cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "eval.k=3", "eval.seed=11"])
+    run = build_run(cfg, tmp_path, None, log=lambda s: None)
+    other = build_run(load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "eval.seed=11", "seed=9"]),
+                      tmp_path / "b", None, log=lambda s: None)
+    items = run.problems.eval_items
+    assert [it.example for it in other.problems.eval_items] == [it.example for it in items]  # eval.seed, not seed
     seen = []
 
     def score(texts, exs):  # "correct" = the example is one of the first three held-out prompts
         seen.extend(exs)
-        ok = [e in [it.example for it in parts.eval_items[:3]] for e in exs]
-        return [float(c) for c in ok], ok, {}
+        return _verdicts([e in [it.example for it in items[:3]] for e in exs])
 
-    parts.score_fn = score
-    res = evaluate(parts, cfg, cfg.seed)
+    run.problems.score_fn = score
+    res = headline(run_eval(run))
     assert (res["n"], res["k"]) == (8, 3) and len(seen) == 24
-    assert all(seen.count(it.example) == 3 for it in parts.eval_items)  # each prompt's own k responses
+    assert all(seen.count(it.example) == 3 for it in items)  # each prompt's own k responses
     assert res["accuracy"] == pytest.approx(9 / 24)
 
 
@@ -334,11 +343,14 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path):
 
     from dapo.trainer.logger import RunLogger
 
-    first = RunLogger(tmp_path, 5, progress="none")
+    from dapo.config import LogConfig
+
+    quiet = LogConfig(progress="none")
+    first = RunLogger(tmp_path, 5, quiet)
     for step in range(1, 6):  # the run got to step 5; its newest checkpoint is step 3
         first.log(step, {"rollout/acc": float(step)})
     first.close()
-    again = RunLogger(tmp_path, 5, progress="none", start_step=3, resumed=True)
+    again = RunLogger(tmp_path, 5, quiet, start_step=3, resumed=True)
     for step in (4, 5):
         again.log(step, {"rollout/acc": 100.0 + step})
     again.close()
@@ -350,7 +362,8 @@ def test_tensorboard_hides_the_steps_a_resume_logs_again(tmp_path):
 def test_kl_reference_after_a_resume_is_the_initial_model(tiny_model_dir, tmp_path):
     import shutil
 
-    from dapo.trainer.setup import SetupError, build_parts
+    from dapo.model import SetupError
+    from dapo.trainer.build import build_run
 
     init = tmp_path / "init"
     shutil.copytree(tiny_model_dir, init)
@@ -358,13 +371,13 @@ def test_kl_reference_after_a_resume_is_the_initial_model(tiny_model_dir, tmp_pa
               "ckpt.every=2", f"log.out_dir={tmp_path}", "log.run_name=r"]
     train(load_config(overrides=common + ["optim.steps=2"]))
     cfg = load_config(overrides=common + ["optim.steps=4"])
-    parts = build_parts(cfg, tmp_path / "r", tmp_path / "r" / "step_2", log=lambda s: None)
+    run = build_run(cfg, tmp_path / "r", tmp_path / "r" / "step_2", log=lambda s: None)
     first, ckpt = load_file(str(init / "model.safetensors")), load_file(str(tmp_path / "r" / "step_2" / "model.safetensors"))
-    ref, policy = parts.ref_model.state_dict(), parts.model.state_dict()
+    ref, policy = run.learner.ref_model.state_dict(), run.learner.model.state_dict()
     moved = [k for k in first if not torch.equal(first[k], ckpt[k])]
     assert len(moved) > len(first) // 2  # training moved the policy away from its start ...
     assert all(torch.equal(ref[k], first[k]) for k in first)  # ... the reference stays at the start
     assert all(torch.equal(policy[k], ckpt[k]) for k in ckpt)
     shutil.rmtree(init)
     with pytest.raises(SetupError, match="KL reference is the run's initial model"):
-        build_parts(cfg, tmp_path / "r", tmp_path / "r" / "step_2", log=lambda s: None)
+        build_run(cfg, tmp_path / "r", tmp_path / "r" / "step_2", log=lambda s: None)

@@ -1,7 +1,7 @@
 """Built-in synthetic tasks with exact verifiers: the prompts of the ``dapo train`` demo.
 
 A task makes examples (a prompt and its ground truth), scores a response exactly (+1 right, -1 wrong),
-and writes the worked response that the supervised warm-up (``dapo.trainer.sft``) imitates.
+and writes the worked response that the supervised warm-up (``dapo.warmup``) imitates.
 
 Held-out prompts are kept apart by a fixed partition of the prompt space, not by a list: a prompt is
 held out when a hash of its text falls in 1/16 of the hash range (:func:`is_heldout`). Training streams
@@ -39,7 +39,7 @@ class Task(ABC):
     max_response_len: int = 0
     """Characters in the longest worked response (eos excluded): a floor for ``rollout.max_new_tokens``."""
     sft_overrides: dict = {}
-    """Fields of ``dapo.trainer.sft.SFTSettings`` that differ for this task's demo base model."""
+    """Fields of ``dapo.config.SFTConfig`` that differ for this task's demo base model."""
 
     @property
     def family(self) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
@@ -27,26 +26,7 @@ from dapo.dist.cluster import Cluster, wait_all, where
 from dapo.dist.rollout import put_chunks, sample_in_slices
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
-from dapo.trainer.update import (
-    DataParallel, FlatBatch, engine_runs_the_policy, whole_tensor, minibatch_backward, old_logp_share, update_policy,
-)
-
-
-@dataclass
-class RankParts:
-    """A rank's training state, with the attribute names ``dapo.trainer.update`` reads (``TrainParts``)."""
-
-    model: torch.nn.Module
-    policy: ResponseLogprobs
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    ref_model: torch.nn.Module | None
-    pad_id: int
-    device: torch.device
-    bad_in_a_row: int
-    dp: DataParallel
-    engine: Any = None
-    """An HF engine on ``model`` itself (``dist.rollout_on_ranks``): the update then knows the sampler ran the policy."""
+from dapo.trainer.update import DataParallel, Learner, TrainBatch, whole_tensor
 
 
 def _free_port(host: str) -> int:
@@ -55,17 +35,19 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _shard(policy: ResponseLogprobs, mesh: Any) -> None:
+def _shard(policy: ResponseLogprobs, mesh: Any, compute_dtype: torch.dtype) -> None:
     """FSDP2: each transformer block is one shard unit (HF names them in ``_no_split_modules``), and the
     rest (embeddings, final norm, LM head) belongs to the root unit, ``ResponseLogprobs`` around the LM,
-    whose forward is where the trainer uses them."""
-    from torch.distributed.fsdp import fully_shard
+    whose forward is where the trainer uses them. The shards stay float32 (the optimiser's master weights);
+    each unit's parameters are gathered in the compute dtype and gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     blocks = set(getattr(policy.lm, "_no_split_modules", None) or [])
     for m in list(policy.lm.modules()):
         if type(m).__name__ in blocks:
-            fully_shard(m, mesh=mesh)
-    fully_shard(policy, mesh=mesh, reshard_after_forward=False)  # the root is needed again in backward
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, reshard_after_forward=False, mp_policy=mp)  # the root is needed again in backward
 
 
 def _by_index(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -88,7 +70,7 @@ class TrainerRank:
                  ref_path: str | None = None, eos: list[int] | None = None):
         self.cfg, self.path, self.pad_id, self.rank, self.world, self.use_gpu = cfg, path, pad_id, rank, world, use_gpu
         self.ref_path, self.eos = ref_path, eos
-        self.parts: RankParts | None = None
+        self.learner: Learner | None = None
 
     def address(self) -> tuple[str, int]:
         """Rank 0's rendezvous address for the process group."""
@@ -96,7 +78,7 @@ class TrainerRank:
         return host, _free_port(host)
 
     def setup(self, host: str, port: int) -> dict[str, Any]:
-        from dapo.trainer.setup import load_model, make_optimizer, reference_model
+        from dapo.model import compute_dtype, load_model, make_optimizer, reference_model
 
         cfg = self.cfg
         if self.use_gpu:  # Ray shows the actor only its own GPU(s)
@@ -106,20 +88,22 @@ class TrainerRank:
             device = torch.device("cpu")
         if host in ("127.0.0.1", "localhost") and os.path.exists("/sys/class/net/lo"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster's ranks talk over loopback
-        tdist.init_process_group("nccl" if self.use_gpu else "gloo", init_method=f"tcp://{host}:{port}",
-                                 rank=self.rank, world_size=self.world,
+        # tensors go over NCCL on GPUs; Python objects (metric sums) over gloo on the CPU beside it
+        tdist.init_process_group("cpu:gloo,cuda:nccl" if self.use_gpu else "gloo", init_method=f"tcp://{host}:{port}",
+                                 rank=self.rank, world_size=self.world, device_id=device if self.use_gpu else None,
                                  timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         torch.manual_seed(cfg.seed)
-        model = load_model(cfg, self.path, device)
+        dtype = compute_dtype(cfg.model.dtype, device)
+        model = load_model(cfg.model, self.path, device)
         ref = None
         if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
-            ref = reference_model(cfg, model, self.path, self.ref_path, device)
-        policy = ResponseLogprobs(model)
+            ref = reference_model(cfg.model, model, self.path, self.ref_path, device)
+        policy = ResponseLogprobs(model, dtype)
         if cfg.dist.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
 
-            _shard(policy, init_device_mesh(device.type, (self.world,)))
-        optimizer, scheduler = make_optimizer(cfg, model)
+            _shard(policy, init_device_mesh(device.type, (self.world,)), dtype)
+        optimizer, scheduler = make_optimizer(cfg.optim, model)
         engine = None
         if cfg.dist.rollout_on_ranks:
             from dapo.rollout.hf import HFEngine
@@ -127,65 +111,54 @@ class TrainerRank:
             if not self.eos:
                 raise ValueError("dist.rollout_on_ranks: the ranks need the stop token ids (RankGroup(eos=...))")
             engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size)
-        self.parts = RankParts(model, policy, optimizer, scheduler, ref, self.pad_id, device, 0,
-                               DataParallel(self.rank, self.world, cfg.dist.fsdp), engine)
+        self.learner = Learner(cfg, model, optimizer, scheduler, self.pad_id, device, dtype, ref,
+                               DataParallel(self.rank, self.world, cfg.dist.fsdp, device), policy, engine)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device),
-                "samples_the_policy": engine_runs_the_policy(self.parts)}
+                "samples_the_policy": self.learner.samples_the_policy()}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], version: int) -> list[Completion]:
         """Sample with this rank's replica, whose weights are ``version`` (``dist.rollout_on_ranks``)."""
-        self.parts.engine.weight_version = version
-        return self.parts.engine.generate(prompts, params, seeds)
+        self.learner.engine.weight_version = version
+        return self.learner.engine.generate(prompts, params, seeds)
 
     # -------------------------------------------------------------------------------------------- training
 
-    def old_logp(self, fb: FlatBatch, cfg: Config) -> dict[int, list[float]]:
-        return old_logp_share(self.parts, fb, cfg)
+    def old_logp(self, batch: TrainBatch) -> dict[int, list[float]]:
+        return self.learner.old_logp_share(batch)
 
-    def update(self, fb: FlatBatch, old_logp: list[list[float]], cfg: Config, step: int) -> dict[str, Any]:
-        m: dict[str, Any] = update_policy(self.parts, fb, old_logp, cfg, step)
-        if not self.parts.dp.fsdp:  # replicated parameters: a fingerprint to compare across ranks
+    def update(self, batch: TrainBatch, old_logp: list[list[float]], step: int) -> dict[str, Any]:
+        m: dict[str, Any] = self.learner.update(batch, old_logp, step)
+        if not self.learner.dp.fsdp:  # replicated parameters: a fingerprint to compare across ranks
             with torch.no_grad():
                 m["_checksum"] = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                                              for p in self.parts.model.parameters()]).cpu()  # (n_params, 2)
+                                              for p in self.learner.model.parameters()]).cpu()  # (n_params, 2)
         return m
-
-    def gradient(self, fb: FlatBatch, old_logp: list[list[float]], resp_idx: list[int], cfg: Config) -> dict | None:
-        """The summed gradient of one mini-batch (``resp_idx``: all ranks' responses), whole, on rank 0."""
-        p = self.parts
-        p.optimizer.zero_grad(set_to_none=True)
-        p.model.train()
-        minibatch_backward(p, fb, old_logp, resp_idx, cfg)
-        p.dp.reduce_grads(p.model)
-        grads = {n: whole_tensor(q.grad).detach().cpu().clone() for n, q in p.model.named_parameters() if q.grad is not None}
-        p.optimizer.zero_grad(set_to_none=True)
-        return grads if self.rank == 0 else None
 
     # -------------------------------------------------------------------------------------------- weights, state
 
     def _resharded(self) -> torch.nn.Module:
         """The model with every FSDP unit back in its sharded state (the root stays gathered after a
         forward that had no backward, e.g. old log-probs of a step whose updates were all skipped)."""
-        if self.parts.dp.fsdp:
-            for m in self.parts.policy.modules():
+        if self.learner.dp.fsdp:
+            for m in self.learner.policy.modules():
                 if hasattr(m, "reshard"):
                     m.reshard()
-        return self.parts.policy
+        return self.learner.policy
 
     def publish_weights(self, chunk_bytes: int) -> tuple[list, int] | None:
         """The whole state dict into the object store in chunks (rank 0 returns the refs). Under FSDP each
         tensor is all-gathered in turn, a collective every rank joins, so only one chunk is ever whole here."""
         self._resharded()
-        whole = ((k, whole_tensor(v)) for k, v in self.parts.model.state_dict().items())
+        whole = ((k, whole_tensor(v)) for k, v in self.learner.model.state_dict().items())
         if self.rank == 0:
             return put_chunks(whole, chunk_bytes)
-        if self.parts.dp.fsdp:
+        if self.learner.dp.fsdp:
             for _ in whole:
                 pass
         return None
 
     def state_dict(self) -> dict[str, Any] | None:
-        p = self.parts
+        p = self.learner
         if p.dp.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -197,10 +170,10 @@ class TrainerRank:
             osd = p.optimizer.state_dict()
         if self.rank:
             return None
-        return {"optimizer": osd, "scheduler": p.scheduler.state_dict(), "bad_in_a_row": p.bad_in_a_row}
+        return {"optimizer": osd, "scheduler": p.scheduler.state_dict(), "bad_streak": p.bad_streak}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        p = self.parts
+        p = self.learner
         if p.dp.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -209,11 +182,11 @@ class TrainerRank:
         else:
             p.optimizer.load_state_dict(st["optimizer"])
         p.scheduler.load_state_dict(st["scheduler"])
-        p.bad_in_a_row = st["bad_in_a_row"]
+        p.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
 
     def save_pretrained(self, path: str) -> None:
         """Hugging Face files of the whole model, written by rank 0 (``path`` must be visible to it)."""
-        p = self.parts
+        p = self.learner
         if not p.dp.fsdp:
             if self.rank == 0:
                 p.model.save_pretrained(path, safe_serialization=True)
@@ -251,6 +224,8 @@ class RankGroup:
         infos = self._all("setup", host, port, what="starting trainer ranks")
         self.where = [where(i) for i in infos]
         self.samples_the_policy = all(i["samples_the_policy"] for i in infos)  # see old_logp
+        self.bad_streak = 0
+        """The ranks' streak of skipped non-finite updates, as rank 0 last reported it."""
         log(f"trainer: {self.m} ranks ({'FSDP2-sharded' if cfg.dist.fsdp else 'replicated'}) on {infos[0]['device']}, "
             f"process group at {host}:{port}")
 
@@ -258,43 +233,39 @@ class RankGroup:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
         return wait_all(refs, self.names, self.timeout_s, what)
 
-    def old_logp(self, fb: FlatBatch, cfg: Config) -> list[list[float]]:
-        out = [list(x) for x in fb.behaviour_logp]
+    def old_logp(self, batch: TrainBatch) -> list[list[float]]:
+        out = [list(x) for x in batch.behaviour_logp]
         if self.samples_the_policy:  # the ranks sampled with their own fp32 models: nothing to recompute
             return out
-        for share in self._all("old_logp", ray.put(fb), cfg, what="old log-probs"):
+        for share in self._all("old_logp", ray.put(batch), what="old log-probs"):
             for i, lp in share.items():
                 out[i] = lp
         return out
 
-    def update(self, fb: FlatBatch, old_logp: list[list[float]], cfg: Config, step: int) -> dict[str, float]:
-        outs = self._all("update", ray.put(fb), ray.put(old_logp), cfg, step, what=f"update (step {step})")
+    def update(self, batch: TrainBatch, old_logp: list[list[float]], step: int) -> dict[str, float]:
+        outs = self._all("update", ray.put(batch), ray.put(old_logp), step, what=f"update (step {step})")
         sums = [o.pop("_checksum", None) for o in outs]
         m = outs[0]
         if sums[0] is not None:  # replicated ranks must hold identical parameters: 0.0 or something is wrong
             m["dist/param_sync_err"] = max(float((s - sums[0]).abs().max()) for s in sums)
+        self.bad_streak = int(m["actor/bad_streak"])  # rank 0's learner owns the streak; this is its report
         return m
-
-    def gradient(self, fb: FlatBatch, old_logp: list[list[float]], resp_idx: list[int], cfg: Config) -> dict[str, torch.Tensor]:
-        """The summed gradient of one mini-batch, whole (for checks against the single-process gradient)."""
-        return self._all("gradient", ray.put(fb), ray.put(old_logp), resp_idx, cfg, what="gradient")[0]
 
     def push_weights(self, engine: Any, version: int) -> None:
         if isinstance(engine, RankEngine) and engine.group is self:  # the ranks sample with what they train
             engine.weight_version = version
             return
-        refs, n = self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what="publishing weights")[0]
         if hasattr(engine, "load_weight_refs"):  # Ray workers fetch the chunks themselves
-            engine.load_weight_refs(refs, n, version)
+            engine.load_weight_refs(*self._publish("publishing weights"), version)
         else:  # an engine in the driver process
-            sd: dict[str, torch.Tensor] = {}
-            for ref in refs:
-                sd.update(ray.get(ref, timeout=self.timeout_s))
-            engine.load_weights(sd, version)
+            engine.load_weights(self.full_state_dict(), version)
+
+    def _publish(self, what: str) -> tuple[list, int]:
+        return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what=what)[0]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's tensors, gathered in this process (tests, small models)."""
-        refs, _ = self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what="gathering weights")[0]
+        """The whole model's tensors, gathered in this process (for an engine here)."""
+        refs, _ = self._publish("gathering weights")
         sd: dict[str, torch.Tensor] = {}
         for ref in refs:
             sd.update(ray.get(ref, timeout=self.timeout_s))
@@ -304,11 +275,17 @@ class RankGroup:
         return self._all("state_dict", what="gathering optimiser state")[0]
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        keep = ray.put({k: st[k] for k in ("optimizer", "scheduler", "bad_in_a_row")})
+        keep = ray.put({"optimizer": st["optimizer"], "scheduler": st["scheduler"],
+                        "bad_streak": st.get("bad_streak", st.get("bad_in_a_row", 0))})
         self._all("load_state_dict", keep, what="restoring optimiser state")
+        self.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
 
-    def save_pretrained(self, path: Any, safe_serialization: bool = True) -> None:
+    def save_pretrained(self, path: Any) -> None:
         self._all("save_pretrained", str(path), what="saving the model")
+
+    def finite_weights(self) -> list[str]:
+        """Checked on the ranks before they save (their weights are not here): nothing to report."""
+        return []
 
     def close(self) -> None:
         try:

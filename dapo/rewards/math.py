@@ -339,3 +339,20 @@ def score_math(
 def warm_up() -> None:
     """Import math-verify now (about a second), e.g. in a fresh reward worker before its first call."""
     _math_verify()
+
+
+def vote_answer(response: str) -> str | None:
+    """The answer a response gives, normalised, for the majority vote (maj@k) and sample logs.
+
+    The DAPO math answer (``Answer: ...`` or ``\\boxed{...}``, normalised exactly as ``score_math``
+    does, so it equals ``MathScore.pred``); failing that, the text after the last ':' (the built-in
+    tasks' format, ``15,12,04:425``); None when there is neither.
+
+    >>> vote_answer("so\\nAnswer: $1{,}000$"), vote_answer("15,12,04:425"), vote_answer("no idea")
+    ('1000', '425', None)
+    """
+    raw = extract_answer(response)
+    if raw is not None:
+        return normalize_answer(raw)
+    head, sep, tail = response.rpartition(":")
+    return (" ".join(tail.split()) or None) if sep else None

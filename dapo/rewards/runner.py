@@ -55,6 +55,8 @@ class RewardBatch:
     """Counts in this batch: reward/errors, reward/timeouts, reward/bad_type."""
     messages: list[str] = field(default_factory=list)
     """Up to 5 distinct descriptions of failures in this batch, for a log line."""
+    errors: list[str] = field(default_factory=list)
+    """(N,) why each response scored as a failure ("" for a clean score): what samples.jsonl shows."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +343,8 @@ class RewardRunner:
                 stats[kind] += 1
                 if len(messages) < _MAX_MESSAGES and message not in messages:
                     messages.append(message)
-        return RewardBatch([r[0] for r in results], [r[1] for r in results], stats, messages)
+        return RewardBatch([r[0] for r in results], [r[1] for r in results], stats, messages,
+                           [r[3] if r[2] else "" for r in results])
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dapo.fsutil import fsync_dir, install_dir
+
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -31,30 +33,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
-    run_dir: Path, step: int, model: Any, tokenizer: Any, trainer_state: dict[str, Any], keep_last: int = 2
+    run_dir: Path, step: int, model: Any, tokenizer: Any, trainer_state: dict[str, Any], keep_last: int = 2,
+    template: str | None = None,
 ) -> Path:
-    """Write ``run_dir/step_{step}`` atomically and prune to the newest ``keep_last`` complete ones."""
+    """Write ``run_dir/step_{step}`` atomically and prune to the newest ``keep_last`` complete ones.
+
+    ``model``: anything with ``save_pretrained(path)`` (a learner). ``template``: the prompt template the
+    run renders its prompts with, recorded so that the checkpoint used as a model keeps it.
+    """
     run_dir = Path(run_dir)
     final = run_dir / f"step_{step}"
     tmp = run_dir / f".tmp_step_{step}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if template is not None:
+        from dapo.problems import save_template
+
+        save_template(tmp, template)
     torch.save(trainer_state, tmp / "trainer_state.pt")
     files = {}
     for p in sorted(tmp.rglob("*")):
@@ -64,15 +64,8 @@ def save_checkpoint(
             files[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     manifest = {"step": step, "time": time.time(), "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step: move the old one aside, never delete first
-        old = run_dir / f".old_step_{step}_{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(run_dir)
+    fsync_dir(tmp)
+    install_dir(tmp, final)  # a re-save of the same step moves the old one aside, never deletes it first
     prune_checkpoints(run_dir, keep_last)
     return final
 
@@ -128,7 +121,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         for s, p in all_ckpts:
             if s < complete[-1][0] and not is_complete(p):
                 shutil.rmtree(p, ignore_errors=True)
-    for pattern in (".tmp_step_*", ".old_step_*"):  # leftovers of a killed save
+    for pattern in (".tmp_step_*", ".old_step_*", ".old-step_*"):  # leftovers of a killed save
         for p in Path(run_dir).glob(pattern):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

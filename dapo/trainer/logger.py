@@ -1,7 +1,6 @@
 """Metrics out: metrics.jsonl always, TensorBoard and Weights & Biases when asked, a live terminal line.
 
-The loop calls ``log(step, metrics)`` once per step; a ``NullLogger`` has the same methods, so the loop
-never branches on whether logging is on (e.g. on non-zero ranks).
+The loop calls ``log(step, metrics)`` once per step and ``message(text)`` for anything a person should read.
 """
 from __future__ import annotations
 
@@ -30,49 +29,44 @@ def _finite(x: Any) -> Any:
     return x
 
 
-class NullLogger:
-    def log(self, step: int, metrics: dict[str, float]) -> None: ...
-    def message(self, text: str) -> None: ...
-    def close(self) -> None: ...
-
-
-class RunLogger(NullLogger):
+class RunLogger:
     def __init__(
         self,
         run_dir: Path,
         total_steps: int,
-        progress: str = "auto",
-        tensorboard: bool = True,
-        wandb: bool = False,
-        wandb_project: str = "dapo",
+        log_cfg: Any,
         config: dict | None = None,
         stream: TextIO | None = None,
         start_step: int = 0,
         resumed: bool = False,
     ):
+        """``log_cfg``: the config's ``log`` section (progress, tensorboard, wandb, wandb_project)."""
         self.run_dir = Path(run_dir)
         self.total = total_steps
         self.stream = stream or sys.stderr
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.mode = ("bar" if tty else "plain") if progress == "auto" else progress
+        self.mode = ("bar" if tty else "plain") if log_cfg.progress == "auto" else log_cfg.progress
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.t0 = time.perf_counter()
         self.start_step = start_step
         self.tb = None
-        if tensorboard:
+        if log_cfg.tensorboard != "false":
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # on a resume, events past the checkpoint are hidden: the steps after it are logged again
                 self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resumed else None)
             except ImportError:
-                self.message("tensorboard not installed: skipping TensorBoard events (pip install tensorboard)")
+                if log_cfg.tensorboard == "true":  # asked for by name: say why there are none
+                    self.message("log.tensorboard=true but tensorboard is not installed (pip install tensorboard): "
+                                 "no TensorBoard events")
         self.wandb = None
-        if wandb:
+        if log_cfg.wandb:
             try:
                 import wandb as wb
 
-                self.wandb = wb.init(project=wandb_project, name=self.run_dir.name, config=config, dir=str(self.run_dir))
+                self.wandb = wb.init(project=log_cfg.wandb_project, name=self.run_dir.name, config=config,
+                                     dir=str(self.run_dir))
             except ImportError:
                 self.message("log.wandb=true but wandb is not installed (pip install wandb): not logging to W&B")
 

@@ -101,23 +101,34 @@ def _checkpointing(model: torch.nn.Module) -> bool:
 
 
 def _head_chunk(head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):
-    logits = head(h).float() / temperature  # (c, V)
+    with torch.autocast(device_type=h.device.type, enabled=False):  # the LM head in float32, as log-softmax
+        logits = head(h.float()).float() / temperature  # (c, V)
     lp = token_logprobs(logits, labels, chunk=logits.shape[0] or 1)
     ent = token_entropy(logits.detach(), chunk=logits.shape[0] or 1) if with_entropy else torch.zeros_like(lp)
     return lp, ent
 
 
 class _HeadLogProbs(torch.autograd.Function):
-    """Chunked log softmax(h W^T / t)[label] and entropy, (N, H) -> (N,), (N,); the entropy is not differentiated."""
+    """Chunked log softmax(h W^T / t)[label] and entropy, (N, H) -> (N,), (N,); the entropy is not differentiated.
+
+    Always float32, under autocast too: the logits' rounding is the log-probs' rounding, and a bfloat16
+    logit of 20 is only good to 0.06 nats, the size of the importance ratios' deviations that are clipped.
+    """
 
     @staticmethod
     def forward(ctx, h, weight, labels, temperature: float, chunk: int, with_entropy: bool):
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return _HeadLogProbs._forward(ctx, h, weight, labels, temperature, chunk, with_entropy)
+
+    @staticmethod
+    def _forward(ctx, h, weight, labels, temperature: float, chunk: int, with_entropy: bool):
         N = h.shape[0]
+        w32 = weight.float()
         lp = h.new_empty(N, dtype=torch.float32)
         lse = h.new_empty(N, dtype=torch.float32)
         ent = h.new_empty(N if with_entropy else 0, dtype=torch.float32)
         for s in range(0, N, chunk):
-            z = (h[s : s + chunk] @ weight.t()).float().div_(temperature)  # (c, V)
+            z = (h[s : s + chunk].float() @ w32.t()).div_(temperature)  # (c, V)
             m = torch.logsumexp(z, dim=-1)  # (c,)
             lse[s : s + chunk] = m
             lp[s : s + chunk] = z.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - m
@@ -131,20 +142,26 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
+        with torch.autocast(device_type=g_lp.device.type, enabled=False):
+            return _HeadLogProbs._backward(ctx, g_lp)
+
+    @staticmethod
+    def _backward(ctx, g_lp):
         h, weight, labels, lse = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
+        w32 = weight.float()
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], chunk):
-            hc, g = h[s : s + chunk], g_lp[s : s + chunk].float()
-            p = (hc @ weight.t()).float().div_(t).sub_(lse[s : s + chunk, None]).exp_()  # (c, V): softmax
+            hc, g = h[s : s + chunk].float(), g_lp[s : s + chunk].float()
+            p = (hc @ w32.t()).div_(t).sub_(lse[s : s + chunk, None]).exp_()  # (c, V): softmax
             dz = p.mul_(-g[:, None])  # d lp / d z = onehot(label) - softmax, times the incoming gradient
             dz.scatter_add_(-1, labels[s : s + chunk, None], g[:, None])
             dz = dz.div_(t)
             if dh is not None:
-                dh[s : s + chunk] = dz.to(h.dtype) @ weight
+                dh[s : s + chunk] = (dz @ w32).to(h.dtype)
             if dw is not None:
-                dw.addmm_(dz.t(), hc.float())
+                dw.addmm_(dz.t(), hc)
         return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
 
 
@@ -154,14 +171,18 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk: int = 2048,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response token | prefix) at ``temperature``: (B, T) float32, and (B, T) entropy if asked.
 
-    Differentiable in the log-probs (entropy is detached: it is a metric here). Padding positions hold
-    garbage; multiply by ``batch.response_mask``.
+    The decoder runs under autocast in ``compute_dtype`` (mixed precision: the weights stay as they are);
+    the LM head, log-softmax and entropy always in float32. Differentiable in the log-probs (entropy is
+    detached: it is a metric here). Padding positions hold garbage; multiply by ``batch.response_mask``.
     """
     T = batch.n_resp
-    h = response_hidden(model, batch)  # (B, T, H)
+    dev = batch.input_ids.device
+    with torch.autocast(device_type=dev.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        h = response_hidden(model, batch)  # (B, T, H)
     labels = batch.input_ids[:, -T:]  # (B, T)
     B, _, H = h.shape
     h_flat, lab_flat = h.reshape(B * T, H), labels.reshape(B * T)
@@ -194,10 +215,11 @@ class ResponseLogprobs(torch.nn.Module):
     head, never through the LM's own call. In one process it is a plain call.
     """
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.lm = lm
+        self.compute_dtype = compute_dtype
 
     def forward(self, batch: SeqBatch, temperature: float = 1.0, with_entropy: bool = False):
-        lp, ent = response_logprobs(self.lm, batch, temperature, with_entropy)
+        lp, ent = response_logprobs(self.lm, batch, temperature, with_entropy, compute_dtype=self.compute_dtype)
         return lp.clone(), ent  # not a view: FSDP2 hooks the output for backward (B*T floats, no cost)

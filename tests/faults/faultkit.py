@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 # so groups are kept by their shaped reward (lengths vary), which gives real updates
 FAST = [
     "rollout.group_size=4", "optim.train_batch_size=4", "optim.mini_batch_size=2", "optim.micro_batch_size=5",
-    "rollout.max_new_tokens=8", "algo.overlong_cache_len=2", "data.eval_size=4", "log.progress=plain",
+    "rollout.max_new_tokens=8", "algo.overlong_cache_len=2", "eval.size=4", "log.progress=plain",
     "algo.max_gen_rounds=2", "log.tensorboard=false", "algo.filter_metric=reward", "optim.lr=1e-2",
     "ckpt.every=1", "ckpt.keep_last=2", "log.samples_every=1",
 ]

@@ -22,7 +22,7 @@ def _jsonl(path, rows, extra_lines=b""):
 
 def _train(tiny_model_dir, tmp_path, data, *extra):
     argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), f"log.out_dir={tmp_path / 'runs'}",
-            "log.run_name=r", "optim.steps=1", "data.template=none", "data.max_prompt_len=32", "data.eval_size=2",
+            "log.run_name=r", "optim.steps=1", "data.template=none", "data.max_prompt_len=32", "eval.size=2",
             *fk.FAST, *extra]
     return cli_main(argv)
 
@@ -119,13 +119,13 @@ def dies(r, gt):
 # (function, extra args, the metric that counts it)
 REWARD_FAULTS = [
     ("raises", [], "reward/errors"),
-    ("hangs", ["data.reward_timeout_s=0.2"], "reward/timeouts"),
+    ("hangs", ["reward.timeout_s=0.2"], "reward/timeouts"),
     ("nan", [], "reward/bad_type"),
     ("none", [], "reward/bad_type"),
     ("string", [], "reward/bad_type"),
-    ("hangs_in_c", ["data.reward_workers=1", "data.reward_timeout_s=0.2"], "reward/timeouts"),
-    ("hog", ["data.reward_workers=1", "data.reward_memory_mb=2048"], "reward/errors"),  # MemoryError in the worker
-    ("dies", ["data.reward_workers=1"], "reward/errors"),
+    ("hangs_in_c", ["reward.workers=1", "reward.timeout_s=0.2"], "reward/timeouts"),
+    ("hog", ["reward.workers=1", "reward.memory_mb=2048"], "reward/errors"),  # MemoryError in the worker
+    ("dies", ["reward.workers=1"], "reward/errors"),
 ]
 
 
@@ -154,4 +154,4 @@ def test_a_reward_that_cannot_be_loaded_is_a_clear_error(spec, says, tiny_model_
 
 def test_a_reward_for_the_built_in_task_is_refused_not_ignored(tiny_model_dir, tmp_path, capsys):
     rc = cli_main(["train", "--model", str(tiny_model_dir), "--reward", "math", f"log.out_dir={tmp_path}", *fk.FAST])
-    assert rc == 2 and "data.reward: 'math' scores prompt files" in capsys.readouterr().err
+    assert rc == 2 and "reward.fn: 'math' scores prompt files" in capsys.readouterr().err

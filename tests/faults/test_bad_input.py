@@ -36,8 +36,8 @@ CONFIG_CASES = [
     ("missing model directory", ["--model", "/nonexistent/model"], None, ["cannot load model.path='/nonexistent/model'"]),
     ("CUDA asked, none here", ["model.device=cuda"], None, ["model.device=cuda: CUDA is not available"]),
     ("unknown dtype", ["model.dtype=float8"], None, ["model.dtype='float8'"]),
-    ("reward memory limit without workers", ["data.reward_memory_mb=512"], None,
-     ["data.reward_memory_mb", "set data.reward_workers >= 1"]),
+    ("reward memory limit without workers", ["reward.memory_mb=512"], None,
+     ["reward.memory_mb", "set reward.workers >= 1"]),
 ]
 
 

@@ -20,7 +20,7 @@ from dapo.cli import main as cli_main
 from dapo.trainer.checkpoint import is_complete, latest_checkpoint, list_checkpoints
 
 STEPS = 5
-CARRY = ["algo.carry_over=true", "optim.gen_batch_size=6"]  # surplus mixed groups carried to the next step
+CARRY = ["algo.carry_over=true", "rollout.gen_batch_size=6"]  # surplus mixed groups carried to the next step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,7 +149,7 @@ def test_sigint_during_a_checkpoint_write_completes_it_then_stops(tiny_model_dir
 def test_sigterm_before_the_first_step_exits_130_without_a_traceback(tiny_model_dir, tmp_path):
     run = tmp_path / "s"
     # 64 held-out prompts: the evaluation before training takes long enough for the signal to land in it
-    p = fk.start(args(tiny_model_dir, tmp_path, "s", "data.eval_size=64"), tmp_path / "s.log")
+    p = fk.start(args(tiny_model_dir, tmp_path, "s", "eval.size=64"), tmp_path / "s.log")
     assert fk.wait_for(lambda: (run / "config.yaml").exists(), 180, p)
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait(timeout=60) == 130
@@ -166,7 +166,7 @@ def test_ctrl_c_to_the_process_group_with_reward_workers_stops_cleanly(tiny_mode
     (tmp_path / "rw.py").write_text("def score(r, gt):\n    return 1.0 if len(r) % 2 else -1.0\n")
     run = tmp_path / "g"
     p = fk.start(args(tiny_model_dir, tmp_path, "g", "--data", str(data), "--reward", f"{tmp_path / 'rw.py'}:score",
-                      "data.reward_workers=2", "data.template=none", "data.eval_size=2"), tmp_path / "g.log",
+                      "reward.workers=2", "data.template=none", "eval.size=2"), tmp_path / "g.log",
                  new_session=True)
     assert fk.wait_for(lambda: fk.steps_logged(run) >= 1, 180, p)
     workers = psutil.Process(p.pid).children(recursive=True)

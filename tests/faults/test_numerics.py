@@ -11,8 +11,8 @@ from dapo.cli import main as cli_main
 from dapo.config import load_config
 from dapo.rollout.base import SamplingParams
 from dapo.trainer.checkpoint import _sha256, list_checkpoints, load_trainer_state, save_checkpoint
-from dapo.trainer.loop import FlatBatch, TrainingError, update_policy
-from dapo.trainer.setup import build_parts
+from dapo.trainer.build import build_run
+from dapo.trainer.update import TrainBatch, TrainingError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,30 +24,31 @@ def _run_args(model, out, name, *extra):
 
 def test_non_finite_updates_are_skipped_counted_and_stop_after_k(tiny_model_dir, tmp_path):
     cfg = load_config(overrides=[*fk.FAST, f"model.path={tiny_model_dir}", "optim.max_bad_steps=3"])
-    parts = build_parts(cfg, tmp_path, None, log=lambda s: None)
+    run = build_run(cfg, tmp_path, None, log=lambda s: None)
+    learner = run.learner
     G, P = cfg.rollout.group_size, 4
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
-    comps = parts.engine.generate(prompts, SamplingParams(n=G, max_new_tokens=6), list(range(P)))
-    fb = FlatBatch([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
+    comps = run.engine.generate(prompts, SamplingParams(n=G, max_new_tokens=6), list(range(P)))
+    fb = TrainBatch([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
                    [True] * len(comps), torch.randn(P * G), torch.ones(P * G))
     old = [c.logprobs for c in comps]
-    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
     fb.advantages[:G] = float("nan")  # one group's reward was NaN: only its mini-batch is skipped
-    m = update_policy(parts, fb, old, cfg, step=1)
+    m = learner.update(fb, old, step=1)
     assert (m["actor/updates"], m["actor/skipped_updates"]) == (1, 1)
     fb.advantages[:] = float("nan")
-    parts.bad_in_a_row = 0
-    after_good = {k: v.clone() for k, v in parts.model.state_dict().items()}
-    opt_state = {k: {n: t.clone() for n, t in s.items()} for k, s in parts.optimizer.state_dict()["state"].items()}
-    m = update_policy(parts, fb, old, cfg, step=2)  # two mini-batches, both non-finite
-    assert (m["actor/updates"], m["actor/skipped_updates"], parts.bad_in_a_row) == (0, 2, 2)
-    for k, v in parts.model.state_dict().items():  # a skipped update changes nothing: weights ...
+    learner.bad_streak = 0
+    after_good = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    opt_state = {k: {n: t.clone() for n, t in s.items()} for k, s in learner.optimizer.state_dict()["state"].items()}
+    m = learner.update(fb, old, step=2)  # two mini-batches, both non-finite
+    assert (m["actor/updates"], m["actor/skipped_updates"], learner.bad_streak, m["actor/bad_streak"]) == (0, 2, 2, 2)
+    for k, v in learner.model.state_dict().items():  # a skipped update changes nothing: weights ...
         assert torch.equal(v, after_good[k]), k
-    for k, s in parts.optimizer.state_dict()["state"].items():  # ... nor AdamW's moments
+    for k, s in learner.optimizer.state_dict()["state"].items():  # ... nor AdamW's moments
         for n, t in s.items():
             assert torch.equal(t, opt_state[k][n]), (k, n)
     with pytest.raises(TrainingError, match=r"3 optimiser updates in a row had a non-finite loss.*max_bad_steps=3"):
-        update_policy(parts, fb, old, cfg, step=3)
+        learner.update(fb, old, step=3)
     assert any(not torch.equal(v, before[k]) for k, v in after_good.items())  # the good update did apply
 
 

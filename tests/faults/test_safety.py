@@ -13,7 +13,7 @@ from faultkit import one_thread  # noqa: F401  (fixture)
 from dapo.cli import main as cli_main
 from dapo.config import load_config
 from dapo.trainer.checkpoint import MANIFEST, _sha256
-from dapo.trainer.setup import SetupError, load_model_and_tokenizer
+from dapo.model import SetupError, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +46,7 @@ def test_pickle_weights_are_refused_without_the_explicit_flag(tiny_model_dir, tm
     err = capsys.readouterr().err
     assert rc == 2 and "model.allow_unsafe_weights=true" in err
     cfg = load_config(overrides=["model.allow_unsafe_weights=true"])
-    m, _ = load_model_and_tokenizer(cfg, str(model), torch.device("cpu"), print)  # with the flag, it loads
+    m = load_model(cfg.model, str(model), torch.device("cpu"))  # with the flag, it loads
     assert sum(p.numel() for p in m.parameters()) > 0
 
 
@@ -55,7 +55,7 @@ def test_a_pickle_payload_does_not_run_even_with_the_flag(tiny_model_dir, tmp_pa
     model = _pickle_model_dir(tiny_model_dir, tmp_path / "m", _Payload(marker))
     cfg = load_config(overrides=["model.allow_unsafe_weights=true"])
     with pytest.raises(SetupError, match="cannot load model.path"):
-        load_model_and_tokenizer(cfg, str(model), torch.device("cpu"), print)
+        load_model(cfg.model, str(model), torch.device("cpu"))
     assert not marker.exists()
 
 

@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 STEPS = 6
-VARIANTS = {"plain": [], "carry": ["algo.carry_over=true", "optim.gen_batch_size=6"]}
+VARIANTS = {"plain": [], "carry": ["algo.carry_over=true", "rollout.gen_batch_size=6"]}
 
 
 def _args(model, out, name, extra):

@@ -1,0 +1,124 @@
+"""Checks of a whole config: each error names the key and says what would be valid."""
+from __future__ import annotations
+
+from dapo.config.sections import Config
+
+
+def _bad(key: str, msg: str):
+    from dapo.config.load import ConfigError
+
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        from dapo.config.load import ConfigError
+
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
+
+
+def _at_least(c: Config, minimum: float, *keys: str) -> None:
+    for key in keys:
+        head, _, tail = key.partition(".")
+        v = getattr(getattr(c, head), tail)
+        if v < minimum:
+            _bad(key, f"must be >= {minimum:g}, got {v}")
+
+
+def validate(c: Config) -> None:
+    from dapo.algo.losses import AGG_MODES, KL_KINDS  # local: config must stay importable without torch work
+
+    _algo(c, AGG_MODES, KL_KINDS)
+    _rollout_and_optim(c)
+    _data_reward_eval_log(c)
+    _dist(c)
+
+
+def _algo(c: Config, agg_modes: tuple[str, ...], kl_kinds: tuple[str, ...]) -> None:
+    a, r = c.algo, c.rollout
+    if a.eps_low < 0 or a.eps_low >= 1:
+        _bad("algo.eps_low", f"must be in [0, 1), got {a.eps_low}")
+    if a.eps_high < 0:
+        _bad("algo.eps_high", f"must be >= 0, got {a.eps_high}")
+    if a.clip_c is not None and a.clip_c <= 1:
+        _bad("algo.clip_c", f"must be > 1 (or none), got {a.clip_c}")
+    _one_of("algo.loss_agg", a.loss_agg, agg_modes)
+    _one_of("algo.kl_kind", a.kl_kind, kl_kinds)
+    _one_of("algo.filter_metric", a.filter_metric, ("acc", "reward"))
+    _one_of("algo.refill", a.refill, ("batch", "adaptive"))
+    _one_of("algo.on_gen_cap", a.on_gen_cap, ("train", "error"))
+    _at_least(c, 1, "algo.max_gen_rounds")
+    _at_least(c, 0, "algo.max_idle_steps", "algo.kl_coef")
+    if a.soft_overlong and not 0 < a.overlong_cache_len < r.max_new_tokens:
+        _bad("algo.overlong_cache_len",
+             f"L_cache must be > 0 and < L_max (rollout.max_new_tokens={r.max_new_tokens}), got {a.overlong_cache_len}")
+
+
+def _rollout_and_optim(c: Config) -> None:
+    r, o, e = c.rollout, c.optim, c.eval
+    if r.group_size < 2:
+        _bad("rollout.group_size", f"G must be >= 2 for group-relative advantages, got {r.group_size}")
+    _at_least(c, 1, "rollout.max_new_tokens", "rollout.batch_size")
+    _at_least(c, 0, "rollout.top_k", "rollout.gen_batch_size")
+    for key, t in (("rollout.temperature", r.temperature), ("eval.temperature", e.temperature)):
+        if t <= 0:
+            _bad(key, f"must be > 0 (use a small value for near-greedy), got {t}")
+    for key, p in (("rollout.top_p", r.top_p), ("eval.top_p", e.top_p)):
+        if not 0 < p <= 1:
+            _bad(key, f"must be in (0, 1], got {p}")
+    _one_of("rollout.engine", r.engine, ("hf", "vllm"))
+    if not 0 < r.gpu_memory_utilization <= 1:
+        _bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
+    _at_least(c, 0, "optim.steps", "optim.max_samples")
+    _at_least(c, 1, "optim.train_batch_size", "optim.mini_batch_size", "optim.micro_batch_size", "optim.epochs",
+              "optim.max_bad_steps")
+    if o.train_batch_size % o.mini_batch_size:
+        _bad("optim.mini_batch_size",
+             f"train_batch_size ({o.train_batch_size}) must be divisible by mini_batch_size ({o.mini_batch_size})")
+    if o.lr <= 0:
+        _bad("optim.lr", f"must be > 0, got {o.lr}")
+    _at_least(c, 0, "optim.grad_clip")
+    _one_of("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    if c.model.dtype == "float16":
+        _bad("model.dtype", "float16 compute needs loss scaling, which dapo does not do: use bfloat16 (the "
+                            "default on CUDA) or float32")
+
+
+def _data_reward_eval_log(c: Config) -> None:
+    d, rw = c.data, c.reward
+    _one_of("data.long_prompts", d.long_prompts, ("drop", "truncate"))
+    _one_of("data.bad_rows", d.bad_rows, ("error", "skip"))
+    _at_least(c, 1, "data.max_prompt_len")
+    _at_least(c, 0, "reward.workers", "reward.memory_mb", "eval.size", "eval.every")
+    if rw.timeout_s <= 0:
+        _bad("reward.timeout_s", f"must be > 0, got {rw.timeout_s}")
+    if rw.memory_mb and not rw.workers:
+        _bad("reward.memory_mb", f"limits worker processes: set reward.workers >= 1 (got memory_mb={rw.memory_mb}, "
+                                 f"workers={rw.workers})")
+    if rw.fn != "auto" and not d.path:
+        _bad("reward.fn", f"{rw.fn!r} scores prompt files (data.path); the built-in task {d.task!r} uses its own "
+                          f"verifier: pass --data FILE, or leave reward.fn=auto")
+    _at_least(c, 1, "eval.k", "ckpt.keep_last")
+    _one_of("log.progress", c.log.progress, ("auto", "bar", "plain", "none"))
+    _one_of("log.tensorboard", c.log.tensorboard, ("auto", "true", "false"))
+
+
+def _dist(c: Config) -> None:
+    d, r, o = c.dist, c.rollout, c.optim
+    if d.rollout_workers < 0 or d.trainer_ranks < 1:
+        _bad("dist.trainer_ranks", "rollout_workers must be >= 0 and trainer_ranks >= 1")
+    if d.timeout_s <= 0:
+        _bad("dist.timeout_s", f"must be > 0, got {d.timeout_s}")
+    _at_least(c, 0, "dist.worker_restarts")
+    _at_least(c, 1, "dist.weight_chunk_mb")
+    if d.fsdp and d.trainer_ranks < 2:
+        _bad("dist.fsdp", "shards over trainer ranks: set dist.trainer_ranks >= 2 (one process trains unsharded)")
+    if d.colocate and not (d.rollout_workers and d.trainer_ranks > 1):
+        _bad("dist.colocate", "shares devices between Ray rollout workers and trainer ranks: set "
+                              "dist.rollout_workers >= 1 and dist.trainer_ranks >= 2")
+    if d.rollout_on_ranks and (d.trainer_ranks < 2 or d.rollout_workers or d.fsdp or r.engine != "hf"):
+        _bad("dist.rollout_on_ranks", "samples on replicated trainer ranks with the HF engine: set "
+                                      "dist.trainer_ranks >= 2, dist.rollout_workers=0, dist.fsdp=false, rollout.engine=hf")
+    if d.trainer_ranks > 1 and o.mini_batch_size * r.group_size % d.trainer_ranks:
+        _bad("dist.trainer_ranks", f"each optimiser step's {o.mini_batch_size * r.group_size} responses must split "
+                                   f"evenly over {d.trainer_ranks} ranks")

@@ -1,0 +1,268 @@
+"""What a run learns from and is judged on: tokenised prompts, held-out problems and the verifier.
+
+``load_problems(cfg, tokenizer)`` is the one place that turns ``data.*``, ``eval.*`` and ``reward.*`` into
+prompts a model continues and a score function, for ``dapo train``, ``dapo eval`` and ``dapo sft`` alike:
+
+- a built-in task (``data.path`` empty): its own prompt format and exact verifier; training prompts from
+  its endless stream, held-out prompts from its reserved slice of the prompt space;
+- a file: rows read by ``dapo.data.files``, rendered by a template (``choose_template``), tokenised and
+  length-fitted; held-out problems from ``eval.path`` or a seeded tenth of the file; scored by
+  ``reward.fn`` (the DAPO math verifier by default) through a ``RewardRunner``.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dapo.config import Config
+from dapo.data.example import Example
+from dapo.items import PromptItem, PromptStream, ScoreFn
+from dapo.rewards.runner import BAD_TYPE, ERRORS, TIMEOUTS, RewardBatch
+
+Encode = Callable[[Example], list[int]]
+TEMPLATE_FILE = "prompt_template.json"
+"""Written into a model directory by ``dapo sft`` and into every checkpoint: the prompt template the model was
+trained with, which ``data.template=auto`` then keeps (a model warmed up on bare prompts must not be trained
+or evaluated on prompts wrapped in an instruction it never saw)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# prompt streams
+
+
+class TaskPromptStream:
+    """A built-in task's endless training stream (``dapo.data.tasks.TrainStream``), tokenised."""
+
+    def __init__(self, stream: Any, encode: Encode):
+        self.stream, self.encode = stream, encode
+
+    def take(self, n: int) -> list[PromptItem]:
+        start = self.stream.cursor
+        return [PromptItem(start + k, ex, self.encode(ex)) for k, ex in enumerate(self.stream.take(n))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "task", **self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict({k: v for k, v in state.items() if k != "kind"})
+
+
+class ListPromptStream:
+    """A finite dataset served in epochs, reshuffled each epoch from (seed, epoch); prompts are
+    tokenised once up front (the dataset's prompt-length filter already ran)."""
+
+    def __init__(self, examples: Sequence[Example], ids: Sequence[list[int]], seed: int, shuffle: bool = True):
+        if not examples:
+            raise ValueError("the training dataset is empty")
+        self.examples, self.ids, self.seed, self.shuffle = list(examples), list(ids), seed, shuffle
+        self.cursor = 0  # number of prompts served so far, over all epochs
+        self._order_cache: tuple[int, list[int]] = (-1, [])
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[PromptItem]:
+        out = []
+        N = len(self.examples)
+        for _ in range(n):
+            epoch, pos = divmod(self.cursor, N)
+            if self._order_cache[0] != epoch:
+                self._order_cache = (epoch, self._order(epoch))
+            i = self._order_cache[1][pos]
+            out.append(PromptItem(self.cursor, self.examples[i], self.ids[i]))
+            self.cursor += 1
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.cursor / len(self.examples)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "list", "cursor": self.cursor, "seed": self.seed, "size": len(self.examples)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("size") != len(self.examples) or state.get("seed") != self.seed:
+            raise ValueError(
+                f"data cursor was saved for {state.get('size')} prompts with seed {state.get('seed')}, "
+                f"this run has {len(self.examples)} with seed {self.seed}: resume with the same data and seed"
+            )
+        self.cursor = int(state["cursor"])
+
+
+# --------------------------------------------------------------------------------------------------
+# templates and encoding
+
+
+def encode_prompts(
+    examples: Sequence[Example], template: str, tokenizer: Any, max_len: int, long_prompts: str = "drop"
+) -> tuple[list[Example], list[list[int]], int, int]:
+    """Render, tokenise and length-fit prompts: (kept examples, their ids, n dropped, n truncated).
+
+    A chat template already writes the special tokens it wants, so those prompts are tokenised without
+    adding more.
+    """
+    from dapo.data.templates import fit_prompts, render_prompt
+
+    texts = [render_prompt(e, template, tokenizer) for e in examples]
+    ids = [tokenizer(t, add_special_tokens=not template.endswith("chat"))["input_ids"] for t in texts]
+    kept, fitted, n_drop, n_trunc = fit_prompts(ids, max_len, long_prompts)
+    return [examples[i] for i in kept], fitted, n_drop, n_trunc
+
+
+def reward_spec(cfg: Config) -> str:
+    """The verifier files are scored with: ``reward.fn``, or the DAPO math verifier for ``auto``."""
+    return "math" if cfg.reward.fn == "auto" else cfg.reward.fn
+
+
+def saved_template(model_path: str) -> str | None:
+    """The template the model at ``model_path`` was trained with (``TEMPLATE_FILE``), if it says."""
+    info = Path(model_path) / TEMPLATE_FILE if model_path else None
+    if info is None or not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text(encoding="utf-8")).get("template")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save_template(model_dir: str | Path, template: str) -> None:
+    """Record in ``model_dir`` the prompt template its model was trained with."""
+    (Path(model_dir) / TEMPLATE_FILE).write_text(json.dumps({"template": template}) + "\n", encoding="utf-8")
+
+
+def choose_template(cfg: Config, tokenizer: Any) -> tuple[str, str]:
+    """(template, why) for a file's prompts: ``data.template``, or for ``auto``: the template the model was
+    trained with (``dapo sft``, a checkpoint); else with the math reward ``dapo_math`` (``+chat`` when the tokenizer has a
+    chat template); with any other reward the chat template when there is one, else the prompt as it is."""
+    if cfg.data.template != "auto":
+        return cfg.data.template, "data.template"
+    saved = saved_template(cfg.model.path)
+    if saved:
+        return saved, f"auto: the template {cfg.model.path} was trained with (its {TEMPLATE_FILE})"
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if reward_spec(cfg) == "math":
+        return ("dapo_math+chat" if chat else "dapo_math"), "auto: the math reward" + (
+            ", and the tokenizer's chat template" if chat else "; the tokenizer has no chat template")
+    return ("chat" if chat else "none"), f"auto: reward {cfg.reward.fn}, " + (
+        "the tokenizer's chat template" if chat else "and the tokenizer has no chat template: the prompt as it is")
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring
+
+
+def task_score_fn(task: Any) -> ScoreFn:
+    """A built-in task's exact verifier as a ``ScoreFn`` (it cannot fail: no errors to report)."""
+
+    def score_fn(texts: list[str], examples: list[Example]) -> RewardBatch:
+        out = [task.score(t, e.answer) for t, e in zip(texts, examples)]
+        return RewardBatch([s for s, _ in out], [c for _, c in out], {ERRORS: 0.0, TIMEOUTS: 0.0, BAD_TYPE: 0.0},
+                           [], [""] * len(out))
+
+    return score_fn
+
+
+def runner_score_fn(runner: Any) -> ScoreFn:
+    """A ``RewardRunner`` as a ``ScoreFn``: each row's other fields (and its data_source) reach the function."""
+
+    def score_fn(texts: list[str], examples: list[Example]) -> RewardBatch:
+        return runner.score(texts, [e.answer for e in examples],
+                            [dict(e.fields, data_source=e.data_source) for e in examples])
+
+    return score_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole set
+
+
+@dataclass
+class Problems:
+    """Prompts to train on, held-out problems and their verifier, as one config describes them."""
+
+    eval_items: list[PromptItem]
+    score_fn: ScoreFn
+    template: str
+    """The prompt template in use ("task" for a built-in task's own format)."""
+    extract: Callable[[str], "str | None"]
+    """A response's final answer, for majority votes and sample logs."""
+    stream: PromptStream | None = None
+    """The training prompts (None when loaded for evaluation only)."""
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+        self.closers = []
+
+
+def load_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None] = print, *, train: bool = True,
+                  limit: int = 0) -> Problems:
+    """The problems of ``cfg``. ``train=False`` (``dapo eval``): every row of ``data.path`` (or ``eval.size``
+    held-out prompts of the task) is a problem to evaluate, the first ``limit`` when it is set."""
+    if cfg.data.path:
+        return _file_problems(cfg, tokenizer, log, train, limit)
+    return _task_problems(cfg, tokenizer, train, limit)
+
+
+def _task_problems(cfg: Config, tokenizer: Any, train: bool, limit: int) -> Problems:
+    from dapo.data.tasks import TrainStream, eval_examples, get_task
+
+    try:
+        task = get_task(cfg.data.task)
+    except ValueError as e:
+        raise ValueError(f"data.task: {e}") from None
+
+    def encode(ex: Example) -> list[int]:
+        return tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+
+    held_out = eval_examples(task, cfg.eval_seed, limit or cfg.eval.size)
+    items = [PromptItem(-1 - i, ex, encode(ex)) for i, ex in enumerate(held_out)]
+    stream = TaskPromptStream(TrainStream(task, cfg.seed), encode) if train else None
+    return Problems(items, task_score_fn(task), "task", task.extract_answer, stream)
+
+
+def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], train: bool, limit: int) -> Problems:
+    from dapo.data.files import load_examples
+    from dapo.rewards import RewardRunner
+    from dapo.rewards.math import vote_answer
+
+    d = cfg.data
+    template, why = choose_template(cfg, tokenizer)
+
+    def load(path: str, n: int = 0) -> tuple[list[Example], list[list[int]]]:
+        exs, stats = load_examples(path, d.prompt_key, d.answer_key, bad_rows=d.bad_rows, dedup=d.dedup)
+        log(f"{path}: {stats}")
+        exs = exs[:n] if n else exs
+        exs, fitted, n_drop, n_trunc = encode_prompts(exs, template, tokenizer, d.max_prompt_len, d.long_prompts)
+        if n_drop or n_trunc:
+            log(f"{path}: {n_drop} prompts longer than data.max_prompt_len={d.max_prompt_len} dropped, {n_trunc} truncated")
+        if not exs:
+            raise ValueError(f"{path}: no prompts left after the length filter (data.max_prompt_len={d.max_prompt_len})")
+        return exs, fitted
+
+    log(f"prompt template: {template} ({why})")
+    if not train:
+        ev, ev_ids = load(d.path, limit)
+        exs, ids = [], []
+    elif cfg.eval.path:
+        exs, ids = load(d.path)
+        ev, ev_ids = load(cfg.eval.path, cfg.eval.size)
+    else:  # hold out a seeded slice of the training file (at most a tenth of it)
+        exs, ids = load(d.path)
+        order = list(range(len(exs)))
+        random.Random(f"{cfg.eval_seed}/holdout").shuffle(order)
+        held = set(order[: min(cfg.eval.size, len(exs) // 10)])
+        ev, ev_ids = [exs[i] for i in order if i in held], [ids[i] for i in order if i in held]
+        exs, ids = [e for i, e in enumerate(exs) if i not in held], [x for i, x in enumerate(ids) if i not in held]
+    rw = cfg.reward
+    runner = RewardRunner(reward_spec(cfg), workers=rw.workers, timeout_s=rw.timeout_s, memory_mb=rw.memory_mb or None)
+    items = [PromptItem(-1 - i, e, x) for i, (e, x) in enumerate(zip(ev, ev_ids))]
+    stream = ListPromptStream(exs, ids, cfg.seed, d.shuffle) if train else None
+    return Problems(items, runner_score_fn(runner), template, vote_answer, stream, [runner.close])

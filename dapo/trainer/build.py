@@ -1,0 +1,139 @@
+"""A run's parts, built from its config: problems, tokenizer, the learner (here or on Ray ranks), the rollout
+engine (here, on Ray workers, or on the ranks), and the dynamic sampler that feeds the loop."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dapo.config import Config
+from dapo.model import (
+    SetupError, compute_dtype, eos_ids, generation_config_of, load_model, load_tokenizer, make_optimizer,
+    reference_model, resolve_device,
+)
+from dapo.problems import Problems, load_problems
+from dapo.rollout.base import RolloutEngine
+from dapo.rollout.hf import HFEngine
+from dapo.trainer.sampler import DynamicSampler
+from dapo.trainer.update import Learner
+
+
+@dataclass
+class Run:
+    """Everything the loop works with. ``learner`` is a ``Learner`` in this process or a
+    ``dapo.dist.RankGroup`` over Ray ranks; ``engine`` samples here, on Ray workers, or on the ranks."""
+
+    cfg: Config
+    run_dir: Path
+    resume_from: Path | None
+    tokenizer: Any
+    problems: Problems
+    learner: Any
+    engine: RolloutEngine
+    sampler: DynamicSampler
+    device: torch.device
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def close(self) -> None:
+        """Run every closer (reward pool, Ray workers and ranks, the cluster), even if one fails."""
+        errors = []
+        for close in reversed(self.closers):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001  keep closing the rest; report the first below
+                errors.append(e)
+        self.closers = []
+        if errors:
+            raise errors[0]
+
+
+def initial_model_path(cfg: Config, log: Callable[[str], None] = print) -> str:
+    """The model a run starts from: ``model.path``, or the built-in task's base model (prepared if not cached)."""
+    if cfg.model.path:
+        return cfg.model.path
+    from dapo.warmup import prepare_base_model
+
+    return str(prepare_base_model(cfg.data.task, log=log))
+
+
+def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callable[[str], None] = print) -> Run:
+    """Build the run. ``dist.rollout_workers`` > 0 puts rollout on Ray workers (``dapo.dist.RayEngine``),
+    ``dist.trainer_ranks`` > 1 puts training on Ray ranks (``dapo.dist.RankGroup``); the loop is the same."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    dtype = compute_dtype(cfg.model.dtype, device)
+    init = initial_model_path(cfg, log) if resume_from is None or cfg.algo.kl_coef > 0 else None
+    path = str(resume_from) if resume_from is not None else init
+    # the KL reference is the run's initial policy, also after a resume (not the checkpoint resumed from)
+    ref_path = init if cfg.algo.kl_coef > 0 else None
+    d = cfg.dist
+    if d.ray_address and not (d.rollout_workers or d.trainer_ranks > 1):
+        log(f"dist.ray_address={d.ray_address} is set but dist.rollout_workers=0 and dist.trainer_ranks=1: "
+            f"everything runs in this process")
+    tokenizer = load_tokenizer(cfg.model, path)
+    problems = load_problems(cfg, tokenizer, log)
+    closers: list[Callable[[], None]] = [problems.close]
+    try:
+        learner, engine = _learner_and_engine(cfg, path, ref_path, tokenizer, device, dtype, closers, log)
+    except BaseException as e:
+        for close in reversed(closers):
+            close()
+        if isinstance(e, ImportError):
+            raise SetupError(str(e)) from None
+        raise
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    sampler = DynamicSampler(cfg, engine, problems.stream, problems.score_fn, decode)
+    return Run(cfg, run_dir, resume_from, tokenizer, problems, learner, engine, sampler, device, closers)
+
+
+def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer: Any, device: torch.device,
+                        dtype: torch.dtype, closers: list, log: Callable[[str], None]) -> tuple[Any, RolloutEngine]:
+    d = cfg.dist
+    remote_rollout, remote_train = d.rollout_workers > 0, d.trainer_ranks > 1
+    pad_id = int(tokenizer.pad_token_id)
+    learner: Any = None
+    model = None
+    if not remote_train:  # the driver holds a model only when it trains (and then samples with it) here
+        model = load_model(cfg.model, path, device)
+        optimizer, scheduler = make_optimizer(cfg.optim, model)
+        ref = reference_model(cfg.model, model, path, ref_path, device) if ref_path is not None else None
+        learner = Learner(cfg, model, optimizer, scheduler, pad_id, device, dtype, ref)
+    eos = eos_ids(model if model is not None else generation_config_of(path), tokenizer)
+    cluster = None
+    if remote_rollout or remote_train:
+        from dapo.dist import Cluster
+
+        cluster = Cluster(d, want_gpu=cfg.model.device != "cpu", log=log)
+        closers.append(cluster.close)  # closed last: after the workers and ranks are gone
+    if remote_train:
+        from dapo.dist import RankGroup
+
+        learner = RankGroup(cfg, path, pad_id, cluster, log=log, ref_path=ref_path, eos=eos)
+        closers.append(learner.close)
+    if d.rollout_on_ranks:
+        from dapo.dist.ranks import RankEngine
+
+        return learner, RankEngine(learner)
+    if remote_rollout:
+        from dapo.dist import RayEngine
+
+        engine: Any = RayEngine(cfg, path, pad_id, eos, cluster, log=log)
+        closers.append(engine.close)
+    elif cfg.rollout.engine == "vllm":
+        from dapo.rollout.vllm import VLLMEngine
+
+        engine = VLLMEngine(path, pad_id, eos, cfg)
+    else:
+        if model is None:  # ranks train, the driver samples: its own copy, in the compute dtype
+            model = load_model(cfg.model, path, device, dtype).eval().requires_grad_(False)
+        engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
+    if isinstance(learner, Learner):
+        learner.engine = engine
+    return learner, engine

@@ -1,0 +1,74 @@
+"""The loss of one micro-batch, and how a mini-batch is cut into micro-batches.
+
+``micro_pass`` is where the maths of ``dapo.algo`` meets the model: log-probs of the responses under the
+current policy, the clipped surrogate against the old log-probs (Clip-Higher, DAPO Eq. 10), an optional KL
+term, and the aggregation with the mini-batch's global denominator (token-mean, DAPO Eq. 12).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dapo.algo import aggregate_loss, kl_penalty, policy_loss
+from dapo.trainer.policy import make_seq_batch, response_logprobs
+
+
+def pad_logps(rows: list[list[float]], T: int) -> torch.Tensor:
+    """Per-response log-prob lists as a (B, T) float32 tensor, zero-padded on the right."""
+    out = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r[:T])
+    return out
+
+
+def micro_batches_of(idx: list[int], lengths: list[int], size: int) -> list[list[int]]:
+    """Length-sorted micro-batches: little padding, and the token-mean gradient does not depend on order."""
+    idx = sorted(idx, key=lambda i: lengths[i])
+    return [idx[k : k + size] for k in range(0, len(idx), size)]
+
+
+def rank_micro_batches(idx: list[int], lengths: list[int], size: int, dp: Any) -> list[list[int] | None]:
+    """This rank's micro-batches of ``idx``; under FSDP padded with ``None`` (an empty pass) to the
+    longest rank's count. Every rank computes every rank's count from the same data: no collective."""
+    mbs: list[list[int] | None] = list(micro_batches_of(dp.share(idx), lengths, size))
+    if dp.fsdp and dp.world > 1:
+        most = max(len(micro_batches_of(dp.share(idx, r), lengths, size)) for r in range(dp.world))
+        mbs += [None] * (most - len(mbs))
+    return mbs
+
+
+def micro_pass(learner: Any, batch: Any, old_logp: list[list[float]], rows: list[int], with_entropy: bool,
+               num_tokens: float, num_seqs: float, sums: dict[str, float]) -> torch.Tensor:
+    """The loss of one micro-batch (``rows``; empty: a padding pass, so the same collectives run) with its
+    share of the mini-batch's normaliser; adds its token-weighted stats to ``sums``."""
+    a, pad = learner.cfg.algo, learner.pad_id
+    if rows:
+        seq_batch = make_seq_batch([batch.prompts[i] for i in rows], [batch.responses[i] for i in rows], pad)
+        in_loss = batch.loss_mask[rows]
+    else:  # an empty pass: one padding token with mask 0
+        seq_batch, in_loss = make_seq_batch([[pad]], [[pad]], pad), torch.zeros(1)
+    seq_batch = seq_batch.to(learner.device)
+    T = seq_batch.n_resp
+    logp, ent = learner.policy(seq_batch, learner.cfg.rollout.temperature, with_entropy)  # (b, T)
+    old = pad_logps([old_logp[i] for i in rows] or [[0.0]], T).to(learner.device)
+    adv = (batch.advantages[rows] if rows else torch.zeros(1)).to(learner.device)  # (b,)
+    mask = seq_batch.response_mask * in_loss.to(learner.device)[:, None]  # (b, T)
+    loss_tok, stats = policy_loss(logp, old, adv, mask, a.eps_low, a.eps_high, a.clip_c)
+    if a.kl_coef > 0:
+        with torch.no_grad():
+            ref_logp, _ = response_logprobs(learner.ref_model, seq_batch, learner.cfg.rollout.temperature,
+                                            compute_dtype=learner.compute_dtype)
+        kl = kl_penalty(logp, ref_logp, a.kl_kind)
+        loss_tok = loss_tok + a.kl_coef * kl * mask
+        stats["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    loss = aggregate_loss(loss_tok, mask, a.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                          max_len=learner.cfg.rollout.max_new_tokens)
+    ntok = mask.sum().item()
+    sums["tokens"] = sums.get("tokens", 0.0) + ntok
+    for key, v in stats.items():
+        sums[key] = sums.get(key, 0.0) + v.item() * ntok
+    if ent is not None:
+        sums["entropy"] = sums.get("entropy", 0.0) + (ent * mask).sum().item()
+        sums["entropy_tokens"] = sums.get("entropy_tokens", 0.0) + ntok
+    return loss

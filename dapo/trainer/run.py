@@ -1,0 +1,181 @@
+"""The run directory: where a run lives, how it resumes or branches, what its checkpoints carry, and
+the files it leaves (config.yaml, metrics.jsonl, samples.jsonl, summary.json, step_N/).
+
+A resume continues in the checkpoint's own run directory, dropping what was logged after the checkpoint
+(it is produced again). Continuing from a checkpoint older than the run's newest would overwrite the newer
+checkpoints and their metrics: that is refused. Naming another run (``log.run_name``, ``log.out_dir``:
+other than the resumed run's own) branches off instead: a new directory that starts with the source's
+metrics and samples up to the checkpoint, and the source is left untouched.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dapo.config import Config, save_config
+from dapo.data.example import Example
+from dapo.fsutil import write_atomic
+from dapo.items import Group, PromptItem
+from dapo.model import SetupError
+from dapo.rollout.base import Completion
+from dapo.trainer.checkpoint import is_complete, latest_checkpoint, newer_checkpoints
+
+
+def resume_source(cfg: Config) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint) that ``ckpt.resume`` names, checked; no checkpoint only for a run killed
+    before its first one. Changes nothing on disk."""
+    p = Path(cfg.ckpt.resume)
+    if not p.exists():
+        raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no such directory")
+    if (p / "trainer_state.pt").exists() or p.name.startswith("step_"):
+        if not is_complete(p, verify=True):
+            raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: not a complete checkpoint (manifest missing, or a "
+                             f"file missing or damaged); resume from the run directory to use its newest complete one")
+        return p.parent, p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None and not (p / "config.yaml").exists():
+        raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no complete checkpoint (step_N/ with a manifest) in it")
+    return p, ckpt  # None: a run killed before its first checkpoint, nothing to lose: it starts again
+
+
+def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None). Never reuses a finished run's directory silently."""
+    if cfg.ckpt.resume:
+        source, ckpt = resume_source(cfg)
+        if _names_another_run(cfg, source):
+            branch = Path(cfg.log.out_dir) / cfg.log.run_name
+            if branch.exists() and any(branch.iterdir()):
+                raise SetupError(f"log.run_name: {branch} already exists and is not empty; a resume branches into a "
+                                 f"new directory only (or leave log.run_name as it was to continue in {source})")
+            branch.mkdir(parents=True, exist_ok=True)
+            return branch, ckpt
+        newer = [q.name for q in newer_checkpoints(ckpt)] if ckpt is not None else []
+        if newer:
+            raise SetupError(
+                f"ckpt.resume={cfg.ckpt.resume}: {source} has newer checkpoints ({', '.join(newer)}); continuing from "
+                f"{ckpt.name} there would overwrite them and the metrics after it. Branch into a new directory with "
+                f"log.run_name=NEW_NAME, or resume the newest with ckpt.resume={source}"
+            )
+        return source, ckpt
+    stem = cfg.data.task if not cfg.data.path else Path(cfg.data.path).stem
+    name = cfg.log.run_name or f"{cfg.preset.replace('+', 'plus_')}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.log.out_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SetupError(f"run directory {run_dir} already exists and is not empty; continue it with "
+                         f"ckpt.resume={run_dir} or choose another log.run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def _names_another_run(cfg: Config, source: Path) -> bool:
+    """``log.out_dir``/``log.run_name`` point away from ``source`` and were not simply carried over from its
+    saved config (a run that was moved or copied still names where it was first written)."""
+    if not cfg.log.run_name:
+        return False
+    target = Path(cfg.log.out_dir) / cfg.log.run_name
+    if target.resolve() == source.resolve():
+        return False
+    saved = source / "config.yaml"
+    if saved.exists():
+        import yaml
+
+        try:
+            log = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("log", {})
+        except (OSError, yaml.YAMLError):
+            log = {}
+        if (str(log.get("out_dir")), str(log.get("run_name"))) == (str(cfg.log.out_dir), str(cfg.log.run_name)):
+            return False
+    return True
+
+
+def open_logs(cfg: Config, run_dir: Path, resume_from: Path | None, start: int) -> None:
+    """Save the config, and on a resume drop what was logged past the checkpoint (a branch first copies the
+    source's logs). Only once the run is built: a resume refused earlier must not touch the run's files."""
+    save_config(cfg, run_dir / "config.yaml")
+    if not cfg.ckpt.resume:
+        return
+    for name in ("metrics.jsonl", "samples.jsonl"):  # lines past the checkpoint (all, with none) come again
+        if resume_from is not None and resume_from.parent != run_dir and (resume_from.parent / name).is_file():
+            shutil.copyfile(resume_from.parent / name, run_dir / name)
+        truncate_log(run_dir / name, start)
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop lines (metrics, samples) past ``last_step`` (they will be produced again), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            continue
+    write_atomic(path, "".join(x + "\n" for x in keep))
+
+
+def append_samples(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+
+
+def should_checkpoint(cfg: Config, step: int, last: bool, stopping: bool) -> bool:
+    """Save at ``ckpt.every``, after the last step (``ckpt.save_final``), and when a signal stops the run."""
+    return stopping or (cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0) or (last and cfg.ckpt.save_final)
+
+
+# --------------------------------------------------------------------------------------------------
+# what a checkpoint holds besides the weights: trainer_state.pt (plain tensors and Python types only)
+
+
+def _group_to_plain(g: Group) -> dict[str, Any]:
+    ex = g.item.example
+    return {
+        "uid": g.item.uid, "prompt_ids": g.item.prompt_ids, "step": g.step,
+        "example": {"prompt": ex.prompt, "answer": ex.answer, "data_source": ex.data_source,
+                    "fields": json.loads(json.dumps(ex.fields, default=str))},
+        "completions": [{"token_ids": c.token_ids, "logprobs": c.logprobs, "finish_reason": c.finish_reason,
+                         "weight_version": c.weight_version, "prompt_index": c.prompt_index} for c in g.completions],
+        "scores": g.scores, "correct": g.correct, "rewards": g.rewards,
+    }
+
+
+def _group_from_plain(d: dict[str, Any]) -> Group:
+    item = PromptItem(d["uid"], Example(**d["example"]), list(d["prompt_ids"]))
+    comps = [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"], c["weight_version"])
+             for c in d["completions"]]
+    return Group(item, comps, d["scores"], d["correct"], d["rewards"], d["step"])
+
+
+def trainer_state(run: Any, step: int, before: dict[str, Any]) -> dict[str, Any]:
+    """Optimiser, schedule, RNG, data cursor, dynamic-sampling state and weight version at ``step``."""
+    sampler = run.sampler.state_dict()
+    return {
+        "step": step,
+        **run.learner.state_dict(),  # optimizer, scheduler, bad_streak
+        "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_ver": random.getstate()[0]},
+        "data": run.problems.stream.state_dict(),
+        "sampler": {**sampler, "carried": [_group_to_plain(g) for g in sampler["carried"]]},
+        "weight_version": run.engine.weight_version,
+        "before": before,
+    }
+
+
+def restore(run: Any, state: dict[str, Any]) -> None:
+    run.learner.load_state_dict(state)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate((state["rng"]["python_ver"], tuple(state["rng"]["python"]), None))
+    run.problems.stream.load_state_dict(state["data"])
+    run.sampler.load_state_dict({**state["sampler"], "carried": [_group_from_plain(g) for g in state["sampler"]["carried"]]})
+    run.engine.weight_version = state["weight_version"]

@@ -1,0 +1,156 @@
+"""Batch assembly with Dynamic Sampling (DAPO §3.2, Algorithm 1 lines 3-8).
+
+Each generation round samples ``rollout.gen_batch_size`` prompts x G responses, scores them, and keeps
+only groups whose outcomes are mixed (all-correct and all-wrong groups have zero advantage and so no
+gradient). Rounds repeat until ``optim.train_batch_size`` groups are kept or ``algo.max_gen_rounds`` is
+spent. With ``algo.refill=adaptive`` the rounds after the first sample only about as many prompts as are
+missing at the keep rate seen so far in the step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dapo.algo import keep_groups, overlong_penalty
+from dapo.config import Config
+from dapo.items import Group, PromptItem, PromptStream, ScoreFn
+from dapo.rollout.base import Completion, RolloutEngine, SamplingParams, derive_seed
+
+
+class GenCapReached(RuntimeError):
+    pass
+
+
+def rollout_params(cfg: Config) -> SamplingParams:
+    """Training's sampling settings: G samples per prompt at ``rollout.*``."""
+    r = cfg.rollout
+    return SamplingParams(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                          top_p=r.top_p, top_k=r.top_k)
+
+
+@dataclass
+class DynamicSampler:
+    """Collects each step's groups: ``collect(step) -> (groups to train on, metrics)``."""
+
+    cfg: Config
+    engine: RolloutEngine
+    stream: PromptStream
+    score_fn: ScoreFn
+    decode: Callable[[list[int]], str]
+    carried: list[Group] = field(default_factory=list)
+    """Surplus mixed groups kept for the next step (``algo.carry_over``)."""
+    samples_total: int = 0
+    """Responses generated over the run (the ``optim.max_samples`` budget counts these)."""
+    last_round: list[Group] = field(default_factory=list)
+    """Every group sampled in the last ``collect``, kept or not (for samples.jsonl and diagnostics)."""
+
+    @property
+    def gen_batch_size(self) -> int:
+        return self.cfg.rollout.gen_batch_size or self.cfg.optim.train_batch_size
+
+    def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        """The groups to train on at ``step`` and the round's metrics."""
+        a, want = self.cfg.algo, self.cfg.optim.train_batch_size
+        kept: list[Group] = list(self.carried)
+        n_carried, self.carried = len(kept), []
+        t_gen = t_rew = 0.0
+        rounds, mixed, sampled = 0, 0, []
+        stats_sum: dict[str, float] = {}
+        params = rollout_params(self.cfg)
+        while not (a.dynamic_sampling and len(kept) >= want) and rounds < (a.max_gen_rounds if a.dynamic_sampling else 1):
+            n = self._round_size(want - len(kept), len(kept) - n_carried, len(sampled)) if a.dynamic_sampling else want
+            items = self.stream.take(n)
+            t0 = time.perf_counter()
+            comps = self.engine.generate([it.prompt_ids for it in items], params, [derive_seed(self.cfg.seed, it.uid) for it in items])
+            t1 = time.perf_counter()
+            groups, rstats = self._score(items, comps, step)
+            t_gen, t_rew = t_gen + t1 - t0, t_rew + time.perf_counter() - t1
+            for k, v in rstats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v
+            rounds += 1
+            sampled += groups
+            self.samples_total += len(comps)
+            metric = [g.correct if a.filter_metric == "acc" else g.rewards for g in groups]
+            has_gradient = keep_groups(torch.tensor(metric, dtype=torch.float32).reshape(-1), self.cfg.rollout.group_size)
+            mixed += int(has_gradient.sum())
+            kept += [g for g, m in zip(groups, has_gradient.tolist()) if m or not a.dynamic_sampling]
+        capped = a.dynamic_sampling and len(kept) < want
+        if capped and a.on_gen_cap == "error":
+            raise GenCapReached(
+                f"step {step}: only {len(kept)} of {want} groups had mixed outcomes after {rounds} generation "
+                f"rounds (algo.max_gen_rounds); set algo.on_gen_cap=train to train on them"
+            )
+        if len(kept) > want:
+            kept, surplus = kept[:want], kept[want:]
+            if a.carry_over:
+                self.carried = surplus
+        self.last_round = sampled
+        metrics = {
+            **_rollout_metrics(sampled),
+            "batch/groups": float(len(kept)),
+            "batch/kept_frac": sum(1 for g in sampled if g in kept) / max(1, len(sampled)),
+            "batch/mixed_frac": mixed / max(1, len(sampled)),  # with a gradient (by filter_metric), kept or not
+            "batch/gen_rounds": float(rounds),
+            "batch/capped": float(capped),
+            "batch/carried": float(len(self.carried)),
+            "batch/samples_total": float(self.samples_total),
+            "time/gen": t_gen,
+            "time/reward": t_rew,
+            **stats_sum,
+        }
+        return kept, metrics
+
+    def _round_size(self, missing: int, kept_here: int, seen_here: int) -> int:
+        """Prompts for the next round: ``gen_batch_size``; with adaptive refill, after the step's first round,
+        the missing groups over the keep rate seen so far in this step, with a quarter to spare."""
+        if self.cfg.algo.refill != "adaptive" or not seen_here or not kept_here:
+            return self.gen_batch_size
+        return max(1, min(self.gen_batch_size, math.ceil(1.25 * missing * seen_here / kept_here)))
+
+    def _score(self, items: Sequence[PromptItem], comps: list[Completion], step: int) -> tuple[list[Group], dict]:
+        a, G = self.cfg.algo, self.cfg.rollout.group_size
+        scored = self.score_fn([self.decode(c.token_ids) for c in comps], [items[c.prompt_index].example for c in comps])
+        rewards = list(scored.scores)
+        if a.soft_overlong:
+            lens = torch.tensor([len(c.token_ids) for c in comps])
+            pen = overlong_penalty(lens, self.cfg.rollout.max_new_tokens, a.overlong_cache_len, a.overlong_factor)
+            rewards = [r + p for r, p in zip(rewards, pen.tolist())]
+        errors = scored.errors or [""] * len(comps)
+        groups = [
+            Group(it, comps[i * G : (i + 1) * G], scored.scores[i * G : (i + 1) * G], scored.correct[i * G : (i + 1) * G],
+                  rewards[i * G : (i + 1) * G], step, errors[i * G : (i + 1) * G])
+            for i, it in enumerate(items)
+        ]
+        return groups, scored.stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"carried": self.carried, "samples_total": self.samples_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.carried = list(state["carried"])
+        self.samples_total = int(state["samples_total"])
+
+
+def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
+    """What the step's samples look like: accuracy, reward, lengths (and exact token counts), truncation."""
+    resp = [c for g in groups for c in g.completions]
+    lens = [len(c.token_ids) for c in resp] or [0]
+    return {
+        "rollout/acc": _mean([float(x) for g in groups for x in g.correct]),
+        "rollout/score": _mean([x for g in groups for x in g.scores]),
+        "rollout/reward": _mean([x for g in groups for x in g.rewards]),
+        "response/len_mean": _mean([float(x) for x in lens]),
+        "response/len_max": float(max(lens)),
+        "response/truncated_frac": _mean([float(c.finish_reason == "length") for c in resp]),
+        "batch/gen_tokens": float(sum(lens)),  # every token generated this step, kept or not
+        # NaN log-probs mean the policy's own numbers are broken (the loop stops after a few such steps)
+        "rollout/nan_logprob_frac": _mean([float(math.isnan(sum(c.logprobs))) for c in resp]),
+    }
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0

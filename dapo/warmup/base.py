@@ -1,0 +1,257 @@
+"""Base models made by the warm-up: the built-in tasks' demo bases (cached) and a user's own (``dapo sft --data``).
+
+A base model directory holds the model and tokenizer in Hugging Face format (safetensors), ``sft.json``
+(how it was made: steps, seconds, probe accuracies, settings) and ``prompt_template.json`` (the template its
+prompts were rendered with, which ``dapo train`` then keeps). It is written to a temporary sibling and
+renamed into place (``dapo.fsutil.install_dir``), so a killed build leaves nothing that looks finished.
+
+Held-out prompts: a task's warm-up measures accuracy on its own probe set (tag ``"sft-probe"``), drawn from
+the same reserved slice of the prompt space as the RL eval set but independently, so choosing when to stop
+never tunes on the prompts RL reports on; a file's warm-up holds out exactly the rows ``dapo train`` will
+hold out with the same seed, and never trains on them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dapo.config import Config, SFTConfig
+from dapo.data.charvocab import DEFAULT_ALPHABET, make_char_tokenizer
+from dapo.data.tasks import TrainStream, eval_examples, get_task
+from dapo.fsutil import install_dir, staging_dir
+from dapo.items import PromptItem
+from dapo.problems import save_template, task_score_fn
+from dapo.warmup.sft import Pair, SFTResult, make_probe, sft
+from dapo.warmup.tiny import build_tiny_model
+
+CACHE_FORMAT = 2
+"""Bump when what a cached base model means changes (task formats, tokenizer, training or probe code)."""
+INFO = "sft.json"
+
+
+def default_cache_dir() -> Path:
+    """``$DAPO_CACHE`` or ``~/.cache/dapo``."""
+    return Path(os.environ.get("DAPO_CACHE") or Path.home() / ".cache" / "dapo")
+
+
+def task_settings(task_name: str) -> SFTConfig:
+    """The warm-up settings of a task's demo base: the defaults with the task's own ``sft_overrides``."""
+    return dataclasses.replace(SFTConfig(), **get_task(task_name).sft_overrides)
+
+
+def cache_key(task_name: str, settings: SFTConfig, seed: int) -> str:
+    blob = json.dumps({"task": task_name, "settings": dataclasses.asdict(settings), "seed": seed,
+                       "alphabet": DEFAULT_ALPHABET, "format": CACHE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def base_model_dir(task_name: str, settings: SFTConfig, cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Where the base model for (task, settings, seed) lives in the cache, built or not."""
+    return Path(cache_dir or default_cache_dir()) / "base" / f"{task_name}-{cache_key(task_name, settings, seed)}"
+
+
+def is_built(path: Path) -> bool:
+    """A directory is a finished base model only with its ``sft.json`` (written last, inside the rename)."""
+    return (path / INFO).is_file()
+
+
+def tiny_model_for(tokenizer: Any, s: SFTConfig, seed: int, max_pos: int = 0) -> torch.nn.Module:
+    return build_tiny_model(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                            s.layers, s.hidden, s.heads, s.ffn, max(s.max_pos, max_pos), seed)
+
+
+def write_base(out: Path, model: torch.nn.Module, tokenizer: Any, template: str, meta: dict[str, Any],
+               force: bool) -> Path:
+    """Write the model directory atomically; an existing finished ``out`` is replaced only with ``force``."""
+    tmp = staging_dir(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_template(tmp, template)
+        meta = {**meta, "template": template,
+                "versions": {"torch": torch.__version__, "transformers": _transformers_version()}}
+        (tmp / INFO).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        install_dir(tmp, out, replace=force or not is_built(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
+    return out
+
+
+def result_meta(res: SFTResult, settings: SFTConfig, seed: int, n_params: int, threads: int) -> dict[str, Any]:
+    return {
+        "steps": res.steps, "seconds": round(res.seconds, 2), "cpu_seconds": round(res.cpu_seconds, 2),
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "stopped": res.stopped, "sampled_accuracy": res.sampled_accuracy, "greedy_accuracy": res.greedy_accuracy,
+        "final_loss": res.final_loss, "seed": seed, "n_params": n_params, "threads": threads,
+        "settings": dataclasses.asdict(settings), "history": res.history,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# a built-in task's demo base
+
+
+def task_pairs(task: Any, tokenizer: Any, seed: int) -> Callable[[int], list[Pair]]:
+    """The next n (prompt, worked response + eos) pairs of the task's training stream."""
+    stream = TrainStream(task, seed)
+
+    def take(n: int) -> list[Pair]:
+        exs = stream.take(n)
+        prompts = tokenizer([ex.prompt for ex in exs], add_special_tokens=False)["input_ids"]
+        resps = tokenizer([task.sft_response(ex) for ex in exs], add_special_tokens=False)["input_ids"]
+        return [(p, r + [tokenizer.eos_token_id]) for p, r in zip(prompts, resps)]
+
+    return take
+
+
+def build_base_model(out_dir: str | Path, task_name: str = "addition", settings: SFTConfig | None = None,
+                     seed: int = 0, force: bool = False, log: Callable[[str], None] = print,
+                     num_threads: int | None = None) -> Path:
+    """Warm a tiny model up on a built-in task and write it to ``out_dir`` (see the module docstring).
+
+    An existing finished ``out_dir`` is returned as is unless ``force``; with ``force`` it is replaced only
+    once the new one is complete.
+    """
+    from dapo.cpu import default_threads
+
+    out = Path(out_dir)
+    if is_built(out) and not force:
+        log(f"{out} already holds a base model; --force rebuilds it")
+        return out
+    _remove_stale_tmp(out)
+    task = get_task(task_name)
+    s = settings or task_settings(task_name)
+    tokenizer = make_char_tokenizer()
+    model = tiny_model_for(tokenizer, s, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    threads = num_threads or default_threads()
+    log(f"preparing the base model for task {task_name!r}: {n_params / 1e6:.2f}M parameters, "
+        f"{threads} thread(s) -> {out}")
+    probe_exs = eval_examples(task, seed, s.n_probe, tag="sft-probe")
+    items = [PromptItem(-1 - i, ex, tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
+             for i, ex in enumerate(probe_exs)]
+    probe = make_probe(items, task_score_fn(task), tokenizer, seed, task.max_response_len + 1)
+    res = sft(model, task_pairs(task, tokenizer, seed), tokenizer.pad_token_id, s, probe, threads, log)
+    return write_base(out, model, tokenizer, "task", {"task": task_name, **result_meta(res, s, seed, n_params, threads)},
+                      force)
+
+
+def prepare_base_model(task_name: str = "addition", cache_dir: str | Path | None = None, force: bool = False,
+                       log: Callable[[str], None] = print, settings: SFTConfig | None = None,
+                       num_threads: int | None = None, seed: int = 0) -> Path:
+    """The demo's base model directory for ``task_name``: from the cache, or trained now (~1-2 min on 2 cores).
+
+    Load it with ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``.
+    ``num_threads`` (default: one per idle core) changes float rounding, not the cache key: the cache
+    holds whichever build finished first.
+    """
+    settings = settings or task_settings(task_name)  # fails on a bad task name before touching the cache
+    out = base_model_dir(task_name, settings, cache_dir, seed)
+    if is_built(out) and not force:
+        log(f"base model for task {task_name!r}: cached at {out}")
+        return out
+    return build_base_model(out, task_name, settings, seed, force=force, log=log, num_threads=num_threads)
+
+
+def _remove_stale_tmp(out: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temporary build directories of ``out`` left by killed builds (older than an hour)."""
+    now = time.time()
+    for p in out.parent.glob(f".tmp-{out.name}-*"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+# --------------------------------------------------------------------------------------------------
+# a user's own file: dapo sft --data FILE
+
+
+def file_pairs(problems: Any, tokenizer: Any, response_key: str) -> Callable[[int], list[Pair]]:
+    """The next n (prompt, response + eos) pairs of a file's training stream (its epochs, shuffled)."""
+    from dapo.data.files import get_field
+
+    def take(n: int) -> list[Pair]:
+        items = problems.stream.take(n)
+        resps = [_response_text(it, response_key, get_field) for it in items]
+        ids = tokenizer(resps, add_special_tokens=False)["input_ids"]
+        return [(it.prompt_ids, r + [tokenizer.eos_token_id]) for it, r in zip(items, ids)]
+
+    return take
+
+
+def _response_text(item: PromptItem, key: str, get_field: Callable) -> str:
+    value = get_field(item.example.fields, key, None)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        cols = ", ".join(sorted(item.example.fields))
+        raise ValueError(f"sft.response_key {key!r}: missing or empty in a row of the file (columns: {cols})")
+    return str(value)
+
+
+def char_tokenizer_for(cfg: Config) -> Any:
+    """A character tokenizer over the default alphabet plus every character of the file's prompts, answers
+    and responses (so nothing in the user's data encodes to <unk>)."""
+    from dapo.data.files import load_examples
+    from dapo.data.templates import prompt_text
+
+    exs, _ = load_examples(cfg.data.path, cfg.data.prompt_key, cfg.data.answer_key, bad_rows=cfg.data.bad_rows)
+    chars = set()
+    for ex in exs:
+        chars.update(prompt_text(ex.prompt), ex.answer, str(ex.fields.get(cfg.sft.response_key, "")))
+    return make_char_tokenizer(DEFAULT_ALPHABET + "".join(sorted(chars - set(DEFAULT_ALPHABET))))
+
+
+def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str], None] = print,
+                 num_threads: int | None = None) -> Path:
+    """``dapo sft --data FILE``: imitate the file's responses, on ``model.path`` or a new tiny model with a
+    character tokenizer built from the file; stop on held-out accuracy under ``reward.fn``."""
+    from dapo.cpu import default_threads
+    from dapo.model import load_model, load_tokenizer, resolve_device
+    from dapo.problems import load_problems
+
+    if is_built(out) and not force:
+        log(f"{out} already holds a base model; --force rebuilds it")
+        return out
+    s, threads = cfg.sft, num_threads or default_threads()
+    tokenizer = load_tokenizer(cfg.model, cfg.model.path) if cfg.model.path else char_tokenizer_for(cfg)
+    problems = load_problems(cfg, tokenizer, log)
+    try:
+        pairs = file_pairs(problems, tokenizer, s.response_key)
+        sample = pairs(min(512, len(problems.stream.examples)))  # lengths, and a bad response key fails early
+        problems.stream.cursor = 0
+        longest_seq, longest_resp = max(len(p) + len(r) for p, r in sample), max(len(r) for _, r in sample)
+        if cfg.model.path:
+            model = load_model(cfg.model, cfg.model.path, resolve_device(cfg.model.device))
+        else:
+            torch.manual_seed(cfg.seed)
+            model = tiny_model_for(tokenizer, s, cfg.seed, max_pos=2 * longest_seq)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"warm-up on {cfg.data.path}: {len(problems.stream.examples)} training rows, {len(problems.eval_items)} "
+            f"held out; {'model ' + cfg.model.path if cfg.model.path else 'a new tiny model'} "
+            f"({n_params / 1e6:.2f}M parameters), {threads} thread(s) -> {out}")
+        probe = None
+        if problems.eval_items:
+            probe = make_probe(problems.eval_items, problems.score_fn, tokenizer, cfg.eval_seed,
+                               max(cfg.rollout.max_new_tokens, longest_resp))
+        random.seed(cfg.seed)
+        res = sft(model, pairs, tokenizer.pad_token_id, s, probe, threads, log)
+    finally:
+        problems.close()
+    meta = {"data": cfg.data.path, "reward": cfg.reward.fn, **result_meta(res, s, cfg.seed, n_params, threads)}
+    return write_base(out, model, tokenizer, problems.template, meta, force)

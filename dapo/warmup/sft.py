@@ -1,0 +1,167 @@
+"""The supervised warm-up loop: imitate worked responses until the policy is right part of the time.
+
+RL from a verifiable reward needs a policy that already succeeds sometimes: a group of G samples that
+are all wrong carries no gradient. So a warm-up first imitates worked responses for a while, then
+stops. When to stop matters: learning a format has a sharp phase transition (on 2 CPU cores, addition
+goes from ~10% sampled accuracy to ~50% within a hundred steps), so a fixed step count lands anywhere
+from useless to already solved. Instead ``sft`` measures sampled accuracy (temperature 1, the RL
+sampling distribution, with ``dapo.eval.evaluate``) on held-out prompts every ``eval_every`` steps and
+stops at the first measurement >= ``target_accuracy``.
+
+The loss is the usual next-token cross-entropy on response tokens only (prompt and padding labels are
+-100, the ignore index), averaged over the batch's response tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dapo.items import PromptItem, ScoreFn
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompt and padding): F.cross_entropy's ignore_index."""
+
+Pair = tuple[list[int], list[int]]
+"""(prompt token ids, response token ids ending with eos)."""
+Probe = Callable[[torch.nn.Module, bool], float]
+"""(model, greedy) -> held-out accuracy."""
+
+
+def sft_batch(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels), both (B, L): prompt + response, right-padded.
+
+    Right padding keeps every row's positions 0..n-1, the same positions the rollout engine gives a
+    left-padded prompt (it counts positions from the attention mask). Labels are the input ids on
+    response tokens (eos included) and IGNORE_INDEX on prompt and padding; the causal shift happens in
+    :func:`sft_loss`.
+    """
+    L = max(len(p) + len(r) for p, r in pairs)
+    input_ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)  # (B, L)
+    labels = torch.full((len(pairs), L), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    for b, (p, r) in enumerate(pairs):
+        input_ids[b, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        labels[b, len(p) : len(p) + len(r)] = torch.tensor(list(r))
+    return input_ids, labels
+
+
+def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (response) tokens. (B, L), (B, L) -> scalar.
+
+    No attention mask: padding sits only at the end of each row, and causal attention never lets an
+    earlier token see a later one, so the real tokens' logits are exactly those of the unpadded rows.
+    """
+    logits = model(input_ids=input_ids).logits  # (B, L, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def make_probe(items: list[PromptItem], score_fn: ScoreFn, tokenizer: Any, seed: int, max_new_tokens: int) -> Probe:
+    """Held-out accuracy of a model with one sample per prompt at temperature 1 (or greedily), measured by
+    the one evaluator with the same seeds at every measurement (less noisy comparisons)."""
+    from dapo.eval import evaluate, headline
+    from dapo.model import eos_ids
+    from dapo.rollout.base import SamplingParams
+    from dapo.rollout.hf import HFEngine
+
+    def probe(model: torch.nn.Module, greedy: bool = False) -> float:
+        engine = HFEngine(model, tokenizer.pad_token_id, eos_ids(model, tokenizer))
+        # top-1 of the filtered distribution is the argmax: greedy decoding
+        params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=1.0, top_k=1 if greedy else 0)
+        res = evaluate(engine, items, score_fn, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), params, seed)
+        return headline(res)["accuracy"]
+
+    return probe
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    """Optimiser steps taken."""
+    seconds: float
+    """Wall time of the loop, evaluations included."""
+    cpu_seconds: float
+    """CPU time of this process over the loop (all threads): comparable across busy and idle machines."""
+    stopped: str
+    """'target' (sampled accuracy reached the target) or 'max_steps'."""
+    sampled_accuracy: float
+    """Probe accuracy with one temperature-1 sample per prompt, at the end (NaN without a probe)."""
+    greedy_accuracy: float
+    """Probe accuracy of greedy decoding, at the end (NaN without a probe)."""
+    final_loss: float
+    history: list[dict] = field(default_factory=list)
+    """One dict per measurement: step, seconds, loss (mean since the last one), sampled_acc."""
+
+
+def sft(model: torch.nn.Module, batches: Callable[[int], Sequence[Pair]], pad_id: int, settings: Any,
+        probe: Probe | None = None, num_threads: int | None = None, log: Callable[[str], None] = print) -> SFTResult:
+    """Train ``model`` in place to imitate the responses ``batches(n)`` yields; stop on accuracy or a step cap.
+
+    ``settings``: a ``dapo.config.SFTConfig`` (lr, batch, warmup_steps, grad_clip, target_accuracy,
+    min_steps, eval_every, max_steps). With a ``probe`` and ``target_accuracy`` set, the probe runs every
+    ``eval_every`` steps from ``min_steps`` on, and training stops at the first measurement >= target;
+    otherwise exactly ``max_steps`` steps run (still measured, with a probe).
+
+    The learning rate warms up linearly and then stays constant; gradients are clipped; AdamW uses betas
+    (0.9, 0.95). Measured at lr 3e-3, batch 128 on the tiny model: without these three the loss spiked
+    mid-transition and was 1.05 at step 200 against 0.48 with them.
+    """
+    old_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        return _sft_loop(model, batches, pad_id, settings if probe else replace(settings, target_accuracy=None),
+                         probe, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _sft_loop(model, batches, pad_id, s, probe, log) -> SFTResult:
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, s.warmup_steps)))
+    history: list[dict] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss_sum, loss_n, step, stopped, sampled, last_loss = 0.0, 0, 0, "max_steps", None, float("nan")
+    nan = float("nan")
+
+    model.train()
+    for step in range(1, s.max_steps + 1):
+        input_ids, labels = sft_batch(batches(s.batch), pad_id)  # (B, L) each
+        loss = sft_loss(model, input_ids.to(device), labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        sched.step()
+        last_loss = loss.item()
+        loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
+        measure = probe is not None and s.eval_every > 0 and step >= s.min_steps and (step - s.min_steps) % s.eval_every == 0
+        if measure or (probe is None and s.eval_every > 0 and step % s.eval_every == 0):
+            sampled = probe(model, False) if probe is not None else nan
+            model.train()
+            history.append({"step": step, "seconds": round(time.perf_counter() - t0, 2),
+                            "loss": loss_sum / loss_n, "sampled_acc": sampled})
+            log(f"sft step {step:4d}  loss {loss_sum / loss_n:.4f}" + (f"  sampled acc {sampled:.3f}" if probe else "")
+                + f"  ({time.perf_counter() - t0:.0f}s)")
+            loss_sum, loss_n = 0.0, 0
+            if s.target_accuracy is not None and sampled >= s.target_accuracy:
+                stopped = "target"
+                break
+
+    if probe is not None and (sampled is None or (stopped != "target" and history[-1]["step"] != step)):
+        sampled = probe(model, False)
+    greedy = probe(model, True) if probe is not None else nan
+    sampled = nan if sampled is None or probe is None else sampled
+    model.train()
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    log(f"sft done: {step} steps, {seconds:.0f}s, loss {last_loss:.4f}" + (
+        f", held-out accuracy sampled {sampled:.3f} greedy {greedy:.3f}" if probe else "") + f" ({stopped})")
+    if s.target_accuracy is not None and stopped != "target":
+        log(f"warning: sampled accuracy {sampled:.3f} never reached the target {s.target_accuracy} in {s.max_steps} "
+            f"steps (sft.max_steps, sft.lr)")
+    return SFTResult(step, seconds, cpu_seconds, stopped, sampled, greedy, last_loss, history)
