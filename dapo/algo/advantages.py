@@ -1,4 +1,5 @@
-"""Group-relative advantages (GRPO, arXiv 2402.03300 §4.1.2; DAPO Eq. 9) and the Dynamic Sampling filter."""
+"""Group-relative advantages (GRPO, arXiv 2402.03300 §4.1.2; DAPO Eq. 9; RLOO, arXiv 2402.14740) and the
+Dynamic Sampling filter."""
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,11 @@ def _grouped(values: torch.Tensor, group_size: int) -> torch.Tensor:
     return values.view(-1, group_size)  # (P, G)
 
 
+ADV_ESTIMATORS = ("grpo", "rloo")
+
+
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6
+    rewards: torch.Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6, estimator: str = "grpo"
 ) -> torch.Tensor:
     """A_i = (R_i - mean(R_group)) / (std(R_group) + eps), one scalar per response.
 
@@ -25,11 +29,24 @@ def group_advantages(
     up-weight groups that are almost all right or all wrong. A group with equal rewards gets exactly
     zero advantage either way.
 
+    ``estimator="rloo"`` replaces the group mean by the leave-one-out baseline (RLOO, Ahmadian et al.
+    2024, arXiv 2402.14740): A_i = R_i - mean_{j != i} R_j = G / (G - 1) * (R_i - mean), so the
+    baseline of a response does not contain its own reward (an unbiased estimator). The paper's RLOO is
+    ``norm_std=False``; with ``norm_std=True`` it is G / (G - 1) times the GRPO advantage. Needs G >= 2.
+
     >>> group_advantages(torch.tensor([1., -1., 1., 1.]), group_size=2)
     tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
+    >>> group_advantages(torch.tensor([1., 0., 0.]), group_size=3, norm_std=False, estimator="rloo")
+    tensor([ 1.0000, -0.5000, -0.5000])
     """
+    if estimator not in ADV_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; valid: {', '.join(ADV_ESTIMATORS)}")
     r = _grouped(rewards.float(), group_size)  # (P, G)
     centred = r - r.mean(dim=1, keepdim=True)
+    if estimator == "rloo":
+        if group_size < 2:
+            raise ValueError(f"RLOO's leave-one-out baseline needs group_size >= 2, got {group_size}")
+        centred = centred * (group_size / (group_size - 1))
     if norm_std and group_size > 1:
         centred = centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)
     # equal rewards: exactly zero, even where the float mean rounds (0.3 * 3 / 3 != 0.3) or eps = 0

@@ -1,7 +1,8 @@
 """Policy-gradient losses and the one place that owns loss normalisation.
 
-Clip-Higher (DAPO §3.1, Eq. 10), dual clip (arXiv 1912.09729), KL estimators (Schulman,
-"Approximating KL divergence", 2020), loss aggregation (DAPO §3.3; Dr. GRPO, arXiv 2503.20783).
+Clip-Higher (DAPO §3.1, Eq. 10), dual clip (arXiv 1912.09729), GSPO's sequence-level ratio
+(arXiv 2507.18071), CISPO's clipped importance weight (MiniMax-M1, arXiv 2506.13585), KL estimators
+(Schulman, "Approximating KL divergence", 2020), loss aggregation (DAPO §3.3; Dr. GRPO, arXiv 2503.20783).
 """
 from __future__ import annotations
 
@@ -15,6 +16,54 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def _policy_inputs(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    is_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shape checks every policy loss shares; returns advantages as (B, 1) or (B, T) and a float mask."""
+    assert logp.shape == old_logp.shape == mask.shape and logp.dim() == 2, (
+        f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)} must be equal (B, T)"
+    )
+    assert advantages.shape in (logp.shape[:1], logp.shape), (
+        f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for logp {tuple(logp.shape)}"
+    )
+    assert is_weights is None or is_weights.shape == logp.shape, (
+        f"is_weights {tuple(is_weights.shape)} must be (B, T) like logp {tuple(logp.shape)}"
+    )
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
+    return adv, mask.to(logp.dtype)
+
+
+def _no_dual_clip(name: str, clip_c: float | None) -> None:
+    if clip_c is not None:
+        raise ValueError(
+            f"dual clip (clip_c={clip_c}) is an option of the 'ppo' policy loss only; {name} takes clip_c=None"
+        )
+
+
+def _policy_stats(
+    ratio: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    dual: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The stats every policy loss returns, each a mean over the valid tokens of this call (see policy_loss)."""
+    with torch.no_grad():
+        return {
+            "clipfrac_low": _masked_mean(low.float(), mask),
+            "clipfrac_high": _masked_mean(high.float(), mask),
+            "clipfrac_dual": _masked_mean(dual.float(), mask),
+            "approx_kl": _masked_mean(kl_penalty(old_logp.detach(), logp.detach(), kind="k3"), mask),
+            "ratio_mean": _masked_mean(ratio.detach(), mask),
+        }
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -23,6 +72,7 @@ def policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     clip_c: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token clipped surrogate loss with the decoupled clip range [1 - eps_low, 1 + eps_high].
 
@@ -34,16 +84,14 @@ def policy_loss(
 
     Clipped tokens get exactly zero gradient: the max picks the constant clipped branch.
     ``clip_c`` (> 1) bounds the loss of negative-advantage tokens at -A * clip_c (dual clip).
+    ``is_weights`` (B, T), detached, multiplies each token's loss: the truncated importance weight
+    pi_old / pi_sampler of ``dapo.algo.mismatch.rollout_is_weights`` (None: all 1).
     """
-    assert logp.shape == old_logp.shape == mask.shape and logp.dim() == 2, (
-        f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)} must be equal (B, T)"
-    )
+    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights)
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     if clip_c is not None and clip_c <= 1.0:
         raise ValueError(f"dual-clip constant clip_c must be > 1, got {clip_c}")
-    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
-    mask = mask.to(logp.dtype)
 
     log_ratio = (logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # (B, T)
     ratio = torch.exp(log_ratio)
@@ -55,19 +103,123 @@ def policy_loss(
         dual_bound = -adv * clip_c  # only binds where A < 0
         dual = (adv < 0) & (loss > dual_bound)
         loss = torch.where(dual, dual_bound.expand_as(loss), loss)
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
     loss = loss * mask
 
-    with torch.no_grad():
-        r = ratio.detach()
-        a = adv.expand_as(r)
-        stats = {
-            "clipfrac_low": _masked_mean(((r < 1.0 - eps_low) & (a < 0)).float(), mask),
-            "clipfrac_high": _masked_mean(((r > 1.0 + eps_high) & (a > 0)).float(), mask),
-            "clipfrac_dual": _masked_mean(dual.float(), mask),
-            "approx_kl": _masked_mean(kl_penalty(old_logp.detach(), logp.detach(), kind="k3"), mask),
-            "ratio_mean": _masked_mean(r, mask),
-        }
+    r, a = ratio.detach(), adv.expand_as(ratio)
+    low, high = (r < 1.0 - eps_low) & (a < 0), (r > 1.0 + eps_high) & (a > 0)
+    stats = _policy_stats(r, low, high, dual, logp, old_logp, mask)
     return loss, stats
+
+
+def gspo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+    clip_c: float | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): the clipped surrogate on a SEQUENCE-level ratio.
+
+    s_i = exp(mean over the response's valid tokens of (logp - old_logp)), the length-normalised
+    likelihood ratio (paper §4.1), clipped to [1 - eps_low, 1 + eps_high]; response i's objective is
+    min(s_i A_i, clip(s_i) A_i) (§4.1). Same arguments, shapes and stats keys as ``policy_loss``.
+
+    Written in the GSPO-token form (§4.3): every valid token carries the value s_i, with gradient
+    sg[s_i] * grad log pi_t, i.e. s_it = sg[s_i] * pi_t / sg[pi_t]. Any aggregation that weighs the
+    tokens of one response equally then has the gradient of the sequence form (s_i depending on all
+    of them); with ``aggregate_loss(mode="seq-mean-token-mean")`` the value is exactly the paper's
+    objective, -(1/G) sum_i min(s_i A_i, clip(s_i) A_i). (B, T) advantages give GSPO-token itself.
+    A response's ratio needs all its tokens: micro-batches must split the batch by responses, never
+    along T (the trainer's micro-batches are lists of responses).
+
+    Defaults eps_low = 3e-4, eps_high = 4e-4: the paper's left/right clipping ranges (v2, §5.1); they are
+    tiny because s_i averages the per-token log-ratios. The clip stats count tokens whose response is
+    clipped (token-weighted, as in ``policy_loss``); ``ratio_mean`` is the token-weighted mean of s_i.
+    No dual clip (``clip_c`` must be None). ``is_weights`` multiplies each token's loss, as in policy_loss.
+    """
+    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights)
+    _no_dual_clip("gspo", clip_c)
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    n = mask.sum(dim=1, keepdim=True)  # (B, 1) valid tokens per response
+    seq_log_ratio = ((logp - old_logp) * mask).sum(dim=1, keepdim=True) / n.clamp(min=1)  # (B, 1)
+    seq_log_ratio = seq_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    # value log s_i at every token, gradient d logp_t only: the GSPO-token form
+    s = torch.exp(seq_log_ratio.detach() + logp - logp.detach())  # (B, T)
+    loss = torch.maximum(-adv * s, -adv * s.clamp(1.0 - eps_low, 1.0 + eps_high))
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
+    loss = loss * mask
+
+    r, a = s.detach(), adv.expand_as(s)
+    low, high = (r < 1.0 - eps_low) & (a < 0), (r > 1.0 + eps_high) & (a > 0)
+    stats = _policy_stats(r, low, high, torch.zeros_like(low), logp, old_logp, mask)
+    return loss, stats
+
+
+def cispo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 1.0,
+    eps_high: float = 0.28,
+    clip_c: float | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, §3.1): clip the importance WEIGHT, keep every token's gradient.
+
+    loss_t = -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A * logp_t, with r_t = exp(logp_t - old_logp_t).
+    d loss_t / d logp_t = -clip(r_t) * A for every valid token, also outside the clip range: where
+    PPO's min drops the rare "fork" tokens (Wait, However) after the first update, CISPO only bounds
+    their weight. The paper aggregates with the token mean (``aggregate_loss`` "token-mean"). The loss
+    VALUE is -w A logp, not comparable with the PPO surrogate's; only its gradient matters.
+
+    Defaults: MiniMax-M1 set no lower bound (eps_low "a large value") and tuned only eps_high, whose
+    value the paper does not give; eps_low >= 1 here means no lower bound (the ratio is > 0). eps_high
+    0.28 is Trinity-RFT's CISPO default and this project's Clip-Higher value; verl's CISPO example uses
+    clip_ratio_low=10, clip_ratio_high=0.2, Tinker's CISPO loss caps the weight at 4 (eps_high = 3).
+    Stats as ``policy_loss``, but the weight is clipped whatever the sign of A: ``clipfrac_low`` counts
+    r < 1 - eps_low, ``clipfrac_high`` r > 1 + eps_high. No dual clip (``clip_c`` must be None).
+    ``is_weights`` multiplies each token's loss, as in policy_loss.
+    """
+    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights)
+    _no_dual_clip("cispo", clip_c)
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    with torch.no_grad():
+        r = torch.exp((logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
+        w = r.clamp(1.0 - eps_low, 1.0 + eps_high)  # a lower bound <= 0 never binds
+    loss = -adv * w * logp
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
+    loss = loss * mask
+    no_dual = torch.zeros_like(r, dtype=torch.bool)
+    return loss, _policy_stats(r, r < 1.0 - eps_low, r > 1.0 + eps_high, no_dual, logp, old_logp, mask)
+
+
+# One signature for all: (logp, old_logp, advantages, mask, eps_low, eps_high, clip_c=None, is_weights=None)
+POLICY_LOSSES = {"ppo": policy_loss, "gspo": gspo_loss, "cispo": cispo_loss}
+
+
+def get_policy_loss(name: str):
+    """The policy loss registered as ``name`` (``POLICY_LOSSES``); an unknown name lists the valid ones.
+
+    "ppo" is the token-level clipped surrogate of DAPO and GRPO (they differ in clip range and
+    aggregation, not in the loss), "gspo" the sequence-ratio surrogate, "cispo" the clipped-weight
+    policy gradient.
+
+    >>> get_policy_loss("gspo") is gspo_loss
+    True
+    """
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
 
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
