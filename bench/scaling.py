@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in (None, "kv"):
             res["kv"] = kv_memory(a, tmp)
             print(f"\nRollout KV memory: {KV_RUN['P']} prompts x {KV_RUN['G']} samples, max_new_tokens="
-                  f"{KV_RUN['max_new_tokens']}, EOS biased to ~{KV_RUN['mean_len']} tokens ({KV_SHAPE['layers']} layers "
-                  f"x {KV_SHAPE['hidden']}, fp32); same samples both ways")
+                  f"{KV_RUN['max_new_tokens']}, EOS biased to ~{KV_RUN['mean_len']} tokens "
+                  f"({KV_SHAPE['layers']} layers x {KV_SHAPE['hidden']}, fp32); same samples both ways")
             print(table(res["kv"], ["mode", "kv_headroom", "peak_mb", "child_maxrss_mb", "kv_peak_mb", "mean_len",
                                     "median_len", "max_len", "stopped", "rows"], nd=1))
     emit_json(res)

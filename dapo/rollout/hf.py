@@ -21,7 +21,7 @@ Where the time goes, and what is done about it:
   state keep only the live rows, so a batch of short answers with one long straggler does not pay for
   B rows until the straggler ends.
 
-Left as they are, because they are small next to the keys/values (about 20 bytes per row and step
+Left as they are, because they are small next to the keys/values (about 30 bytes per row and step
 against 2 x layers x kv_heads x head_dim x dtype bytes, ~57 KB for a 7B Qwen2): the (B, max_new_tokens)
 uniforms, sampled tokens and log-probs, and the (B, prompt + max_new_tokens) attention mask.
 """
@@ -123,7 +123,8 @@ class _BufferedLayer(DynamicLayer):
             old = getattr(self, name)
             new = old.new_empty(*old.shape[:2], cap, old.shape[3])
             new[:, :, : self.n] = old[:, :, : self.n]
-            setattr(self, name, new)  # the old storage is freed here, one tensor at a time
+            setattr(self, name, new)
+            self._expose()  # re-point the views so the old storage is freed now, one tensor at a time
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         t = key_states.shape[-2]
@@ -141,7 +142,7 @@ class _BufferedLayer(DynamicLayer):
             new = old.new_empty(len(indices), *old.shape[1:])
             new[:, :, : self.n] = old[indices, :, : self.n]
             setattr(self, name, new)
-        self._expose()
+            self._expose()
 
 
 def _expand_cache(past, rows: torch.Tensor, capacity: int, max_capacity: int | None = None):
