@@ -3,6 +3,7 @@
     python bench/scaling.py                 # all sweeps and the vocabulary part (~20 min on 2 shared cores)
     python bench/scaling.py --quick         # smaller grid
     python bench/scaling.py --only vocab    # just the log-prob memory comparison
+    python bench/scaling.py --only kv       # just the rollout KV-cache memory comparison (~1 min)
 
 Sweeps: a Qwen2 of the demo's shape (1.06M parameters, random init) with room for 2048 positions. EOS
 is ignored (the engine gets no stop tokens), so every response is exactly L tokens long and the work
@@ -19,10 +20,21 @@ Vocab: log-probs and entropy of B x T response tokens under a model with a 151,9
 most 128 MiB of logits, gradient formed chunk by chunk in backward) and the naive way (full
 ``model(...).logits`` in fp32, ``log_softmax``, gather, entropy from the full softmax). Peak RSS over
 the call, for no-grad (old log-probs) and forward + backward (the update).
+
+KV: peak memory of one ``HFEngine.generate`` with max_new_tokens=4096 whose responses stop near 200
+tokens, the KV storage reserved in full before the first token (``kv_headroom=None``, the engine's old
+behaviour) against storage that grows with the longest live row (the default). A random Qwen2 (4 layers
+x 256, fp32: 8 KiB of keys/values per token) with a bias on the EOS logit (see ``eos_bias``), 8 prompts
+x 8 samples. Each mode runs in its own child process under ``MALLOC_PERTURB_``: Linux commits untouched
+pages lazily, so on CPU an empty reservation would not show in RSS at all, while a GPU allocator's
+blocks are resident; glibc writing every allocation once makes peak RSS count what was reserved, as GPU
+memory would. Reported: peak RSS over the call minus RSS before it, the child's lifetime peak RSS
+(ru_maxrss), and the KV bytes the cache layers held at their peak (counted from their storage).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -195,6 +207,95 @@ def vocab_memory(a: argparse.Namespace, tmp: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Rollout KV memory: reserved in full vs grown with the longest live row
+
+KV_SHAPE = dict(layers=4, hidden=256, heads=4, ffn=512, max_pos=8192)
+KV_RUN = dict(P=8, G=8, prompt_len=16, max_new_tokens=4096, mean_len=200)
+
+
+def eos_bias(model, eos_id: int, mean_len: int, prompts) -> float:
+    """A bias on the EOS logit that makes a random model stop after ~``mean_len`` tokens on average.
+
+    A random model's next-token distribution is close to uniform over the 77 characters, so EOS would
+    come after ~77 tokens; a bias b on its logit gives p(EOS) = sigmoid(z_eos + b - logsumexp(z_others)),
+    and b is chosen so that this is 1 / mean_len on average over positions of the given prompts. The
+    lengths are then roughly geometric (mean ~mean_len, a straggler or two several times longer),
+    which is what compaction and growth must handle.
+    """
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor(prompts)).logits.float().reshape(-1, model.config.vocab_size)  # (N, V)
+    others = torch.cat([z[:, :eos_id], z[:, eos_id + 1 :]], dim=1).logsumexp(-1)
+    gap = float((z[:, eos_id] - others).mean())
+    p = 1.0 / mean_len
+    return math.log(p / (1 - p)) - gap
+
+
+def kv_one(model_path: Path, mode: str) -> dict[str, Any]:
+    """A child: one generate() in ``mode`` (full | grow); peak RSS and the KV storage at its largest."""
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dapo.rollout import HFEngine, SamplingParams
+    from dapo.rollout import hf as hf_mod
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    eos = int(model.config.eos_token_id)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, model.config.vocab_size, (KV_RUN["prompt_len"],), generator=g).tolist()
+               for _ in range(KV_RUN["P"])]
+    V = model.config.vocab_size
+    bias = torch.zeros(V)
+    bias[eos] = eos_bias(model, eos, KV_RUN["mean_len"], prompts)
+    model.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)  # tied weight untouched; F.linear adds it
+
+    held: dict[int, int] = {}  # id(layer) -> bytes of its key + value storage
+    peak_kv = [0]
+    real_expose = hf_mod._BufferedLayer._expose
+
+    def expose(self):  # called after every allocation (init, growth, compaction) and every append
+        held[id(self)] = (self._k.numel() + self._v.numel()) * self._k.element_size()
+        peak_kv[0] = max(peak_kv[0], sum(held.values()))
+        real_expose(self)
+
+    hf_mod._BufferedLayer._expose = expose
+    eng = HFEngine(model, 0, [eos], max_batch=KV_RUN["P"] * KV_RUN["G"],
+                   **({"kv_headroom": None} if mode == "full" else {}))  # "grow": the engine's default
+    params = SamplingParams(n=KV_RUN["G"], max_new_tokens=KV_RUN["max_new_tokens"])
+    with PeakRSS() as mem:
+        comps = eng.generate(prompts, params, seeds=list(range(KV_RUN["P"])))
+    lens = sorted(len(c.token_ids) for c in comps)
+    return {"mode": mode, "kv_headroom": eng.kv_headroom, "peak_mb": mem.delta_mb,
+            "child_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "kv_peak_mb": peak_kv[0] / 2**20, "mean_len": sum(lens) / len(lens), "median_len": lens[len(lens) // 2],
+            "max_len": lens[-1], "stopped": sum(c.finish_reason == "stop" for c in comps), "rows": len(comps),
+            "samples_sha1": hashlib.sha1(json.dumps([c.token_ids for c in comps]).encode()).hexdigest()}
+
+
+def kv_memory(a: argparse.Namespace, tmp: str) -> list[dict]:
+    path = build_char_model(Path(tmp) / "kvmodel", **KV_SHAPE)
+    rows = []
+    for mode in ("full", "grow"):
+        cmd = [sys.executable, __file__, "--kv-one", mode, "--model", str(path), "--threads", str(a.threads)]
+        env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_PERTURB_="85")  # see the module docstring
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[kv] {mode}: peak +{r['peak_mb']:.0f} MB, KV storage {r['kv_peak_mb']:.0f} MB, "
+              f"lengths mean {r['mean_len']:.0f} max {r['max_len']}", file=sys.stderr, flush=True)
+        rows.append(r)
+    if rows[0]["samples_sha1"] != rows[1]["samples_sha1"]:
+        raise RuntimeError("full and growing KV storage sampled different completions")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,14 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller grid")
     ap.add_argument("--steps", type=int, default=3, help="timed RL steps per configuration (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=["sweeps", "vocab"], help="run one part")
+    ap.add_argument("--only", choices=["sweeps", "vocab", "kv"], help="run one part")
     ap.add_argument("--one", nargs=3, type=int, metavar=("P", "G", "L"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--kv-one", choices=["full", "grow"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     set_threads(a.threads)
     if a.one:  # a child: one configuration, one JSON line
         with tempfile.TemporaryDirectory(prefix="bench-scaling-one-") as tmp:
             emit_json(rl_step_costs(Path(a.model), *a.one, a.steps, tmp))
+        return 0
+    if a.kv_one:
+        emit_json(kv_one(Path(a.model), a.kv_one))
         return 0
     res: dict[str, Any] = {"bench": "scaling", "machine": machine(), "shape": SHAPE, "base": BASE}
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
@@ -231,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\nLog-probs + entropy of B x T response tokens at V = 151,936: peak RSS over the call")
             print(table(res["vocab"], ["B", "T", "method", "mode", "peak_mb", "full_logits_mb", "seconds",
                                        "max_abs_diff_logp"], nd=1))
+        if a.only in (None, "kv"):
+            res["kv"] = kv_memory(a, tmp)
+            print(f"\nRollout KV memory: {KV_RUN['P']} prompts x {KV_RUN['G']} samples, max_new_tokens="
+                  f"{KV_RUN['max_new_tokens']}, EOS biased to ~{KV_RUN['mean_len']} tokens "
+                  f"({KV_SHAPE['layers']} layers x {KV_SHAPE['hidden']}, fp32); same samples both ways")
+            print(table(res["kv"], ["mode", "kv_headroom", "peak_mb", "child_maxrss_mb", "kv_peak_mb", "mean_len",
+                                    "median_len", "max_len", "stopped", "rows"], nd=1))
     emit_json(res)
     return 0
 

@@ -9,15 +9,29 @@ Where the time goes, and what is done about it:
 
 * the G samples of a prompt share its prefix: the prompt is run once (prefill) and its keys/values
   are copied to the G rows, instead of G identical prefills;
-* keys/values are appended into storage allocated once per batch (``_BufferedLayer``) rather than by
-  ``torch.cat`` at every step, which copies the whole cache each token (quadratic in the length);
+* keys/values are appended in place into storage that grows by doubling (``_BufferedLayer``) rather
+  than by ``torch.cat`` at every step, which copies the whole cache each token (quadratic in the
+  length). The storage starts at the prompt plus ``kv_headroom`` positions and doubles only when the
+  longest live row needs it (never past prompt + max_new_tokens): reserving prompt + max_new_tokens
+  for every row up front costs hundreds of GB at DAPO's 20k-token limit when most answers stop early;
+* the decode mask is handed to sdpa/eager attention ready-made, as (b, 1, 1, keys) booleans; other
+  implementations (flash_attention_2, whose unpadding path takes only the 2D padding mask) get the 2D
+  mask and build what they need from it;
 * finished rows leave the batch: once an eighth of the rows have stopped, the cache and the per-row
   state keep only the live rows, so a batch of short answers with one long straggler does not pay for
   B rows until the straggler ends.
+
+Left as they are, because they are small next to the keys/values (about 30 bytes per row and step
+against 2 x layers x kv_heads x head_dim x dtype bytes, ~57 KB for a 7B Qwen2): the (B, max_new_tokens)
+uniforms, sampled tokens and log-probs, and the (B, prompt + max_new_tokens) attention mask.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import functools
+import importlib.util
+import inspect
+from typing import Any, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -48,16 +62,43 @@ def sample_inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=logp.shape[-1] - 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_name_of(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes a KV cache: ``cache`` in transformers releases that
+    renamed it (5.2x; ``past_key_values`` there warns on every call), ``past_key_values`` before. Read
+    from the forward's signature once per model class."""
+    return _cache_name_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _output_cache_field(cls: type) -> str:
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache a forward returned, read by its own field name (the old alias warns in newer transformers)."""
+    return getattr(out, _output_cache_field(type(out)))
+
+
 class _BufferedLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys/values live in storage allocated once, ``capacity`` positions long.
+    """A ``DynamicLayer`` whose keys/values live in storage ``capacity`` positions long, grown by doubling.
 
     ``update`` writes the new positions in place and exposes views of the filled part, so a decode step
-    costs what the attention reads, not a copy of the whole cache. Grows (by doubling) if it must.
+    costs what the attention reads, not a copy of the whole cache. When the storage is full it doubles
+    (never past ``max_capacity``, the most a batch can need): a growth copies the filled part once, so
+    growing from small costs at most as much copying again as the cache holds.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, max_capacity: int | None = None):
         super().__init__()
         B, h, n, _ = keys.shape
+        self.max_capacity = max_capacity
         self._k = keys.new_empty(B, h, max(capacity, n), keys.shape[-1])
         self._v = values.new_empty(B, h, max(capacity, n), values.shape[-1])
         self._k[:, :, :n] = keys
@@ -66,15 +107,29 @@ class _BufferedLayer(DynamicLayer):
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._expose()
 
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[2]
+
     def _expose(self) -> None:
         self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
 
+    def _grow(self, need: int) -> None:
+        """New storage of max(need, 2 x capacity) positions (capped at ``max_capacity``), filled part copied."""
+        cap = max(need, 2 * self.capacity)
+        if self.max_capacity is not None:
+            cap = max(need, min(cap, self.max_capacity))
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], cap, old.shape[3])
+            new[:, :, : self.n] = old[:, :, : self.n]
+            setattr(self, name, new)
+            self._expose()  # re-point the views so the old storage is freed now, one tensor at a time
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         t = key_states.shape[-2]
-        if self.n + t > self._k.shape[2]:
-            grow = max(self._k.shape[2], t)
-            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
-            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
+        if self.n + t > self.capacity:
+            self._grow(self.n + t)
         self._k[:, :, self.n : self.n + t] = key_states
         self._v[:, :, self.n : self.n + t] = value_states
         self.n += t
@@ -82,19 +137,20 @@ class _BufferedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        k = self._k.new_empty(len(indices), *self._k.shape[1:])
-        v = self._v.new_empty(len(indices), *self._v.shape[1:])
-        k[:, :, : self.n] = self._k[indices, :, : self.n]
-        v[:, :, : self.n] = self._v[indices, :, : self.n]
-        self._k, self._v = k, v
-        self._expose()
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty(len(indices), *old.shape[1:])
+            new[:, :, : self.n] = old[indices, :, : self.n]
+            setattr(self, name, new)
+            self._expose()
 
 
-def _expand_cache(past, rows: torch.Tensor, capacity: int):
+def _expand_cache(past, rows: torch.Tensor, capacity: int, max_capacity: int | None = None):
     """The prefill cache of U unique prompts -> one row per sample (``rows`` indexes the prompts),
-    with room for ``capacity`` positions. Layers of other kinds (sliding windows...) are only indexed."""
+    with room for ``capacity`` positions, growing up to ``max_capacity``. Layers of other kinds
+    (sliding windows...) are only indexed."""
     if isinstance(past, DynamicCache) and past.layers and all(type(x) is DynamicLayer for x in past.layers):
-        past.layers = [_BufferedLayer(x.keys[rows], x.values[rows], capacity) for x in past.layers]
+        past.layers = [_BufferedLayer(x.keys[rows], x.values[rows], capacity, max_capacity) for x in past.layers]
     else:
         past.batch_select_indices(rows)
     return past
@@ -109,6 +165,9 @@ class HFEngine:
 
     compact_frac: float = 0.125
     """Drop finished rows from the decode batch once at least this fraction of it has finished."""
+    prebuilt_mask: bool = True
+    """Hand sdpa/eager attention its decode mask ready-made (4D); False = always the 2D padding mask,
+    the path every other attention implementation (flash_attention_2) takes."""
 
     def __init__(
         self,
@@ -116,11 +175,23 @@ class HFEngine:
         pad_token_id: int,
         eos_token_ids: Sequence[int],
         max_batch: int = 256,
+        kv_headroom: int | None = 256,
     ):
+        """``kv_headroom``: decode positions the KV storage holds beyond the prompt before its first
+        doubling; None reserves all ``max_new_tokens`` up front (the memory a batch can need at worst)."""
+        if kv_headroom is not None and kv_headroom < 1:
+            raise ValueError(f"HFEngine(kv_headroom=...) must be >= 1 or None, got {kv_headroom}")
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            # transformers refuses this at load time; a config changed after loading gets here instead
+            raise ImportError("model.attn_implementation=flash_attention_2 needs the flash_attn package, which is "
+                              "not importable here: pip install flash-attn (NVIDIA GPU), or use "
+                              "model.attn_implementation=sdpa")
         self.model = model
         self.pad_token_id = int(pad_token_id)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_batch = max_batch
+        self.kv_headroom = kv_headroom
         self.weight_version = 0
 
     @property
@@ -185,13 +256,17 @@ class HFEngine:
         ).to(dev)  # (B, T)
         ends = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)) or [-1], device=dev)
 
+        cache_kw = cache_kwarg(self.model)
         out = self.model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=pos, use_cache=True,
                          logits_to_keep=1)
-        past = _expand_cache(out.past_key_values, row_prompt, L + T)
+        start = L + T if self.kv_headroom is None else L + min(T, self.kv_headroom)
+        past = _expand_cache(returned_cache(out), row_prompt, start, max_capacity=L + T)
         logits = out.logits[:, -1][row_prompt]  # (B, V)
         attn, next_pos = attn[row_prompt], pos[row_prompt, -1:] + 1  # (B, L + T), (B, 1)
         attn[:, L:] = 1  # columns of tokens not generated yet are never read: only [:, :L + t + 1] is passed
-        if all(isinstance(x, _BufferedLayer) for x in getattr(past, "layers", ())):
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if (self.prebuilt_mask and impl in ("sdpa", "eager")
+                and all(isinstance(x, _BufferedLayer) for x in getattr(past, "layers", ()))):
             # every layer attends to every cached position: hand the model its (b, 1, 1, keys) mask ready-made
             # rather than have it rebuild a causal 4D mask from the 2D one at every token
             attn = attn.bool()[:, None, None, :]
@@ -219,8 +294,8 @@ class HFEngine:
                 live, tok, attn, next_pos = live[keep], tok[keep], attn[keep], next_pos[keep]
                 done = done[keep]
             out = self.model(input_ids=tok[:, None], attention_mask=attn[..., : L + t + 1], position_ids=next_pos,
-                             past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+                             use_cache=True, **{cache_kw: past})
+            past, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
         tok_bt, lp_bt = tok_bt[:, :n_steps].cpu(), lp_bt[:, :n_steps].cpu()
         ends_set = set(ends.tolist())

@@ -1,30 +1,62 @@
 """Rollout on vLLM (``rollout.engine=vllm``): the same ``RolloutEngine`` interface as ``HFEngine``.
 
-vLLM is imported only when this engine is built, so ``dapo`` works without it; without it the
-constructor raises ``ImportError`` saying so. Built for vLLM's offline ``LLM`` API (v0.10.2 or
-newer, for ``logprobs_mode``); NOT RUN in this repository's tests or CI, which have no GPU: only the
-missing-vLLM error is tested. Differences from ``HFEngine`` worth knowing:
+NOT RUN ON A GPU HERE. This repository's machines have no GPU and no vLLM; the tests drive this class
+through a stand-in ``vllm`` module that implements only the calls made below, so what is tested is our
+side (what is sent, in what order, what comes back), not vLLM. vLLM is imported only when the engine
+is built; without it the constructor raises ``ImportError`` saying how to get it.
 
-- samples are seeded per prompt (``SamplingParams.seed``), so reproducible for a given vLLM build and
-  GPU, but not the same samples as ``HFEngine`` for the same seed;
-- ``Completion.logprobs`` are vLLM's ``processed_logprobs`` (after temperature, and after top-p /
-  top-k when those are on), which equal ``HFEngine``'s at the training defaults top_p=1, top_k=0. The
-  trainer recomputes old log-probs itself unless ``rollout.use_engine_logprobs=true``.
-- new weights go in through ``LLM.collective_rpc`` to a small worker extension that calls the model's
-  own ``load_weights`` (HF parameter names in, vLLM's fused layout out), then the prefix cache is reset
-  so no KV block computed by old weights is reused.
+Written against vLLM >= 0.16, < 0.26 (the ``vllm`` extra): the window that TRL's colocate mode, which
+uses the same pieces (engine in-process, sleep mode with wake-up tags, ``processed_logprobs``),
+declares support for. The facts relied on, from vLLM's docs and sources in that window:
+
+- **Weights travel as tensors because the engine core runs in this process.** With vLLM's default
+  multiprocess engine core, ``LLM.collective_rpc`` msgpack-encodes its arguments to another process,
+  and a worker receives lists, not tensors. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (documented in vLLM's
+  reproducibility guide) keeps the engine core in this process (``InprocClient``), and
+  ``distributed_executor_backend="uni"`` keeps the one GPU worker here too (``UniProcExecutor`` calls
+  the worker method directly): the tensors handed to ``load_weights`` reach the worker extension
+  (``worker_extension_cls``) as the same objects, which copies them into vLLM's parameters with the
+  model's own ``load_weights`` (Hugging Face names in, vLLM's fused layout out). Chosen over CUDA IPC
+  handles and vLLM's weight-transfer API because it is one mechanism for both places this engine
+  lives: the trainer's process (tensors on the same GPU) and a Ray rollout worker (CPU tensors from the
+  object store, where IPC has nothing to share); and because the weight-transfer API changed shape
+  between releases of that window. The price: no overlap of vLLM's scheduling with the GPU, one GPU
+  only (no tensor parallelism), and vLLM's in-process worker makes a world-size-1 torch.distributed
+  group, so a process that has its own group (FSDP ranks) cannot host this engine.
+- **max_model_len** = longest prompt + max_new_tokens (``data.max_prompt_len + rollout.max_new_tokens``
+  unless given): left unset, vLLM sizes for the model's full context; a request that would pass it is
+  refused here rather than cut short by vLLM.
+- **Colocated with training** (``colocated=True``): ``enable_sleep_mode``; after each rollout
+  ``sleep(level=1)`` (weights offloaded to CPU memory, KV cache freed for the trainer), then
+  ``wake_up(tags=["weights"])`` before new weights are loaded (loading into slept memory writes to
+  unmapped pages) and ``wake_up(tags=["kv_cache"])`` before the next rollout, so the KV cache is not
+  allocated while the weights are replaced. The engine tracks which tags sleep and wakes only those.
+- after new weights, ``reset_prefix_cache()``: no KV block computed by old weights is reused.
+- building the in-process engine seeds Python's, NumPy's and torch's global generators with the vLLM
+  seed (vLLM's docs warn of it); the caller's generator states are put back afterwards.
+
+Other differences from ``HFEngine``: samples are seeded per prompt (``SamplingParams.seed``), so
+reproducible for one vLLM build and GPU, but not the same samples as ``HFEngine`` for a seed; and
+``Completion.logprobs`` are vLLM's ``processed_logprobs`` (after temperature, and after top-p / top-k
+when those are on), equal to ``HFEngine``'s at the training defaults top_p=1, top_k=0. The trainer
+recomputes old log-probs itself unless ``rollout.use_engine_logprobs=true``.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import os
+import random
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from dapo.config import Config
 from dapo.rollout.base import Completion, SamplingParams
 
-_MISSING = ("rollout.engine=vllm needs vLLM, which is not installed here: pip install vllm (Linux with an "
-            "NVIDIA GPU), or use rollout.engine=hf")
+_MISSING = ("rollout.engine=vllm needs vLLM, which is not installed here: pip install vllm (Linux with an NVIDIA "
+            "GPU; pip install 'dapo[vllm]' gets the versions this engine is written for), or use rollout.engine=hf")
+_TAGS = ("weights", "kv_cache")  # what sleep(level=1) releases, and wake_up(tags=...) restores
 
 
 def _import_vllm() -> Any:
@@ -35,20 +67,47 @@ def _import_vllm() -> Any:
     return vllm
 
 
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    """Put back Python's, NumPy's and torch's (CPU, and CUDA if started) generator states on exit."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 class WeightLoader:
-    """Worker extension (``LLM(worker_extension_cls=...)``): vLLM mixes it into each GPU worker, so
-    ``collective_rpc("dapo_load_weights", ...)`` runs this inside every worker process."""
+    """Worker extension (``LLM(worker_extension_cls=...)``): vLLM adds it to its GPU worker's bases, so
+    ``collective_rpc("dapo_load_weights", ...)`` runs this on the worker (in this process: see above)."""
 
     def dapo_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        device = next(self.model_runner.model.parameters()).device  # type: ignore[attr-defined]
-        self.model_runner.model.load_weights(weights=[(n, t.to(device)) for n, t in named])  # type: ignore[attr-defined]
+        bad = [(n, type(t).__name__) for n, t in named if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise TypeError(f"weights arrived as {bad[0][1]}, not tensors ({bad[0][0]}...): collective_rpc serialised "
+                            "them, so vLLM's engine core is not in this process (VLLM_ENABLE_V1_MULTIPROCESSING "
+                            "must be 0 when the LLM is built)")
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        device = next(model.parameters()).device
+        model.load_weights(weights=((n, t.to(device)) for n, t in named))  # one tensor on the device at a time
         return len(named)
 
 
 class VLLMEngine:
-    """vLLM's ``LLM`` on the model at ``path`` (one GPU; ``rollout.gpu_memory_utilization`` of its memory)."""
+    """vLLM's ``LLM`` on the model at ``path``: one GPU, ``rollout.gpu_memory_utilization`` of its memory.
 
-    def __init__(self, path: str, pad_token_id: int, eos_token_ids: Sequence[int], cfg: Config):
+    ``max_model_len``: the longest prompt + response vLLM must hold (default ``data.max_prompt_len +
+    rollout.max_new_tokens``). ``colocated``: the GPU is shared with training, so vLLM sleeps between
+    rollouts (see the module docstring).
+    """
+
+    def __init__(self, path: str, pad_token_id: int, eos_token_ids: Sequence[int], cfg: Config, *,
+                 max_model_len: int | None = None, colocated: bool = False):
         vllm = _import_vllm()
         from vllm.inputs import TokensPrompt
 
@@ -56,16 +115,37 @@ class VLLMEngine:
         self.pad_token_id = int(pad_token_id)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.weight_version = 0
-        self.llm = vllm.LLM(
-            model=path, tokenizer=cfg.model.tokenizer or path, dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_num_seqs=cfg.rollout.batch_size,
-            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{__name__}.WeightLoader",
-        )
+        self.max_model_len = int(max_model_len if max_model_len is not None
+                                 else cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
+        self.colocated = bool(colocated)
+        self._asleep: set[str] = set()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the LLM is built: engine core in-process
+        with _global_rng_kept():
+            self.llm = vllm.LLM(
+                model=path, tokenizer=cfg.model.tokenizer or path, dtype=cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
+                gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_num_seqs=cfg.rollout.batch_size,
+                max_model_len=self.max_model_len, enable_prefix_caching=True, enable_sleep_mode=self.colocated,
+                logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.WeightLoader",
+                tensor_parallel_size=1, distributed_executor_backend="uni",
+            )
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+    def _wake(self, *tags: str) -> None:
+        """Wake the given memory tags that sleep (waking an awake tag is not something to rely on)."""
+        todo = [t for t in tags if t in self._asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep.difference_update(todo)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
+    ) -> list[Completion]:
         assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + params.max_new_tokens > self.max_model_len:
+            raise ValueError(f"a {longest}-token prompt + max_new_tokens={params.max_new_tokens} passes the vLLM "
+                             f"engine's max_model_len={self.max_model_len} (data.max_prompt_len + "
+                             "rollout.max_new_tokens): vLLM would cut its responses short")
         v = self._vllm
         stop = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
         sps = [v.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
@@ -73,17 +153,32 @@ class VLLMEngine:
                                 logprobs=0, seed=int(s) & 0x7FFFFFFF, stop_token_ids=stop, detokenize=False)
                for s in seeds]
         inputs = [self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts]
+        self._wake(*_TAGS)
         outs = self.llm.generate(inputs, sampling_params=sps, use_tqdm=False)
+        if self.colocated:
+            self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed: the GPU is the trainer's now
+            self._asleep.update(_TAGS)
+        assert len(outs) == len(prompts), f"vLLM answered {len(outs)} of {len(prompts)} prompts"
+        return [c for i, out in enumerate(outs) for c in self._completions(i, out, params.n)]
+
+    def _completions(self, i: int, out: Any, n: int) -> list[Completion]:
+        """The n samples of prompt i from its ``RequestOutput``; log-probs from each step's {token: Logprob}."""
+        assert len(out.outputs) == n, f"prompt {i}: vLLM returned {len(out.outputs)} samples, asked for {n}"
         comps = []
-        for i, out in enumerate(outs):  # one RequestOutput per prompt, in order, with n samples each
-            for o in out.outputs:
-                ids = list(o.token_ids)
-                lps = [float(step[t].logprob) for step, t in zip(o.logprobs or [], ids)]
-                reason = "stop" if o.finish_reason == "stop" else "length"
-                comps.append(Completion(i, ids, lps, reason, self.weight_version))
+        for o in out.outputs:
+            ids = list(o.token_ids)
+            if o.logprobs is None or len(o.logprobs) != len(ids):
+                raise RuntimeError(f"prompt {i}: vLLM returned log-probs for {len(o.logprobs or [])} of "
+                                   f"{len(ids)} tokens")
+            if o.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"prompt {i}: vLLM finished a sample with {o.finish_reason!r} (aborted?)")
+            lps = [float(step[t].logprob) for step, t in zip(o.logprobs, ids)]
+            comps.append(Completion(i, ids, lps, o.finish_reason, self.weight_version))
         return comps
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Copy ``state_dict`` (Hugging Face names; any device) into vLLM's model and stamp ``version``."""
+        self._wake("weights")  # the KV cache stays asleep until the next rollout
         self.llm.collective_rpc("dapo_load_weights", args=(list(state_dict.items()),))
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)

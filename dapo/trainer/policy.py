@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from dapo.algo import token_entropy, token_logprobs
+from dapo.rollout.hf import cache_kwarg, returned_cache
 
 HEAD_CHUNK_ELEMS = 1 << 25
 """Most logits held at once per chunk (x 4 bytes: 128 MiB); a 152k vocabulary gets 220-row chunks."""
@@ -84,11 +85,11 @@ def response_hidden(model: torch.nn.Module, batch: SeqBatch, share_prompts: bool
         if 2 * U <= B:
             rep = torch.empty(U, dtype=torch.long, device=ids.device).scatter_(0, inv, torch.arange(B, device=ids.device))
             pre = base(input_ids=ids[rep, :Lp], attention_mask=attn[rep, :Lp], position_ids=pos[rep, :Lp], use_cache=True)
-            cache = pre.past_key_values
+            cache = returned_cache(pre)
             if type(cache) is DynamicCache and cache.layers and all(type(x) is DynamicLayer for x in cache.layers):
                 cache.batch_select_indices(inv)  # (U, ...) -> (B, ...): differentiable indexing
-                out = base(input_ids=ids[:, Lp:], attention_mask=attn, position_ids=pos[:, Lp:], past_key_values=cache,
-                           use_cache=True).last_hidden_state  # (B, T, H)
+                out = base(input_ids=ids[:, Lp:], attention_mask=attn, position_ids=pos[:, Lp:], use_cache=True,
+                           **{cache_kwarg(base): cache}).last_hidden_state  # (B, T, H)
                 return torch.cat([pre.last_hidden_state[inv, -1:], out[:, :-1]], dim=1)
     hidden = base(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state  # (B, L, H)
     return hidden[:, -T - 1 : -1]

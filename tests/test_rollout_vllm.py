@@ -1,0 +1,336 @@
+"""VLLMEngine against a stand-in ``vllm`` (vLLM needs a GPU and is not installed here).
+
+The stand-in implements only the API surface ``dapo/rollout/vllm.py`` calls, with vLLM's argument
+names (``LLM(...)`` keywords, ``generate``, ``collective_rpc``, ``sleep``, ``wake_up``,
+``reset_prefix_cache``, ``SamplingParams``, ``TokensPrompt``) and vLLM's output shapes (``RequestOutput``
+holding ``CompletionOutput``s whose ``logprobs`` is one {token id: Logprob} dict per generated token).
+It behaves as vLLM's documentation says on the points our side depends on: with multiprocessing on,
+``collective_rpc`` arguments cross a process boundary (here: tensors become lists, as msgpack gives the
+worker); building the engine in-process seeds the global generators; slept memory must be woken before
+use. What it cannot tell is whether real vLLM does what its documentation says: that needs a GPU.
+"""
+import dataclasses
+import importlib
+import os
+import random
+import sys
+import types
+from typing import Any, TypedDict
+
+import numpy as np
+import pytest
+import torch
+
+from dapo.config import load_config
+from dapo.rollout import SamplingParams
+from dapo.rollout.vllm import VLLMEngine, WeightLoader
+
+VOCAB = 50
+
+
+# ------------------------------------------------------------------------------------------------
+# the stand-in
+
+
+@dataclasses.dataclass
+class Logprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:  # vllm.outputs.CompletionOutput
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:  # vllm.outputs.RequestOutput
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: Any
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+class TokensPrompt(TypedDict):  # vllm.inputs.TokensPrompt
+    prompt_token_ids: list[int]
+
+
+class StandInSamplingParams:  # vllm.SamplingParams, the fields dapo sets
+    def __init__(self, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 max_tokens: int | None = 16, logprobs: int | None = None, seed: int | None = None,
+                 stop_token_ids: list[int] | None = None, detokenize: bool = True):
+        if not (top_k in (-1, 0) or top_k >= 1):
+            raise ValueError(f"top_k must be -1, 0 (disable) or >= 1, got {top_k}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
+        self.max_tokens, self.logprobs, self.seed = max_tokens, logprobs, seed
+        self.stop_token_ids, self.detokenize = list(stop_token_ids or []), detokenize
+
+
+class FakeModel(torch.nn.Module):
+    """vLLM's model in its worker: ``load_weights(weights)`` consumes (name, tensor) pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.received: list[tuple[str, Any]] = []
+
+    def load_weights(self, weights) -> set[str]:
+        for name, t in weights:
+            self.received.append((name, t))
+        return {n for n, _ in self.received}
+
+
+class GPUWorker:
+    """What vLLM's worker offers an extension: ``self.model_runner.model``."""
+
+    def __init__(self):
+        self.model_runner = types.SimpleNamespace(model=FakeModel())
+
+
+def _serialised(x):
+    """A tensor as the worker of a multiprocess engine core receives it: msgpack has made it a list."""
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_serialised(y) for y in x)
+    return x
+
+
+class LLM:
+    """vllm.LLM, the keywords dapo passes (an unknown one is a TypeError, as EngineArgs makes it)."""
+
+    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
+                 trust_remote_code: bool = False, seed: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int | None = None, max_model_len: int | None = None,
+                 enable_prefix_caching: bool | None = None, enable_sleep_mode: bool = False,
+                 logprobs_mode: str = "raw_logprobs", worker_extension_cls: str = "",
+                 tensor_parallel_size: int = 1, distributed_executor_backend: str | None = None):
+        self.kwargs = dict(model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
+                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                           enable_sleep_mode=enable_sleep_mode, logprobs_mode=logprobs_mode,
+                           worker_extension_cls=worker_extension_cls, tensor_parallel_size=tensor_parallel_size,
+                           distributed_executor_backend=distributed_executor_backend)
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        self.max_model_len = max_model_len or 32768
+        mod, _, cls = worker_extension_cls.rpartition(".")
+        ext = getattr(importlib.import_module(mod), cls) if worker_extension_cls else object
+        self.worker = type("Worker", (GPUWorker, ext), {})()  # vLLM adds the extension to the worker's bases
+        self.sleeping: set[str] = set()
+        self.events: list[tuple] = []
+        self.returned: list[RequestOutput] = []
+        if self.in_process and seed is not None:  # the worker seeds the global generators of this process
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        LLM.last = self
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+        if self.sleeping:
+            raise RuntimeError(f"generate while {sorted(self.sleeping)} sleep")
+        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        self.events.append(("generate", len(prompts)))
+        outs = []
+        for r, (p, sp) in enumerate(zip(prompts, sps)):
+            ids = p["prompt_token_ids"]
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens is longer than max_model_len={self.max_model_len}")
+            g = torch.Generator().manual_seed(sp.seed)
+            samples = []
+            for k in range(sp.n):
+                toks, steps, reason, why = [], [], "length", None
+                limit = min(sp.max_tokens, self.max_model_len - len(ids))  # vLLM stops at max_model_len
+                while len(toks) < limit:
+                    t = int(torch.randint(0, VOCAB, (1,), generator=g))
+                    toks.append(t)
+                    steps.append({t: Logprob(logprob=-float(torch.rand(1, generator=g)) - 0.01, rank=1)})
+                    if t in sp.stop_token_ids:
+                        reason, why = "stop", t
+                        break
+                samples.append(CompletionOutput(k, "", toks, sum(next(iter(s.values())).logprob for s in steps),
+                                                steps if sp.logprobs is not None else None, reason, why))
+            outs.append(RequestOutput(str(r), None, list(ids), None, samples, True))
+        self.returned = outs
+        return outs
+
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        self.events.append(("collective_rpc", method))
+        if "weights" in self.sleeping:
+            raise RuntimeError("collective_rpc into weights that sleep (their memory is unmapped)")
+        if not self.in_process:
+            args, kwargs = _serialised(args), _serialised(kwargs or {})
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+
+    def sleep(self, level: int = 1) -> None:
+        if not self.kwargs["enable_sleep_mode"]:
+            raise RuntimeError("Sleep mode is not enabled")
+        self.events.append(("sleep", level))
+        self.sleeping = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        tags = list(tags) if tags is not None else ["weights", "kv_cache"]
+        if not set(tags) <= self.sleeping:
+            raise RuntimeError(f"wake_up({tags}) of memory that does not sleep ({sorted(self.sleeping)})")
+        self.events.append(("wake_up", tuple(tags)))
+        self.sleeping -= set(tags)
+
+    def reset_prefix_cache(self) -> bool:
+        self.events.append(("reset_prefix_cache",))
+        return True
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, StandInSamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = TokensPrompt
+    vllm.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's default; put back (or removed) afterwards
+    return vllm
+
+
+CFG = load_config(overrides=["data.max_prompt_len=12", "rollout.max_new_tokens=20", "seed=5"])
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_engine_core_in_process_so_weights_reach_the_worker_as_the_same_tensors(fake_vllm, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1], CFG)
+    llm = LLM.last
+    assert llm.in_process  # VLLM_ENABLE_V1_MULTIPROCESSING=0 was set before the LLM was built
+    assert llm.kwargs["max_model_len"] == 12 + 20 == eng.max_model_len
+    assert llm.kwargs["worker_extension_cls"] == "dapo.rollout.vllm.WeightLoader"
+    assert llm.kwargs["distributed_executor_backend"] == "uni" and llm.kwargs["tensor_parallel_size"] == 1
+    assert llm.kwargs["logprobs_mode"] == "processed_logprobs" and llm.kwargs["enable_sleep_mode"] is False
+    sd = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    eng.load_weights(sd, version=3)
+    got = llm.worker.model_runner.model.received
+    assert [n for n, _ in got] == list(sd)
+    assert all(t is sd[n] for n, t in got)  # tensors, not lists, and not even copies
+    assert llm.events == [("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",)]  # no sleep: not colocated
+    assert eng.weight_version == 3
+
+
+def test_a_multiprocess_engine_core_would_hand_the_worker_lists_and_that_is_refused():
+    worker = type("W", (GPUWorker, WeightLoader), {})()
+    t = torch.ones(2, 2)
+    assert worker.dapo_load_weights([("a", t)]) == 1 and worker.model_runner.model.received[0][1] is t
+    with pytest.raises(TypeError, match="VLLM_ENABLE_V1_MULTIPROCESSING must be 0"):
+        worker.dapo_load_weights(_serialised([("a", t)]))
+
+
+def test_colocated_engine_sleeps_after_rollouts_and_wakes_weights_before_loading(fake_vllm, tiny_model_dir):
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1], CFG, colocated=True)
+    llm = LLM.last
+    assert llm.kwargs["enable_sleep_mode"] is True
+    p = SamplingParams(n=2, max_new_tokens=5)
+    eng.generate(PROMPTS, p, [1, 2, 3])
+    assert llm.sleeping == {"weights", "kv_cache"}  # the trainer has the GPU
+    eng.load_weights({"w": torch.zeros(3)}, version=1)
+    eng.load_weights({"v": torch.zeros(3)}, version=2)  # a second chunk: weights already awake
+    eng.generate(PROMPTS, p, [1, 2, 3])
+    assert llm.events == [
+        ("generate", 3), ("sleep", 1),
+        ("wake_up", ("weights",)), ("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",),
+        ("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)), ("generate", 3), ("sleep", 1),
+    ]
+    eng2 = VLLMEngine(str(tiny_model_dir), 0, [1], CFG, colocated=True)  # a resume loads weights first
+    eng2.load_weights({"w": torch.zeros(3)}, version=7)
+    eng2.generate(PROMPTS, p, [1, 2, 3])
+    assert LLM.last.events == [("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",), ("generate", 3),
+                               ("sleep", 1)]
+
+
+def test_completions_carry_vllm_tokens_logprobs_finish_reasons_and_weight_version(fake_vllm, tiny_model_dir):
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1, 4], CFG)
+    llm = LLM.last
+    eng.load_weights({}, version=9)
+    params = SamplingParams(n=4, max_new_tokens=15, temperature=0.7, top_p=0.9, stop_token_ids=(4, 30, 2))
+    seeds = [11, 2**40 + 12, 13]
+    comps = eng.generate(PROMPTS, params, seeds)
+    sent = llm.returned
+    assert [c.prompt_index for c in comps] == [0] * 4 + [1] * 4 + [2] * 4
+    for c, o in zip(comps, [o for r in sent for o in r.outputs]):
+        assert c.token_ids == o.token_ids
+        assert c.logprobs == [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)]
+        assert c.finish_reason == o.finish_reason and c.weight_version == 9
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] in (1, 2, 4, 30)
+        else:
+            assert len(c.token_ids) == 15
+    assert {c.finish_reason for c in comps} == {"stop", "length"}
+    # what was asked of vLLM: per-prompt seeds (31 bits), every stop id, one log-prob per token, no text
+    sent_params = _sent_params(eng, params, seeds)
+    assert [s.seed for s in sent_params] == [11, 12, 13]
+    s0 = sent_params[0]
+    assert (s0.n, s0.temperature, s0.top_p, s0.top_k, s0.max_tokens) == (4, 0.7, 0.9, -1, 15)
+    assert s0.stop_token_ids == [1, 2, 4, 30] and s0.logprobs == 0 and s0.detokenize is False
+
+
+def _sent_params(eng, params, seeds):
+    """Run generate once more with a recording SamplingParams and return what dapo built."""
+    made = []
+    real = sys.modules["vllm"].SamplingParams
+
+    def record(**kw):
+        made.append(real(**kw))
+        return made[-1]
+
+    sys.modules["vllm"].SamplingParams = record
+    try:
+        eng.generate(PROMPTS, params, seeds)
+    finally:
+        sys.modules["vllm"].SamplingParams = real
+    return made
+
+
+def test_max_model_len_from_config_or_argument_and_requests_past_it_are_refused(fake_vllm, tiny_model_dir):
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1], CFG, max_model_len=10)
+    assert LLM.last.kwargs["max_model_len"] == 10
+    eng.generate([[1, 2, 3, 4, 5]], SamplingParams(n=1, max_new_tokens=5), [1])  # 5 + 5 fits exactly
+    with pytest.raises(ValueError, match=r"6-token prompt \+ max_new_tokens=5 passes .* max_model_len=10"):
+        eng.generate([[1, 2], [1, 2, 3, 4, 5, 6]], SamplingParams(n=1, max_new_tokens=5), [1, 2])
+
+
+def test_building_the_engine_leaves_the_callers_random_streams_alone(fake_vllm, tiny_model_dir):
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    VLLMEngine(str(tiny_model_dir), 0, [1], CFG)
+    after = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    assert after == (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+
+def test_an_aborted_sample_is_an_error_not_a_completion(fake_vllm, tiny_model_dir, monkeypatch):
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1], CFG)
+    real = LLM.generate
+
+    def aborted(self, *a, **kw):
+        outs = real(self, *a, **kw)
+        outs[0].outputs[0].finish_reason = "abort"
+        return outs
+
+    monkeypatch.setattr(LLM, "generate", aborted)
+    with pytest.raises(RuntimeError, match="'abort'"):
+        eng.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=4), [1, 2, 3])
