@@ -9,8 +9,8 @@ Sweeps: a Qwen2 of the demo's shape (1.06M parameters, random init) with room fo
 is ignored (the engine gets no stop tokens), so every response is exactly L tokens long and the work
 is known: P prompts x G responses x L tokens. Overlong filtering is off (every response trains; it
 would otherwise mask all of them) and dynamic sampling is off. One RL step = generate, score, old
-log-probs, min(P, 4) optimiser steps, as ``dapo.trainer.loop`` does it (its pieces, ``parts.learner``
-and the sampler, are driven here so the EOS can be switched off). Each configuration runs in its own
+log-probs, min(P, 4) optimiser steps: ``dapo.trainer.loop.train_step`` on a run whose engine has its EOS
+switched off. Each configuration runs in its own
 child process; its peak memory is the kernel's peak RSS (VmHWM, reset after setup) over its steps minus
 the RSS before them. The machine is shared and noisy: CPU seconds (process time) are reported beside
 wall seconds, and the growth summary (cost ratio against token ratio, per sweep) uses them.
@@ -61,10 +61,8 @@ BASE = dict(P=4, G=8, L=128)
 def rl_step_costs(model_path: Path, P: int, G: int, L: int, steps: int, tmp: str) -> dict[str, Any]:
     """One configuration, in this process: a warm-up step, then ``steps`` timed ones."""
     from dapo.config import load_config
-    from dapo.rollout.base import SamplingParams
-    from dapo.trainer.batch import DynamicSampler, SamplerSettings
-    from dapo.trainer.loop import flatten_groups
-    from dapo.trainer.setup import build_parts
+    from dapo.trainer.build import build_run
+    from dapo.trainer.loop import train_step
 
     mini = max(1, P // 4)
     cfg = load_config(overrides=[
@@ -75,11 +73,8 @@ def rl_step_costs(model_path: Path, P: int, G: int, L: int, steps: int, tmp: str
     ])
     run_dir = Path(tmp) / f"s-{P}-{G}-{L}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    parts = build_parts(cfg, run_dir, None, log=lambda s: None)
-    parts.engine.eos_token_ids = ()  # never stop early: every response is exactly L tokens
-    sampler = DynamicSampler(parts.engine, parts.stream, parts.score_fn, parts.decode, SamplerSettings(
-        group_size=G, train_batch_size=P, gen_batch_size=P, params=SamplingParams(n=G, max_new_tokens=L),
-        dynamic_sampling=False, seed=cfg.seed))
+    run = build_run(cfg, run_dir, None, log=lambda s: None)
+    run.engine.eos_token_ids = ()  # never stop early: every response is exactly L tokens
     import gc
 
     gc.collect()
@@ -88,21 +83,15 @@ def rl_step_costs(model_path: Path, P: int, G: int, L: int, steps: int, tmp: str
     rows = []
     for step in range(1, steps + 2):  # the first is a warm-up
         t0, c0 = time.perf_counter(), time.process_time()
-        groups, m = sampler.collect(step)
-        fb = flatten_groups(groups, cfg, step)
-        t1 = time.perf_counter()
-        old = parts.learner.old_logp(fb, cfg)
-        t2 = time.perf_counter()
-        parts.learner.update(fb, old, cfg, step)
-        parts.learner.push_weights(parts.engine, parts.engine.weight_version + 1)
+        groups, m = train_step(run, step)
         t3, c3 = time.perf_counter(), time.process_time()
-        tokens = sum(len(r) for r in fb.responses)
+        tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
         assert tokens == P * G * L, (tokens, P * G * L)
         if step > 1:
-            rows.append({"step_s": t3 - t0, "cpu_s": c3 - c0, "gen_s": m["time/gen"], "old_logp_s": t2 - t1,
-                         "update_s": t3 - t2})
+            rows.append({"step_s": t3 - t0, "cpu_s": c3 - c0, "gen_s": m["time/gen"], "old_logp_s": m["time/old_logp"],
+                         "update_s": m["time/update"]})
     peak = peak_rss_mb() - base_mb
-    parts.close()
+    run.close()
     med = {k: summary([r[k] for r in rows])["median"] for k in rows[0]}
     tokens = P * G * L
     return {"P": P, "G": G, "L": L, "gen_tokens": tokens, **med, "cpu_ms_per_token": med["cpu_s"] / tokens * 1000,

@@ -44,6 +44,13 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
         raise SetupError(f"model.dtype={name!r}: use auto, float32 or bfloat16") from None
 
 
+def sampler_dtype(cfg: Any, device: torch.device) -> torch.dtype:
+    """The dtype of a sampler's own copy of the weights: ``rollout.dtype``, or the compute dtype for auto."""
+    if cfg.rollout.dtype == "auto":
+        return compute_dtype(cfg.model.dtype, device)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.rollout.dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """The autocast context of a forward pass in ``dtype`` (a no-op context for float32)."""
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)

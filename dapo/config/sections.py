@@ -107,6 +107,11 @@ class RolloutConfig:
     """Top-k sampling; 0 = off."""
     gen_batch_size: int = 0
     """Prompts sampled per generation round; 0 = ``optim.train_batch_size`` (paper: 3x with dynamic sampling)."""
+    dtype: str = "auto"
+    """Weights the sampler uses: auto (the in-process engine samples with the trained float32 weights under
+    ``model.dtype`` autocast; Ray workers hold a copy in ``model.dtype``), float32 or bfloat16 (the engine holds
+    its own copy in that dtype, and each weight push converts: a GPU-like sampler/trainer mismatch on a CPU;
+    see the ``mismatch/*`` metrics and ``algo.rollout_is``)."""
     use_engine_logprobs: bool = False
     """Take old log-probs from the rollout engine instead of recomputing them with the training model."""
     batch_size: int = 256
@@ -122,7 +127,14 @@ class AlgoConfig:
     eps_high: float = 0.28
     """Upper clip: ratio <= 1 + eps_high for positive advantages. Clip-Higher: 0.28; symmetric PPO: 0.2."""
     clip_c: float | None = None
-    """Dual-clip constant (> 1) bounding the loss of negative-advantage tokens; None = off."""
+    """Dual-clip constant (> 1) bounding the loss of negative-advantage tokens; None = off (ppo only)."""
+    policy_loss: str = "ppo"
+    """ppo (token-level clipped ratio: DAPO, GRPO), gspo (length-normalised sequence ratio, clipped with
+    eps_low/eps_high of ~3e-4/4e-4; arXiv 2507.18071), cispo (clipped, detached importance weight times the
+    log-prob: clipped tokens keep their gradient; arXiv 2506.13585)."""
+    adv_estimator: str = "grpo"
+    """grpo (R - group mean, over the group std with ``norm_adv_std``) or rloo (R - mean of the others,
+    arXiv 2402.14740)."""
     loss_agg: str = "token-mean"
     """token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)."""
     norm_adv_std: bool = True
@@ -152,6 +164,16 @@ class AlgoConfig:
     """L_cache, the length of the linear penalty window before L_max (paper: 4096 of 20480)."""
     overlong_factor: float = 1.0
     """Penalty at L_max (paper: 1.0)."""
+    rollout_is: str = "none"
+    """Correct the sampler/trainer mismatch: none; token (truncated importance weights min(pi_old / pi_sampler,
+    ``rollout_is_cap``) on each token's loss, Yao et al. 2025); sequence (drop responses whose geometric-mean
+    pi_old / pi_sampler lies outside [``rollout_mask_low``, ``rollout_mask_high``], verl's geometric rejection)."""
+    rollout_is_cap: float = 2.0
+    """The truncation of the token-level weights (verl's default, Yao et al.'s C = 2)."""
+    rollout_mask_low: float = 0.999
+    """Lower bound of the geometric-mean ratio a response keeps (verl's decoupled_geo_rs preset)."""
+    rollout_mask_high: float = 1.001
+    """Upper bound of the geometric-mean ratio a response keeps."""
     kl_coef: float = 0.0
     """Weight of a KL penalty to the initial policy; DAPO uses none (0)."""
     kl_kind: str = "k3"
@@ -367,6 +389,15 @@ def _build_presets() -> dict[str, dict[str, Any]]:
 
 
 PRESETS: dict[str, dict[str, Any]] = _build_presets()
+PRESETS.update({
+    # the loss family researchers ablate against DAPO (issue: loss variants), each on DAPO's sampling
+    "gspo": {**PRESETS["dapo"], "algo.policy_loss": "gspo", "algo.eps_low": 3e-4, "algo.eps_high": 4e-4,
+             "algo.loss_agg": "seq-mean-token-mean"},
+    "cispo": {**PRESETS["dapo"], "algo.policy_loss": "cispo", "algo.eps_low": 1.0, "algo.eps_high": 0.28},
+    # the estimator variants on naive GRPO's sampling
+    "drgrpo": {**PRESETS["grpo"], "algo.norm_adv_std": False, "algo.loss_agg": "seq-mean-token-sum-norm"},
+    "rloo": {**PRESETS["grpo"], "algo.adv_estimator": "rloo", "algo.norm_adv_std": False},
+})
 PRESET_DOCS = {
     "grpo": "naive GRPO: symmetric clip 0.2, seq-mean-token-mean, no dynamic sampling, no overlong shaping",
     "+overlong_filter": "grpo + overlong filtering (Table 1 row 2)",
@@ -374,4 +405,8 @@ PRESET_DOCS = {
     "+soft_overlong": "row 3 + soft overlong punishment (row 4)",
     "+token_loss": "row 4 + token-level loss (row 5)",
     "dapo": "full DAPO: row 5 + dynamic sampling (paper §4.1)",
+    "gspo": "DAPO with GSPO's sequence-level ratio, clip 3e-4 / 4e-4, seq-mean-token-mean (arXiv 2507.18071)",
+    "cispo": "DAPO with CISPO's clipped, detached IS weight x log-prob, upper clip 0.28 only (arXiv 2506.13585)",
+    "drgrpo": "GRPO with Dr. GRPO's R - mean advantages and a constant length normaliser (arXiv 2503.20783)",
+    "rloo": "GRPO with leave-one-out baselines, no std normalisation (arXiv 2402.14740)",
 }

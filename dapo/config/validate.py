@@ -36,8 +36,18 @@ def validate(c: Config) -> None:
 
 def _algo(c: Config, agg_modes: tuple[str, ...], kl_kinds: tuple[str, ...]) -> None:
     a, r = c.algo, c.rollout
-    if a.eps_low < 0 or a.eps_low >= 1:
-        _bad("algo.eps_low", f"must be in [0, 1), got {a.eps_low}")
+    _one_of("algo.policy_loss", a.policy_loss, ("ppo", "gspo", "cispo"))
+    _one_of("algo.adv_estimator", a.adv_estimator, ("grpo", "rloo"))
+    _one_of("algo.rollout_is", a.rollout_is, ("none", "token", "sequence"))
+    if a.eps_low < 0 or (a.eps_low >= 1 and a.policy_loss != "cispo"):
+        _bad("algo.eps_low", f"must be in [0, 1) (>= 1 = no lower bound, cispo only), got {a.eps_low}")
+    if a.clip_c is not None and a.policy_loss != "ppo":
+        _bad("algo.clip_c", f"the dual clip is the ppo loss's; algo.policy_loss={a.policy_loss} takes none")
+    if a.rollout_is_cap <= 0:
+        _bad("algo.rollout_is_cap", f"must be > 0, got {a.rollout_is_cap}")
+    if not 0 < a.rollout_mask_low <= 1 <= a.rollout_mask_high:
+        _bad("algo.rollout_mask_low", f"need 0 < rollout_mask_low <= 1 <= rollout_mask_high, got "
+                                      f"{a.rollout_mask_low}, {a.rollout_mask_high}")
     if a.eps_high < 0:
         _bad("algo.eps_high", f"must be >= 0, got {a.eps_high}")
     if a.clip_c is not None and a.clip_c <= 1:
@@ -67,6 +77,7 @@ def _rollout_and_optim(c: Config) -> None:
         if not 0 < p <= 1:
             _bad(key, f"must be in (0, 1], got {p}")
     _one_of("rollout.engine", r.engine, ("hf", "vllm"))
+    _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
     if not 0 < r.gpu_memory_utilization <= 1:
         _bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
     _at_least(c, 0, "optim.steps", "optim.max_samples")

@@ -110,7 +110,7 @@ class TrainerRank:
 
             if not self.eos:
                 raise ValueError("dist.rollout_on_ranks: the ranks need the stop token ids (RankGroup(eos=...))")
-            engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size)
+            engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)
         self.learner = Learner(cfg, model, optimizer, scheduler, self.pad_id, device, dtype, ref,
                                DataParallel(self.rank, self.world, cfg.dist.fsdp, device), policy, engine)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device),

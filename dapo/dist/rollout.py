@@ -85,11 +85,11 @@ class RolloutWorker:
 
             self.engine: Any = VLLMEngine(path, pad_id, eos, cfg)
         else:
-            from dapo.model import compute_dtype, load_model
+            from dapo.model import load_model, sampler_dtype
             from dapo.rollout.hf import HFEngine
 
-            # a sampler only: its copy of the weights in the compute dtype (the trainer keeps float32)
-            model = load_model(cfg.model, path, device, compute_dtype(cfg.model.dtype, device)).eval().requires_grad_(False)
+            # a sampler only: its copy of the weights in rollout.dtype / the compute dtype (the trainer keeps float32)
+            model = load_model(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
             self.engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
 
     def info(self) -> dict[str, Any]:

@@ -176,9 +176,12 @@ class HFEngine:
         eos_token_ids: Sequence[int],
         max_batch: int = 256,
         kv_headroom: int | None = 256,
+        compute_dtype: torch.dtype = torch.float32,
     ):
         """``kv_headroom``: decode positions the KV storage holds beyond the prompt before its first
-        doubling; None reserves all ``max_new_tokens`` up front (the memory a batch can need at worst)."""
+        doubling; None reserves all ``max_new_tokens`` up front (the memory a batch can need at worst).
+        ``compute_dtype``: the forward passes run under autocast in it (a float32 model shared with the
+        trainer, sampling in the trainer's compute dtype); the sampling distribution is float32 whatever it is."""
         if kv_headroom is not None and kv_headroom < 1:
             raise ValueError(f"HFEngine(kv_headroom=...) must be >= 1 or None, got {kv_headroom}")
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -192,6 +195,7 @@ class HFEngine:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_batch = max_batch
         self.kv_headroom = kv_headroom
+        self.compute_dtype = compute_dtype
         self.weight_version = 0
 
     @property
@@ -219,17 +223,19 @@ class HFEngine:
         out: list[Completion | None] = [None] * len(rows)
         was_training = self.model.training
         self.model.eval()
+        dtype = self.compute_dtype
         try:
-            for start in range(0, len(order), self.max_batch):
-                batch = [order[k] for k in range(start, min(start + self.max_batch, len(order)))]
-                comps = self._generate_batch(
-                    [prompts[rows[r][0]] for r in batch],
-                    [derive_seed(seeds[rows[r][0]], rows[r][1]) for r in batch],
-                    params,
-                )
-                for r, c in zip(batch, comps):
-                    c.prompt_index = rows[r][0]
-                    out[r] = c
+            with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                for start in range(0, len(order), self.max_batch):
+                    batch = [order[k] for k in range(start, min(start + self.max_batch, len(order)))]
+                    comps = self._generate_batch(
+                        [prompts[rows[r][0]] for r in batch],
+                        [derive_seed(seeds[rows[r][0]], rows[r][1]) for r in batch],
+                        params,
+                    )
+                    for r, c in zip(batch, comps):
+                        c.prompt_index = rows[r][0]
+                        out[r] = c
         finally:
             self.model.train(was_training)
         return out  # type: ignore[return-value]

@@ -122,7 +122,8 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the LLM is built: engine core in-process
         with _global_rng_kept():
             self.llm = vllm.LLM(
-                model=path, tokenizer=cfg.model.tokenizer or path, dtype=cfg.model.dtype,
+                model=path, tokenizer=cfg.model.tokenizer or path,
+                dtype=cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_num_seqs=cfg.rollout.batch_size,
                 max_model_len=self.max_model_len, enable_prefix_caching=True, enable_sleep_mode=self.colocated,

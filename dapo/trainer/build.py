@@ -12,7 +12,7 @@ import torch
 from dapo.config import Config
 from dapo.model import (
     SetupError, compute_dtype, eos_ids, generation_config_of, load_model, load_tokenizer, make_optimizer,
-    reference_model, resolve_device,
+    reference_model, resolve_device, sampler_dtype,
 )
 from dapo.problems import Problems, load_problems
 from dapo.rollout.base import RolloutEngine
@@ -129,11 +129,12 @@ def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer:
     elif cfg.rollout.engine == "vllm":
         from dapo.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(path, pad_id, eos, cfg)
-    else:
-        if model is None:  # ranks train, the driver samples: its own copy, in the compute dtype
-            model = load_model(cfg.model, path, device, dtype).eval().requires_grad_(False)
-        engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
+        engine = VLLMEngine(path, pad_id, eos, cfg, colocated=True)  # training shares this GPU
+    elif model is None or cfg.rollout.dtype != "auto":  # the sampler's own copy of the weights
+        own = load_model(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
+        engine = HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size)
+    else:  # the sampler runs the trained model itself, in the compute dtype
+        engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)
     if isinstance(learner, Learner):
         learner.engine = engine
     return learner, engine

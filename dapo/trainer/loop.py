@@ -3,6 +3,7 @@
     groups   = sample G responses per prompt, score them, keep only groups with mixed outcomes   (§3.2)
     A        = group-normalised rewards; truncated responses masked out of the loss              (Eq. 9, §3.4)
     old_logp = log-probs of each sampled token under the policy that sampled it
+               (+ the sampler/trainer mismatch measured, and corrected when ``algo.rollout_is`` asks)
     for each mini-batch: clipped surrogate with [1 - eps_low, 1 + eps_high], token-mean, AdamW   (Eq. 10, 12)
     new weights -> the rollout engine
 
@@ -33,6 +34,7 @@ from dapo.items import Group
 from dapo.trainer.build import Run, build_run
 from dapo.trainer.checkpoint import load_trainer_state, save_checkpoint
 from dapo.trainer.logger import RunLogger
+from dapo.trainer.loss import rollout_correction
 from dapo.trainer.run import open_logs, resolve_run_dir, restore, should_checkpoint, trainer_state, write_summary
 from dapo.trainer.update import TrainingError, flatten_groups
 from dapo.trainer.watch import StepWatch
@@ -64,6 +66,7 @@ def train_step(run: Run, step: int) -> tuple[list[Group], dict[str, float]]:
     batch = flatten_groups(groups, run.cfg, step)  # advantages; the overlong filter's loss mask
     with timed(m, "time/old_logp"):
         old_logp = run.learner.old_logp(batch)  # pi_old of every token (recomputed where it can differ)
+    m.update(rollout_correction(batch, old_logp, run.cfg))  # sampler vs trainer: measured, corrected if asked
     with timed(m, "time/update"):
         m.update(run.learner.update(batch, old_logp, step))  # clipped, token-mean, one AdamW step per mini-batch
     with timed(m, "time/weight_sync"):

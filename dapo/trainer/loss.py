@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from dapo.algo import aggregate_loss, kl_penalty, policy_loss
+from dapo.algo import aggregate_loss, get_policy_loss, kl_penalty, mismatch_stats, rollout_is_weights, rollout_sequence_mask
 from dapo.trainer.policy import make_seq_batch, response_logprobs
+
+_CHUNK_ROWS = 512
 
 
 def pad_logps(rows: list[list[float]], T: int) -> torch.Tensor:
@@ -54,7 +56,8 @@ def micro_pass(learner: Any, batch: Any, old_logp: list[list[float]], rows: list
     old = pad_logps([old_logp[i] for i in rows] or [[0.0]], T).to(learner.device)
     adv = (batch.advantages[rows] if rows else torch.zeros(1)).to(learner.device)  # (b,)
     mask = seq_batch.response_mask * in_loss.to(learner.device)[:, None]  # (b, T)
-    loss_tok, stats = policy_loss(logp, old, adv, mask, a.eps_low, a.eps_high, a.clip_c)
+    w = pad_logps([batch.is_weights[i] for i in rows], T).to(learner.device) if batch.is_weights and rows else None
+    loss_tok, stats = get_policy_loss(a.policy_loss)(logp, old, adv, mask, a.eps_low, a.eps_high, a.clip_c, w)
     if a.kl_coef > 0:
         with torch.no_grad():
             ref_logp, _ = response_logprobs(learner.ref_model, seq_batch, learner.cfg.rollout.temperature,
@@ -72,3 +75,50 @@ def micro_pass(learner: Any, batch: Any, old_logp: list[list[float]], rows: list
         sums["entropy"] = sums.get("entropy", 0.0) + (ent * mask).sum().item()
         sums["entropy_tokens"] = sums.get("entropy_tokens", 0.0) + ntok
     return loss
+
+
+def rollout_correction(batch: Any, old_logp: list[list[float]], cfg: Any) -> dict[str, float]:
+    """The sampler/trainer mismatch, measured on every response in the loss, and corrected as
+    ``algo.rollout_is`` says: token weights into ``batch.is_weights``, or responses whose geometric-mean
+    ratio leaves the band dropped from ``batch.loss_mask`` (before the update counts its denominators).
+
+    ``old_logp`` is the trainer's recompute where one ran and the sampler's own log-probs elsewhere (one
+    process in float32, carried-over groups): there the metrics read 0 (and a ratio of 1), and nothing is
+    corrected, because the recompute would give the same numbers to float rounding.
+    """
+    a = cfg.algo
+    rows = [i for i, r in enumerate(batch.responses) if r and batch.loss_mask[i] > 0]
+    sums, ntok, ratio_max, n_seq, n_masked = {"logp_abs_diff": 0.0, "kl": 0.0}, 0.0, 0.0, 0, 0
+    is_sums: dict[str, float] = {}
+    weights: list[list[float]] = [[1.0] * len(r) for r in batch.responses] if a.rollout_is == "token" else []
+    for k in range(0, len(rows), _CHUNK_ROWS):
+        chunk = rows[k : k + _CHUNK_ROWS]
+        T = max(len(batch.responses[i]) for i in chunk)
+        old = pad_logps([old_logp[i] for i in chunk], T)  # (c, T)
+        sampler = pad_logps([batch.behaviour_logp[i] for i in chunk], T)  # (c, T)
+        mask = (torch.arange(T)[None, :] < torch.tensor([len(batch.responses[i]) for i in chunk])[:, None]).float()
+        n = mask.sum().item()
+        st = mismatch_stats(old, sampler, mask)
+        sums["logp_abs_diff"] += st["logp_abs_diff"].item() * n
+        sums["kl"] += st["kl"].item() * n
+        ratio_max, ntok = max(ratio_max, st["ratio_max"].item()), ntok + n
+        if a.rollout_is == "token":
+            w, wst = rollout_is_weights(old, sampler, mask, a.rollout_is_cap)
+            for row, i in enumerate(chunk):
+                weights[i] = w[row, : len(batch.responses[i])].tolist()
+            for key, v in wst.items():
+                is_sums[key] = is_sums.get(key, 0.0) + v.item() * n
+        elif a.rollout_is == "sequence":
+            keep, _ = rollout_sequence_mask(old, sampler, mask, a.rollout_mask_low, a.rollout_mask_high)
+            for row, i in enumerate(chunk):
+                if keep[row] == 0:
+                    batch.loss_mask[i] = 0.0
+                    n_masked += 1
+        n_seq += len(chunk)
+    if weights:
+        batch.is_weights = weights
+    out = {f"mismatch/{k}": v / max(ntok, 1.0) for k, v in sums.items()}
+    out.update({f"mismatch/{k}": v / max(ntok, 1.0) for k, v in is_sums.items()})
+    out["mismatch/ratio_max"] = ratio_max if ntok else 1.0
+    out["mismatch/masked_frac"] = n_masked / max(n_seq, 1)
+    return out

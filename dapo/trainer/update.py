@@ -42,13 +42,16 @@ class TrainBatch:
     fresh: list[bool]
     """Sampled by the current policy (carried-over groups were not)."""
     advantages: torch.Tensor  # (N,)
-    loss_mask: torch.Tensor  # (N,) 0 for responses kept out of the loss (overlong filter)
+    loss_mask: torch.Tensor  # (N,) 0 for responses kept out of the loss (overlong filter, sequence mask)
+    is_weights: list[list[float]] | None = None
+    """Per-token importance weights on the loss (``algo.rollout_is=token``); None = all 1."""
 
 
 def flatten_groups(groups: list[Group], cfg: Config, step: int) -> TrainBatch:
     """Advantages (group-normalised rewards, DAPO Eq. 9) and the overlong filter (§3.4) over the step's groups."""
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)  # (P*G,)
-    adv = group_advantages(rewards, cfg.rollout.group_size, norm_std=cfg.algo.norm_adv_std)
+    adv = group_advantages(rewards, cfg.rollout.group_size, norm_std=cfg.algo.norm_adv_std,
+                           estimator=cfg.algo.adv_estimator)
     comps: list[Completion] = [c for g in groups for c in g.completions]
     loss_mask = torch.ones(len(comps))
     if cfg.algo.overlong_filter:
