@@ -2,6 +2,7 @@
 import pytest
 
 from dapo.config import (
+    PRESET_DOCS,
     ABLATION_ROWS,
     PRESETS,
     Config,
@@ -92,4 +93,5 @@ def test_config_is_frozen_and_documented():
         Config().seed = 3  # type: ignore[misc]
     text = describe()
     assert "algo.eps_high = 0.28" in text and "Clip-Higher" in text
-    assert set(PRESETS) == set(ABLATION_ROWS)
+    assert set(PRESETS) == set(ABLATION_ROWS) | {"gspo", "cispo", "drgrpo", "rloo"}
+    assert set(PRESET_DOCS) == set(PRESETS)  # every preset is described in dapo train --help
