@@ -12,7 +12,9 @@ steps, against 100% in float32). float16 would need loss scaling and is refused.
 from __future__ import annotations
 
 import copy
+import json
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -81,12 +83,30 @@ def load_model(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype = 
     return model.to(device)
 
 
-def load_tokenizer(mcfg: Any, path: str) -> Any:
-    """The tokenizer at ``model.tokenizer`` (or ``path``), padding on the left, pad = eos if it has none."""
-    from transformers import AutoTokenizer
-
+def _declared_tokenizer_class(path: str) -> str | None:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(mcfg.tokenizer or path, trust_remote_code=mcfg.trust_remote_code)
+        with open(Path(path) / "tokenizer_config.json", encoding="utf-8") as f:
+            return json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_tokenizer(mcfg: Any, path: str) -> Any:
+    """The tokenizer at ``model.tokenizer`` (or ``path``), padding on the left, pad = eos if it has none.
+
+    A tokenizer saved as a plain ``tokenizer.json`` (``tokenizer_class`` TokenizersBackend or
+    PreTrainedTokenizerFast: the ones dapo builds) loads exactly as saved. ``AutoTokenizer`` would hand a
+    qwen2 model directory to ``Qwen2Tokenizer``, which replaces the saved pre-tokenizer with Qwen's own:
+    a character vocabulary then loses every space and newline when encoding."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    where = mcfg.tokenizer or path
+    plain = _declared_tokenizer_class(where) in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    try:
+        if plain:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(where)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.tokenizer or path, e, mcfg.allow_unsafe_weights) from None
     if tokenizer.pad_token_id is None:
