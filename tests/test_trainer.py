@@ -394,4 +394,4 @@ def test_the_last_periodic_eval_equals_the_summarys_after(tiny_model_dir, tmp_pa
     assert [("eval/acc" in r) for r in rows] == [False, True, False, True]
     assert rows[-1]["eval/acc"] == res.after["accuracy"] and rows[-1]["eval/avg@3"] == res.after["accuracy"]
     assert res.before["k"] == res.after["k"] == 3 and res.before["n"] == res.after["n"] == 8
-    assert rows[1]["eval/acc"] != rows[3]["eval/acc"] or rows[1]["eval/len_mean"] != rows[3]["eval/len_mean"]
+    assert {"eval/pass@3", "eval/maj@3", "eval/len_mean"} <= set(rows[-1])
