@@ -318,6 +318,31 @@ def _copy_tokenizer(sources: list[Path], out_dir: Path) -> None:
             return
 
 
+def merge_adapter(base_model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn.Module:
+    """``base_model`` (plain, no adapters) with the adapter saved in ``ckpt_dir`` merged into its weights
+    (W + alpha/r * B A): a plain model again, the same object, its ``requires_grad`` flags as they were.
+    What a LoRA checkpoint means as a model, for ``dapo eval``, a full fine-tune starting from it, or an export."""
+    ckpt_dir = Path(ckpt_dir)
+    _, tensors = _read_adapter(ckpt_dir)
+    if has_lora(base_model):
+        raise ValueError("merge_adapter: pass the base model without adapters (or its path), not the adapted one")
+    flags = {n: p.requires_grad for n, p in base_model.named_parameters()}
+    wrapped = _peft().PeftModel.from_pretrained(base_model, str(ckpt_dir), adapter_name=ADAPTER)
+    # peft only warns about tensors it could not place; a silently partial merge must not ship
+    placed = {f: p for _, f, p in _adapter_entries(wrapped.base_model.model)}
+    exact = set(placed) == set(tensors) and all(torch.equal(placed[f].cpu(), t.to(placed[f].dtype))
+                                                for f, t in tensors.items())
+    if not exact:
+        raise ValueError(f"{ckpt_dir / ADAPTER_WEIGHTS} did not load exactly into the base model "
+                         f"{type(base_model).__name__} (the adapter of another base?)")
+    merged = wrapped.merge_and_unload()
+    if hasattr(merged, "peft_config"):
+        del merged.peft_config
+    for n, p in merged.named_parameters():  # peft froze the base while it wrapped it
+        p.requires_grad_(flags.get(n, True))
+    return merged
+
+
 def merge_to_hf(
     base_path_or_model: str | Path | torch.nn.Module | None,
     ckpt_dir: str | Path,
@@ -332,9 +357,8 @@ def merge_to_hf(
     whose weights are then overwritten by the merged ones. ``dtype``: of the saved weights (default: the
     base's).
     """
-    peft = _peft()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    _, tensors = _read_adapter(ckpt_dir)
+    _read_adapter(ckpt_dir)  # a missing file is reported before a base model is loaded
     if base_path_or_model is None:
         base_path_or_model = lora_base_path(ckpt_dir)
         if base_path_or_model is None:
@@ -349,18 +373,9 @@ def merge_to_hf(
 
         model = AutoModelForCausalLM.from_pretrained(str(base_path_or_model), dtype=dtype or "auto")
         sources.append(Path(base_path_or_model))
-    wrapped = peft.PeftModel.from_pretrained(model, str(ckpt_dir), adapter_name=ADAPTER)
-    # peft only warns about tensors it could not place; a silently partial merge must not ship
-    placed = {f: p for _, f, p in _adapter_entries(wrapped.base_model.model)}
-    exact = set(placed) == set(tensors) and all(torch.equal(placed[f].cpu(), t.to(placed[f].dtype))
-                                                for f, t in tensors.items())
-    if not exact:
-        raise ValueError(f"merge_to_hf: {ckpt_dir / ADAPTER_WEIGHTS} did not load exactly into the base model")
-    merged = wrapped.merge_and_unload()
+    merged = merge_adapter(model, ckpt_dir)
     if dtype is not None:
         merged = merged.to(dtype)
-    if hasattr(merged, "peft_config"):
-        del merged.peft_config
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     _copy_tokenizer(sources, out_dir)
