@@ -268,6 +268,30 @@ def save_lora_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, base_mode
     return ckpt_dir
 
 
+def save_adapter_state(state: dict[str, torch.Tensor], ckpt_dir: str | Path, rank: int, alpha: float,
+                       base_model_path: str | None = None) -> Path:
+    """Write adapter tensors keyed as ``adapter_state_dict`` gives them (e.g. a weight push, without the model
+    they came from) in peft's layout, for a reader of adapter files (vLLM's LoRA requests). The targets in
+    ``adapter_config.json`` are the adapted modules' short names; the tensors say which layers have them."""
+    infix = f".{ADAPTER}"
+    tensors, modules = {}, set()
+    for key, t in state.items():
+        parts = key.split(".")
+        if ADAPTER not in parts or not any(p.startswith("lora_") for p in parts):
+            raise ValueError(f"save_adapter_state: {key!r} is not an adapter tensor name (from adapter_state_dict)")
+        i = parts.index(ADAPTER)
+        modules.add(parts[i - 2])  # ...q_proj.lora_A.default.weight: the adapted module's own name
+        tensors[_FILE_PREFIX + key.replace(infix, "", 1)] = t.detach().to("cpu", torch.float32, copy=True).contiguous()
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(ckpt_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = _peft().LoraConfig(r=rank, lora_alpha=alpha, bias="none", task_type="CAUSAL_LM",
+                                target_modules=sorted(modules), base_model_name_or_path=base_model_path,
+                                inference_mode=True)
+    config.save_pretrained(str(ckpt_dir))
+    return ckpt_dir
+
+
 def _read_adapter(ckpt_dir: Path):
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (ckpt_dir / name).is_file():
