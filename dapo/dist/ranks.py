@@ -270,7 +270,7 @@ class RankGroup:
         return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what=what)[0]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's tensors, gathered in this process (for an engine here)."""
+        """The whole model's tensors (under LoRA: the adapter tensors), gathered in this process (for an engine here)."""
         refs, _ = self._publish("gathering weights")
         sd: dict[str, torch.Tensor] = {}
         for ref in refs:
