@@ -155,6 +155,17 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _quiet_libraries() -> None:
+    """No progress bars from transformers' own loading and saving (a checkpoint every few steps drew two);
+    what dapo does is on its own progress line."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ["train", *_SUBCOMMANDS]
@@ -165,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:8s} {doc}")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    _quiet_libraries()
     # SIGTERM outside the training loop (loading, the first evaluation) stops like Ctrl-C; inside it the
     # loop's own handler finishes the step and checkpoints first
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None

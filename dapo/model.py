@@ -19,6 +19,7 @@ one as the policy it is (base + adapter, merged), ``load_policy`` keeps the adap
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,14 +161,32 @@ def weights_to_sync(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return lora.adapter_state_dict(model) if lora.has_lora(model) else model.state_dict()
 
 
+def _declared_tokenizer_class(path: str) -> str | None:
+    try:
+        with open(Path(path) / "tokenizer_config.json", encoding="utf-8") as f:
+            return json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_tokenizer(mcfg: Any, path: str) -> Any:
-    """The tokenizer at ``model.tokenizer`` (or ``path``), padding on the left, pad = eos if it has none."""
-    from transformers import AutoTokenizer
+    """The tokenizer at ``model.tokenizer`` (or ``path``), padding on the left, pad = eos if it has none.
+
+    A tokenizer saved as a plain ``tokenizer.json`` (``tokenizer_class`` TokenizersBackend or
+    PreTrainedTokenizerFast: the ones dapo builds) loads exactly as saved. ``AutoTokenizer`` would hand a
+    qwen2 model directory to ``Qwen2Tokenizer``, which replaces the saved pre-tokenizer with Qwen's own:
+    a character vocabulary then loses every space and newline when encoding."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not mcfg.tokenizer and lora.is_lora_checkpoint(path) and not (Path(path) / "tokenizer_config.json").is_file():
         path = adapter_base(path)  # an adapter saved without its tokenizer (peft's own save_pretrained)
+    where = mcfg.tokenizer or path
+    plain = _declared_tokenizer_class(where) in ("TokenizersBackend", "PreTrainedTokenizerFast")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(mcfg.tokenizer or path, trust_remote_code=mcfg.trust_remote_code)
+        if plain:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(where)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _load_error(mcfg.tokenizer or path, e, mcfg.allow_unsafe_weights) from None
     if tokenizer.pad_token_id is None:

@@ -77,12 +77,14 @@ def _local(cfg, tiny_model_dir, state):
     return Learner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
 
 
-def _ranks_gradient(group, batch, old, idx):
+def _ranks_gradient(group, batch, old, idx, cfg=None):
     """The summed gradient of one mini-batch (``idx``: all ranks' responses) as the ranks hold it after
-    their all-reduce, whole, from rank 0: run on each rank actor with Ray's ``__ray_call__``."""
+    their all-reduce, whole, from rank 0: run on each rank actor with Ray's ``__ray_call__`` (with ``cfg``
+    in place of the ranks' own config for the call, when given)."""
 
-    def on_rank(rank, batch, old, idx):
+    def on_rank(rank, batch, old, idx, cfg):
         lr = rank.learner
+        own, lr.cfg = lr.cfg, cfg or lr.cfg
         lr.optimizer.zero_grad(set_to_none=True)
         lr.model.train()
         lr.minibatch_backward(batch, old, idx)
@@ -90,9 +92,10 @@ def _ranks_gradient(group, batch, old, idx):
         grads = {n: whole_tensor(q.grad).detach().cpu().clone() for n, q in lr.model.named_parameters()
                  if q.grad is not None}
         lr.optimizer.zero_grad(set_to_none=True)
+        lr.cfg = own
         return grads
 
-    return ray.get([a.__ray_call__.remote(on_rank, batch, old, idx) for a in group.actors])[0]
+    return ray.get([a.__ray_call__.remote(on_rank, batch, old, idx, cfg) for a in group.actors])[0]
 
 
 def test_cluster_binds_to_loopback_and_splits_prompts_evenly(cluster):
@@ -130,15 +133,21 @@ def test_ranks_stay_identical_and_workers_use_the_latest_weights(run, tiny_model
     assert "accuracy" in run.result.after
 
 
-def test_two_rank_gradient_equals_single_process_gradient(run, tiny_model_dir):
-    cfg = run.cfg
+@pytest.mark.parametrize("preset", ["dapo", "gspo", "cispo", "drgrpo", "rloo"])
+def test_two_rank_gradient_equals_single_process_gradient(run, tiny_model_dir, preset):
+    """Each loss variant's gradient summed over two ranks is the single-process gradient (the global
+    denominators: tokens for token-mean, responses for the seq-mean modes)."""
+    from dataclasses import replace
+
+    cfg = load_config(preset)
+    cfg = replace(run.cfg, preset=preset, algo=cfg.algo)
     local = _local(cfg, tiny_model_dir, run.run.learner.full_state_dict())
     _, fb = _batch(run.run.engine, cfg)
     old = local.old_logp(fb)
     old_dist = run.run.learner.old_logp(fb)
     assert max(abs(a - b) for x, y in zip(old, old_dist) for a, b in zip(x, y)) < 1e-5
     idx = list(range(len(fb.responses)))  # one optimiser step over every response: 8 per rank
-    g_dist = _ranks_gradient(run.run.learner, fb, old, idx)
+    g_dist = _ranks_gradient(run.run.learner, fb, old, idx, cfg)
     local.minibatch_backward(fb, old, idx)
     g_one = {n: p.grad for n, p in local.model.named_parameters() if p.grad is not None}
     assert g_dist.keys() == g_one.keys() and len(g_one) > 10

@@ -381,3 +381,17 @@ def test_kl_reference_after_a_resume_is_the_initial_model(tiny_model_dir, tmp_pa
     shutil.rmtree(init)
     with pytest.raises(SetupError, match="KL reference is the run's initial model"):
         build_run(cfg, tmp_path / "r", tmp_path / "r" / "step_2", log=lambda s: None)
+
+
+def test_the_last_periodic_eval_equals_the_summarys_after(tiny_model_dir, tmp_path):
+    """One evaluator, one seed derivation: the same weights measured at the last step (eval.every) and after
+    training give the same number, and the before/after use the same k and prompts."""
+    cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "algo.filter_metric=reward", "optim.lr=1e-2",
+                                 "optim.steps=4", "eval.every=2", "eval.k=3", f"log.out_dir={tmp_path}",
+                                 "log.run_name=r", "log.report=false"])
+    res = train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [("eval/acc" in r) for r in rows] == [False, True, False, True]
+    assert rows[-1]["eval/acc"] == res.after["accuracy"] and rows[-1]["eval/avg@3"] == res.after["accuracy"]
+    assert res.before["k"] == res.after["k"] == 3 and res.before["n"] == res.after["n"] == 8
+    assert {"eval/pass@3", "eval/maj@3", "eval/len_mean"} <= set(rows[-1])
