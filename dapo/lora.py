@@ -39,7 +39,9 @@ ADAPTER = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _FILE_PREFIX = "base_model.model."  # peft's files name tensors as seen from a PeftModel wrapper
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+"""Tokenizer files besides ``tokenizer*`` and ``chat_template*`` (the slow tokenizers' vocabularies)."""
 
 
 def _peft():
@@ -334,11 +336,16 @@ def load_lora_checkpoint(base_model: torch.nn.Module, ckpt_dir: str | Path) -> t
 
 
 def _copy_tokenizer(sources: list[Path], out_dir: Path) -> None:
-    from transformers import AutoTokenizer
+    """The first source's tokenizer files, copied byte for byte: a load and re-save through ``AutoTokenizer``
+    can change the tokenizer (a qwen2 model directory gets ``Qwen2Tokenizer``, whose pre-tokenizer replaces a
+    saved character vocabulary's)."""
+    import shutil
 
     for src in sources:
-        if any((src / f).is_file() for f in _TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out_dir))
+        if (src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file():
+            for f in src.iterdir():
+                if f.is_file() and (f.name in _TOKENIZER_FILES or f.name.startswith(("tokenizer", "chat_template"))):
+                    shutil.copy2(f, out_dir / f.name)
             return
 
 

@@ -142,6 +142,7 @@ def test_export_merges_into_a_model_that_transformers_and_dapo_eval_load(lora_ru
     ckpt, out = lora_run / "step_3", tmp_path / "merged"
     assert cli_main(["export", str(ckpt), "--merge", str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "prompt_template.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()  # as trained, not re-made
     # transformers loads it with every weight in place, in a process where peft cannot even be imported
     code = ("import sys; sys.modules['peft'] = None\n"
             "from transformers import AutoModelForCausalLM\n"
