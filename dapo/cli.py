@@ -25,7 +25,7 @@ _SUBCOMMANDS = {
     "eval": ("dapo.eval", "main", "avg@k, pass@k, maj@k over a dataset"),
     "report": ("dapo.report", "main", "plots and an HTML report from runs' metrics.jsonl"),
     "ablate": ("dapo.ablate", "main", "the paper's Table 1 rows, several seeds, equal sample budget"),
-    "export": ("dapo.cli", "export_main", "a checkpoint as a standalone Hugging Face model (LoRA: merged into its base)"),
+    "export": ("dapo.cli", "export_main", "a checkpoint as a plain Hugging Face model (LoRA: merged into its base)"),
 }
 
 
@@ -131,7 +131,8 @@ def export_main(argv: Sequence[str]) -> int:
             if args.base or args.dtype != "auto":
                 raise ValueError(f"{ckpt} is a full model, not a LoRA adapter: --base and --dtype do not apply")
             for f in ckpt.iterdir():  # the model, tokenizer and template; not the optimiser state or manifest
-                if f.is_file() and f.name not in ("trainer_state.pt", "manifest.json") and not f.name.startswith("eval_"):
+                skip = f.name in ("trainer_state.pt", "manifest.json") or f.name.startswith("eval_")
+                if f.is_file() and not skip:
                     shutil.copy2(f, tmp / f.name)
             what = f"{ckpt} (a full model) copied"
         else:

@@ -140,7 +140,8 @@ def load_policy(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype |
         try:
             lora.load_lora_checkpoint(model, path)
         except ValueError as e:
-            raise SetupError(f"model.lora_rank / lora_alpha / lora_targets must match the adapter being continued: {e}") from None
+            raise SetupError(f"model.lora_rank / lora_alpha / lora_targets must match the adapter being continued: "
+                             f"{e}") from None
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device)

@@ -279,3 +279,17 @@ def test_ray_ranks_and_workers_sync_adapters_only_and_sample_like_the_in_process
             built.close()
     finally:
         ray.shutdown()
+
+
+def test_export_of_a_full_model_checkpoint_copies_it_without_the_trainer_state(tiny_model_dir, tmp_path, capsys):
+    ckpt = tmp_path / "step_5"
+    shutil.copytree(tiny_model_dir, ckpt)
+    (ckpt / "trainer_state.pt").write_bytes(b"x")
+    (ckpt / "manifest.json").write_text("{}")
+    assert cli_main(["export", str(ckpt), "--merge", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
+    assert cli_main(["export", str(ckpt), "--merge", str(tmp_path / "out2"), "--dtype", "bfloat16"]) == 2
+    assert "is a full model, not a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+    assert cli_main(["export", str(tmp_path), "--merge", str(tmp_path / "out3")]) == 2
+    assert "neither a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out3").exists()
+    assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind

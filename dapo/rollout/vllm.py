@@ -180,7 +180,8 @@ class VLLMEngine:
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 shutil.copy2(os.path.join(path, name), adapter / name)
             self._use_adapter(adapter)
-        return model, cfg.model.tokenizer or model, {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(self.lora_rank), "max_loras": 1}
+        lora = {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(self.lora_rank), "max_loras": 1}
+        return model, cfg.model.tokenizer or model, lora
 
     def _next_adapter_dir(self) -> Any:
         from pathlib import Path
