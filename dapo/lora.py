@@ -15,7 +15,11 @@ used: on it ``.base_model`` is peft's ``LoraModel``, not the decoder stack.
   merged per step.
 * A checkpoint holds peft's layout, ``adapter_model.safetensors`` + ``adapter_config.json`` (with the
   base model's path in ``base_model_name_or_path``), so ``peft.PeftModel.from_pretrained`` loads it too;
-  ``merge_to_hf`` writes a plain model that needs no peft.
+  ``merge_to_hf`` writes a plain model that needs no peft (``merge_adapter`` merges in memory);
+  ``save_adapter_state`` writes pushed adapter tensors in that layout without their model (vLLM's LoRA requests).
+
+Wiring (``dapo.model``): ``load_policy`` applies ``model.lora_*`` or continues a checkpoint's adapter,
+``save_model`` / ``weights_to_sync`` pick the adapter under LoRA, ``reference_policy`` is ``adapters_disabled``.
 
 Sizes: an adapted ``Linear(d_in, d_out)`` adds ``rank * (d_in + d_out)`` parameters, kept in float32
 (4 bytes each). On every attention and MLP projection at rank 16, Qwen2.5-1.5B (28 layers, hidden 1536,
