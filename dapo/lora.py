@@ -15,7 +15,11 @@ used: on it ``.base_model`` is peft's ``LoraModel``, not the decoder stack.
   merged per step.
 * A checkpoint holds peft's layout, ``adapter_model.safetensors`` + ``adapter_config.json`` (with the
   base model's path in ``base_model_name_or_path``), so ``peft.PeftModel.from_pretrained`` loads it too;
-  ``merge_to_hf`` writes a plain model that needs no peft.
+  ``merge_to_hf`` writes a plain model that needs no peft (``merge_adapter`` merges in memory);
+  ``save_adapter_state`` writes pushed adapter tensors in that layout without their model (vLLM's LoRA requests).
+
+Wiring (``dapo.model``): ``load_policy`` applies ``model.lora_*`` or continues a checkpoint's adapter,
+``save_model`` / ``weights_to_sync`` pick the adapter under LoRA, ``reference_policy`` is ``adapters_disabled``.
 
 Sizes: an adapted ``Linear(d_in, d_out)`` adds ``rank * (d_in + d_out)`` parameters, kept in float32
 (4 bytes each). On every attention and MLP projection at rank 16, Qwen2.5-1.5B (28 layers, hidden 1536,
@@ -39,7 +43,9 @@ ADAPTER = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _FILE_PREFIX = "base_model.model."  # peft's files name tensors as seen from a PeftModel wrapper
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+"""Tokenizer files besides ``tokenizer*`` and ``chat_template*`` (the slow tokenizers' vocabularies)."""
 
 
 def _peft():
@@ -268,6 +274,30 @@ def save_lora_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, base_mode
     return ckpt_dir
 
 
+def save_adapter_state(state: dict[str, torch.Tensor], ckpt_dir: str | Path, rank: int, alpha: float,
+                       base_model_path: str | None = None) -> Path:
+    """Write adapter tensors keyed as ``adapter_state_dict`` gives them (e.g. a weight push, without the model
+    they came from) in peft's layout, for a reader of adapter files (vLLM's LoRA requests). The targets in
+    ``adapter_config.json`` are the adapted modules' short names; the tensors say which layers have them."""
+    infix = f".{ADAPTER}"
+    tensors, modules = {}, set()
+    for key, t in state.items():
+        parts = key.split(".")
+        if ADAPTER not in parts or not any(p.startswith("lora_") for p in parts):
+            raise ValueError(f"save_adapter_state: {key!r} is not an adapter tensor name (from adapter_state_dict)")
+        i = parts.index(ADAPTER)
+        modules.add(parts[i - 2])  # ...q_proj.lora_A.default.weight: the adapted module's own name
+        tensors[_FILE_PREFIX + key.replace(infix, "", 1)] = t.detach().to("cpu", torch.float32, copy=True).contiguous()
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(ckpt_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = _peft().LoraConfig(r=rank, lora_alpha=alpha, bias="none", task_type="CAUSAL_LM",
+                                target_modules=sorted(modules), base_model_name_or_path=base_model_path,
+                                inference_mode=True)
+    config.save_pretrained(str(ckpt_dir))
+    return ckpt_dir
+
+
 def _read_adapter(ckpt_dir: Path):
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (ckpt_dir / name).is_file():
@@ -310,12 +340,42 @@ def load_lora_checkpoint(base_model: torch.nn.Module, ckpt_dir: str | Path) -> t
 
 
 def _copy_tokenizer(sources: list[Path], out_dir: Path) -> None:
-    from transformers import AutoTokenizer
+    """The first source's tokenizer files, copied byte for byte: a load and re-save through ``AutoTokenizer``
+    can change the tokenizer (a qwen2 model directory gets ``Qwen2Tokenizer``, whose pre-tokenizer replaces a
+    saved character vocabulary's)."""
+    import shutil
 
     for src in sources:
-        if any((src / f).is_file() for f in _TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out_dir))
+        if (src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file():
+            for f in src.iterdir():
+                if f.is_file() and (f.name in _TOKENIZER_FILES or f.name.startswith(("tokenizer", "chat_template"))):
+                    shutil.copy2(f, out_dir / f.name)
             return
+
+
+def merge_adapter(base_model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn.Module:
+    """``base_model`` (plain, no adapters) with the adapter saved in ``ckpt_dir`` merged into its weights
+    (W + alpha/r * B A): a plain model again, the same object, its ``requires_grad`` flags as they were.
+    What a LoRA checkpoint means as a model, for ``dapo eval``, a full fine-tune starting from it, or an export."""
+    ckpt_dir = Path(ckpt_dir)
+    _, tensors = _read_adapter(ckpt_dir)
+    if has_lora(base_model):
+        raise ValueError("merge_adapter: pass the base model without adapters (or its path), not the adapted one")
+    flags = {n: p.requires_grad for n, p in base_model.named_parameters()}
+    wrapped = _peft().PeftModel.from_pretrained(base_model, str(ckpt_dir), adapter_name=ADAPTER)
+    # peft only warns about tensors it could not place; a silently partial merge must not ship
+    placed = {f: p for _, f, p in _adapter_entries(wrapped.base_model.model)}
+    exact = set(placed) == set(tensors) and all(torch.equal(placed[f].cpu(), t.to(placed[f].dtype))
+                                                for f, t in tensors.items())
+    if not exact:
+        raise ValueError(f"{ckpt_dir / ADAPTER_WEIGHTS} did not load exactly into the base model "
+                         f"{type(base_model).__name__} (the adapter of another base?)")
+    merged = wrapped.merge_and_unload()
+    if hasattr(merged, "peft_config"):
+        del merged.peft_config
+    for n, p in merged.named_parameters():  # peft froze the base while it wrapped it
+        p.requires_grad_(flags.get(n, True))
+    return merged
 
 
 def merge_to_hf(
@@ -332,9 +392,8 @@ def merge_to_hf(
     whose weights are then overwritten by the merged ones. ``dtype``: of the saved weights (default: the
     base's).
     """
-    peft = _peft()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    _, tensors = _read_adapter(ckpt_dir)
+    _read_adapter(ckpt_dir)  # a missing file is reported before a base model is loaded
     if base_path_or_model is None:
         base_path_or_model = lora_base_path(ckpt_dir)
         if base_path_or_model is None:
@@ -349,18 +408,9 @@ def merge_to_hf(
 
         model = AutoModelForCausalLM.from_pretrained(str(base_path_or_model), dtype=dtype or "auto")
         sources.append(Path(base_path_or_model))
-    wrapped = peft.PeftModel.from_pretrained(model, str(ckpt_dir), adapter_name=ADAPTER)
-    # peft only warns about tensors it could not place; a silently partial merge must not ship
-    placed = {f: p for _, f, p in _adapter_entries(wrapped.base_model.model)}
-    exact = set(placed) == set(tensors) and all(torch.equal(placed[f].cpu(), t.to(placed[f].dtype))
-                                                for f, t in tensors.items())
-    if not exact:
-        raise ValueError(f"merge_to_hf: {ckpt_dir / ADAPTER_WEIGHTS} did not load exactly into the base model")
-    merged = wrapped.merge_and_unload()
+    merged = merge_adapter(model, ckpt_dir)
     if dtype is not None:
         merged = merged.to(dtype)
-    if hasattr(merged, "peft_config"):
-        del merged.peft_config
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     _copy_tokenizer(sources, out_dir)

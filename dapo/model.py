@@ -8,17 +8,27 @@ dtype (``model.dtype``: bfloat16 on CUDA by default), which ``compute_dtype`` re
 bfloat16 weights directly loses every update smaller than half a bfloat16 step of the weight: at the
 paper's lr of 1e-6 almost no weight moves (measured: 1.2% of the demo model's parameters changed in three
 steps, against 100% in float32). float16 would need loss scaling and is refused.
+
+LoRA (``model.lora_rank`` > 0, ``dapo.lora``): ``load_policy`` loads the frozen base in the compute dtype
+(bfloat16 on CUDA: half the memory of float32, and no update is lost because the base never changes) and
+injects float32 adapters, the only trainable parameters, so ``make_optimizer``'s float32 rule holds and
+AdamW's moments exist for the adapters only. The KL reference is the same model with its adapters off
+(``reference_policy``). A LoRA checkpoint (``adapter_config.json``) names its base; ``load_model`` reads
+one as the policy it is (base + adapter, merged), ``load_policy`` keeps the adapter trainable (a resume).
 """
 from __future__ import annotations
 
 import copy
 import json
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from dapo import lora
 
 
 class SetupError(ValueError):
@@ -65,22 +75,91 @@ def _load_error(path: str, e: Exception, allow_unsafe: bool) -> SetupError:
     return SetupError(f"cannot load model.path={path!r}: {e}{hint}")
 
 
-def load_model(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The causal LM at ``path`` on ``device``, its weights in ``dtype`` (float32, the master weights of
-    training, unless a sampler asks for its own copy in the compute dtype). ``mcfg``: the model section."""
+def _load_hf(mcfg: Any, path: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
             use_safetensors=None if mcfg.allow_unsafe_weights else True,
             attn_implementation=mcfg.attn_implementation,
         )
     except (OSError, ValueError, ImportError, pickle.UnpicklingError) as e:  # the last: weights_only refused a pickle
         raise _load_error(path, e, mcfg.allow_unsafe_weights) from None
+
+
+def adapter_base(path: str) -> str:
+    """The base model a LoRA checkpoint at ``path`` was trained on (its ``base_model_name_or_path``), checked."""
+    base = lora.lora_base_path(path)
+    where = f"{Path(path) / lora.ADAPTER_CONFIG} (base_model_name_or_path)"
+    if base is None:
+        raise SetupError(f"{path} is a LoRA adapter whose {where} names no base model")
+    if (base.startswith(("/", ".", "~")) or Path(base).exists()) and not Path(base).expanduser().is_dir():
+        raise SetupError(f"{path} is a LoRA adapter on the base model {base}, which is not there any more ({where}); "
+                         f"put the base back, or merge the adapter on it where it is: dapo export {path} --merge OUT "
+                         f"--base BASE_DIR")
+    return base
+
+
+def load_model(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The causal LM at ``path`` on ``device``, its weights in ``dtype`` (float32, the master weights of
+    training, unless a sampler asks for its own copy in the compute dtype). ``mcfg``: the model section.
+
+    A LoRA checkpoint at ``path`` (``adapter_config.json``) is the policy it stands for: its base (from
+    ``base_model_name_or_path``) with the adapter merged in, a plain model. ``load_policy`` is the loader
+    that applies ``model.lora_*``."""
+    if lora.is_lora_checkpoint(path):
+        model = lora.merge_adapter(_load_hf(mcfg, adapter_base(path), dtype), path)
+    else:
+        model = _load_hf(mcfg, path, dtype)
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device)
+
+
+def load_policy(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model a trainer trains and a sampler samples with. ``model.lora_rank`` = 0: ``load_model`` in
+    ``dtype`` (None: float32, the master weights). Under LoRA: the frozen base in ``dtype`` (None: the
+    compute dtype) with float32 adapters of ``model.lora_*``, fresh ones (B = 0: the base's policy) or, when
+    ``path`` is a LoRA checkpoint (a resume), the checkpoint's, on the base it names."""
+    if not mcfg.lora_rank:
+        return load_model(mcfg, path, device, dtype or torch.float32)
+    dtype = dtype or compute_dtype(mcfg.dtype, device)
+    adapter = lora.is_lora_checkpoint(path)
+    base = adapter_base(path) if adapter else path
+    if Path(base).is_dir():  # the checkpoints name their base: an absolute path survives a change of directory
+        base = str(Path(base).resolve())
+    model = _load_hf(mcfg, base, dtype)
+    try:
+        lora.apply_lora(model, mcfg.lora_rank, mcfg.lora_alpha, mcfg.lora_dropout, mcfg.lora_targets or None)
+    except ValueError as e:
+        raise SetupError(f"model.lora_targets={','.join(mcfg.lora_targets)}: {e}") from None
+    except ImportError as e:
+        raise SetupError(f"model.lora_rank={mcfg.lora_rank}: {e}") from None
+    if adapter:
+        try:
+            lora.load_lora_checkpoint(model, path)
+        except ValueError as e:
+            raise SetupError(f"model.lora_rank / lora_alpha / lora_targets must match the adapter being continued: "
+                             f"{e}") from None
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device)
+
+
+def save_model(model: torch.nn.Module, path: str | Path) -> None:
+    """A checkpoint's model files: the adapter only under LoRA (``dapo.lora.save_lora_checkpoint``, naming the
+    base the model was loaded from), else the whole model in Hugging Face format."""
+    if lora.has_lora(model):
+        lora.save_lora_checkpoint(model, path)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+
+
+def weights_to_sync(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a weight push sends to the rollout engine: the adapter tensors under LoRA (megabytes; the base
+    never changes), else the whole state dict. Detached views of the live tensors."""
+    return lora.adapter_state_dict(model) if lora.has_lora(model) else model.state_dict()
 
 
 def _declared_tokenizer_class(path: str) -> str | None:
@@ -100,6 +179,8 @@ def load_tokenizer(mcfg: Any, path: str) -> Any:
     a character vocabulary then loses every space and newline when encoding."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if not mcfg.tokenizer and lora.is_lora_checkpoint(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        path = adapter_base(path)  # an adapter saved without its tokenizer (peft's own save_pretrained)
     where = mcfg.tokenizer or path
     plain = _declared_tokenizer_class(where) in ("TokenizersBackend", "PreTrainedTokenizerFast")
     try:
@@ -132,6 +213,8 @@ def generation_config_of(path: str) -> Any:
     """Something with the model's ``generation_config`` (for ``eos_ids``), without loading its weights."""
     from transformers import GenerationConfig
 
+    if lora.is_lora_checkpoint(path):
+        path = adapter_base(path)
     try:
         return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
     except (OSError, ValueError):
@@ -157,9 +240,17 @@ def make_optimizer(ocfg: Any, model: torch.nn.Module) -> tuple[torch.optim.Optim
 
 
 def reference_model(mcfg: Any, model: torch.nn.Module, path: str, ref_path: str | None,
-                    device: torch.device) -> torch.nn.Module:
+                    device: torch.device) -> torch.nn.Module | None:
     """The frozen KL reference: a copy of ``model`` (loaded from ``path``) when ``ref_path`` is that same
-    model or None, else the run's initial model loaded from ``ref_path`` (a resumed run)."""
+    model or None, else the run's initial model loaded from ``ref_path`` (a resumed run). Under LoRA: None,
+    no copy at all: the reference is ``model`` with its adapters switched off (``reference_policy``)."""
+    if lora.has_lora(model):
+        if ref_path is not None and lora.is_lora_checkpoint(ref_path):
+            raise SetupError(f"algo.kl_coef > 0 with model.lora_rank: the KL reference is the base with the adapters "
+                             f"switched off, but model.path={ref_path} is itself an adapter, so that base is not the "
+                             f"run's initial policy. Merge it first (dapo export {ref_path} --merge OUT) and start "
+                             f"from OUT")
+        return None
     if ref_path is None or ref_path == path:
         ref = copy.deepcopy(model)
     else:
@@ -168,3 +259,14 @@ def reference_model(mcfg: Any, model: torch.nn.Module, path: str, ref_path: str 
         except SetupError as e:
             raise SetupError(f"algo.kl_coef > 0: the KL reference is the run's initial model, which did not load: {e}") from None
     return ref.eval().requires_grad_(False)
+
+
+@contextmanager
+def reference_policy(model: torch.nn.Module, ref_model: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
+    """The model to compute reference log-probs with: ``ref_model``, or when there is none (LoRA) ``model``
+    itself with its adapters switched off for the duration (the frozen base)."""
+    if ref_model is not None:
+        yield ref_model
+    else:
+        with lora.adapters_disabled(model) as base:
+            yield base

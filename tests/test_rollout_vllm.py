@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import types
+from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
@@ -107,6 +108,25 @@ def _serialised(x):
     return x
 
 
+@dataclasses.dataclass
+class LoRARequest:  # vllm.lora.request.LoRARequest, the fields dapo sets
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+
+
+def _read_adapter_dir(path, max_rank):
+    """What vLLM reads of a peft adapter directory: adapter_config.json and adapter_model.safetensors."""
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    if config["r"] > max_rank:
+        raise ValueError(f"LoRA rank {config['r']} is greater than max_lora_rank {max_rank}")
+    return config, load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
 class LLM:
     """vllm.LLM, the keywords dapo passes (an unknown one is a TypeError, as EngineArgs makes it)."""
 
@@ -115,8 +135,12 @@ class LLM:
                  max_num_seqs: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool | None = None, enable_sleep_mode: bool = False,
                  logprobs_mode: str = "raw_logprobs", worker_extension_cls: str = "",
-                 tensor_parallel_size: int = 1, distributed_executor_backend: str | None = None):
+                 tensor_parallel_size: int = 1, distributed_executor_backend: str | None = None,
+                 enable_lora: bool = False, max_lora_rank: int = 16, max_loras: int = 1):
+        if enable_lora and max_lora_rank not in (8, 16, 32, 64, 128, 256, 320, 512):
+            raise ValueError(f"max_lora_rank ({max_lora_rank}) must be one of (8, 16, 32, 64, 128, 256, 320, 512)")
         self.kwargs = dict(model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
+                           enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=max_loras,
                            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                            enable_sleep_mode=enable_sleep_mode, logprobs_mode=logprobs_mode,
                            worker_extension_cls=worker_extension_cls, tensor_parallel_size=tensor_parallel_size,
@@ -127,6 +151,7 @@ class LLM:
         ext = getattr(importlib.import_module(mod), cls) if worker_extension_cls else object
         self.worker = type("Worker", (GPUWorker, ext), {})()  # vLLM adds the extension to the worker's bases
         self.sleeping: set[str] = set()
+        self.adapters: dict[int, tuple[dict, dict]] = {}  # lora_int_id -> (adapter_config, tensors) as read
         self.events: list[tuple] = []
         self.returned: list[RequestOutput] = []
         if self.in_process and seed is not None:  # the worker seeds the global generators of this process
@@ -135,9 +160,17 @@ class LLM:
             torch.manual_seed(seed)
         LLM.last = self
 
-    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         if self.sleeping:
             raise RuntimeError(f"generate while {sorted(self.sleeping)} sleep")
+        if lora_request is not None:
+            if not self.kwargs["enable_lora"]:
+                raise ValueError("LoRA is not enabled")
+            if lora_request.lora_int_id < 1:
+                raise ValueError("lora_int_id must be > 0")
+            if lora_request.lora_int_id not in self.adapters:  # vLLM reads an adapter once per id, then caches it
+                self.adapters[lora_request.lora_int_id] = _read_adapter_dir(lora_request.lora_path, self.kwargs["max_lora_rank"])
+            self.events.append(("lora", lora_request.lora_int_id))
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         self.events.append(("generate", len(prompts)))
         outs = []
@@ -196,8 +229,13 @@ def fake_vllm(monkeypatch):
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = TokensPrompt
     vllm.inputs = inputs
+    lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
+    request.LoRARequest = LoRARequest
+    lora.request, vllm.lora = request, lora
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's default; put back (or removed) afterwards
     return vllm
 
@@ -334,3 +372,58 @@ def test_an_aborted_sample_is_an_error_not_a_completion(fake_vllm, tiny_model_di
     monkeypatch.setattr(LLM, "generate", aborted)
     with pytest.raises(RuntimeError, match="'abort'"):
         eng.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=4), [1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_max_rank_is_rounded_up_to_a_value_vllm_accepts():
+    from dapo.rollout.vllm import vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(r) for r in (1, 8, 9, 16, 17, 300, 512)] == [8, 8, 16, 16, 32, 320, 512]
+    with pytest.raises(ValueError, match="up to 512"):
+        vllm_max_lora_rank(513)
+
+
+def test_lora_pushes_become_adapter_requests_and_the_base_is_never_touched(fake_vllm, tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from dapo.lora import adapter_state_dict, apply_lora, load_lora_checkpoint, save_lora_checkpoint
+
+    cfg = load_config(overrides=["data.max_prompt_len=12", "rollout.max_new_tokens=20", "seed=5",
+                                 "model.lora_rank=4", "model.lora_alpha=8"])
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1], cfg)
+    llm = LLM.last
+    assert (llm.kwargs["enable_lora"], llm.kwargs["max_lora_rank"], llm.kwargs["max_loras"]) == (True, 8, 1)
+    p = SamplingParams(n=2, max_new_tokens=5)
+    eng.generate(PROMPTS, p, [1, 2, 3])  # fresh adapters have B = 0: the base is the policy, nothing requested
+    trained = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), rank=4, alpha=8)
+    paths = []
+    for version, seed in ((1, 0), (2, 1)):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for t in adapter_state_dict(trained).values():
+                t.copy_(torch.randn(t.shape, generator=g))
+        sent = adapter_state_dict(trained)
+        eng.load_weights(sent, version)
+        assert eng.weight_version == version
+        eng.generate(PROMPTS, p, [1, 2, 3])
+        paths.append(eng._lora.lora_path)
+        # what vLLM read is this push's adapter, exactly: a peft adapter that puts the same tensors in a model
+        config, tensors = llm.adapters[version]
+        assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8, "LORA")
+        assert sum(t.numel() for t in tensors.values()) == sum(t.numel() for t in sent.values())
+        got = adapter_state_dict(load_lora_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_model_dir), paths[-1]))
+        assert got.keys() == sent.keys() and all(torch.equal(got[k], sent[k]) for k in sent)
+    assert llm.events == [("generate", 3), ("lora", 1), ("generate", 3), ("lora", 2), ("generate", 3)]  # no collective_rpc
+    assert not Path(paths[0]).exists() and Path(paths[1]).exists()  # an adapter no request names again is deleted
+    # a resume: vLLM holds the base the checkpoint names, and the first rollout requests the checkpoint's adapter
+    ckpt = save_lora_checkpoint(trained, tmp_path / "step_2", base_model_path=str(tiny_model_dir))
+    VLLMEngine(str(ckpt), 0, [1], cfg).generate(PROMPTS, p, [1, 2, 3])
+    llm2 = LLM.last
+    assert llm2.kwargs["model"] == llm2.kwargs["tokenizer"] == str(tiny_model_dir)
+    assert llm2.events == [("lora", 1), ("generate", 3)] and llm2.adapters[1][0]["r"] == 4
+    # without model.lora_rank an adapter is not a model vLLM can load
+    with pytest.raises(ValueError, match="dapo export .* --merge OUT"):
+        VLLMEngine(str(ckpt), 0, [1], CFG)

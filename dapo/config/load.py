@@ -58,6 +58,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = typing.get_args(typ)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, args[0]) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))

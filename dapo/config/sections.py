@@ -30,6 +30,20 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa, eager, flash_attention_2."""
+    lora_rank: int = 0
+    """LoRA: train rank-r adapters (float32) on a frozen base instead of every weight; 0 = off (full
+    fine-tuning). Needs peft (``pip install 'dapo[lora]'``). Under LoRA the frozen base is loaded in the
+    compute dtype (``model.dtype``: bfloat16 on CUDA), only the adapters are in the optimiser, Ray workers
+    receive only adapter tensors, checkpoints hold only the adapter (``dapo export RUN/step_N --merge OUT``
+    writes a merged model), and the KL reference is the base with the adapters switched off."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: the update is (lora_alpha / lora_rank) * B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input in training forwards. Keep 0 for RL: a dropout makes the trainer's
+    log-probs differ from the sampler's (dropout off) even on-policy, so ratios start away from 1."""
+    lora_targets: tuple[str, ...] = ()
+    """Modules to adapt, by name or dotted suffix (q_proj,v_proj or mlp.down_proj); empty = every nn.Linear of
+    the attention and MLP blocks (never the LM head or embeddings)."""
 
 
 @dataclass(frozen=True)

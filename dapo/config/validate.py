@@ -32,6 +32,7 @@ def validate(c: Config) -> None:
     _rollout_and_optim(c)
     _data_reward_eval_log(c)
     _dist(c)
+    _lora(c)
 
 
 def _algo(c: Config, agg_modes: tuple[str, ...], kl_kinds: tuple[str, ...]) -> None:
@@ -133,3 +134,19 @@ def _dist(c: Config) -> None:
     if d.trainer_ranks > 1 and o.mini_batch_size * r.group_size % d.trainer_ranks:
         _bad("dist.trainer_ranks", f"each optimiser step's {o.mini_batch_size * r.group_size} responses must split "
                                    f"evenly over {d.trainer_ranks} ranks")
+
+
+def _lora(c: Config) -> None:
+    m = c.model
+    _at_least(c, 0, "model.lora_rank")
+    if not m.lora_rank:
+        return
+    if not m.lora_alpha > 0:
+        _bad("model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
+    if not 0 <= m.lora_dropout < 1:
+        _bad("model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    if any(not t.strip() for t in m.lora_targets):
+        _bad("model.lora_targets", f"has an empty name: {list(m.lora_targets)}")
+    if c.dist.fsdp:
+        _bad("model.lora_rank", "LoRA with dist.fsdp is not supported: the adapters are small enough to replicate; "
+                                "set dist.fsdp=false (replicated trainer ranks train LoRA), or model.lora_rank=0")

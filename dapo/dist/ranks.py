@@ -78,7 +78,7 @@ class TrainerRank:
         return host, _free_port(host)
 
     def setup(self, host: str, port: int) -> dict[str, Any]:
-        from dapo.model import compute_dtype, load_model, make_optimizer, reference_model
+        from dapo.model import compute_dtype, load_policy, make_optimizer, reference_model
 
         cfg = self.cfg
         if self.use_gpu:  # Ray shows the actor only its own GPU(s)
@@ -94,10 +94,10 @@ class TrainerRank:
                                  timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         torch.manual_seed(cfg.seed)
         dtype = compute_dtype(cfg.model.dtype, device)
-        model = load_model(cfg.model, self.path, device)
+        model = load_policy(cfg.model, self.path, device)  # float32, or a compute-dtype base + fp32 adapters
         ref = None
         if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
-            ref = reference_model(cfg.model, model, self.path, self.ref_path, device)
+            ref = reference_model(cfg.model, model, self.path, self.ref_path, device)  # None under LoRA: no copy
         policy = ResponseLogprobs(model, dtype)
         if cfg.dist.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
@@ -146,10 +146,13 @@ class TrainerRank:
         return self.learner.policy
 
     def publish_weights(self, chunk_bytes: int) -> tuple[list, int] | None:
-        """The whole state dict into the object store in chunks (rank 0 returns the refs). Under FSDP each
-        tensor is all-gathered in turn, a collective every rank joins, so only one chunk is ever whole here."""
+        """The whole state dict (under LoRA: the adapter tensors only) into the object store in chunks (rank 0
+        returns the refs). Under FSDP each tensor is all-gathered in turn, a collective every rank joins, so only
+        one chunk is ever whole here."""
+        from dapo.model import weights_to_sync
+
         self._resharded()
-        whole = ((k, whole_tensor(v)) for k, v in self.learner.model.state_dict().items())
+        whole = ((k, whole_tensor(v)) for k, v in weights_to_sync(self.learner.model).items())
         if self.rank == 0:
             return put_chunks(whole, chunk_bytes)
         if self.learner.dp.fsdp:
@@ -185,11 +188,14 @@ class TrainerRank:
         p.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
 
     def save_pretrained(self, path: str) -> None:
-        """Hugging Face files of the whole model, written by rank 0 (``path`` must be visible to it)."""
+        """Hugging Face files of the whole model (under LoRA: the adapter), written by rank 0 (``path`` must be
+        visible to it)."""
+        from dapo.model import save_model
+
         p = self.learner
         if not p.dp.fsdp:
             if self.rank == 0:
-                p.model.save_pretrained(path, safe_serialization=True)
+                save_model(p.model, path)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from transformers import AutoModelForCausalLM
@@ -264,7 +270,7 @@ class RankGroup:
         return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what=what)[0]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's tensors, gathered in this process (for an engine here)."""
+        """The whole model's tensors (under LoRA: the adapter tensors), gathered in this process (for an engine here)."""
         refs, _ = self._publish("gathering weights")
         sd: dict[str, torch.Tensor] = {}
         for ref in refs:

@@ -79,17 +79,21 @@ class RolloutWorker:
     """A Ray actor owning one rollout engine (HF or vLLM) on its own copy of the model."""
 
     def __init__(self, cfg: Config, path: str, pad_id: int, eos: list[int], use_gpu: bool):
+        self.whole = cfg.model.lora_rank > 0
+        """LoRA: the pushes carry adapter tensors only (megabytes), applied in one call once all have arrived
+        (a vLLM engine turns them into one adapter)."""
         device = torch.device("cuda" if use_gpu else "cpu")  # Ray shows the actor only its own GPU
         if cfg.rollout.engine == "vllm":
             from dapo.rollout.vllm import VLLMEngine
 
             self.engine: Any = VLLMEngine(path, pad_id, eos, cfg)
         else:
-            from dapo.model import load_model, sampler_dtype
+            from dapo.model import load_policy, sampler_dtype
             from dapo.rollout.hf import HFEngine
 
-            # a sampler only: its copy of the weights in rollout.dtype / the compute dtype (the trainer keeps float32)
-            model = load_model(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
+            # a sampler only: its copy of the weights in rollout.dtype / the compute dtype (the trainer keeps
+            # float32); under LoRA the base in that dtype with its own float32 adapters, which the pushes fill
+            model = load_policy(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
             self.engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
 
     def info(self) -> dict[str, Any]:
@@ -100,20 +104,28 @@ class RolloutWorker:
 
     def load_weights(self, refs: ChunkRefs, n_tensors: int, version: int) -> int:
         """Copy the chunks in one at a time; stamp ``version`` only if all ``n_tensors`` arrived and, for an
-        HF engine, they named every tensor of the model and nothing else."""
-        own = set(self.engine.model.state_dict()) if hasattr(self.engine, "model") else None
+        HF engine, they named every tensor of the model (every adapter tensor under LoRA) and nothing else."""
+        from dapo.model import weights_to_sync
+
+        own = set(weights_to_sync(self.engine.model)) if hasattr(self.engine, "model") else None
         seen: set[str] = set()
+        held: dict[str, torch.Tensor] = {}
         for ref in refs:
             chunk = ray.get(ref)
             if own is not None and not own.issuperset(chunk):
                 raise DistError(f"weights v{version}: unknown tensors {sorted(set(chunk) - own)[:5]}")
-            self.engine.load_weights(chunk, self.engine.weight_version)  # keep the old version until the end
+            if self.whole:
+                held.update(chunk)
+            else:
+                self.engine.load_weights(chunk, self.engine.weight_version)  # keep the old version until the end
             seen.update(chunk)
             del chunk
         missing = sorted(own - seen) if own is not None else []
         if len(seen) != n_tensors or missing:
             raise DistError(f"weights v{version}: {len(seen)} of {n_tensors} tensors arrived, missing {missing[:5]}; "
                             f"keeping v{self.engine.weight_version}")
+        if self.whole:
+            self.engine.load_weights(held, self.engine.weight_version)
         self.engine.weight_version = int(version)
         return self.engine.weight_version
 

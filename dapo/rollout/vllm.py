@@ -35,6 +35,15 @@ declares support for. The facts relied on, from vLLM's docs and sources in that 
 - building the in-process engine seeds Python's, NumPy's and torch's global generators with the vLLM
   seed (vLLM's docs warn of it); the caller's generator states are put back afterwards.
 
+LoRA (``model.lora_rank`` > 0), written against vLLM's documented LoRA API (``LLM(enable_lora=True,
+max_lora_rank=..., max_loras=...)``, ``generate(..., lora_request=LoRARequest(name, int_id, path))``):
+vLLM holds the base (the model a LoRA checkpoint names, on a resume) and each weight push, adapter
+tensors only, is written as a peft adapter directory (megabytes) that the next ``generate`` names in a
+``LoRARequest`` with a new integer id, so vLLM loads it instead of serving the previous one from its
+cache; no base weight moves. ``max_lora_rank`` is the rank rounded up to a value vLLM accepts (8, 16, 32,
+64, 128, 256, 320, 512). Until the first push (fresh adapters, B = 0) it samples the base, which is the
+same policy. Only our side is tested (the stand-in vllm module), not vLLM's LoRA kernels.
+
 Other differences from ``HFEngine``: samples are seeded per prompt (``SamplingParams.seed``), so
 reproducible for one vLLM build and GPU, but not the same samples as ``HFEngine`` for a seed; and
 ``Completion.logprobs`` are vLLM's ``processed_logprobs`` (after temperature, and after top-p / top-k
@@ -57,6 +66,15 @@ from dapo.rollout.base import Completion, SamplingParams
 _MISSING = ("rollout.engine=vllm needs vLLM, which is not installed here: pip install vllm (Linux with an NVIDIA "
             "GPU; pip install 'dapo[vllm]' gets the versions this engine is written for), or use rollout.engine=hf")
 _TAGS = ("weights", "kv_cache")  # what sleep(level=1) releases, and wake_up(tags=...) restores
+_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's LoRA config accepts for max_lora_rank
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
+    for r in _MAX_LORA_RANKS:
+        if rank <= r:
+            return r
+    raise ValueError(f"model.lora_rank={rank}: vLLM serves LoRA ranks up to {_MAX_LORA_RANKS[-1]}")
 
 
 def _import_vllm() -> Any:
@@ -119,10 +137,21 @@ class VLLMEngine:
                                  else cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
         self.colocated = bool(colocated)
         self._asleep: set[str] = set()
+        self.lora_rank, self.lora_alpha = cfg.model.lora_rank, cfg.model.lora_alpha
+        self._lora: Any = None  # the LoRARequest every generate names (None: the base alone)
+        model, tokenizer, extra = path, cfg.model.tokenizer or path, {}
+        if self.lora_rank:
+            model, tokenizer, extra = self._lora_setup(path, cfg)
+        else:
+            from dapo.lora import is_lora_checkpoint
+
+            if is_lora_checkpoint(path):
+                raise ValueError(f"rollout.engine=vllm: {path} is a LoRA adapter, which vLLM cannot load as a model "
+                                 f"with model.lora_rank=0; merge it first: dapo export {path} --merge OUT")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the LLM is built: engine core in-process
         with _global_rng_kept():
             self.llm = vllm.LLM(
-                model=path, tokenizer=cfg.model.tokenizer or path,
+                model=model, tokenizer=tokenizer, **extra,
                 dtype=cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_num_seqs=cfg.rollout.batch_size,
@@ -130,6 +159,47 @@ class VLLMEngine:
                 logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.WeightLoader",
                 tensor_parallel_size=1, distributed_executor_backend="uni",
             )
+
+    def _lora_setup(self, path: str, cfg: Config) -> tuple[str, str, dict[str, Any]]:
+        """(model, tokenizer, LoRA keywords of ``LLM``); a LoRA checkpoint at ``path`` (a resume) is served on
+        the base it names from a copy (the run may prune the checkpoint before vLLM reads it)."""
+        import shutil
+        import tempfile
+        import weakref
+
+        from dapo.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_lora_checkpoint
+        from dapo.model import adapter_base
+
+        self._lora_root = tempfile.mkdtemp(prefix="dapo-vllm-lora-")
+        weakref.finalize(self, shutil.rmtree, self._lora_root, True)
+        self._lora_id = 0
+        model = path
+        if is_lora_checkpoint(path):
+            model = adapter_base(path)
+            adapter = self._next_adapter_dir()
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.copy2(os.path.join(path, name), adapter / name)
+            self._use_adapter(adapter)
+        lora = {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(self.lora_rank), "max_loras": 1}
+        return model, cfg.model.tokenizer or model, lora
+
+    def _next_adapter_dir(self) -> Any:
+        from pathlib import Path
+
+        self._lora_id += 1  # vLLM caches adapters by this id: a new one makes it read the new files
+        d = Path(self._lora_root) / f"v{self._lora_id}"
+        d.mkdir()
+        return d
+
+    def _use_adapter(self, adapter_dir: Any) -> None:
+        import shutil
+
+        from vllm.lora.request import LoRARequest
+
+        old = self._lora
+        self._lora = LoRARequest(f"dapo-{self._lora_id}", self._lora_id, str(adapter_dir))
+        if old is not None:  # never requested again: the next generate names the new id
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def _wake(self, *tags: str) -> None:
         """Wake the given memory tags that sleep (waking an awake tag is not something to rely on)."""
@@ -155,7 +225,8 @@ class VLLMEngine:
                for s in seeds]
         inputs = [self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts]
         self._wake(*_TAGS)
-        outs = self.llm.generate(inputs, sampling_params=sps, use_tqdm=False)
+        lora = {"lora_request": self._lora} if self._lora is not None else {}
+        outs = self.llm.generate(inputs, sampling_params=sps, use_tqdm=False, **lora)
         if self.colocated:
             self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed: the GPU is the trainer's now
             self._asleep.update(_TAGS)
@@ -178,7 +249,17 @@ class VLLMEngine:
         return comps
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Copy ``state_dict`` (Hugging Face names; any device) into vLLM's model and stamp ``version``."""
+        """Copy ``state_dict`` (Hugging Face names; any device) into vLLM's model and stamp ``version``. Under
+        LoRA ``state_dict`` holds the adapter tensors only (``dapo.lora.adapter_state_dict``'s names): they
+        become the adapter the next rollouts request."""
+        if self.lora_rank:
+            from dapo.lora import save_adapter_state
+
+            adapter = self._next_adapter_dir()
+            save_adapter_state(state_dict, adapter, self.lora_rank, self.lora_alpha)
+            self._use_adapter(adapter)
+            self.weight_version = int(version)
+            return
         self._wake("weights")  # the KV cache stays asleep until the next rollout
         self.llm.collective_rpc("dapo_load_weights", args=(list(state_dict.items()),))
         self.llm.reset_prefix_cache()

@@ -11,7 +11,7 @@ import torch
 
 from dapo.config import Config
 from dapo.model import (
-    SetupError, compute_dtype, eos_ids, generation_config_of, load_model, load_tokenizer, make_optimizer,
+    SetupError, compute_dtype, eos_ids, generation_config_of, load_policy, load_tokenizer, make_optimizer,
     reference_model, resolve_device, sampler_dtype,
 )
 from dapo.problems import Problems, load_problems
@@ -101,7 +101,7 @@ def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer:
     learner: Any = None
     model = None
     if not remote_train:  # the driver holds a model only when it trains (and then samples with it) here
-        model = load_model(cfg.model, path, device)
+        model = load_policy(cfg.model, path, device)  # float32, or under LoRA a compute-dtype base + fp32 adapters
         optimizer, scheduler = make_optimizer(cfg.optim, model)
         ref = reference_model(cfg.model, model, path, ref_path, device) if ref_path is not None else None
         learner = Learner(cfg, model, optimizer, scheduler, pad_id, device, dtype, ref)
@@ -131,7 +131,7 @@ def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer:
 
         engine = VLLMEngine(path, pad_id, eos, cfg, colocated=True)  # training shares this GPU
     elif model is None or cfg.rollout.dtype != "auto":  # the sampler's own copy of the weights
-        own = load_model(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
+        own = load_policy(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
         engine = HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size)
     else:  # the sampler runs the trained model itself, in the compute dtype
         engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)

@@ -1,6 +1,7 @@
 """Checkpoints that survive a crash: written to a temporary directory, checksummed, renamed into place.
 
-A checkpoint ``step_N/`` holds the model and tokenizer in Hugging Face format (safetensors), the
+A checkpoint ``step_N/`` holds the model and tokenizer in Hugging Face format (safetensors; under LoRA only
+the adapter, ``adapter_model.safetensors`` + ``adapter_config.json`` naming its base: see ``dapo.lora``), the
 optimiser, scheduler, RNG, data-cursor and dynamic-sampling state in ``trainer_state.pt`` (plain
 tensors and Python types only, so it loads with ``torch.load(weights_only=True)``), and
 ``manifest.json`` with every file's size and SHA-256. A directory without a valid manifest is partial

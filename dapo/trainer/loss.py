@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dapo.algo import aggregate_loss, get_policy_loss, kl_penalty, mismatch_stats, rollout_is_weights, rollout_sequence_mask
+from dapo.model import reference_policy
 from dapo.trainer.policy import make_seq_batch, response_logprobs
 
 _CHUNK_ROWS = 512
@@ -59,8 +60,8 @@ def micro_pass(learner: Any, batch: Any, old_logp: list[list[float]], rows: list
     w = pad_logps([batch.is_weights[i] for i in rows], T).to(learner.device) if batch.is_weights and rows else None
     loss_tok, stats = get_policy_loss(a.policy_loss)(logp, old, adv, mask, a.eps_low, a.eps_high, a.clip_c, w)
     if a.kl_coef > 0:
-        with torch.no_grad():
-            ref_logp, _ = response_logprobs(learner.ref_model, seq_batch, learner.cfg.rollout.temperature,
+        with torch.no_grad(), reference_policy(learner.model, learner.ref_model) as ref:  # LoRA: adapters off
+            ref_logp, _ = response_logprobs(ref, seq_batch, learner.cfg.rollout.temperature,
                                             compute_dtype=learner.compute_dtype)
         kl = kl_penalty(logp, ref_logp, a.kl_kind)
         loss_tok = loss_tok + a.kl_coef * kl * mask

@@ -48,6 +48,8 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from or None). Never reuses a finished run's directory silently."""
     if cfg.ckpt.resume:
         source, ckpt = resume_source(cfg)
+        if ckpt is not None:
+            _same_kind(cfg, ckpt)
         if _names_another_run(cfg, source):
             branch = Path(cfg.log.out_dir) / cfg.log.run_name
             if branch.exists() and any(branch.iterdir()):
@@ -71,6 +73,19 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
                          f"ckpt.resume={run_dir} or choose another log.run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, None
+
+
+def _same_kind(cfg: Config, ckpt: Path) -> None:
+    """A LoRA checkpoint (adapter + the adapters' optimiser state) resumes only as LoRA, a full one only as full
+    fine-tuning: the optimiser state belongs to the parameters that were trained."""
+    from dapo.lora import is_lora_checkpoint
+
+    adapter = is_lora_checkpoint(ckpt)
+    if adapter != (cfg.model.lora_rank > 0):
+        held = "a LoRA adapter and its optimiser state" if adapter else "a full model and its optimiser state"
+        raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: {ckpt.name} holds {held}, but model.lora_rank="
+                         f"{cfg.model.lora_rank}: resume with the run's own model.lora_* settings (its config.yaml), or "
+                         f"start a new run from it (model.path={ckpt}{'' if adapter else ' model.lora_rank=R'})")
 
 
 def _names_another_run(cfg: Config, source: Path) -> bool:

@@ -22,6 +22,7 @@ import torch
 from dapo.algo import group_advantages
 from dapo.config import Config
 from dapo.items import Group
+from dapo.model import save_model, weights_to_sync
 from dapo.rollout.base import Completion, derive_seed
 from dapo.trainer.loss import micro_batches_of, micro_pass, rank_micro_batches
 from dapo.trainer.policy import ResponseLogprobs, make_seq_batch
@@ -310,7 +311,7 @@ class Learner:
 
     def push_weights(self, engine: Any, version: int) -> None:
         """The new weights to the rollout engine (which only counts them when it shares this model)."""
-        engine.load_weights(self.model.state_dict(), version)
+        engine.load_weights(weights_to_sync(self.model), version)  # under LoRA: the adapters only
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -322,7 +323,7 @@ class Learner:
         self.bad_streak = int(state.get("bad_streak", state.get("bad_in_a_row", 0)))
 
     def save_pretrained(self, path: Any) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
+        save_model(self.model, path)  # under LoRA: the adapter only
 
     def finite_weights(self) -> list[str]:
         """Names of parameter tensors holding NaN or inf (empty when all is well)."""

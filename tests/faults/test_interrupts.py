@@ -97,6 +97,34 @@ def test_sigkill_at_a_random_moment_with_carried_groups(ref_carry, tiny_model_di
     assert_clean(run)
 
 
+LORA = ["model.lora_rank=4", "model.lora_alpha=8"]
+
+
+def test_sigkill_of_a_lora_run_resumes_to_identical_metrics_and_adapter(tiny_model_dir, tmp_path):
+    """A LoRA checkpoint (adapter + its AdamW state, on the base it names) resumes exactly as well."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from dapo.lora import ADAPTER_WEIGHTS
+
+    assert cli_main(["train", *args(tiny_model_dir, tmp_path, "ref", *LORA)]) == 0
+    ref_rows = fk.metrics(tmp_path / "ref")
+    rng = random.Random(os.environ.get("DAPO_FAULT_SEED", "lora"))
+    after_step, delay = rng.randint(2, STEPS - 2), rng.uniform(0, 0.6)
+    run = tmp_path / "k"
+    p = fk.start(args(tiny_model_dir, tmp_path, "k", *LORA), tmp_path / "k.log")
+    assert fk.wait_for(lambda: fk.steps_logged(run) >= after_step, 180, p)
+    fk.wait_for(lambda: False, delay, p)
+    fk.sigkill(p)
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and not (ckpt / "model.safetensors").exists() and (ckpt / ADAPTER_WEIGHTS).exists()
+    resume(run)
+    assert fk.first_difference(ref_rows, fk.metrics(run)) is None
+    assert_clean(run)
+    a, b = (load_file(str(d / f"step_{STEPS}" / ADAPTER_WEIGHTS)) for d in (tmp_path / "ref", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sigkill_before_the_first_checkpoint_starts_the_run_again(ref, tiny_model_dir, tmp_path):
     run = tmp_path / "k"
     p = fk.start(args(tiny_model_dir, tmp_path, "k"), tmp_path / "k.log")
