@@ -486,7 +486,7 @@ def train_args(model: Path, data: Path, run_dir: Path, steps: int, ranks: int, f
         "--model", str(model), "--data", str(data), "--reward", "math", "data.template=dapo_math+chat",
         "rollout.group_size=4", "optim.train_batch_size=4", f"optim.mini_batch_size={mini_batch}",
         "rollout.max_new_tokens=128", "algo.overlong_cache_len=32", "algo.dynamic_sampling=false",
-        f"optim.steps={steps}", "data.eval_size=8", f"model.dtype={dtype}", f"dist.trainer_ranks={ranks}",
+        f"optim.steps={steps}", "eval.size=8", f"model.dtype={dtype}", f"dist.trainer_ranks={ranks}",
         "log.progress=plain", "log.tensorboard=false", f"log.out_dir={run_dir.parent}", f"log.run_name={run_dir.name}",
     ]
     if fsdp:

@@ -19,7 +19,7 @@ import realshape as rs  # noqa: E402
 
 from dapo.data.files import load_examples  # noqa: E402
 from dapo.data.templates import DAPO_MATH_PREFIX, DAPO_MATH_SUFFIX  # noqa: E402
-from dapo.trainer.prompts import encode_prompts  # noqa: E402
+from dapo.problems import encode_prompts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,10 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tok_dir):
-    from transformers import AutoTokenizer
+    from dapo.config import ModelConfig
+    from dapo.model import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(tok_dir)  # as dapo loads it (dapo.trainer.setup.load_tokenizer)
+    return load_tokenizer(ModelConfig(), str(tok_dir))  # as dapo loads it
 
 
 @pytest.fixture(scope="module")
