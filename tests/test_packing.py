@@ -16,7 +16,7 @@ from dapo.rollout.base import Completion
 from dapo.trainer import loss as loss_mod
 from dapo.trainer.loss import micro_batches_of, rollout_correction
 from dapo.trainer.policy import make_packed_batch, make_seq_batch, response_logprobs
-from dapo.trainer.ragged import Ragged
+from dapo.ragged import Ragged
 from dapo.trainer.update import Learner, TrainBatch
 
 
@@ -40,6 +40,31 @@ def test_completion_holds_tensors_compares_by_value_and_converts_lists():
     assert c != Completion(0, [5, 6, 2], [-0.5, -1.25, -0.125], "stop", 3)
     with pytest.raises(ValueError, match="equal length"):
         Completion(0, [5, 6], [-0.5], "stop")
+
+
+def test_completions_and_ragged_buffers_pickle_as_numpy_and_come_back_as_writable_tensors():
+    import pickle
+
+    import numpy as np
+
+    from dapo.ragged import from_pickled
+
+    c = Completion(2, [5, 6, 1], [-0.5, -1.25, -0.125], "stop", 3, {"k": 1})
+    back = pickle.loads(pickle.dumps(c, protocol=5))
+    assert back == c and back.extra == {"k": 1} and back.token_ids.dtype == torch.long
+    back.logprobs += 1.0  # its own writable storage
+    assert c.logprobs[0] == -0.5
+    r = Ragged.of([[1, 2], [], [3]], torch.long)
+    buffers = []
+    data = pickle.dumps(r, protocol=5, buffer_callback=buffers.append)  # out of band, as Ray sends numpy
+    assert len(buffers) == 2
+    r2 = pickle.loads(data, buffers=buffers)
+    assert r2.tolist() == [[1, 2], [], [3]] and r2.offsets.dtype == torch.long
+    ro = np.arange(3)
+    ro.flags.writeable = False  # Ray's object store hands out read-only buffers: copied, never aliased
+    t = from_pickled(ro)
+    t += 1
+    assert ro.tolist() == [0, 1, 2] and t.tolist() == [1, 2, 3]
 
 
 def test_carried_groups_survive_a_weights_only_checkpoint_and_old_list_checkpoints_still_load():

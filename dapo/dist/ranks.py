@@ -26,7 +26,7 @@ from dapo.dist.cluster import Cluster, wait_all, where
 from dapo.dist.rollout import put_chunks, sample_in_slices
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
-from dapo.trainer.ragged import Ragged
+from dapo.ragged import Ragged
 from dapo.trainer.update import DataParallel, Learner, TrainBatch, whole_tensor
 
 

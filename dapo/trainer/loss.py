@@ -13,7 +13,7 @@ import torch
 
 from dapo.algo import aggregate_loss, get_policy_loss, kl_penalty, mismatch_stats, rollout_is_weights, rollout_sequence_mask
 from dapo.trainer.policy import PackedBatch, SeqBatch, make_packed_batch, make_seq_batch, response_logprobs
-from dapo.trainer.ragged import Ragged
+from dapo.ragged import Ragged
 
 _CHUNK_ROWS = 512
 

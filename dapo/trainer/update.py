@@ -25,7 +25,7 @@ from dapo.items import Group
 from dapo.rollout.base import Completion, derive_seed
 from dapo.trainer.loss import micro_batches_of, micro_pass, micro_seqs, rank_micro_batches
 from dapo.trainer.policy import ResponseLogprobs
-from dapo.trainer.ragged import Ragged
+from dapo.ragged import Ragged
 
 
 class TrainingError(RuntimeError):
