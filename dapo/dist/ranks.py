@@ -24,9 +24,9 @@ import torch.distributed as tdist
 from dapo.config import Config
 from dapo.dist.cluster import Cluster, wait_all, where
 from dapo.dist.rollout import put_chunks, sample_in_slices
+from dapo.ragged import Ragged
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
-from dapo.ragged import Ragged
 from dapo.trainer.update import DataParallel, Learner, TrainBatch, whole_tensor
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from dapo.algo import aggregate_loss, get_policy_loss, kl_penalty, mismatch_stats, rollout_is_weights, rollout_sequence_mask
-from dapo.trainer.policy import PackedBatch, SeqBatch, make_packed_batch, make_seq_batch, response_logprobs
 from dapo.ragged import Ragged
+from dapo.trainer.policy import PackedBatch, SeqBatch, make_packed_batch, make_seq_batch, response_logprobs
 
 _CHUNK_ROWS = 512
 

@@ -22,10 +22,10 @@ import torch
 from dapo.algo import group_advantages
 from dapo.config import Config
 from dapo.items import Group
+from dapo.ragged import Ragged
 from dapo.rollout.base import Completion, derive_seed
 from dapo.trainer.loss import micro_batches_of, micro_pass, micro_seqs, rank_micro_batches
 from dapo.trainer.policy import ResponseLogprobs
-from dapo.ragged import Ragged
 
 
 class TrainingError(RuntimeError):
