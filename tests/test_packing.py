@@ -133,6 +133,15 @@ def test_rollout_correction_equals_the_library_on_each_response_alone(monkeypatc
     assert m["mismatch/logp_abs_diff"] == pytest.approx(float(diff.mean()), rel=1e-5)
 
 
+def test_rollout_correction_with_nothing_in_the_loss_is_neutral():
+    cfg = load_config(overrides=["algo.rollout_is=token"])
+    b, old = _mismatch_batch()
+    b.loss_mask[:] = 0.0  # e.g. every response truncated, under the overlong filter
+    m = rollout_correction(b, old, cfg)
+    assert m["mismatch/logp_abs_diff"] == 0.0 and m["mismatch/ratio_max"] == 1.0 and m["mismatch/masked_frac"] == 0.0
+    assert torch.equal(b.is_weights.values, torch.ones_like(old.values))
+
+
 # ------------------------------------------------------------------------------------------ token-budget planning
 
 

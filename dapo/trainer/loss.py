@@ -123,7 +123,7 @@ def rollout_correction(batch: Any, old_logp: Ragged, cfg: Any) -> dict[str, floa
     sums, ntok, ratio_max, n_seq, n_masked = {"logp_abs_diff": 0.0, "kl": 0.0}, 0.0, 0.0, 0, 0
     is_sums: dict[str, float] = {}
     weights = torch.ones_like(batch.behaviour_logp.values) if a.rollout_is == "token" else None
-    for chunk in rows.split(_CHUNK_ROWS):
+    for chunk in rows.split(_CHUNK_ROWS) if len(rows) else ():  # (an empty tensor splits into one empty chunk)
         n_rows = lens[chunk]  # (c,)
         T = int(n_rows.max())
         old = old_logp.padded(chunk, T)  # (c, T)
