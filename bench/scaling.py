@@ -263,7 +263,7 @@ def kv_one(model_path: Path, mode: str) -> dict[str, Any]:
             "child_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "kv_peak_mb": peak_kv[0] / 2**20, "mean_len": sum(lens) / len(lens), "median_len": lens[len(lens) // 2],
             "max_len": lens[-1], "stopped": sum(c.finish_reason == "stop" for c in comps), "rows": len(comps),
-            "samples_sha1": hashlib.sha1(json.dumps([c.token_ids for c in comps]).encode()).hexdigest()}
+            "samples_sha1": hashlib.sha1(json.dumps([c.token_ids.tolist() for c in comps]).encode()).hexdigest()}
 
 
 def kv_memory(a: argparse.Namespace, tmp: str) -> list[dict]:

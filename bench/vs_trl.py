@@ -20,6 +20,27 @@ time runs from the "go" command to the end of the RL step, as the worker sees it
 on_step callback; TRL: a TrainerCallback at the rollout's last on_step_end). The split:
 gen = generation, old_logp = old log-probs (no grad), update = the rest (optimiser steps, scoring, bookkeeping).
 
+Roofline columns (``gen %``, ``train %``, ``step %``): each side's model FLOPs per step over its time, as a
+fraction of this machine's fp32 GEMM rate measured in the same run (``torch.matmul`` at the step's shapes,
+a short burst after every A-B pair, with the sides' thread count). Model FLOPs, the usual count
+(Kaplan et al. 2020; MFU-style: work the model needs, not what an implementation recomputes, so the old
+log-prob pass is not counted): N = parameters that multiply (all of them, less the input embedding
+when it is not tied to the LM head), d = hidden size, n_layer layers, P prompts of p tokens, G responses
+of r tokens each (the step's mean), S = p + r:
+
+    generation = 2 N (P p + P G r)                         prefill of each prompt once, one forward per new token
+               + 4 d n_layer (P p (p+1)/2 + P G (r p + r (r+1)/2))   attention: QK^T and AV, 2 d FLOPs each
+                                                           per (query, key) pair, causal
+    training   = 3 x [2 N P G S + 4 d n_layer P G S (S+1)/2] x k     forward + backward of the responses in
+                                                           the loss: k = 1 - truncated fraction with overlong
+                                                           filtering (a masked response needs no gradient), else 1
+
+gen % = generation / gen_s / GEMM rate at the decode shapes (P G rows x d @ d x ffn and back);
+train % = training / (step_s - gen_s) / GEMM rate at a micro-batch's shapes (mini G S rows); step % =
+(generation / gen rate + training / train rate) / step_s: the share of the step the machine would need
+at its GEMM rate. Small models on a CPU spend most of a step outside GEMMs, so these are low; they say
+how far each side is from what the arithmetic would allow, not which side does more work.
+
 ``--procs N`` runs each side data-parallel over N processes, the way each framework does it: dapo as N Ray
 trainer ranks that also sample (``dist.trainer_ranks=N dist.rollout_on_ranks=true``; Ray gives each rank
 one CPU and one thread, whatever ``--threads``); TRL as N ``torch.distributed`` (gloo) processes under
@@ -212,6 +233,75 @@ def trl_worker(a: argparse.Namespace, pipe: Pipe | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# roofline: model FLOPs of a step and this machine's GEMM rate at its shapes (see the docstring)
+
+
+def model_dims(path: Path) -> dict[str, int]:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    d, V = cfg["hidden_size"], cfg["vocab_size"]
+    n = n_params(path)
+    return {"N": n - (0 if cfg.get("tie_word_embeddings", False) else V * d), "d": d, "layers": cfg["num_hidden_layers"],
+            "ffn": cfg["intermediate_size"]}
+
+
+def step_flops(dims: dict[str, int], P: int, G: int, p: float, r: float, k: float = 1.0) -> tuple[float, float]:
+    """(generation, training) model FLOPs of one RL step: the formulas in the module docstring (``k``: the
+    fraction of responses in the loss)."""
+    N, att = dims["N"], 4 * dims["d"] * dims["layers"]
+    S = p + r
+    gen = 2 * N * (P * p + P * G * r) + att * (P * p * (p + 1) / 2 + P * G * (r * p + r * (r + 1) / 2))
+    train = 3 * (2 * N * P * G * S + att * P * G * S * (S + 1) / 2) * k
+    return gen, train
+
+
+def gemm_rate(M: int, dims: dict[str, int], seconds: float = 0.25) -> float:
+    """fp32 FLOP/s of torch.matmul at (M x d) @ (d x ffn) and (M x ffn) @ (ffn x d), the bulk of a layer's work."""
+    import torch
+
+    d, f = dims["d"], dims["ffn"]
+    pairs = [(torch.randn(M, d), torch.randn(d, f)), (torch.randn(M, f), torch.randn(f, d))]
+    for x, w in pairs:  # warm up
+        torch.matmul(x, w)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for x, w in pairs:
+            torch.matmul(x, w)
+        n += 1
+    return n * 2 * (2 * M * d * f) / (time.perf_counter() - t0)
+
+
+def mean_prompt_tokens(path: Path, a: argparse.Namespace) -> float:
+    """Mean prompt length in tokens over the prompts both sides draw (the task's stream from the same seed)."""
+    from transformers import AutoTokenizer
+
+    from dapo.data.tasks import get_task, task_splits
+
+    tok = AutoTokenizer.from_pretrained(path)
+    _, stream = task_splits(get_task("addition"), a.seed, 0)
+    exs = stream.take(a.prompts * (a.warmup + a.steps + 1))
+    return sum(len(tok(e.prompt, add_special_tokens=False)["input_ids"]) for e in exs) / len(exs)
+
+
+def roofline(out: dict[str, Any], res: dict[str, list[dict]], rates: dict[str, list[float]], dims: dict[str, int],
+             p: float, a: argparse.Namespace) -> None:
+    """Adds each side's model FLOPs and its gen / train / step fractions of the GEMM rate to ``out``."""
+    g_rate, t_rate = summary(rates["gen"])["median"], summary(rates["train"])["median"]
+    out["gemm_gflops"] = {"gen": g_rate / 1e9, "train": t_rate / 1e9, "gen_shape": rates["gen_shape"],
+                          "train_shape": rates["train_shape"]}
+    out["mean_prompt_tokens"] = p
+    for side in SIDES:
+        rs = res[side]
+        r = summary([x["tokens"] for x in rs])["median"] / (a.prompts * a.G)  # mean response tokens
+        k = 1.0 if a.no_overlong_filter else 1.0 - out[side]["truncated_frac"]
+        gen, train = step_flops(dims, a.prompts, a.G, p, r, k)
+        step, gen_s = out[side]["step_s"]["median"], out[side]["gen_s"]
+        out[side]["model_gflop"] = {"gen": gen / 1e9, "train": train / 1e9}
+        out[side]["gen_pct_gemm"] = 100 * gen / max(gen_s, 1e-9) / g_rate
+        out[side]["train_pct_gemm"] = 100 * train / max(step - gen_s, 1e-9) / t_rate
+        out[side]["step_pct_gemm"] = 100 * (gen / g_rate + train / t_rate) / step
+
+
+# --------------------------------------------------------------------------------------------------
 # parent side
 
 
@@ -264,6 +354,10 @@ class Worker:
 def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
     path = model_dir(kind, tmp)
     print(f"[{kind}] {n_params(path) / 1e6:.2f}M parameters at {path}", file=sys.stderr)
+    dims, p = model_dims(path), mean_prompt_tokens(path, a)
+    # the GEMM shapes: the decode batch (every response of the rollout at once), a training micro-batch's tokens
+    rates: dict[str, Any] = {"gen": [], "train": [], "gen_shape": [a.prompts * a.G, dims["d"], dims["ffn"]],
+                             "train_shape": [a.mini * a.G * round(p + a.max_new / 2), dims["d"], dims["ffn"]]}
     workers = {}
     try:
         for side in SIDES:  # set up one at a time: neither's warm-up slows the other's
@@ -279,6 +373,8 @@ def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
                 print(f"[{kind}] step {i + 1} {side}: {r['wall']:.3f}s (gen {r['gen']:.3f}, old_logp "
                       f"{r['old_logp']:.3f}, update {r['update']:.3f}, cpu {r['cpu']:.3f}, {r['tokens']:.0f} tokens)",
                       file=sys.stderr)
+            for k in ("gen", "train"):  # the machine's GEMM rate under this pair's load, the sides idle meanwhile
+                rates[k].append(gemm_rate(rates[f"{k}_shape"][0], dims))
     finally:
         for w in workers.values():
             w.close()
@@ -302,6 +398,7 @@ def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
     pairs = [d["wall"] / t["wall"] for d, t in zip(res["dapo"], res["trl"])]
     out["ratio_pairs"] = summary(pairs)
     out["ratio_cpu"] = out["dapo"]["cpu_s"] / out["trl"]["cpu_s"]
+    roofline(out, res, rates, dims, p, a)
     return out
 
 
@@ -348,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                              "old_logp_s": s["old_logp_s"], "update_s": s["update_s"],
                              "tokens/step": s["tokens_per_step"], "tokens/s": s["tokens_per_s"],
                              "trunc": s["truncated_frac"], "cpu_s": s["cpu_s"],
+                             "gen %": s["gen_pct_gemm"], "train %": s["train_pct_gemm"], "step %": s["step_pct_gemm"],
                              "dapo/trl": r["ratio_median"] if side == "dapo" else 1.0})
     shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads",
                                         "procs", "no_overlong_filter")}
@@ -358,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         p = r["ratio_pairs"]
         print(f"{r['model']}: dapo/trl median {r['ratio_median']:.3f}; per A-B pair median {p['median']:.3f} "
               f"(min {p['min']:.3f}, max {p['max']:.3f}); process CPU time {r['ratio_cpu']:.3f}")
+        g = r["gemm_gflops"]
+        print(f"{r['model']}: fp32 GEMM rate in this run {g['gen']:.1f} GFLOP/s at the decode shape "
+              f"{'x'.join(map(str, g['gen_shape']))}, {g['train']:.1f} at the micro-batch shape "
+              f"{'x'.join(map(str, g['train_shape']))} (M x d x ffn); model GFLOP per step: "
+              + ", ".join(f"{side} gen {r[side]['model_gflop']['gen']:.2f} + train {r[side]['model_gflop']['train']:.2f}"
+                          for side in SIDES) + " (formulas in the docstring)")
     emit_json({"bench": "vs_trl", "machine": machine(), "shape": shape, "results": results})
     return 0
 

@@ -54,14 +54,15 @@ def main() -> None:
         for zero in a.zero_groups:
             adv = torch.randn(P * G, generator=g)
             adv[: zero * G] = 0.0
-            fb = TrainBatch([prompts[i // G] for i in range(P * G)], resps, old, [True] * (P * G), adv, torch.ones(P * G))
+            fb = TrainBatch.of([prompts[i // G] for i in range(P * G)], resps, old, [True] * (P * G), adv, torch.ones(P * G))
+            old_r = fb.behaviour_logp
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(a.repeats + 1):  # the first round warms up
                 for skip in (False, True):
                     learner.cfg = replace(cfg, optim=replace(cfg.optim, skip_zero_adv=skip))
                     learner.model.zero_grad(set_to_none=True)
                     t = time.perf_counter()
-                    learner.minibatch_backward(fb, old, list(range(P * G)), with_entropy=True)
+                    learner.minibatch_backward(fb, old_r, list(range(P * G)), with_entropy=True)
                     times[skip].append(time.perf_counter() - t)
             off, on = summary(times[False][1:]), summary(times[True][1:])
             rows.append({"model": kind, "zero groups": f"{zero}/{P}", "full s": off["median"], "skip s": on["median"],

@@ -159,7 +159,7 @@ def evaluate(
         batch = list(items[start : start + chunk])
         idx = list(range(start, start + len(batch)))
         comps = engine.generate([it.prompt_ids for it in batch], params, [derive_seed(seed, EVAL_SEED_TAG, i) for i in idx])
-        texts = [decode(c.token_ids) for c in comps]
+        texts = [decode(c.token_ids.tolist()) for c in comps]  # lists at the tokenizer's edge
         scored = score_fn(texts, [batch[c.prompt_index].example for c in comps])
         for key, v in scored.stats.items():
             reward_stats[key] = reward_stats.get(key, 0.0) + float(v)

@@ -65,8 +65,8 @@ def _batch(engine, cfg, n_prompts=4):
     rewards = torch.tensor([1.0 if (len(c.token_ids) + k) % 3 else -1.0 for k, c in enumerate(comps)])
     keep = torch.ones(len(comps))
     keep[1] = 0.0
-    return comps, TrainBatch([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps],
-                             [c.logprobs for c in comps], [True] * len(comps), group_advantages(rewards, G), keep)
+    return comps, TrainBatch.of([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps],
+                                [c.logprobs for c in comps], [True] * len(comps), group_advantages(rewards, G), keep)
 
 
 def _local(cfg, tiny_model_dir, state):
@@ -123,7 +123,7 @@ def test_ranks_stay_identical_and_workers_use_the_latest_weights(run, tiny_model
     seeds = [7, 8, 9, 10, 11]
     remote = engine.generate(PROMPTS, params, seeds)
     here = HFEngine(local, 0, [1]).generate(PROMPTS, params, seeds)
-    assert [c.token_ids for c in remote] == [c.token_ids for c in here]
+    assert [c.token_ids.tolist() for c in remote] == [c.token_ids.tolist() for c in here]
     assert {c.weight_version for c in remote} == {pushes}
     # training moved the weights, and rank 0 wrote them as the final checkpoint
     base = load_file(str(tiny_model_dir / "model.safetensors"))
@@ -145,7 +145,8 @@ def test_two_rank_gradient_equals_single_process_gradient(run, tiny_model_dir, p
     _, fb = _batch(run.run.engine, cfg)
     old = local.old_logp(fb)
     old_dist = run.run.learner.old_logp(fb)
-    assert max(abs(a - b) for x, y in zip(old, old_dist) for a, b in zip(x, y)) < 1e-5
+    assert torch.equal(old.offsets, fb.responses.offsets) and torch.equal(old_dist.offsets, fb.responses.offsets)
+    assert (old.values - old_dist.values).abs().max() < 1e-5
     idx = list(range(len(fb.responses)))  # one optimiser step over every response: 8 per rank
     g_dist = _ranks_gradient(run.run.learner, fb, old, idx, cfg)
     local.minibatch_backward(fb, old, idx)
@@ -175,13 +176,13 @@ def test_ranks_that_sample_themselves_use_their_own_weights_and_no_recompute(clu
         params, seeds = SamplingParams(n=4, max_new_tokens=8), [7, 8, 9, 10, 11]
         remote = built.engine.generate(PROMPTS, params, seeds)  # 3 prompts on rank 0, 2 on rank 1
         here = HFEngine(local.model, 0, [1]).generate(PROMPTS, params, seeds)
-        assert [c.token_ids for c in remote] == [c.token_ids for c in here]
+        assert [c.token_ids.tolist() for c in remote] == [c.token_ids.tolist() for c in here]
         assert [c.prompt_index for c in remote] == [c.prompt_index for c in here]
         assert {c.weight_version for c in remote} == {STEPS}
         _, fb = _batch(built.engine, cfg)
-        assert built.learner.old_logp(fb) == fb.behaviour_logp  # not recomputed ...
+        assert torch.equal(built.learner.old_logp(fb).values, fb.behaviour_logp.values)  # not recomputed ...
         recomputed = local.old_logp(fb)  # ... and what a recompute would give, to rounding
-        assert max(abs(a - b) for x, y in zip(recomputed, fb.behaviour_logp) for a, b in zip(x, y)) < 1e-5
+        assert (recomputed.values - fb.behaviour_logp.values).abs().max() < 1e-5
     finally:
         built.close()
 
@@ -199,7 +200,7 @@ def test_a_nan_rollout_with_ranks_does_not_block_later_checkpoints(cluster, tiny
         calls.append(len(comps))
         if len(calls) == 2:  # the second generation round is step 2's (TINY_RUN refills at most once per step)
             for c in comps:
-                c.logprobs = [float("nan")] * len(c.logprobs)
+                c.logprobs = torch.full_like(c.logprobs, float("nan"))
         return comps
 
     built.engine.generate = nan_on_step_2
@@ -253,7 +254,7 @@ def test_killed_rollout_worker_is_replaced_then_reported(run):
     t0 = time.monotonic()
     got = engine.generate(PROMPTS, params, [1, 2, 3, 4, 5])  # worker 1 replaced, with the latest weights
     assert time.monotonic() - t0 < 90 and engine.restarts == 1
-    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.token_ids.tolist() for c in got] == [c.token_ids.tolist() for c in want]
     assert {c.weight_version for c in got} == {engine.weight_version}
     os.kill(ray.get(engine.workers[0].info.remote())["pid"], signal.SIGKILL)
     t0 = time.monotonic()

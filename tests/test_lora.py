@@ -169,16 +169,15 @@ def test_adapter_tensors_alone_make_a_second_model_sample_and_score_the_same(tin
     params = SamplingParams(n=3, max_new_tokens=10)
     a = HFEngine(trainer_side, tok.pad_token_id, [tok.eos_token_id]).generate(prompts, params, seeds=[5, 6, 7])
     b = HFEngine(worker, tok.pad_token_id, [tok.eos_token_id]).generate(prompts, params, seeds=[5, 6, 7])
-    assert [c.token_ids for c in a] == [c.token_ids for c in b]
-    assert [c.logprobs for c in a] == [c.logprobs for c in b]
+    assert a == b  # the same tokens and log-probs (Completions compare by value)
     # the keys are the model's own, so the engine's generic load_weights takes the dict as well
     third = HFEngine(apply_lora(_base(tiny_model_dir), rank=4, alpha=8), tok.pad_token_id, [tok.eos_token_id])
     third.load_weights({k: v.clone() for k, v in sd.items()}, version=1)
-    assert [c.token_ids for c in third.generate(prompts, params, seeds=[5, 6, 7])] == [c.token_ids for c in a]
+    assert [c.token_ids.tolist() for c in third.generate(prompts, params, seeds=[5, 6, 7])] == [c.token_ids.tolist() for c in a]
     # and the engine samples from the adapted policy, not the base
     with adapters_disabled(trainer_side):
         base = HFEngine(trainer_side, tok.pad_token_id, [tok.eos_token_id]).generate(prompts, params, seeds=[5, 6, 7])
-    assert [c.logprobs for c in base] != [c.logprobs for c in a]
+    assert [c.logprobs.tolist() for c in base] != [c.logprobs.tolist() for c in a]
 
 
 def test_load_adapter_state_rejects_other_shapes_keys_and_plain_models(tiny_model_dir):

@@ -19,12 +19,13 @@ def test_same_seed_same_samples_whatever_the_batch(tiny_model_dir):
     p = SamplingParams(n=3, max_new_tokens=10)
     a = eng.generate(PROMPTS, p, seeds=[11, 12, 13])
     b = eng.generate(PROMPTS, p, seeds=[11, 12, 13])
-    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.token_ids.tolist() for c in a] == [c.token_ids.tolist() for c in b]
+    assert a == b  # Completions compare by value, tensors included
     # prompt 2 alone, and in batches of 2 rows: same seed -> same samples
     alone = _engine(tiny_model_dir, max_batch=2).generate(PROMPTS[2:], p, seeds=[13])
-    assert [c.token_ids for c in alone] == [c.token_ids for c in a[6:]]
+    assert [c.token_ids.tolist() for c in alone] == [c.token_ids.tolist() for c in a[6:]]
     other = eng.generate(PROMPTS, p, seeds=[21, 22, 23])
-    assert [c.token_ids for c in other] != [c.token_ids for c in a]
+    assert [c.token_ids.tolist() for c in other] != [c.token_ids.tolist() for c in a] and other != a
     assert [c.prompt_index for c in a] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
@@ -35,12 +36,14 @@ def test_max_tokens_and_eos_are_honoured(tiny_model_dir):
     reasons = {c.finish_reason for c in comps}
     assert reasons == {"stop", "length"}
     for c in comps:
+        assert c.token_ids.dtype == torch.long and c.logprobs.dtype == torch.float32
+        assert c.token_ids.untyped_storage().nbytes() == 8 * len(c.token_ids)  # its own storage, not a batch's
         assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
-        assert not any(t in eos for t in c.token_ids[:-1])  # nothing after a stop token
+        assert not any(t in eos for t in c.token_ids[:-1].tolist())  # nothing after a stop token
         if c.finish_reason == "stop":
-            assert c.token_ids[-1] in eos
+            assert int(c.token_ids[-1]) in eos
         else:
-            assert len(c.token_ids) == 6 and c.token_ids[-1] not in eos
+            assert len(c.token_ids) == 6 and int(c.token_ids[-1]) not in eos
 
 
 def test_logprobs_match_a_full_forward_pass_at_temperature(tiny_model_dir):
@@ -48,19 +51,19 @@ def test_logprobs_match_a_full_forward_pass_at_temperature(tiny_model_dir):
     comps = eng.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, temperature=0.7), seeds=[4, 5, 6])
     # left-padded batch decoding vs one prompt at a time with no padding at all
     for c in comps:
-        ids = torch.tensor([PROMPTS[c.prompt_index] + c.token_ids])
+        ids = torch.tensor([PROMPTS[c.prompt_index] + c.token_ids.tolist()])
         with torch.no_grad():
             logits = eng.model(ids).logits[0] / 0.7
         lp = torch.log_softmax(logits, -1)
         L = len(PROMPTS[c.prompt_index])
-        ref = [lp[L - 1 + k, t].item() for k, t in enumerate(c.token_ids)]
-        assert max(abs(x - y) for x, y in zip(ref, c.logprobs)) < 1e-4
+        ref = [lp[L - 1 + k, t].item() for k, t in enumerate(c.token_ids.tolist())]
+        assert max(abs(x - y) for x, y in zip(ref, c.logprobs.tolist())) < 1e-4
     # and the trainer's chunked response log-probs agree with the engine
     sb = make_seq_batch([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps], pad_id=0)
     with torch.no_grad():
         lp, ent = response_logprobs(eng.model, sb, temperature=0.7, with_entropy=True, chunk=5)
     for b, c in enumerate(comps):
-        torch.testing.assert_close(lp[b, : len(c.token_ids)], torch.tensor(c.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(lp[b, : len(c.token_ids)], c.logprobs, atol=1e-4, rtol=0)
     assert (ent[sb.response_mask > 0] > 0).all()
 
 

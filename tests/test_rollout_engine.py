@@ -24,10 +24,10 @@ def model(tiny_model_dir):
 
 def _same_samples(a, b):
     assert [c.prompt_index for c in a] == [c.prompt_index for c in b]
-    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.token_ids.tolist() for c in a] == [c.token_ids.tolist() for c in b]
     assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
     for x, y in zip(a, b):
-        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x.logprobs, y.logprobs, atol=1e-5, rtol=0)
 
 
 def test_buffered_layer_grows_by_doubling_up_to_its_cap_and_keeps_what_it_holds():

@@ -95,6 +95,7 @@ def test_carry_over_keeps_surplus_groups_with_behaviour_logprobs(tiny_model_dir)
     groups2, _ = s.collect(step=2)
     assert groups2[: len(carried)] == carried[:2]
     assert all(g.step == 1 and len(g.completions[0].logprobs) == len(g.completions[0].token_ids) for g in groups2[:1])
+    assert all(c.token_ids.dtype == torch.long and c.logprobs.dtype == torch.float32 for g in groups2 for c in g.completions)
     s2 = _sampler(tiny_model_dir, train_batch_size=2, gen_batch_size=8)
     s2.collect(step=1)
     assert s2.carried == []  # the paper's default: surplus discarded
@@ -116,7 +117,7 @@ def test_adaptive_refill_samples_only_what_the_keep_rate_needs(tiny_model_dir):
     assert (mb["batch/kept_frac"], mb["batch/mixed_frac"]) == (6 / 16, 8 / 16)  # 8 mixed, 2 of them surplus
     assert (ma["batch/kept_frac"], ma["batch/mixed_frac"]) == (6 / 13, 7 / 13)
     assert [g.item.uid for g in ga] == [g.item.uid for g in gb] == [0, 2, 4, 6, 8, 10]  # the same groups ...
-    assert [c.token_ids for g in ga for c in g.completions] == [c.token_ids for g in gb for c in g.completions]
+    assert [c.token_ids.tolist() for g in ga for c in g.completions] == [c.token_ids.tolist() for g in gb for c in g.completions]
     _, ma2 = adaptive.collect(step=2)  # ... and every step starts with a whole round (prompts 13-20, then 21-25)
     assert ma2["batch/samples_total"] - ma["batch/samples_total"] == (8 + 5) * 4
 
@@ -260,9 +261,10 @@ def _zero_adv_batch(tiny_model_dir, tmp_path, *extra):
     adv[2 * G + 1] = 0.0  # one response at its group's mean
     keep = torch.ones(P * G)
     keep[3] = 0.0  # a zero-advantage response that is also masked out (overlong)
-    fb = TrainBatch([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
-                    [True] * len(comps), adv, keep)
-    old = [[x - 0.1 * ((i + j) % 3) for j, x in enumerate(c.logprobs)] for i, c in enumerate(comps)]  # ratio != 1
+    fb = TrainBatch.of([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
+                       [True] * len(comps), adv, keep)
+    old = fb.responses.like(torch.cat([c.logprobs - 0.1 * ((i + torch.arange(len(c.logprobs))) % 3)
+                                       for i, c in enumerate(comps)]))  # ratio != 1
     return cfg, run.learner, fb, old
 
 

@@ -206,6 +206,14 @@ class OptimConfig:
     """Prompt groups per optimiser step; train_batch_size / mini_batch_size updates per RL step (paper: 16)."""
     micro_batch_size: int = 64
     """Responses per forward/backward; gradients accumulate over micro-batches (exact token-mean)."""
+    micro_batch_tokens: int = 0
+    """0 = off (micro-batches of ``micro_batch_size`` padded rows). N > 0: micro-batches of at most N tokens
+    (prompt + response), packed back to back into one row with position ids restarting at each sequence, so
+    no padding is computed (a sequence longer than N goes alone); ``micro_batch_size`` is then unused. Same
+    loss and gradient; pays with long-tailed lengths. Best with attn_implementation=flash_attention_2 (each
+    sequence attends on its own); sdpa/eager build an N x N block-diagonal mask, so keep N moderate there.
+    The shared-prompt prefill of the padded layout does not apply to packed rows (verl: use_dynamic_bsz +
+    ppo_max_token_len_per_gpu)."""
     epochs: int = 1
     """Passes over each rollout batch."""
     skip_zero_adv: bool = True

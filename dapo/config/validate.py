@@ -81,7 +81,7 @@ def _rollout_and_optim(c: Config) -> None:
     _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
     if not 0 < r.gpu_memory_utilization <= 1:
         _bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
-    _at_least(c, 0, "optim.steps", "optim.max_samples")
+    _at_least(c, 0, "optim.steps", "optim.max_samples", "optim.micro_batch_tokens")
     _at_least(c, 1, "optim.train_batch_size", "optim.mini_batch_size", "optim.micro_batch_size", "optim.epochs",
               "optim.max_bad_steps")
     if o.train_batch_size % o.mini_batch_size:

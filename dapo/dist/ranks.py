@@ -24,6 +24,7 @@ import torch.distributed as tdist
 from dapo.config import Config
 from dapo.dist.cluster import Cluster, wait_all, where
 from dapo.dist.rollout import put_chunks, sample_in_slices
+from dapo.ragged import Ragged
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.update import DataParallel, Learner, TrainBatch, whole_tensor
@@ -123,10 +124,10 @@ class TrainerRank:
 
     # -------------------------------------------------------------------------------------------- training
 
-    def old_logp(self, batch: TrainBatch) -> dict[int, list[float]]:
+    def old_logp(self, batch: TrainBatch) -> tuple[list[int], torch.Tensor]:
         return self.learner.old_logp_share(batch)
 
-    def update(self, batch: TrainBatch, old_logp: list[list[float]], step: int) -> dict[str, Any]:
+    def update(self, batch: TrainBatch, old_logp: Ragged, step: int) -> dict[str, Any]:
         m: dict[str, Any] = self.learner.update(batch, old_logp, step)
         if not self.learner.dp.fsdp:  # replicated parameters: a fingerprint to compare across ranks
             with torch.no_grad():
@@ -239,16 +240,16 @@ class RankGroup:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
         return wait_all(refs, self.names, self.timeout_s, what)
 
-    def old_logp(self, batch: TrainBatch) -> list[list[float]]:
-        out = [list(x) for x in batch.behaviour_logp]
+    def old_logp(self, batch: TrainBatch) -> Ragged:
+        out = batch.behaviour_logp.clone()
         if self.samples_the_policy:  # the ranks sampled with their own fp32 models: nothing to recompute
             return out
-        for share in self._all("old_logp", ray.put(batch), what="old log-probs"):
-            for i, lp in share.items():
-                out[i] = lp
+        for rows, vals in self._all("old_logp", ray.put(batch), what="old log-probs"):
+            if rows:
+                out.values[batch.responses.positions(rows)] = vals
         return out
 
-    def update(self, batch: TrainBatch, old_logp: list[list[float]], step: int) -> dict[str, float]:
+    def update(self, batch: TrainBatch, old_logp: Ragged, step: int) -> dict[str, float]:
         outs = self._all("update", ray.put(batch), ray.put(old_logp), step, what=f"update (step {step})")
         sums = [o.pop("_checksum", None) for o in outs]
         m = outs[0]

@@ -304,12 +304,9 @@ class HFEngine:
             past, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
         tok_bt, lp_bt = tok_bt[:, :n_steps].cpu(), lp_bt[:, :n_steps].cpu()
-        ends_set = set(ends.tolist())
-        comps = []
-        for b in range(B):
-            ids, lp = tok_bt[b].tolist(), lp_bt[b].tolist()
-            n = next((k + 1 for k, x in enumerate(ids) if x in ends_set), None)
-            reason = "stop" if n is not None else "length"
-            n = n if n is not None else len(ids)
-            comps.append(Completion(0, ids[:n], lp[:n], reason, self.weight_version))
-        return comps
+        is_end = torch.isin(tok_bt, ends.cpu())  # (B, n_steps)
+        stopped = is_end.any(dim=1)  # (B,)
+        # each row ends after its first stop token (the rows that stopped hold padding after it), or at the cap
+        n = torch.where(stopped, is_end.int().argmax(dim=1) + 1, n_steps).tolist()
+        return [Completion(0, tok_bt[b, : n[b]].clone(), lp_bt[b, : n[b]].clone(),  # own storage: pickled alone
+                           "stop" if s else "length", self.weight_version) for b, s in enumerate(stopped.tolist())]

@@ -8,10 +8,22 @@ is about two ``chunk x V`` fp32 blocks, with ``chunk`` capped so that ``chunk x 
 ``HEAD_CHUNK_ELEMS`` whatever the vocabulary (a quarter less time than autograd through checkpointed
 chunks, which also recomputed the entropy in backward).
 
-The G responses of a prompt share it: when prompts repeat in a batch (they do, G times each), the
-prompt is run once and its keys/values are indexed out to its rows, then the responses run on top of
-that cache. Same maths (the gradient of a shared prefix is the sum over its rows, which indexing gives),
-a fraction 1 - 1/G of the prompt tokens' compute saved, forward and backward.
+Two layouts of a micro-batch, for two different savings:
+
+* ``SeqBatch`` (the default, ``optim.micro_batch_size`` responses): rows side by side, prompts left-padded
+  and responses right-padded to the longest. The G responses of a prompt share it: when prompts repeat
+  in a batch (they do, G times each), the prompt is run once and its keys/values are indexed out to its
+  rows, then the responses run on top of that cache. Same maths (the gradient of a shared prefix is the
+  sum over its rows, which indexing gives), a fraction 1 - 1/G of the prompt tokens' compute saved,
+  forward and backward. What it wastes is padding: with long-tailed lengths a row as long as the
+  longest in its micro-batch.
+* ``PackedBatch`` (``optim.micro_batch_tokens``): whole sequences back to back in one row, no padding
+  computed at all; but every sequence runs its own prompt (the prefill sharing above does not apply: a
+  packed row has no cache to share). Packing pays when lengths vary a lot and prompts are short next to
+  the responses, as in long-reasoning RL; the padded layout when prompts are long and responses short.
+  Attention: flash_attention_2 runs each sequence on its own (varlen); sdpa and eager get a
+  block-diagonal (L, L) mask, so their attention costs the square of the packed row's length: keep
+  ``micro_batch_tokens`` moderate there.
 """
 from __future__ import annotations
 
@@ -47,8 +59,9 @@ class SeqBatch:
         return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
 
-def make_seq_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SeqBatch:
-    """Lay out (prompt, response) pairs as one padded batch; trims columns that are padding in every row."""
+def make_seq_batch(prompts: list, responses: list, pad_id: int) -> SeqBatch:
+    """Lay out (prompt, response) pairs (lists or 1-D tensors) as one padded batch; trims columns that are
+    padding in every row."""
     assert len(prompts) == len(responses)
     B = len(prompts)
     Lp = max(len(p) for p in prompts)
@@ -59,11 +72,61 @@ def make_seq_batch(prompts: list[list[int]], responses: list[list[int]], pad_id:
     for b, (p, r) in enumerate(zip(prompts, responses)):
         ids[b, Lp - len(p) : Lp] = torch.as_tensor(p, dtype=torch.long)
         attn[b, Lp - len(p) : Lp] = 1
-        if r:
+        if len(r):
             ids[b, Lp : Lp + len(r)] = torch.as_tensor(r, dtype=torch.long)
             attn[b, Lp : Lp + len(r)] = 1
             rmask[b, : len(r)] = 1.0
     return SeqBatch(ids, attn, rmask)
+
+
+@dataclass
+class PackedBatch:
+    """(prompt, response) sequences back to back in ONE row, with position ids that restart at 0 at each
+    sequence and no attention mask: transformers reads the boundaries off the position ids and keeps each
+    sequence to itself (``masking_utils.find_packed_sequence_indices``: a block-diagonal causal mask for
+    sdpa and eager; flash_attention_2 turns them into its varlen sequence lengths). Log-probs come out in
+    ``SeqBatch``'s (b, T) layout, so the loss does not know which layout ran."""
+
+    input_ids: torch.Tensor  # (1, L) L = the sum of the sequences' lengths
+    position_ids: torch.Tensor  # (1, L)
+    label_pos: torch.Tensor  # (n,) where each response token sits in the row, sequence after sequence
+    response_mask: torch.Tensor  # (b, T) 1 on each response's tokens, left-aligned (as SeqBatch's)
+
+    @property
+    def n_resp(self) -> int:
+        return self.response_mask.shape[1]
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.label_pos.to(device),
+                           self.response_mask.to(device))
+
+    def unflatten(self, x: torch.Tensor) -> torch.Tensor:
+        """(n,) values of the response tokens -> (b, T), 0 after each response's end (differentiable)."""
+        return x.new_zeros(self.response_mask.shape).masked_scatter(self.response_mask > 0, x)
+
+
+def make_packed_batch(prompts: list, responses: list) -> PackedBatch:
+    """Pack (prompt, response) pairs (lists or 1-D tensors; every prompt at least one token) into one row."""
+    assert len(prompts) == len(responses) and all(len(p) for p in prompts), "every prompt needs a token"
+    parts, pos, label = [], [], []
+    at = 0
+    for p, r in zip(prompts, responses):
+        n_p, n = len(p), len(p) + len(r)
+        parts += [torch.as_tensor(p, dtype=torch.long), torch.as_tensor(r, dtype=torch.long)]
+        pos.append(torch.arange(n))
+        label.append(torch.arange(at + n_p, at + n))
+        at += n
+    lens = torch.tensor([len(r) for r in responses])
+    T = max(1, int(lens.max()))
+    rmask = (torch.arange(T)[None, :] < lens[:, None]).float()  # (b, T)
+    return PackedBatch(torch.cat(parts)[None], torch.cat(pos)[None], torch.cat(label), rmask)
+
+
+def packed_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """(n, H): the last hidden state at the position before each response token of a packed row."""
+    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                           use_cache=False).last_hidden_state  # (1, L, H)
+    return out[0, batch.label_pos - 1]
 
 
 def response_hidden(model: torch.nn.Module, batch: SeqBatch, share_prompts: bool = True) -> torch.Tensor:
@@ -168,43 +231,52 @@ class _HeadLogProbs(torch.autograd.Function):
 
 def response_logprobs(
     model: torch.nn.Module,
-    batch: SeqBatch,
+    batch: SeqBatch | PackedBatch,
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk: int = 2048,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(response token | prefix) at ``temperature``: (B, T) float32, and (B, T) entropy if asked.
+    """log pi(response token | prefix) at ``temperature``: (b, T) float32, and (b, T) entropy if asked.
 
     The decoder runs under autocast in ``compute_dtype`` (mixed precision: the weights stay as they are);
     the LM head, log-softmax and entropy always in float32. Differentiable in the log-probs (entropy is
-    detached: it is a metric here). Padding positions hold garbage; multiply by ``batch.response_mask``.
+    detached: it is a metric here). Positions past a response's end hold garbage (0 for a packed batch);
+    multiply by ``batch.response_mask``.
     """
-    T = batch.n_resp
     dev = batch.input_ids.device
     with torch.autocast(device_type=dev.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        h = response_hidden(model, batch)  # (B, T, H)
-    labels = batch.input_ids[:, -T:]  # (B, T)
-    B, _, H = h.shape
-    h_flat, lab_flat = h.reshape(B * T, H), labels.reshape(B * T)
+        h = response_hidden(model, batch) if isinstance(batch, SeqBatch) else packed_hidden(model, batch)
+    if isinstance(batch, SeqBatch):
+        B, T, H = h.shape  # (B, T, H)
+        h_flat, lab_flat = h.reshape(B * T, H), batch.input_ids[:, -T:].reshape(B * T)
+    else:
+        h_flat, lab_flat = h, batch.input_ids[0, batch.label_pos]  # (n, H), (n,)
+    logp, ent = _head_logprobs(model, h_flat, lab_flat, temperature, chunk, with_entropy)  # (n,) each
+    if isinstance(batch, SeqBatch):
+        return logp.view(B, T), ent.view(B, T) if with_entropy else None
+    return batch.unflatten(logp), batch.unflatten(ent) if with_entropy else None
+
+
+def _head_logprobs(model: torch.nn.Module, h_flat: torch.Tensor, lab_flat: torch.Tensor, temperature: float,
+                   chunk: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H), (N,) -> log-probs (N,) and entropy (N,) (zeros unless asked) through the LM head, in chunks."""
     head = model.get_output_embeddings()
     chunk = max(1, min(chunk, HEAD_CHUNK_ELEMS // head.weight.shape[0]))
     if isinstance(head, torch.nn.Linear) and head.bias is None:
-        logp, ent = _HeadLogProbs.apply(h_flat, head.weight, lab_flat, temperature, chunk, with_entropy)
-        return logp.view(B, T), ent.view(B, T) if with_entropy else None
+        return _HeadLogProbs.apply(h_flat, head.weight, lab_flat, temperature, chunk, with_entropy)
     lps, ents = [], []  # any other head: autograd through checkpointed chunks
     grad = torch.is_grad_enabled()
-    for s in range(0, B * T, chunk):
+    N = h_flat.shape[0]
+    for s in range(0, N, chunk):
         args = (head, h_flat[s : s + chunk], lab_flat[s : s + chunk], temperature, with_entropy)
-        if grad and B * T > chunk:  # recompute each chunk's logits in backward instead of keeping them
+        if grad and N > chunk:  # recompute each chunk's logits in backward instead of keeping them
             lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False)
         else:
             lp, ent = _head_chunk(*args)
         lps.append(lp)
         ents.append(ent)
-    logp = torch.cat(lps).view(B, T)
-    ent = torch.cat(ents).view(B, T) if with_entropy else None
-    return logp, ent
+    return torch.cat(lps), torch.cat(ents)
 
 
 class ResponseLogprobs(torch.nn.Module):
@@ -221,6 +293,6 @@ class ResponseLogprobs(torch.nn.Module):
         self.lm = lm
         self.compute_dtype = compute_dtype
 
-    def forward(self, batch: SeqBatch, temperature: float = 1.0, with_entropy: bool = False):
+    def forward(self, batch: SeqBatch | PackedBatch, temperature: float = 1.0, with_entropy: bool = False):
         lp, ent = response_logprobs(self.lm, batch, temperature, with_entropy, compute_dtype=self.compute_dtype)
         return lp.clone(), ent  # not a view: FSDP2 hooks the output for backward (B*T floats, no cost)

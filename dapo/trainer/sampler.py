@@ -40,7 +40,9 @@ class DynamicSampler:
     engine: RolloutEngine
     stream: PromptStream
     score_fn: ScoreFn
-    decode: Callable[[list[int]], str]
+    decode: Callable[[torch.Tensor], str]
+    """A response's token ids (1-D int64 tensor) -> text. A Hugging Face tokenizer's ``decode`` takes the tensor
+    as it is, and faster than a list (one ``tolist`` in C where a list gets a Python type check per token)."""
     carried: list[Group] = field(default_factory=list)
     """Surplus mixed groups kept for the next step (``algo.carry_over``)."""
     samples_total: int = 0
@@ -57,6 +59,7 @@ class DynamicSampler:
         a, want = self.cfg.algo, self.cfg.optim.train_batch_size
         kept: list[Group] = list(self.carried)
         n_carried, self.carried = len(kept), []
+        self.last_round = []  # the last step's groups go now, not at the end of this one (memory)
         t_gen = t_rew = 0.0
         rounds, mixed, sampled = 0, 0, []
         stats_sum: dict[str, float] = {}
@@ -92,7 +95,7 @@ class DynamicSampler:
         metrics = {
             **_rollout_metrics(sampled),
             "batch/groups": float(len(kept)),
-            "batch/kept_frac": sum(1 for g in sampled if g in kept) / max(1, len(sampled)),
+            "batch/kept_frac": len({id(g) for g in kept} & {id(g) for g in sampled}) / max(1, len(sampled)),
             "batch/mixed_frac": mixed / max(1, len(sampled)),  # with a gradient (by filter_metric), kept or not
             "batch/gen_rounds": float(rounds),
             "batch/capped": float(capped),
@@ -113,7 +116,8 @@ class DynamicSampler:
 
     def _score(self, items: Sequence[PromptItem], comps: list[Completion], step: int) -> tuple[list[Group], dict]:
         a, G = self.cfg.algo, self.cfg.rollout.group_size
-        scored = self.score_fn([self.decode(c.token_ids) for c in comps], [items[c.prompt_index].example for c in comps])
+        texts = [self.decode(c.token_ids) for c in comps]
+        scored = self.score_fn(texts, [items[c.prompt_index].example for c in comps])
         rewards = list(scored.scores)
         if a.soft_overlong:
             lens = torch.tensor([len(c.token_ids) for c in comps])
@@ -148,7 +152,8 @@ def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
         "response/truncated_frac": _mean([float(c.finish_reason == "length") for c in resp]),
         "batch/gen_tokens": float(sum(lens)),  # every token generated this step, kept or not
         # NaN log-probs mean the policy's own numbers are broken (the loop stops after a few such steps)
-        "rollout/nan_logprob_frac": _mean([float(math.isnan(sum(c.logprobs))) for c in resp]),
+        "rollout/nan_logprob_frac": float(torch.stack([c.logprobs.sum() for c in resp]).isnan().float().mean())
+        if resp else 0.0,
     }
 
 

@@ -23,9 +23,10 @@ from dapo.algo import group_advantages
 from dapo.config import Config
 from dapo.items import Group
 from dapo.model import save_model, weights_to_sync
+from dapo.ragged import Ragged
 from dapo.rollout.base import Completion, derive_seed
-from dapo.trainer.loss import micro_batches_of, micro_pass, rank_micro_batches
-from dapo.trainer.policy import ResponseLogprobs, make_seq_batch
+from dapo.trainer.loss import micro_batches_of, micro_pass, micro_seqs, rank_micro_batches
+from dapo.trainer.policy import ResponseLogprobs
 
 
 class TrainingError(RuntimeError):
@@ -34,18 +35,37 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainBatch:
-    """The step's responses, flattened over groups: what the update reads."""
+    """The step's responses, flattened over groups: what the update reads. Token ids and log-probs are
+    ``Ragged``: one buffer each, with the same row offsets (row i is response i)."""
 
     prompts: list[list[int]]
-    responses: list[list[int]]
-    behaviour_logp: list[list[float]]
-    """log-probs the sampler reported for each token (the behaviour policy)."""
+    """Each response's prompt (the group's own list, not a copy: G rows share one)."""
+    responses: Ragged
+    """Token ids, int64."""
+    behaviour_logp: Ragged
+    """log-probs the sampler reported for each token (the behaviour policy), float32; ``responses``' offsets."""
     fresh: list[bool]
     """Sampled by the current policy (carried-over groups were not)."""
     advantages: torch.Tensor  # (N,)
     loss_mask: torch.Tensor  # (N,) 0 for responses kept out of the loss (overlong filter, sequence mask)
-    is_weights: list[list[float]] | None = None
-    """Per-token importance weights on the loss (``algo.rollout_is=token``); None = all 1."""
+    is_weights: Ragged | None = None
+    """Per-token importance weights on the loss (``algo.rollout_is=token``), float32; None = all 1."""
+
+    @classmethod
+    def of(cls, prompts: list[list[int]], responses: list, behaviour_logp: list, fresh: list[bool],
+           advantages: torch.Tensor, loss_mask: torch.Tensor) -> "TrainBatch":
+        """From per-response sequences (lists or 1-D tensors), as tests and benchmarks build one by hand."""
+        r = Ragged.of(responses, torch.long)
+        return cls(list(prompts), r, r.like(Ragged.of(behaviour_logp, torch.float32).values), list(fresh),
+                   advantages, loss_mask)
+
+    def seq_lengths(self) -> list[int]:
+        """Prompt + response tokens of each row: what micro-batches are planned by."""
+        return [len(p) + n for p, n in zip(self.prompts, self.responses.lengths.tolist())]
+
+    def trainable(self) -> torch.Tensor:
+        """(N,) bool: rows with at least one token in the loss."""
+        return (self.loss_mask > 0) & (self.responses.lengths > 0)
 
 
 def flatten_groups(groups: list[Group], cfg: Config, step: int) -> TrainBatch:
@@ -57,10 +77,11 @@ def flatten_groups(groups: list[Group], cfg: Config, step: int) -> TrainBatch:
     loss_mask = torch.ones(len(comps))
     if cfg.algo.overlong_filter:
         loss_mask = torch.tensor([0.0 if c.finish_reason == "length" else 1.0 for c in comps])
+    responses = Ragged.of([c.token_ids for c in comps], torch.long)
     return TrainBatch(
         prompts=[g.item.prompt_ids for g in groups for _ in g.completions],
-        responses=[c.token_ids for c in comps],
-        behaviour_logp=[c.logprobs for c in comps],
+        responses=responses,
+        behaviour_logp=responses.like(torch.cat([c.logprobs for c in comps]) if comps else torch.zeros(0)),
         fresh=[g.step == step for g in groups for _ in g.completions],
         advantages=adv,
         loss_mask=loss_mask,
@@ -176,38 +197,39 @@ class Learner:
         return getattr(self.engine, "model", None) is self.model and self.compute_dtype == torch.float32
 
     @torch.no_grad()
-    def old_logp_share(self, batch: TrainBatch) -> dict[int, list[float]]:
-        """This rank's share of the recomputed behaviour log-probs: {response index: log-probs}.
+    def old_logp_share(self, batch: TrainBatch) -> tuple[list[int], torch.Tensor]:
+        """This rank's share of the recomputed behaviour log-probs: (response indices, their log-probs one
+        after the other, float32). Two tensors' worth to ship back, however many rows.
 
         Recomputed with the training model (its numerics, not the engine's), except where a recompute
         cannot change anything: responses kept out of the loss, and responses sampled in this step by an
         engine that runs this very model (``samples_the_policy``), whose weights have not changed since.
         """
         if self.cfg.rollout.use_engine_logprobs or self.samples_the_policy():
-            return {}
-        todo = [i for i, f in enumerate(batch.fresh) if f and batch.responses[i] and batch.loss_mask[i] > 0]
-        out: dict[int, list[float]] = {}
-        lengths = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)]
-        for mb in rank_micro_batches(todo, lengths, self.cfg.optim.micro_batch_size, self.dp):
-            rows = mb or []
-            prompts = [batch.prompts[i] for i in rows] or [[self.pad_id]]  # None: an empty pass for FSDP
-            responses = [batch.responses[i] for i in rows] or [[self.pad_id]]
-            logp, _ = self.policy(make_seq_batch(prompts, responses, self.pad_id).to(self.device),
-                                  self.cfg.rollout.temperature)  # (b, T)
-            for row, i in enumerate(rows):
-                out[i] = logp[row, : len(batch.responses[i])].tolist()
-        return out
+            return [], torch.zeros(0)
+        todo = (batch.trainable() & torch.tensor(batch.fresh, dtype=torch.bool)).nonzero().squeeze(1).tolist()
+        rows: list[int] = []
+        vals: list[torch.Tensor] = []
+        o = self.cfg.optim
+        for mb in rank_micro_batches(todo, batch.seq_lengths(), o.micro_batch_size, self.dp, o.micro_batch_tokens):
+            seqs = micro_seqs(batch, mb or [], self.pad_id, packed=o.micro_batch_tokens > 0)  # None: an empty pass for FSDP
+            logp, _ = self.policy(seqs.to(self.device), self.cfg.rollout.temperature)  # (b, T)
+            if mb:
+                rows += mb
+                vals.append(logp[seqs.response_mask.to(logp.device) > 0].float().cpu())  # row by row, its tokens
+        return rows, torch.cat(vals) if vals else torch.zeros(0)
 
-    def old_logp(self, batch: TrainBatch) -> list[list[float]]:
+    def old_logp(self, batch: TrainBatch) -> Ragged:
         """Log-probs of each response under the policy that sampled it (one process: every response)."""
-        out = [list(x) for x in batch.behaviour_logp]
-        for i, lp in self.old_logp_share(batch).items():
-            out[i] = lp
+        out = batch.behaviour_logp.clone()
+        rows, vals = self.old_logp_share(batch)
+        if rows:
+            out.values[batch.responses.positions(rows)] = vals
         return out
 
     # -------------------------------------------------------------------------------------------- update
 
-    def minibatch_backward(self, batch: TrainBatch, old_logp: list[list[float]], resp_idx: list[int],
+    def minibatch_backward(self, batch: TrainBatch, old_logp: Ragged, resp_idx: list[int],
                            with_entropy: bool = False) -> tuple[float, dict[str, float]]:
         """Forward/backward of this rank's share of one mini-batch, accumulating into ``.grad``.
 
@@ -217,21 +239,24 @@ class Learner:
         autograd, for the metrics only: the gradient is the same, for less work.
         Returns this rank's loss (its partial sum) and token-weighted stat sums.
         """
-        valid = {i: batch.loss_mask[i].item() * len(batch.responses[i]) for i in resp_idx}
-        num_tokens = float(sum(valid.values()))
-        num_seqs = float(sum(1 for v in valid.values() if v > 0))
-        rows = [i for i in resp_idx if valid[i] > 0]
+        idx = torch.tensor(resp_idx, dtype=torch.long)
+        valid = batch.loss_mask[idx].double() * batch.responses.lengths[idx].double()  # (n,) tokens in the loss
+        num_tokens = float(valid.sum())
+        num_seqs = float((valid > 0).sum())
+        rows = idx[valid > 0].tolist()
         no_grad = set(zero_advantage_rows(batch, rows, self.cfg))
-        lengths = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)]
-        mb_size = self.cfg.optim.micro_batch_size
+        lengths = batch.seq_lengths()
+        o = self.cfg.optim
         sums: dict[str, float] = {}
         # the metrics-only pass first: under FSDP a forward without backward leaves the root unsharded, and
         # the backward passes that follow reshard it
-        for mb in rank_micro_batches([i for i in rows if i in no_grad], lengths, mb_size, self.dp):
+        for mb in rank_micro_batches([i for i in rows if i in no_grad], lengths, o.micro_batch_size, self.dp,
+                                     o.micro_batch_tokens):
             with torch.no_grad():
                 micro_pass(self, batch, old_logp, mb or [], with_entropy, num_tokens, num_seqs, sums)
         loss_sum = 0.0
-        mbs = rank_micro_batches([i for i in rows if i not in no_grad], lengths, mb_size, self.dp)
+        mbs = rank_micro_batches([i for i in rows if i not in no_grad], lengths, o.micro_batch_size, self.dp,
+                                 o.micro_batch_tokens)
         for k, mb in enumerate(mbs):
             if self.dp.fsdp and self.dp.world > 1:  # reduce-scatter once, after the last micro-batch
                 self.policy.set_requires_gradient_sync(k == len(mbs) - 1)
@@ -240,10 +265,11 @@ class Learner:
             loss_sum += loss.item()
         return loss_sum, sums
 
-    def update(self, batch: TrainBatch, old_logp: list[list[float]], step: int) -> dict[str, float]:
+    def update(self, batch: TrainBatch, old_logp: Ragged, step: int) -> dict[str, float]:
         """Mini-batch optimiser steps over the rollout; returns the step's actor metrics (the same on every rank)."""
         o, G, dp = self.cfg.optim, self.cfg.rollout.group_size, self.dp
         P = len(batch.responses) // G
+        trainable = batch.trainable()  # (N,)
         sums: dict[str, float] = {}
         n_updates = n_skipped = 0
         grad_norms, losses = [], []
@@ -253,7 +279,7 @@ class Learner:
             random.Random(derive_seed(self.cfg.seed, step, epoch)).shuffle(order)
             for m0 in range(0, P, o.mini_batch_size):
                 resp_idx = [g * G + j for g in order[m0 : m0 + o.mini_batch_size] for j in range(G)]
-                if not any(batch.loss_mask[i].item() > 0 and batch.responses[i] for i in resp_idx):
+                if not trainable[resp_idx].any():
                     continue  # no valid token in the whole mini-batch: every rank skips it alike
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, stats = self.minibatch_backward(batch, old_logp, resp_idx, with_entropy=epoch == 0)
@@ -344,9 +370,9 @@ def zero_advantage_rows(batch: TrainBatch, rows: list[int], cfg: Config) -> list
     """
     if not cfg.optim.skip_zero_adv or cfg.algo.kl_coef > 0:
         return []
-    zero = [i for i in rows if batch.advantages[i].item() == 0.0]
+    zero = [i for i, z in zip(rows, (batch.advantages[rows] == 0.0).tolist()) if z]
     return [] if 4 * len(zero) < len(rows) or len(zero) == len(rows) else zero
 
 
-__all__ = ["DataParallel", "Learner", "TrainBatch", "TrainingError", "flatten_groups", "micro_batches_of",
+__all__ = ["DataParallel", "Learner", "Ragged", "TrainBatch", "TrainingError", "flatten_groups", "micro_batches_of",
            "whole_tensor", "zero_advantage_rows"]

@@ -79,7 +79,7 @@ class StepWatch:
         rows = []
         for g in sampled[:_SAMPLE_GROUPS]:
             for k, c in enumerate(g.completions[:_SAMPLES_PER_GROUP]):
-                row = {"step": step, "prompt": self.run.decode(g.item.prompt_ids), "response": self.run.decode(c.token_ids),
+                row = {"step": step, "prompt": self.run.decode(g.item.prompt_ids), "response": self.run.decode(c.token_ids.tolist()),
                        "answer": g.item.example.answer, "score": g.scores[k], "reward": g.rewards[k],
                        "finish": c.finish_reason, "trained": any(g is t for t in trained)}
                 if g.errors and g.errors[k]:
@@ -114,7 +114,7 @@ class StepWatch:
         if sampled and sampled[0].completions:
             g = sampled[0]
             example = (f"; e.g. prompt {_short(run.decode(g.item.prompt_ids))} -> response "
-                       f"{_short(run.decode(g.completions[0].token_ids))} (answer {g.item.example.answer!r}, "
+                       f"{_short(run.decode(g.completions[0].token_ids.tolist()))} (answer {g.item.example.answer!r}, "
                        f"reward {g.rewards[0]:g})")
         self.logger.message(
             f"step {step}: no group with mixed outcomes to train on ({m.get('rollout/acc', 0.0):.0%} of "

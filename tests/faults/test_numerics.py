@@ -29,9 +29,9 @@ def test_non_finite_updates_are_skipped_counted_and_stop_after_k(tiny_model_dir,
     G, P = cfg.rollout.group_size, 4
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
     comps = run.engine.generate(prompts, SamplingParams(n=G, max_new_tokens=6), list(range(P)))
-    fb = TrainBatch([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
+    fb = TrainBatch.of([prompts[c.prompt_index] for c in comps], [c.token_ids for c in comps], [c.logprobs for c in comps],
                    [True] * len(comps), torch.randn(P * G), torch.ones(P * G))
-    old = [c.logprobs for c in comps]
+    old = fb.behaviour_logp.clone()
     before = {k: v.clone() for k, v in learner.model.state_dict().items()}
     fb.advantages[:G] = float("nan")  # one group's reward was NaN: only its mini-batch is skipped
     m = learner.update(fb, old, step=1)
