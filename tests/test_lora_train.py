@@ -103,7 +103,8 @@ def test_kl_reference_of_a_lora_learner_is_the_base_model(tiny_model_dir, tmp_pa
     with torch.no_grad():
         sb = make_seq_batch(prompts, responses, 0)
         old = [lp[: len(r)].tolist() for lp, r in zip(response_logprobs(model, sb)[0], responses)]
-    batch = TrainBatch(prompts, responses, old, [True] * 8, torch.linspace(-1, 1, 8), torch.ones(8))
+    batch = TrainBatch.of(prompts, responses, old, [True] * 8, torch.linspace(-1, 1, 8), torch.ones(8))
+    old = batch.behaviour_logp
     out = {}
     for name, ref in (("lora", None), ("copy", base)):
         opt, sched = make_optimizer(cfg.optim, model)

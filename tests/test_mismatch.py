@@ -67,7 +67,7 @@ def test_token_weights_and_the_sequence_mask_follow_the_ratio(tiny_model_dir, tm
     run, batch, old = _step_batch(tiny_model_dir, tmp_path / "t", "rollout.dtype=bfloat16", "algo.rollout_is=token",
                                   "algo.rollout_is_cap=1.0")
     m = rollout_correction(batch, old, run.cfg)
-    for w, o, s in zip(batch.is_weights, old, batch.behaviour_logp):  # min(pi_old / pi_sampler, cap), per token
+    for w, o, s in zip(batch.is_weights.tolist(), old.tolist(), batch.behaviour_logp.tolist()):  # min(ratio, cap)
         for wi, oi, si in zip(w, o, s):
             assert wi == pytest.approx(min(float(torch.tensor(oi - si).exp()), 1.0), rel=1e-5)
     assert 0 < m["mismatch/is_clipfrac"] < 1
@@ -76,11 +76,11 @@ def test_token_weights_and_the_sequence_mask_follow_the_ratio(tiny_model_dir, tm
     m = rollout_correction(batch, old, run.cfg)
     dropped = [i for i in range(len(before)) if before[i] and not batch.loss_mask[i]]
     for i in range(len(before)):
-        if before[i] and batch.responses[i]:
-            geo = float(torch.tensor([o - s for o, s in zip(old[i], batch.behaviour_logp[i])]).mean().exp())
+        if before[i] and len(batch.responses[i]):
+            geo = float((old[i] - batch.behaviour_logp[i]).mean().exp())
             assert (i in dropped) == (not 0.999 <= geo <= 1.001), (i, geo)
     assert m["mismatch/masked_frac"] == pytest.approx(len(dropped) / sum(1 for i in range(len(before))
-                                                                           if before[i] and batch.responses[i]))
+                                                                           if before[i] and len(batch.responses[i])))
 
 
 @pytest.mark.parametrize("preset", ["gspo", "cispo", "drgrpo", "rloo"])
@@ -92,7 +92,7 @@ def test_each_variant_preset_trains_and_is_micro_batch_invariant(preset, tiny_mo
     groups, _ = run.sampler.collect(1)
     batch = flatten_groups(groups, cfg, 1)
     # ratios != 1, and inside even GSPO's clip range (4e-4 on the sequence ratio)
-    old = [[x - 1e-4 * (j % 3) for j, x in enumerate(lp)] for lp in batch.behaviour_logp]
+    old = batch.behaviour_logp.like(batch.behaviour_logp.values - 1e-4 * (torch.arange(len(batch.behaviour_logp.values)) % 3))
     idx = list(range(len(batch.responses)))
     grads = []
     for size in (16, 3):  # one micro-batch, then six

@@ -33,8 +33,8 @@ def one_thread():
 def _batch(model, G=4):
     comps = HFEngine(model, 0, [1]).generate(PROMPTS, SamplingParams(n=G, max_new_tokens=8), list(range(len(PROMPTS))))
     adv = torch.randn(len(comps), generator=torch.Generator().manual_seed(0))
-    return TrainBatch([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps],
-                      [c.logprobs for c in comps], [True] * len(comps), adv, torch.ones(len(comps)))
+    return TrainBatch.of([PROMPTS[c.prompt_index] for c in comps], [c.token_ids for c in comps],
+                         [c.logprobs for c in comps], [True] * len(comps), adv, torch.ones(len(comps)))
 
 
 def _learner(tiny_model_dir, weights, compute, lr=1e-6):
