@@ -302,3 +302,34 @@ def test_vllm_engine_without_vllm_says_how_to_get_it(tiny_model_dir, tmp_path, c
         VLLMEngine(str(tiny_model_dir), 0, [1], load_config())
     rc = cli_main(["train", "--model", str(tiny_model_dir), f"log.out_dir={tmp_path}", "rollout.engine=vllm", *TINY_RUN])
     assert rc == 2 and "rollout.engine=vllm needs vLLM" in capsys.readouterr().err
+
+
+def test_one_step_off_async_samples_with_the_previous_weights_and_resumes_exactly(cluster, tiny_model_dir, tmp_path):
+    """dist.async_steps=1: step N+1 is sampled while step N updates, so its samples carry the weights that
+    sampled step N (version N-1); a checkpoint between the two carries the rollout collected ahead, and the
+    resumed run goes on exactly as the uninterrupted one."""
+    common = ["dist.rollout_workers=1", "dist.async_steps=1", "ckpt.every=1", "ckpt.keep_last=5", "log.report=false"]
+    hist = []
+    train(_cfg(tiny_model_dir, tmp_path, "full", "optim.steps=4", *common), on_step=lambda s, m: hist.append(m))
+    assert [m["rollout/weight_version"] for m in hist] == [0, 0, 1, 2]
+    assert all(m["mismatch/logp_abs_diff"] == 0.0 for m in hist)  # the old policy is the sampler's own
+    stop_at_2 = lambda s, m: s == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731  (finish, save, stop)
+    train(_cfg(tiny_model_dir, tmp_path, "part", "optim.steps=4", *common), on_step=stop_at_2)
+    assert not (tmp_path / "part" / "step_3").exists()
+    st = torch.load(tmp_path / "part" / "step_2" / "trainer_state.pt", weights_only=True)
+    assert st["rollout_ahead"]["step"] == 3 and st["rollout_ahead"]["groups"]
+    train(_cfg(tiny_model_dir, tmp_path, "part", "optim.steps=4", f"ckpt.resume={tmp_path / 'part'}", *common))
+    import json
+
+    rows = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("full", "part")}
+    assert [r["step"] for r in rows["part"]] == [1, 2, 3, 4]
+    for a, b in zip(rows["full"], rows["part"]):
+        for k in ("rollout/reward", "rollout/weight_version", "batch/samples_total", "actor/pg_loss", "actor/grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+def test_async_needs_a_sampler_of_its_own():
+    with pytest.raises(ConfigError, match="dist.async_steps"):
+        load_config(overrides=["dist.async_steps=1"])
+    with pytest.raises(ConfigError, match="dist.async_steps"):
+        load_config(overrides=["dist.async_steps=2", "dist.rollout_workers=1"])

@@ -293,6 +293,12 @@ class DistConfig:
     worker_restarts: int = 0
     """Replace a dead rollout worker (with the latest weights) up to this many times in the run;
     0 = stop with an error naming it. Keeping the latest weights costs one model copy in the object store."""
+    async_steps: int = 0
+    """1 = one-step-off async rollout: while the trainer updates on step N's batch, the rollout workers
+    already sample step N+1 with the weights that sampled step N (staleness 1; generation hides behind
+    the update). Needs Ray rollout workers. The PPO ratio is then taken against the sampler's own
+    log-probs (the policy that really sampled), or, with ``algo.rollout_is``, against the trainer's
+    recompute with importance weights to the sampler (decoupled PPO). 0 = synchronous."""
     weight_chunk_mb: int = 512
     """Weights travel from the trainer to the rollout workers in chunks of about this many MB, one at a time
     in each process's memory."""

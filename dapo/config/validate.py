@@ -131,6 +131,11 @@ def _dist(c: Config) -> None:
     if d.rollout_on_ranks and (d.trainer_ranks < 2 or d.rollout_workers or d.fsdp or r.engine != "hf"):
         _bad("dist.rollout_on_ranks", "samples on replicated trainer ranks with the HF engine: set "
                                       "dist.trainer_ranks >= 2, dist.rollout_workers=0, dist.fsdp=false, rollout.engine=hf")
+    if d.async_steps not in (0, 1):
+        _bad("dist.async_steps", f"must be 0 (synchronous) or 1 (one step off), got {d.async_steps}")
+    if d.async_steps and (not d.rollout_workers or d.rollout_on_ranks):
+        _bad("dist.async_steps", "samples the next step while the trainer updates, on a sampler of its own: set "
+                                 "dist.rollout_workers >= 1 (and dist.rollout_on_ranks=false)")
     if d.trainer_ranks > 1 and o.mini_batch_size * r.group_size % d.trainer_ranks:
         _bad("dist.trainer_ranks", f"each optimiser step's {o.mini_batch_size * r.group_size} responses must split "
                                    f"evenly over {d.trainer_ranks} ranks")

@@ -17,7 +17,7 @@ from dapo.model import (
 from dapo.problems import Problems, load_problems
 from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
-from dapo.trainer.sampler import DynamicSampler
+from dapo.trainer.sampler import DynamicSampler, Rollouts
 from dapo.trainer.update import Learner
 
 
@@ -36,6 +36,13 @@ class Run:
     sampler: DynamicSampler
     device: torch.device
     closers: list[Callable[[], None]] = field(default_factory=list)
+    rollouts: Rollouts | None = None
+    """Each step's rollout, collected now or one step ahead (``dist.async_steps``); made from ``sampler``."""
+
+    def __post_init__(self):
+        if self.rollouts is None:
+            self.rollouts = Rollouts(self.sampler)
+            self.closers.append(self.rollouts.close)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

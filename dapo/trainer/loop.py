@@ -60,15 +60,18 @@ def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
 
 def train_step(run: Run, step: int) -> tuple[list[Group], dict[str, float]]:
     """One RL step; returns the groups it trained on (none: no update) and its metrics."""
-    groups, m = run.sampler.collect(step)  # G scored responses per prompt, mixed groups only
+    groups, m = run.rollouts.get(step)  # G scored responses per prompt, mixed groups only
     if m["rollout/nan_logprob_frac"] or not groups:  # a policy computing NaN, or nothing with a gradient
         return [], m
     batch = flatten_groups(groups, run.cfg, step)  # advantages; the overlong filter's loss mask
     with timed(m, "time/old_logp"):
         old_logp = run.learner.old_logp(batch)  # pi_old of every token (recomputed where it can differ)
     m.update(rollout_correction(batch, old_logp, run.cfg))  # sampler vs trainer: measured, corrected if asked
+    run.rollouts.start(step + 1)  # one step off (dist.async_steps): the next rollout samples during the update
     with timed(m, "time/update"):
         m.update(run.learner.update(batch, old_logp, step))  # clipped, token-mean, one AdamW step per mini-batch
+    with timed(m, "time/wait_rollout"):
+        run.rollouts.wait()  # nothing may sample while the weights change
     with timed(m, "time/weight_sync"):
         run.learner.push_weights(run.engine, run.engine.weight_version + 1)  # the sampler gets the new policy
     fresh = [c.weight_version for g in groups if g.step == step for c in g.completions]
@@ -163,11 +166,12 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                 history.append(m)
                 if on_step is not None:
                     on_step(step, m)
-                out_of_samples = bool(cfg.optim.max_samples) and run.sampler.samples_total >= cfg.optim.max_samples
+                # the samples this step's rollout brought the total to (a rollout collected ahead is not counted)
+                out_of_samples = bool(cfg.optim.max_samples) and m["batch/samples_total"] >= cfg.optim.max_samples
                 saved = should_checkpoint(cfg, step, step == cfg.optim.steps or out_of_samples, stop.signum is not None) \
                     and _checkpoint(run, step, before, watch, logger)
                 if out_of_samples:
-                    logger.message(f"sample budget reached: {run.sampler.samples_total} >= optim.max_samples="
+                    logger.message(f"sample budget reached: {m['batch/samples_total']:.0f} >= optim.max_samples="
                                    f"{cfg.optim.max_samples}")
                     break
                 if stop.signum is not None:

@@ -162,7 +162,7 @@ def _group_to_plain(g: Group) -> dict[str, Any]:
                     "fields": json.loads(json.dumps(ex.fields, default=str))},
         "completions": [{"token_ids": c.token_ids, "logprobs": c.logprobs, "finish_reason": c.finish_reason,
                          "weight_version": c.weight_version, "prompt_index": c.prompt_index} for c in g.completions],
-        "scores": g.scores, "correct": g.correct, "rewards": g.rewards,
+        "scores": g.scores, "correct": g.correct, "rewards": g.rewards, "errors": g.errors,
     }
 
 
@@ -170,7 +170,7 @@ def _group_from_plain(d: dict[str, Any]) -> Group:
     item = PromptItem(d["uid"], Example(**d["example"]), list(d["prompt_ids"]))
     comps = [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"], c["weight_version"])
              for c in d["completions"]]
-    return Group(item, comps, d["scores"], d["correct"], d["rewards"], d["step"])
+    return Group(item, comps, d["scores"], d["correct"], d["rewards"], d["step"], d.get("errors"))
 
 
 def trainer_state(run: Any, step: int, before: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +182,7 @@ def trainer_state(run: Any, step: int, before: dict[str, Any]) -> dict[str, Any]
         "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_ver": random.getstate()[0]},
         "data": run.problems.stream.state_dict(),
         "sampler": {**sampler, "carried": [_group_to_plain(g) for g in sampler["carried"]]},
+        "rollout_ahead": _rollout_to_plain(run.rollouts.state_dict()),
         "weight_version": run.engine.weight_version,
         "before": before,
     }
@@ -194,3 +195,14 @@ def restore(run: Any, state: dict[str, Any]) -> None:
     run.problems.stream.load_state_dict(state["data"])
     run.sampler.load_state_dict({**state["sampler"], "carried": [_group_from_plain(g) for g in state["sampler"]["carried"]]})
     run.engine.weight_version = state["weight_version"]
+    ahead = state.get("rollout_ahead") or {}
+    run.rollouts.load_state_dict({**ahead, "groups": [_group_from_plain(g) for g in ahead["groups"]],
+                                  "sampled": [_group_from_plain(g) for g in ahead["sampled"]]} if ahead else {})
+
+
+def _rollout_to_plain(ahead: dict[str, Any]) -> dict[str, Any]:
+    """A rollout collected one step ahead (``dist.async_steps``), as plain data for trainer_state.pt."""
+    if not ahead:
+        return {}
+    return {**ahead, "groups": [_group_to_plain(g) for g in ahead["groups"]],
+            "sampled": [_group_to_plain(g) for g in ahead["sampled"]]}

@@ -159,3 +159,63 @@ def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
 
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+class Rollouts:
+    """Where each step's groups come from: collected when the step asks (synchronous), or, with
+    ``dist.async_steps=1``, collected in a background thread while the previous step's update runs.
+
+    One step off: ``start(N + 1)`` is called after step N's rollout, before its update, so step N+1 samples
+    with the weights that sampled step N; ``wait()`` is called after the update and before the new weights
+    are pushed, because nothing may be sampling while they change. The rollout workers are other processes,
+    so the thread only waits on them (and scores). ``state_dict`` carries a rollout collected ahead, so a
+    checkpoint between the two steps resumes exactly.
+    """
+
+    def __init__(self, sampler: DynamicSampler):
+        self.sampler = sampler
+        self.ahead = sampler.cfg.dist.async_steps > 0
+        self._pool = None
+        if self.ahead:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dapo-rollout")
+        self._future: Any = None
+        self._ready: tuple[int, list[Group], dict[str, float], list[Group]] | None = None
+        self.sampled: list[Group] = []
+        """Every group sampled for the step last handed out by ``get``, kept or not (samples, diagnostics)."""
+
+    def _collect(self, step: int) -> tuple[int, list[Group], dict[str, float], list[Group]]:
+        groups, m = self.sampler.collect(step)
+        return step, groups, m, list(self.sampler.last_round)
+
+    def get(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        """Step ``step``'s groups and rollout metrics: the ones collected ahead, or collected now."""
+        ready = self._ready if self._ready is not None and self._ready[0] == step else self._collect(step)
+        self._ready = None
+        _, groups, m, self.sampled = ready
+        return groups, dict(m)
+
+    def start(self, step: int) -> None:
+        """Begin collecting ``step`` now (async only; nothing past ``optim.steps``)."""
+        if self.ahead and step <= self.sampler.cfg.optim.steps:
+            self._future = self._pool.submit(self._collect, step)
+
+    def wait(self) -> None:
+        """The rollout collected ahead, finished (its errors raised here)."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            self._ready = future.result()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._ready is None:
+            return {}
+        step, groups, m, sampled = self._ready
+        return {"step": step, "groups": groups, "metrics": m, "sampled": sampled}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._ready = (state["step"], state["groups"], state["metrics"], state["sampled"]) if state else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

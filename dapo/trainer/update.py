@@ -204,8 +204,12 @@ class Learner:
         Recomputed with the training model (its numerics, not the engine's), except where a recompute
         cannot change anything: responses kept out of the loss, and responses sampled in this step by an
         engine that runs this very model (``samples_the_policy``), whose weights have not changed since.
+        One step off (``dist.async_steps``) the sampler ran the weights before the last update: the old
+        policy is the sampler's own, so nothing is recomputed, unless ``algo.rollout_is`` asks for the
+        decoupled form (the trainer's recompute, importance-weighted to the sampler).
         """
-        if self.cfg.rollout.use_engine_logprobs or self.samples_the_policy():
+        stale = self.cfg.dist.async_steps > 0 and self.cfg.algo.rollout_is == "none"
+        if self.cfg.rollout.use_engine_logprobs or stale or self.samples_the_policy():
             return [], torch.zeros(0)
         todo = (batch.trainable() & torch.tensor(batch.fresh, dtype=torch.bool)).nonzero().squeeze(1).tolist()
         rows: list[int] = []

@@ -59,7 +59,7 @@ class StepWatch:
     # -------------------------------------------------------------------------------------------- each step
 
     def after_step(self, step: int, groups: list[Group], m: dict[str, float]) -> None:
-        sampled = self.run.sampler.last_round
+        sampled = self.run.rollouts.sampled
         self._reward_errors(sampled)
         idle = not any(max(g.rewards) > min(g.rewards) for g in groups)
         every = self.run.cfg.log.samples_every
