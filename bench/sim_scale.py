@@ -235,7 +235,7 @@ def build(a: argparse.Namespace, shape: dict[str, Any], clock: Clock):
     from dapo.model import make_optimizer
     from dapo.problems import ListPromptStream, runner_score_fn
     from dapo.rewards import RewardRunner
-    from dapo.trainer.sampler import DynamicSampler
+    from dapo.trainer.sampler import DynamicSampler, Rollouts
     from dapo.trainer.update import Learner
 
     P = a.prompts or shape["prompts"]
@@ -280,7 +280,7 @@ def build(a: argparse.Namespace, shape: dict[str, Any], clock: Clock):
     opt, sched = make_optimizer(cfg.optim, model)
     learner = Learner(cfg, model, opt, sched, PAD, torch.device("cpu"), policy=StandInPolicy())
     run = SimpleNamespace(cfg=cfg, sampler=sampler, learner=learner, engine=engine,
-                          problems=SimpleNamespace(stream=stream))
+                          problems=SimpleNamespace(stream=stream), rollouts=Rollouts(sampler))
     return run, runner
 
 

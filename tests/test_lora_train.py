@@ -267,7 +267,7 @@ def test_ray_ranks_and_workers_sync_adapters_only_and_sample_like_the_in_process
             params, seeds = SamplingParams(n=4, max_new_tokens=8), [7, 8, 9, 10, 11]
             remote = built.engine.generate(PROMPTS, params, seeds)
             here = HFEngine(local, 0, [1]).generate(PROMPTS, params, seeds)
-            assert [c.token_ids for c in remote] == [c.token_ids for c in here]
+            assert [c.token_ids.tolist() for c in remote] == [c.token_ids.tolist() for c in here]
             diff = max(abs(a - b) for x, y in zip(remote, here) for a, b in zip(x.logprobs, y.logprobs))
             assert diff < 1e-5  # the same policy; float sums differ in order with the actor's thread count
             with adapters_disabled(local):  # and not the base's: the trained adapters reached the worker
