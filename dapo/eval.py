@@ -154,6 +154,7 @@ def evaluate(
     problems: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     reward_stats: dict[str, float] = {}
+    messages: list[str] = []  # the reward function's distinct failures (up to 5), for the person reading
     n_correct = 0
     for start in range(0, len(items), chunk):
         batch = list(items[start : start + chunk])
@@ -163,6 +164,7 @@ def evaluate(
         scored = score_fn(texts, [batch[c.prompt_index].example for c in comps])
         for key, v in scored.stats.items():
             reward_stats[key] = reward_stats.get(key, 0.0) + float(v)
+        messages += [msg for msg in scored.messages if msg not in messages][: 5 - len(messages)]
         errors = scored.errors or [""] * len(comps)
         for b, (i, it) in enumerate(zip(idx, batch)):
             recs = []
@@ -192,7 +194,7 @@ def evaluate(
             by_source[src] = summarize([p for p in problems if p["data_source"] == src],
                                        [s for s in samples if s["data_source"] == src], k)
     return {"k": k, "metrics": summarize(problems, samples, k), "by_source": by_source,
-            "reward_stats": reward_stats, "problems": problems, "samples": samples}
+            "reward_stats": reward_stats, "reward_messages": messages, "problems": problems, "samples": samples}
 
 
 def sampling_params(cfg: Any) -> SamplingParams:
@@ -384,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     errs = {k: v for k, v in result["reward_stats"].items() if v}
     if errs:
         print("reward failures (scored as wrong): " + ", ".join(f"{k} {int(v)}" for k, v in errs.items()))
+        for msg in result["reward_messages"]:
+            print(f"  {msg}")
     print(f"saved {out}")
     return 0
 

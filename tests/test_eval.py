@@ -235,3 +235,15 @@ def test_cli_errors_name_the_problem(tiny_model_dir, tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing"), "--data", "task:addition"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_the_reward_functions_failures_are_kept_for_the_reader():
+    items = _fake_items(4)
+
+    def failing(texts, exs):
+        return RewardBatch([-1.0] * len(texts), [False] * len(texts), {"reward/errors": float(len(texts))},
+                           ["raised KeyError: 'answer'"], ["raised KeyError: 'answer'"] * len(texts))
+
+    res = evaluate(SeedEchoEngine(8), items, failing, lambda ids: "".join(map(str, ids)), SamplingParams(n=2), 0)
+    assert res["reward_messages"] == ["raised KeyError: 'answer'"] and res["reward_stats"]["reward/errors"] == 8
+    assert all(s["reward_error"] == "raised KeyError: 'answer'" for s in res["samples"])

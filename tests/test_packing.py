@@ -49,9 +49,9 @@ def test_completions_and_ragged_buffers_pickle_as_numpy_and_come_back_as_writabl
 
     from dapo.ragged import from_pickled
 
-    c = Completion(2, [5, 6, 1], [-0.5, -1.25, -0.125], "stop", 3, {"k": 1})
+    c = Completion(2, [5, 6, 1], [-0.5, -1.25, -0.125], "stop", 3)
     back = pickle.loads(pickle.dumps(c, protocol=5))
-    assert back == c and back.extra == {"k": 1} and back.token_ids.dtype == torch.long
+    assert back == c and back.weight_version == 3 and back.token_ids.dtype == torch.long
     back.logprobs += 1.0  # its own writable storage
     assert c.logprobs[0] == -0.5
     r = Ragged.of([[1, 2], [], [3]], torch.long)

@@ -5,7 +5,7 @@ prompt index), so a rollout is reproducible whatever the batch it is part of.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -42,7 +42,6 @@ class Completion:
     """'stop' (a stop token was generated) or 'length' (max_new_tokens reached: truncated)."""
     weight_version: int = 0
     """Version of the weights that produced it (proves the rollout used the latest policy)."""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.long)
@@ -55,8 +54,8 @@ class Completion:
         """Equal fields (tensors by value: ``torch.equal``)."""
         if not isinstance(other, Completion):
             return NotImplemented
-        return (self.prompt_index, self.finish_reason, self.weight_version, self.extra) == (
-            other.prompt_index, other.finish_reason, other.weight_version, other.extra) and torch.equal(
+        return (self.prompt_index, self.finish_reason, self.weight_version) == (
+            other.prompt_index, other.finish_reason, other.weight_version) and torch.equal(
             self.token_ids, other.token_ids) and torch.equal(self.logprobs, other.logprobs)
 
     __hash__ = None  # mutable, compared by value
@@ -65,11 +64,11 @@ class Completion:
         """Pickled (Ray: rollout workers -> driver) with numpy buffers for the tensors: about 4x faster than
         torch's per-tensor pickling at a step's 16k completions (``dapo.ragged.as_numpy``)."""
         return _completion_from_pickle, (self.prompt_index, as_numpy(self.token_ids), as_numpy(self.logprobs),
-                                         self.finish_reason, self.weight_version, self.extra)
+                                         self.finish_reason, self.weight_version)
 
 
-def _completion_from_pickle(prompt_index, token_ids, logprobs, finish_reason, weight_version, extra) -> Completion:
-    return Completion(prompt_index, from_pickled(token_ids), from_pickled(logprobs), finish_reason, weight_version, extra)
+def _completion_from_pickle(prompt_index, token_ids, logprobs, finish_reason, weight_version) -> Completion:
+    return Completion(prompt_index, from_pickled(token_ids), from_pickled(logprobs), finish_reason, weight_version)
 
 
 class RolloutEngine(Protocol):
