@@ -3,7 +3,7 @@
     from dapo.rewards import score_math, RewardRunner
     score_math("...\\nAnswer: 34", "34")          # MathScore(score=1.0, correct=True, pred='34')
     with RewardRunner("math", workers=8) as runner:
-        batch = runner.score(responses, answers, extras)   # RewardBatch(scores, correct, stats, messages)
+        batch = runner.score(responses, answers, extras)   # RewardBatch(scores, correct, stats, messages, errors)
 """
 from dapo.rewards.limits import RewardTimeout, call_with_time_limit
 from dapo.rewards.math import MathScore, extract_answer, math_verify_available, normalize_answer, score_math
