@@ -168,3 +168,15 @@ def test_a_train_run_writes_its_report_and_a_clean_screen(tiny_model_dir, tmp_pa
 def test_pyproject_license_is_an_spdx_string():
     """setuptools prints a BuildBackendWarning block at every install for a license table."""
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+
+
+def test_the_install_prints_no_build_backend_warning(tmp_path):
+    """What `make install` shows a new user: pip's output of building dapo (the build backend, hatchling, is
+    in the test extra, so this needs no network)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                          str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stdout + out.stderr.replace("WARNING: Location", "")
