@@ -26,6 +26,16 @@ def build_random_tiny(path, seed=0, hidden=64, layers=2):
     return model, tok
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs in this process single-threaded: float rounding that repeats bit for bit (as the one-thread
+    subprocesses of tests/faults do), and a shared 2-core machine not oversubscribed."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_model")

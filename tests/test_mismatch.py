@@ -17,12 +17,7 @@ from dapo.trainer.update import flatten_groups
 COMMON = [*TINY_RUN, "algo.filter_metric=reward", "optim.lr=1e-2", "log.report=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(run_dir):

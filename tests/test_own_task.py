@@ -19,12 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 REVERSE_REWARD = "def score(response, ground_truth, n=None, **fields):\n    return 1.0 if response.strip() == ground_truth else -1.0\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # reproducible float rounding, and a quiet machine for the other tests
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reverse_task(path: Path, n: int = 3000) -> None:

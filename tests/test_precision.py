@@ -22,12 +22,7 @@ from dapo.trainer.update import DataParallel, Learner, TrainBatch
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(model, G=4):

@@ -34,16 +34,6 @@ FAST = [
 VOLATILE = ("time/", "perf/")
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """In-process runs single-threaded, like the subprocesses: their numbers compare bit for bit, and a
-    shared 2-core machine is not oversubscribed."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",

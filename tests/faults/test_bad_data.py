@@ -7,7 +7,6 @@ import json
 import pytest
 
 import faultkit as fk
-from faultkit import one_thread  # noqa: F401  (fixture)
 from dapo.cli import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import faultkit as fk
-from faultkit import one_thread  # noqa: F401  (fixture)
 from dapo.cli import main as cli_main
 from dapo.config import load_config
 from dapo.rollout.base import SamplingParams

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import faultkit as fk
-from faultkit import one_thread  # noqa: F401  (fixture)
 from dapo.cli import main as cli_main
 from dapo.config import load_config
 from dapo.trainer.checkpoint import MANIFEST, _sha256

@@ -16,7 +16,6 @@ import time
 import pytest
 
 import faultkit as fk
-from faultkit import one_thread  # noqa: F401  (fixture)
 from dapo.cli import main as cli_main
 from dapo.trainer.checkpoint import latest_checkpoint
 
