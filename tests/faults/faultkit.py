@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
