@@ -243,14 +243,15 @@ def _asked_for_slow(config) -> bool:
 
 @pytest.mark.slow
 def test_full_shape_run(request, tmp_path_factory):
-    """The real shape, 2 steps in fp32. Memory bound: weights, gradients and AdamW's two moments in fp32 are
+    """The real shape, 2 steps under bf16 compute (float32 master weights). Memory bound: weights, gradients
+    and AdamW's two moments in fp32 are
     16 bytes x 494M = 7.4 GiB; activations of a 2-prompt mini-batch (8 responses x ~250 tokens, 24 layers,
     ~110 KB per token per layer) ~5 GiB; Python, torch and the tokenizer ~1 GiB: ~13 GiB expected. 18 GiB
     leaves the 23 GiB machine usable and still fails on a regression such as a materialised (B, T, V)
     fp32 logits tensor with its gradient (2 x 8 x 250 x 151,936 x 4 B = 2.3 GiB) on top of a copy of the model."""
     if not _asked_for_slow(request.config):
         pytest.skip("the 0.5b-shaped run takes many minutes and ~13 GiB: run with -m slow")
-    res = rs.run(tmp_path_factory.mktemp("rs05"), smoke=False, steps=2)  # ~8 GB on disk: model, checkpoint
+    res = rs.run(tmp_path_factory.mktemp("rs05"), smoke=False, steps=2, dtype="bfloat16")  # ~8 GB on disk
     assert res["rc"] == 0 and res["steps"] == 2
     assert res["weights_changed"] > 0.5
     assert res["peak_rss_gib"] < 18, res["peak_rss_gib"]
