@@ -309,20 +309,10 @@ def _parser():
 
 def _eval_config(args: Any) -> Any:
     """The run's config beside the model (when it sits in a run directory), then the flags and overrides."""
-    import yaml
-
-    from dapo.config import config_from_dict, load_config
+    from dapo.config import load_config, run_config
     from dapo.config.flags import key_overrides
 
-    base = None
     model_dir = Path(args.model)
-    for p in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
-        if p.is_file():
-            try:
-                base = config_from_dict(yaml.safe_load(p.read_text(encoding="utf-8")))
-            except (yaml.YAMLError, ValueError, TypeError, AttributeError):
-                continue
-            break
     data = (["data.path=", f"data.task={args.data[len('task:'):]}"] if args.data.startswith("task:")
             else [f"data.path={args.data}"])
     # algo.soft_overlong=false: reward shaping is training's, and its window must not constrain --max-new-tokens here
@@ -330,7 +320,11 @@ def _eval_config(args: Any) -> Any:
             *key_overrides(args, EVAL_FLAGS), *args.overrides]
     if args.data.startswith("task:") and getattr(args, "reward.fn") is None:
         over.append("reward.fn=auto")  # a task scores with its own verifier, whatever a run's file used
-    return load_config(base.preset if base else None, None, over, base=base)
+    for run_dir in (model_dir, model_dir.parent):
+        cfg = run_config(run_dir, over)
+        if cfg is not None:
+            return cfg
+    return load_config(None, None, over)
 
 
 def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
@@ -349,8 +343,11 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     probs = load_problems(cfg, tok, lambda s: print(s, file=sys.stderr), train=False, limit=args.limit)
     try:
         device = resolve_device(cfg.model.device)
-        model = load_model(cfg.model, str(model_dir), device, compute_dtype(cfg.model.dtype, device))  # no training
-        engine = HFEngine(model, int(tok.pad_token_id), eos_ids(model, tok), max_batch=cfg.rollout.batch_size)
+        # as training evaluates: float32 weights under the compute dtype's autocast, so the same weights give
+        # the same numbers here and in a run's eval/acc (a bfloat16 copy would round them differently)
+        model = load_model(cfg.model, str(model_dir), device)
+        engine = HFEngine(model, int(tok.pad_token_id), eos_ids(model, tok), max_batch=cfg.rollout.batch_size,
+                          compute_dtype=compute_dtype(cfg.model.dtype, device))
         params = sampling_params(cfg)
         print(f"dapo eval: {len(probs.eval_items)} problems x {params.n} samples (T {params.temperature}, top-p "
               f"{params.top_p}, max {params.max_new_tokens} new tokens) on {device}", file=sys.stderr)

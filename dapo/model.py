@@ -63,16 +63,11 @@ def sampler_dtype(cfg: Any, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.rollout.dtype]
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """The autocast context of a forward pass in ``dtype`` (a no-op context for float32)."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def _load_error(path: str, e: Exception, allow_unsafe: bool) -> SetupError:
+def _load_error(path: str, e: Exception, allow_unsafe: bool, key: str = "model.path") -> SetupError:
     hint = ""
     if "safetensors" in str(e).lower() and not allow_unsafe:
         hint = " (only safetensors weights load by default; model.allow_unsafe_weights=true allows pickle files)"
-    return SetupError(f"cannot load model.path={path!r}: {e}{hint}")
+    return SetupError(f"cannot load {key}={path!r}: {e}{hint}")
 
 
 def _load_hf(mcfg: Any, path: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -189,7 +184,7 @@ def load_tokenizer(mcfg: Any, path: str) -> Any:
         else:
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _load_error(mcfg.tokenizer or path, e, mcfg.allow_unsafe_weights) from None
+        raise _load_error(where, e, mcfg.allow_unsafe_weights, "model.tokenizer" if mcfg.tokenizer else "model.path") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

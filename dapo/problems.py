@@ -79,10 +79,6 @@ class ListPromptStream:
             self.cursor += 1
         return out
 
-    @property
-    def epoch(self) -> float:
-        return self.cursor / len(self.examples)
-
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "list", "cursor": self.cursor, "seed": self.seed, "size": len(self.examples)}
 

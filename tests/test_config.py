@@ -95,3 +95,16 @@ def test_config_is_frozen_and_documented():
     assert "algo.eps_high = 0.28" in text and "Clip-Higher" in text
     assert set(PRESETS) == set(ABLATION_ROWS) | {"gspo", "cispo", "drgrpo", "rloo"}
     assert set(PRESET_DOCS) == set(PRESETS)  # every preset is described in dapo train --help
+
+
+def test_a_saved_config_keeps_its_overrides_of_preset_keys(tmp_path):
+    """Resuming rebuilds the config from config.yaml: the preset must not be applied again over it (the run
+    overrode algo.eps_high and algo.loss_agg, both preset keys)."""
+    from dapo.config import run_config, save_config
+
+    cfg = load_config("dapo", overrides=["algo.eps_high=0.25", "algo.loss_agg=seq-mean-token-mean"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = run_config(tmp_path, ["optim.steps=7"])
+    assert again.algo == cfg.algo and again.optim.steps == 7 and again.preset == "dapo"
+    assert run_config(tmp_path, ["preset=grpo"]).algo.eps_high == 0.2  # a preset named anew is applied
+    assert run_config(tmp_path / "missing") is None

@@ -207,6 +207,15 @@ def test_a_nan_rollout_with_ranks_does_not_block_later_checkpoints(cluster, tiny
     history = []
     try:
         train(cfg, on_step=lambda step, m: history.append(dict(m)), run=built)
+        # the weights a checkpoint would save are checked on the ranks, where they are
+        assert built.learner.nonfinite_params() == []
+
+        def spoil(rank):
+            with torch.no_grad():
+                rank.learner.model.model.norm.weight[0] = float("nan")
+
+        ray.get(built.learner.actors[1].__ray_call__.remote(spoil))
+        assert built.learner.nonfinite_params() == ["model.norm.weight"]
     finally:
         built.close()
     from dapo.trainer.checkpoint import list_checkpoints
@@ -333,3 +342,5 @@ def test_async_needs_a_sampler_of_its_own():
         load_config(overrides=["dist.async_steps=1"])
     with pytest.raises(ConfigError, match="dist.async_steps"):
         load_config(overrides=["dist.async_steps=2", "dist.rollout_workers=1"])
+    with pytest.raises(ConfigError, match="reward.workers.*time limit"):  # a reward scored off the main thread
+        load_config(overrides=["dist.async_steps=1", "dist.rollout_workers=1", "data.path=x.jsonl"])

@@ -318,7 +318,7 @@ def test_zero_advantage_skip_is_off_with_kl_and_when_the_whole_mini_batch_is_zer
 def test_held_out_accuracy_averages_eval_k_samples_of_each_prompt(tiny_model_dir, tmp_path):
     from dapo.eval import headline
     from dapo.trainer.build import build_run
-    from dapo.trainer.loop import run_eval
+    from dapo.trainer.loop import held_out_eval
 
     cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "eval.k=3", "eval.seed=11"])
     run = build_run(cfg, tmp_path, None, log=lambda s: None)
@@ -333,7 +333,7 @@ def test_held_out_accuracy_averages_eval_k_samples_of_each_prompt(tiny_model_dir
         return _verdicts([e in [it.example for it in items[:3]] for e in exs])
 
     run.problems.score_fn = score
-    res = headline(run_eval(run))
+    res = headline(held_out_eval(run))
     assert (res["n"], res["k"]) == (8, 3) and len(seen) == 24
     assert all(seen.count(it.example) == 3 for it in items)  # each prompt's own k responses
     assert res["accuracy"] == pytest.approx(9 / 24)

@@ -162,7 +162,13 @@ def load_config(
     notify: Callable[[str], None] | None = _stderr,
 ) -> Config:
     """defaults (or ``base``) <- preset <- YAML file <- overrides, validated. ``notify`` gets the messages
-    about moved keys (stderr by default)."""
+    about moved keys (stderr by default).
+
+    A preset is applied to the defaults, or to ``base`` only when one is named (argument, ``preset=``
+    override or file): a saved run's config already holds its preset's values and the user's changes to
+    them, which re-applying the preset would undo."""
+    named = bool(preset) or (isinstance(overrides, dict) and "preset" in overrides) or (
+        isinstance(overrides, list) and any(o.split("=", 1)[0].strip() == "preset" for o in overrides))
     cfg = base or Config()
     file_flat: dict[str, Any] = {}
     if file is not None:
@@ -175,6 +181,7 @@ def load_config(
             raise ConfigError(f"{path}: a config file must be a mapping of sections to keys")
         file_flat = _flatten(data)
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    named = named or "preset" in file_flat
     name = preset or over.pop("preset", None) or file_flat.pop("preset", None) or cfg.preset
     over.pop("preset", None)
     file_flat.pop("preset", None)
@@ -182,13 +189,27 @@ def load_config(
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint} (valid: {', '.join(PRESETS)})")
-    cfg = _apply(cfg, PRESETS[name], " in preset")
+    if base is None or named:
+        cfg = _apply(cfg, PRESETS[name], " in preset")
     cfg = replace(cfg, preset=name)
     if file_flat:
         cfg = _apply(cfg, file_flat, f" in {file}", notify)
     if over:
         cfg = _apply(cfg, over, "", notify)
     return cfg.validate()
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config | None:
+    """The config a run directory saved (``config.yaml``) with ``overrides`` on top, or None without one
+    (a resume continues with it; ``dapo eval`` evaluates a checkpoint the way it was trained)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        base = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")))
+    except (OSError, yaml.YAMLError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{saved}: cannot read the run's config: {e}") from None
+    return load_config(None, None, list(overrides or []), base=base)
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

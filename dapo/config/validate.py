@@ -37,8 +37,10 @@ def validate(c: Config) -> None:
 
 def _algo(c: Config, agg_modes: tuple[str, ...], kl_kinds: tuple[str, ...]) -> None:
     a, r = c.algo, c.rollout
-    _one_of("algo.policy_loss", a.policy_loss, ("ppo", "gspo", "cispo"))
-    _one_of("algo.adv_estimator", a.adv_estimator, ("grpo", "rloo"))
+    from dapo.algo import ADV_ESTIMATORS, POLICY_LOSSES
+
+    _one_of("algo.policy_loss", a.policy_loss, tuple(POLICY_LOSSES))
+    _one_of("algo.adv_estimator", a.adv_estimator, ADV_ESTIMATORS)
     _one_of("algo.rollout_is", a.rollout_is, ("none", "token", "sequence"))
     if a.eps_low < 0 or (a.eps_low >= 1 and a.policy_loss != "cispo"):
         _bad("algo.eps_low", f"must be in [0, 1) (>= 1 = no lower bound, cispo only), got {a.eps_low}")
@@ -46,9 +48,10 @@ def _algo(c: Config, agg_modes: tuple[str, ...], kl_kinds: tuple[str, ...]) -> N
         _bad("algo.clip_c", f"the dual clip is the ppo loss's; algo.policy_loss={a.policy_loss} takes none")
     if a.rollout_is_cap <= 0:
         _bad("algo.rollout_is_cap", f"must be > 0, got {a.rollout_is_cap}")
-    if not 0 < a.rollout_mask_low <= 1 <= a.rollout_mask_high:
-        _bad("algo.rollout_mask_low", f"need 0 < rollout_mask_low <= 1 <= rollout_mask_high, got "
-                                      f"{a.rollout_mask_low}, {a.rollout_mask_high}")
+    if not 0 < a.rollout_mask_low <= 1:
+        _bad("algo.rollout_mask_low", f"must be in (0, 1], got {a.rollout_mask_low}")
+    if a.rollout_mask_high < 1:
+        _bad("algo.rollout_mask_high", f"must be >= 1, got {a.rollout_mask_high}")
     if a.eps_high < 0:
         _bad("algo.eps_high", f"must be >= 0, got {a.eps_high}")
     if a.clip_c is not None and a.clip_c <= 1:
@@ -117,8 +120,8 @@ def _data_reward_eval_log(c: Config) -> None:
 
 def _dist(c: Config) -> None:
     d, r, o = c.dist, c.rollout, c.optim
-    if d.rollout_workers < 0 or d.trainer_ranks < 1:
-        _bad("dist.trainer_ranks", "rollout_workers must be >= 0 and trainer_ranks >= 1")
+    _at_least(c, 0, "dist.rollout_workers")
+    _at_least(c, 1, "dist.trainer_ranks")
     if d.timeout_s <= 0:
         _bad("dist.timeout_s", f"must be > 0, got {d.timeout_s}")
     _at_least(c, 0, "dist.worker_restarts")
@@ -136,6 +139,9 @@ def _dist(c: Config) -> None:
     if d.async_steps and (not d.rollout_workers or d.rollout_on_ranks):
         _bad("dist.async_steps", "samples the next step while the trainer updates, on a sampler of its own: set "
                                  "dist.rollout_workers >= 1 (and dist.rollout_on_ranks=false)")
+    if d.async_steps and c.data.path and not c.reward.workers:
+        _bad("reward.workers", "with dist.async_steps=1 the rollout is scored in a background thread, where a reward "
+                               "function cannot be given a time limit: set reward.workers >= 1")
     if d.trainer_ranks > 1 and o.mini_batch_size * r.group_size % d.trainer_ranks:
         _bad("dist.trainer_ranks", f"each optimiser step's {o.mini_batch_size * r.group_size} responses must split "
                                    f"evenly over {d.trainer_ranks} ranks")

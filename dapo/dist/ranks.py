@@ -3,7 +3,7 @@
 Every rank holds the model (whole, or an FSDP2 shard when ``dist.fsdp``), its optimiser state and the
 same schedule, and runs ``dapo.trainer.update`` - the very code of the single-process path - on its
 share of every mini-batch, with the mini-batch's global token count as the loss denominator. Summing
-the ranks' gradients (all-reduce, or FSDP2's reduce-scatter with divide factor 1) then gives exactly
+the ranks' gradients (all-reduce; under FSDP2 its reduce-scatter's mean scaled back by the world size) gives exactly
 the single-process gradient, and every rank takes the same optimiser step.
 
 ``RankGroup`` is the driver's handle: a ``Learner`` (old log-probs, update, weights to the rollout
@@ -27,7 +27,7 @@ from dapo.dist.rollout import put_chunks, sample_in_slices
 from dapo.ragged import Ragged
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.trainer.policy import ResponseLogprobs
-from dapo.trainer.update import DataParallel, Learner, TrainBatch, whole_tensor
+from dapo.trainer.update import DataParallel, Learner, TrainBatch, needs_recompute, whole_tensor
 
 
 def _free_port(host: str) -> int:
@@ -40,15 +40,19 @@ def _shard(policy: ResponseLogprobs, mesh: Any, compute_dtype: torch.dtype) -> N
     """FSDP2: each transformer block is one shard unit (HF names them in ``_no_split_modules``), and the
     rest (embeddings, final norm, LM head) belongs to the root unit, ``ResponseLogprobs`` around the LM,
     whose forward is where the trainer uses them. The shards stay float32 (the optimiser's master weights);
-    each unit's parameters are gathered in the compute dtype and gradients reduced in float32."""
+    the blocks' parameters are gathered in the compute dtype, the root's in float32 (the LM head computes the
+    log-probs, in float32 by design), and gradients are reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     blocks = set(getattr(policy.lm, "_no_split_modules", None) or [])
-    for m in list(policy.lm.modules()):
-        if type(m).__name__ in blocks:
-            fully_shard(m, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, reshard_after_forward=False, mp_policy=mp)  # the root is needed again in backward
+    units = [m for m in policy.lm.modules() if type(m).__name__ in blocks]
+    if not units:  # the root alone would hold the whole model, gathered: nothing sharded, all the memory used
+        raise ValueError(f"dist.fsdp: {type(policy.lm).__name__} names no transformer block class that is in the "
+                         f"model (_no_split_modules={sorted(blocks)}); cannot shard it")
+    for m in units:
+        fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32))
+    fully_shard(policy, mesh=mesh, reshard_after_forward=False,  # the root is needed again in backward
+                mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
 
 
 def _by_index(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -132,10 +136,17 @@ class TrainerRank:
         if not self.learner.dp.fsdp:  # replicated parameters: a fingerprint to compare across ranks
             with torch.no_grad():
                 m["_checksum"] = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                                              for p in self.learner.model.parameters()]).cpu()  # (n_params, 2)
+                                              for p in self.learner.model.parameters()
+                                              if p.requires_grad]).cpu()  # (n_trained, 2): a frozen base cannot drift
         return m
 
     # -------------------------------------------------------------------------------------------- weights, state
+
+    def nonfinite_params(self) -> list[str]:
+        """This rank's parameters (its shards under FSDP) that hold NaN or inf."""
+        with torch.no_grad():
+            return [n for n, p in self.learner.model.named_parameters()
+                    if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
 
     def _resharded(self) -> torch.nn.Module:
         """The model with every FSDP unit back in its sharded state (the root stays gathered after a
@@ -242,7 +253,7 @@ class RankGroup:
 
     def old_logp(self, batch: TrainBatch) -> Ragged:
         out = batch.behaviour_logp.clone()
-        if self.samples_the_policy:  # the ranks sampled with their own fp32 models: nothing to recompute
+        if self.samples_the_policy or not needs_recompute(self.cfg):  # nothing to recompute: no batch to send
             return out
         for rows, vals in self._all("old_logp", ray.put(batch), what="old log-probs"):
             if rows:
@@ -290,9 +301,9 @@ class RankGroup:
     def save_pretrained(self, path: Any) -> None:
         self._all("save_pretrained", str(path), what="saving the model")
 
-    def finite_weights(self) -> list[str]:
-        """Checked on the ranks before they save (their weights are not here): nothing to report."""
-        return []
+    def nonfinite_params(self) -> list[str]:
+        """Parameter tensors holding NaN or inf on any rank (each checks its own, or its shards under FSDP)."""
+        return sorted({name for names in self._all("nonfinite_params", what="checking the weights") for name in names})
 
     def close(self) -> None:
         try:

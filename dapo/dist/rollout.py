@@ -238,6 +238,7 @@ class RayEngine:
         self._run(lambda w, k: w.load_weights.remote(refs, n_tensors, version), range(self.n), f"weight sync v{version}")
 
     def close(self) -> None:
+        self.restarts_left = 0  # a call still in flight (an async rollout) must not replace the workers killed here
         for w in self.workers:
             try:
                 ray.kill(w)

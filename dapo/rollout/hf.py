@@ -204,6 +204,9 @@ class HFEngine:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         own = self.model.state_dict()
+        unknown = sorted(set(state_dict) - set(own))
+        if unknown:  # strict=False below would skip them and stamp a version the weights are not
+            raise ValueError(f"weights v{version}: {len(unknown)} tensors the model does not have (first: {unknown[:3]})")
         shared = all(own[k].data_ptr() == v.data_ptr() for k, v in state_dict.items() if k in own)
         if not shared:
             self.model.load_state_dict(state_dict, strict=False)

@@ -136,7 +136,7 @@ def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer:
     elif cfg.rollout.engine == "vllm":
         from dapo.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(path, pad_id, eos, cfg, colocated=True)  # training shares this GPU
+        engine = VLLMEngine(path, pad_id, eos, cfg, colocated=not remote_train)  # training here shares the GPU
     elif model is None or cfg.rollout.dtype != "auto":  # the sampler's own copy of the weights
         own = load_policy(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
         engine = HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size)

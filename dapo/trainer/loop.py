@@ -8,8 +8,10 @@
     new weights -> the rollout engine
 
 Old log-probs are the engine's own where they provably equal a recompute (one process, float32 compute:
-the engine samples with the very model being trained, whose weights have not moved since), and are
-recomputed by the trainer otherwise (Ray workers, vLLM, bfloat16 compute, carried-over groups).
+the engine samples with the very model being trained, whose weights have not moved since) and where no
+recompute could give the behaviour policy's (carried-over groups, a one-step-off async rollout: the
+trainer's weights have moved since); the trainer recomputes them otherwise (Ray workers, vLLM, bfloat16
+compute), and ``algo.rollout_is`` corrects for what the two disagree on.
 
 What it simplifies: no critic, no KL term (``algo.kl_coef=0`` by default), no reference model unless a
 KL is asked for. One process by default (an in-process engine); with ``dist.*`` set, ``dapo.dist`` puts
@@ -80,7 +82,7 @@ def train_step(run: Run, step: int) -> tuple[list[Group], dict[str, float]]:
     return groups, m
 
 
-def run_eval(run: Run) -> dict[str, Any]:
+def held_out_eval(run: Run) -> dict[str, Any]:
     """The held-out evaluation (``eval.*``): the same seeds at every step, so equal weights score equally."""
     return evaluate(run.engine, run.problems.eval_items, run.problems.score_fn, run.decode, sampling_params(run.cfg),
                     run.cfg.eval_seed, extract=run.problems.extract)
@@ -147,7 +149,7 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
     watch = StepWatch(run, logger)
     watch.starting(start)
     if not before:
-        before = headline(run_eval(run))
+        before = headline(held_out_eval(run))
         logger.message(f"held-out accuracy before: {before['accuracy']:.3f} (n={before['n']}, avg@{before['k']})")
     history: list[dict[str, float]] = []
     step, stopped_by, after = start, None, {}
@@ -161,7 +163,7 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                           "perf/gen_tokens_per_s": m["batch/gen_tokens"] / max(m["time/gen"], 1e-9),
                           "perf/tokens_per_s": m["batch/gen_tokens"] / max(time.perf_counter() - t0, 1e-9)})
                 if cfg.eval.every and step % cfg.eval.every == 0:
-                    m.update(as_metrics(run_eval(run)))
+                    m.update(as_metrics(held_out_eval(run)))
                 logger.log(step, m)
                 history.append(m)
                 if on_step is not None:
@@ -180,7 +182,7 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                                    + f"; continue with: dapo train --resume {run_dir}")
                     break
         if stopped_by is None:
-            after = headline(run_eval(run))
+            after = headline(held_out_eval(run))
             logger.message(f"held-out accuracy after: {after['accuracy']:.3f} (before {before['accuracy']:.3f})")
     finally:
         logger.close()
@@ -197,7 +199,7 @@ def _checkpoint(run: Run, step: int, before: dict, watch: StepWatch, logger: Run
         logger.message(f"step {step}: not checkpointing after {streak} non-finite update(s) or rollout(s) in a row; "
                        f"the last good checkpoint is kept")
         return False
-    bad = run.learner.finite_weights()
+    bad = run.learner.nonfinite_params()
     if bad:  # never checkpoint NaN/inf weights: keep-last-N would then prune the good checkpoints they replace
         raise TrainingError(f"step {step}: {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]}); not "
                             f"saving a checkpoint. The last good checkpoint is kept; lower optim.lr or check the reward.")

@@ -52,9 +52,6 @@ class SeqBatch:
     def n_resp(self) -> int:
         return self.response_mask.shape[1]
 
-    def index(self, idx: torch.Tensor | list[int]) -> "SeqBatch":
-        return SeqBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx])
-
     def to(self, device: torch.device | str) -> "SeqBatch":
         return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
@@ -142,7 +139,7 @@ def response_hidden(model: torch.nn.Module, batch: SeqBatch, share_prompts: bool
     Lp = L - T
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
     base = model.base_model
-    if share_prompts and Lp > 0 and B > 1 and not (model.training and _checkpointing(model)):
+    if share_prompts and Lp > 0 and B > 1 and not (model.training and torch.is_grad_enabled() and _checkpointing(model)):
         uniq, inv = torch.unique(torch.cat([ids[:, :Lp], attn[:, :Lp]], dim=1), dim=0, return_inverse=True)
         U = uniq.shape[0]
         if 2 * U <= B:

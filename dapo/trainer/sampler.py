@@ -191,7 +191,9 @@ class Rollouts:
 
     def get(self, step: int) -> tuple[list[Group], dict[str, float]]:
         """Step ``step``'s groups and rollout metrics: the ones collected ahead, or collected now."""
-        ready = self._ready if self._ready is not None and self._ready[0] == step else self._collect(step)
+        # one collected ahead for another step has taken prompts and counted samples: never drop it silently
+        assert self._ready is None or self._ready[0] == step, f"rollout collected for step {self._ready[0]}, not {step}"
+        ready = self._ready or self._collect(step)
         self._ready = None
         _, groups, m, self.sampled = ready
         return groups, dict(m)
@@ -205,7 +207,7 @@ class Rollouts:
         """The rollout collected ahead, finished (its errors raised here)."""
         if self._future is not None:
             future, self._future = self._future, None
-            self._ready = future.result()
+            self._ready = future.result(timeout=self.sampler.cfg.dist.timeout_s)
 
     def state_dict(self) -> dict[str, Any]:
         if self._ready is None:
@@ -217,5 +219,12 @@ class Rollouts:
         self._ready = (state["step"], state["groups"], state["metrics"], state["sampled"]) if state else None
 
     def close(self) -> None:
+        """Let a rollout still being collected finish before the engine and the reward pool it uses close."""
         if self._pool is not None:
+            if self._future is not None:
+                try:  # a generation round at most; a stuck one is the engine's close's to end
+                    self._future.result(timeout=min(30.0, self.sampler.cfg.dist.timeout_s))
+                except Exception:  # noqa: BLE001  the run is ending for another reason already
+                    pass
+                self._future = None
             self._pool.shutdown(wait=False, cancel_futures=True)

@@ -208,19 +208,23 @@ class Learner:
         policy is the sampler's own, so nothing is recomputed, unless ``algo.rollout_is`` asks for the
         decoupled form (the trainer's recompute, importance-weighted to the sampler).
         """
-        stale = self.cfg.dist.async_steps > 0 and self.cfg.algo.rollout_is == "none"
-        if self.cfg.rollout.use_engine_logprobs or stale or self.samples_the_policy():
+        if not needs_recompute(self.cfg) or self.samples_the_policy():
             return [], torch.zeros(0)
         todo = (batch.trainable() & torch.tensor(batch.fresh, dtype=torch.bool)).nonzero().squeeze(1).tolist()
         rows: list[int] = []
         vals: list[torch.Tensor] = []
         o = self.cfg.optim
-        for mb in rank_micro_batches(todo, batch.seq_lengths(), o.micro_batch_size, self.dp, o.micro_batch_tokens):
-            seqs = micro_seqs(batch, mb or [], self.pad_id, packed=o.micro_batch_tokens > 0)  # None: an empty pass for FSDP
-            logp, _ = self.policy(seqs.to(self.device), self.cfg.rollout.temperature)  # (b, T)
-            if mb:
-                rows += mb
-                vals.append(logp[seqs.response_mask.to(logp.device) > 0].float().cpu())  # row by row, its tokens
+        was_training = self.model.training
+        self.model.eval()  # the policy as it samples: no dropout (the update's forward runs in train mode)
+        try:
+            for mb in rank_micro_batches(todo, batch.seq_lengths(), o.micro_batch_size, self.dp, o.micro_batch_tokens):
+                seqs = micro_seqs(batch, mb or [], self.pad_id, packed=o.micro_batch_tokens > 0)  # None: empty pass (FSDP)
+                logp, _ = self.policy(seqs.to(self.device), self.cfg.rollout.temperature)  # (b, T)
+                if mb:
+                    rows += mb
+                    vals.append(logp[seqs.response_mask.to(logp.device) > 0].float().cpu())  # row by row, its tokens
+        finally:
+            self.model.train(was_training)
         return rows, torch.cat(vals) if vals else torch.zeros(0)
 
     def old_logp(self, batch: TrainBatch) -> Ragged:
@@ -355,12 +359,19 @@ class Learner:
     def save_pretrained(self, path: Any) -> None:
         save_model(self.model, path)  # under LoRA: the adapter only
 
-    def finite_weights(self) -> list[str]:
+    def nonfinite_params(self) -> list[str]:
         """Names of parameter tensors holding NaN or inf (empty when all is well)."""
         return [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
 
     def close(self) -> None:
         pass
+
+
+def needs_recompute(cfg: Config) -> bool:
+    """Whether the trainer recomputes old log-probs at all: not with ``rollout.use_engine_logprobs``, nor one step
+    off (``dist.async_steps``) without ``algo.rollout_is``, where the old policy is the sampler's own."""
+    stale = cfg.dist.async_steps > 0 and cfg.algo.rollout_is == "none"
+    return not (cfg.rollout.use_engine_logprobs or stale)
 
 
 def zero_advantage_rows(batch: TrainBatch, rows: list[int], cfg: Config) -> list[int]:

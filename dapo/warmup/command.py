@@ -29,7 +29,7 @@ SFT_FLAGS = {
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Prints and returns the model directory."""
-    from dapo.config import SFTConfig, load_config
+    from dapo.config import load_config
     from dapo.config.flags import add_key_flags, key_overrides
     from dapo.warmup.base import build_base_model, prepare_base_model, task_settings, warm_up_file
 
@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     add_key_flags(ap, SFT_FLAGS)
     ap.add_argument("overrides", nargs="*", help="key=value")
     a = ap.parse_intermixed_args(list(argv) if argv is not None else None)
-    cfg = load_config(overrides=[*key_overrides(a, SFT_FLAGS), *a.overrides])
+    over = [*key_overrides(a, SFT_FLAGS), *a.overrides]
+    cfg = load_config(overrides=over)
     if cfg.sft.target_accuracy is not None and cfg.sft.target_accuracy <= 0:  # <= 0: run sft.max_steps
         cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, target_accuracy=None))
     threads = a.threads or None
@@ -56,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if cfg.model.path:
             raise ValueError("--model warms up a given model on a file: pass --data FILE (built-in tasks start "
                              "from the tiny model)")
-        given = {k: v for k, v in dataclasses.asdict(cfg.sft).items() if v != getattr(SFTConfig(), k)}
-        settings = dataclasses.replace(task_settings(cfg.data.task), **given)
+        # the task's own warm-up settings, with every sft.* key the user gave (also one equal to a default)
+        given = {o.split("=", 1)[0].strip().removeprefix("sft.") for o in over if o.strip().startswith("sft.")}
+        settings = dataclasses.replace(task_settings(cfg.data.task), **{k: getattr(cfg.sft, k) for k in given})
         if a.out:
             path = build_base_model(a.out, cfg.data.task, settings, cfg.seed, force=a.force, num_threads=threads)
         else:
