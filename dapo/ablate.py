@@ -50,7 +50,8 @@ def run_one(row: str, seed: int, lr: float, budget: int, out: Path, extra: Seque
     cfg = load_config(row, overrides=[
         f"seed={seed}", f"optim.lr={lr}", f"optim.max_samples={budget}", "optim.steps=100000",
         f"log.out_dir={out / 'runs'}", f"log.run_name={run_dir.name}", "log.progress=none", "log.tensorboard=false",
-        "log.report=false", "ckpt.save_final=false", *extra, *resume,
+        # a collapsed policy (every reward equal, no gradient) is a result here, not a setup to stop
+        "log.report=false", "ckpt.save_final=false", "algo.max_idle_steps=0", *extra, *resume,
     ])
     res = train(cfg)
     if not res.after:  # stopped by a signal (SIGINT/SIGTERM) before its final evaluation
