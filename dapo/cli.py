@@ -79,6 +79,67 @@ def _resume_config(cfg, over: list[str]):
     return run_config(run_dir, over) or cfg
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dapo export",
+        description="Write a checkpoint as a standalone Hugging Face model directory that transformers and dapo eval "
+                    "load without peft. A LoRA checkpoint (adapter_config.json) is merged into its base "
+                    "(W + alpha/r * B A); a full-model checkpoint is copied without its trainer state.")
+    p.add_argument("checkpoint", help="a run's step_N/ (or any LoRA adapter directory)")
+    p.add_argument("--merge", required=True, metavar="OUT", help="output directory (must not exist, or be empty)")
+    p.add_argument("--base", help="base model of a LoRA checkpoint (default: its adapter_config.json's "
+                   "base_model_name_or_path)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the written weights (auto: the base model's own)")
+    return p
+
+
+def export_main(argv: Sequence[str]) -> int:
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from dapo import lora
+    from dapo.fsutil import install_dir, staging_dir
+    from dapo.problems import TEMPLATE_FILE
+
+    args = _export_parser().parse_args(list(argv))
+    ckpt, out = Path(args.checkpoint), Path(args.merge)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--merge {out}: already exists and is not empty; choose a new directory")
+    tmp = staging_dir(out.resolve())
+    try:
+        if lora.is_lora_checkpoint(ckpt):
+            from dapo.model import adapter_base
+
+            base = args.base or adapter_base(str(ckpt))
+            dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+            lora.merge_to_hf(base, ckpt, tmp, dtype=dtype)
+            if (ckpt / TEMPLATE_FILE).is_file():  # dapo eval keeps the prompt format it was trained with
+                shutil.copy2(ckpt / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
+            what = f"{ckpt} merged into its base {base}"
+        elif (ckpt / "config.json").is_file():
+            if args.base or args.dtype != "auto":
+                raise ValueError(f"{ckpt} is a full model, not a LoRA adapter: --base and --dtype do not apply")
+            for f in ckpt.iterdir():  # the model, tokenizer and template; not the optimiser state or manifest
+                skip = f.name in ("trainer_state.pt", "manifest.json") or f.name.startswith("eval_")
+                if f.is_file() and not skip:
+                    shutil.copy2(f, tmp / f.name)
+            what = f"{ckpt} (a full model) copied"
+        else:
+            raise FileNotFoundError(f"{ckpt}: neither a LoRA adapter ({lora.ADAPTER_CONFIG}) nor a Hugging Face "
+                                    f"model (config.json)")
+        install_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"dapo export: {what} -> {out} (load it with dapo eval --model {out}, or transformers' from_pretrained)")
+    return 0
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
