@@ -108,7 +108,7 @@ def load_model(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype = 
     else:
         model = _load_hf(mcfg, path, dtype)
     if mcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model.to(device)
 
 
@@ -138,8 +138,14 @@ def load_policy(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype |
             raise SetupError(f"model.lora_rank / lora_alpha / lora_targets must match the adapter being continued: "
                              f"{e}") from None
     if mcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model.to(device)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing, by the name transformers >= 5.20 uses (the old one warns there) or the old one."""
+    on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    on()
 
 
 def save_model(model: torch.nn.Module, path: str | Path) -> None:

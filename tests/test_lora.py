@@ -14,6 +14,7 @@ from dapo.lora import (  # noqa: E402
     has_lora, is_lora_checkpoint, load_adapter_state, load_lora_checkpoint, lora_base_path, lora_param_count,
     merge_to_hf, save_lora_checkpoint,
 )
+from dapo.model import enable_checkpointing  # noqa: E402
 from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
 from dapo.trainer.policy import make_seq_batch, response_logprobs  # noqa: E402
 
@@ -116,7 +117,7 @@ def test_at_init_the_adapted_model_is_the_base_and_gradients_reach_only_adapters
 
 def test_gradients_reach_adapters_with_activation_checkpointing(tiny_model_dir, tok):
     model = apply_lora(_base(tiny_model_dir), rank=4, alpha=8)
-    model.gradient_checkpointing_enable()  # frozen embeddings: the checkpointed layers' input needs grad
+    enable_checkpointing(model)  # frozen embeddings: the checkpointed layers' input needs grad
     model.train()
     batch = _batch(tok)
     lp, _ = response_logprobs(model, batch)
