@@ -583,6 +583,30 @@ def weight_change(initial: Path, final: Path) -> dict[str, Any]:
             "only_initial": sorted(set(a) - set(b)), "only_final": sorted(set(b) - set(a))}
 
 
+def adapter_change(final: Path) -> dict[str, Any]:
+    """A LoRA checkpoint's weights against their start: B starts at zero (the adapted model starts as the
+    base), so the share of B's entries that are non-zero is the share the run moved; A starts random and
+    is not compared. ``params`` counts every adapter parameter."""
+    from safetensors import safe_open
+
+    per: dict[str, float] = {}
+    moved = total_b = params = 0
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            params += t.numel()
+            if "lora_B" in name:
+                n = int((t != 0).sum())
+                per[name] = n / t.numel()
+                moved, total_b = moved + n, total_b + t.numel()
+    return {"overall": moved / max(total_b, 1), "params": params, "per_tensor": per,
+            "unchanged_tensors": sorted(k for k, v in per.items() if v == 0.0)}
+
+
+def _dir_mb(d: Path) -> float:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file()) / 2**20
+
+
 def run(out: str | Path, smoke: bool = False, steps: int = 2, ranks: int = 1, fsdp: bool = False,
         dtype: str = "float32", mini_batch: int = 2, extra: Sequence[str] = (), poll_s: float = 0.5,
         log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -606,7 +630,11 @@ def run(out: str | Path, smoke: bool = False, steps: int = 2, ranks: int = 1, fs
     wall = time.perf_counter() - t0
     steps_m = step_times(run_dir)
     final = run_dir / f"step_{steps_m[-1]['step']}" if steps_m else None
-    change = weight_change(inputs["model"], final) if final is not None and final.exists() else None
+    change = None
+    if final is not None and (final / "adapter_model.safetensors").exists():
+        change = adapter_change(final)
+    elif final is not None and final.exists():
+        change = weight_change(inputs["model"], final)
     mean = lambda k: (sum(r[k] for r in steps_m if k in r) / max(1, sum(k in r for r in steps_m)))  # noqa: E731
     return {
         "shape": shape, "dtype": dtype, "ranks": ranks, "fsdp": fsdp, "steps": len(steps_m), "rc": rc,
@@ -617,6 +645,8 @@ def run(out: str | Path, smoke: bool = False, steps: int = 2, ranks: int = 1, fs
         "weights_changed": None if change is None else change["overall"],
         "unchanged_tensors": None if change is None else len(change["unchanged_tensors"]),
         "params": None if change is None else change["params"],
+        "lora": final is not None and (final / "adapter_model.safetensors").exists(),
+        "ckpt_mb": None if final is None or not final.exists() else _dir_mb(final),
         "build_s": inputs["build_s"], "eos_calibration": inputs["calibration"], "per_step": steps_m,
         "run_dir": str(run_dir), "extra": list(extra),
         "per_tensor_changed": None if change is None else change["per_tensor"],
@@ -648,9 +678,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"PSS {res['peak_pss_gib']:.2f} GiB")
     if res["weights_changed"] is not None:
         least = sorted(res["per_tensor_changed"].items(), key=lambda kv: kv[1])[:4]
-        print(f"weights changed: {res['weights_changed']:.1%} of {res['params']:,} parameters; "
+        what = "LoRA B entries moved off zero" if res["lora"] else "weights changed"
+        print(f"{what}: {res['weights_changed']:.1%} (of {res['params']:,} trained parameters); "
               f"{res['unchanged_tensors']} tensors unchanged; least changed: "
               + ", ".join(f"{k} {v:.1%}" for k, v in least))
+    if res["ckpt_mb"] is not None:
+        print(f"last checkpoint: {res['ckpt_mb']:.0f} MiB")
     line = {k: v for k, v in res.items() if k != "per_tensor_changed"}
     from common import emit_json, machine  # noqa: E402  (bench/common.py; this directory is on sys.path)
 

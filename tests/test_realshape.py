@@ -216,6 +216,18 @@ def test_weight_change_counts_changed_elements_per_tensor(tmp_path):
     assert got["unchanged_tensors"] == ["b"] and got["params"] == 6
 
 
+def test_adapter_change_counts_b_entries_moved_off_zero(tmp_path):
+    from safetensors.torch import save_file
+
+    t = {"x.lora_A.weight": torch.randn(2, 3), "x.lora_B.weight": torch.tensor([[0.0, 1e-6], [0.0, 0.0], [0.0, 0.0]]),
+         "y.lora_A.weight": torch.randn(2, 3), "y.lora_B.weight": torch.zeros(3, 2)}
+    save_file(t, str(tmp_path / "adapter_model.safetensors"))
+    got = rs.adapter_change(tmp_path)
+    assert got["per_tensor"] == {"x.lora_B.weight": pytest.approx(1 / 6), "y.lora_B.weight": 0.0}
+    assert got["overall"] == pytest.approx(1 / 12) and got["params"] == 24
+    assert got["unchanged_tensors"] == ["y.lora_B.weight"]
+
+
 def test_tree_memory_sees_a_grandchild_allocate():
     import subprocess
 
