@@ -125,7 +125,7 @@ def export_main(argv: Sequence[str]) -> int:
             if args.base or args.dtype != "auto":
                 raise ValueError(f"{ckpt} is a full model, not a LoRA adapter: --base and --dtype do not apply")
             for f in ckpt.iterdir():  # the model, tokenizer and template; not the optimiser state or manifest
-                skip = f.name in ("trainer_state.pt", "manifest.json") or f.name.startswith("eval_")
+                skip = f.name in ("trainer_state.pt", "optimizer.pt", "manifest.json") or f.name.startswith("eval_")
                 if f.is_file() and not skip:
                     shutil.copy2(f, tmp / f.name)
             what = f"{ckpt} (a full model) copied"

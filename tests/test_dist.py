@@ -133,6 +133,48 @@ def test_ranks_stay_identical_and_workers_use_the_latest_weights(run, tiny_model
     assert "accuracy" in run.result.after
 
 
+def _same_optimizer_state(a, b):
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, st in a["state"].items():
+        assert st.keys() == b["state"][i].keys()
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][i][k])), (i, k)
+
+
+def test_rank_checkpoint_keeps_the_optimizer_out_of_the_driver_and_loads_anywhere(run, tiny_model_dir):
+    """Rank 0 writes the AdamW state into the checkpoint itself (optimizer.pt, the single-process layout),
+    not through the driver's trainer_state.pt; the ranks load it back from the file, and so does a run of
+    one process (a resume with another number of ranks)."""
+    from dapo.trainer.checkpoint import OPTIMIZER_FILE, is_complete, load_trainer_state
+
+    ckpt = run.result.run_dir / f"step_{STEPS}"
+    raw = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert "optimizer" not in raw and raw["optimizer_file"] == OPTIMIZER_FILE
+    assert is_complete(ckpt, verify=True)  # the manifest covers the optimiser file too
+    saved = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True)
+    on_rank = ray.get(run.run.learner.actors[0].__ray_call__.remote(lambda r: r.learner.optimizer.state_dict()))
+    _same_optimizer_state(saved, on_rank)
+    assert len(saved["state"]) == len(list(load_model(run.cfg.model, str(tiny_model_dir), torch.device("cpu")).parameters()))
+    # the ranks restore from the file: scribble on their moments first, then load
+    scribble = lambda r: [s.__setitem__("exp_avg", s["exp_avg"] + 1) for s in r.learner.optimizer.state.values()]  # noqa: E731
+    ray.get([a.__ray_call__.remote(scribble) for a in run.run.learner.actors])
+    state = load_trainer_state(ckpt)
+    run.run.learner.load_state_dict(state)
+    for a in run.run.learner.actors:
+        _same_optimizer_state(saved, ray.get(a.__ray_call__.remote(lambda r: r.learner.optimizer.state_dict())))
+    # and one process takes it as its own
+    one = _local(run.cfg, tiny_model_dir, run.run.learner.full_state_dict())
+    one.load_state_dict(state)
+    _same_optimizer_state(saved, one.optimizer.state_dict())
+    # a missing optimiser file is named, not a KeyError deep in a resume
+    (ckpt / OPTIMIZER_FILE).rename(ckpt / "moved.pt")
+    try:
+        with pytest.raises(ValueError, match="optimizer.pt.*does not exist"):
+            load_trainer_state(ckpt)
+    finally:
+        (ckpt / "moved.pt").rename(ckpt / OPTIMIZER_FILE)
+
+
 @pytest.mark.parametrize("preset", ["dapo", "gspo", "cispo", "drgrpo", "rloo"])
 def test_two_rank_gradient_equals_single_process_gradient(run, tiny_model_dir, preset):
     """Each loss variant's gradient summed over two ranks is the single-process gradient (the global
@@ -227,7 +269,7 @@ def test_a_nan_rollout_with_ranks_does_not_block_later_checkpoints(cluster, tiny
 
 
 @pytest.mark.slow
-def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir):
+def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, "unused", "fsdp", "dist.trainer_ranks=2", "dist.fsdp=true", "optim.micro_batch_size=3")
     cl = Cluster(cfg.dist)
     ranks = RankGroup(cfg, str(tiny_model_dir), 0, cl)
@@ -249,6 +291,24 @@ def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir)
         sharded = ranks.full_state_dict()
         for k, v in local.model.state_dict().items():  # AdamW divides by sqrt(v): where a gradient is ~0,
             torch.testing.assert_close(sharded[k], v, atol=1e-2 * cfg.optim.lr, rtol=0)  # 1e-8 noise moves ~lr
+        # the sharded AdamW state, gathered by rank 0 into the checkpoint's file, is the single-process one;
+        # the ranks load it back into their shards
+        from dapo.trainer.checkpoint import OPTIMIZER_FILE
+
+        ckpt = tmp_path / "step_1"
+        ckpt.mkdir()
+        ranks.save_pretrained(ckpt)
+        saved = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True)
+        mine = local.optimizer.state_dict()
+        assert saved["state"].keys() == mine["state"].keys()
+        for i, st in mine["state"].items():
+            torch.testing.assert_close(saved["state"][i]["exp_avg"], st["exp_avg"], atol=1e-6, rtol=1e-4)
+        ranks.load_state_dict({**ranks.state_dict(), "optimizer_file": str(ckpt / OPTIMIZER_FILE)})
+        (ckpt / OPTIMIZER_FILE).unlink()
+        ranks.save_pretrained(ckpt)
+        again = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True)
+        for i, st in saved["state"].items():
+            assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(again["state"][i][k])) for k, v in st.items())
     finally:
         ranks.close()
         cl.close()

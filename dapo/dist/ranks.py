@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -26,6 +27,7 @@ from dapo.dist.cluster import Cluster, wait_all, where
 from dapo.dist.rollout import put_chunks, sample_in_slices
 from dapo.ragged import Ragged
 from dapo.rollout.base import Completion, SamplingParams
+from dapo.trainer.checkpoint import OPTIMIZER_FILE, load_optimizer_state
 from dapo.trainer.policy import ResponseLogprobs
 from dapo.trainer.update import DataParallel, Learner, TrainBatch, needs_recompute, whole_tensor
 
@@ -173,6 +175,15 @@ class TrainerRank:
         return None
 
     def state_dict(self) -> dict[str, Any] | None:
+        """Rank 0's schedule and streak (the optimiser state goes to its own file: ``save_optimizer``)."""
+        p = self.learner
+        return None if self.rank else {"scheduler": p.scheduler.state_dict(), "bad_streak": p.bad_streak}
+
+    def save_optimizer(self, path: str) -> None:
+        """The optimiser state, whole and in the single-process layout, written by rank 0 to ``path`` (under
+        FSDP every rank takes part in the gather). It goes straight to the file: sent to the driver it was a
+        second and third copy (Ray's and the driver's), which at 0.5B parameters (4 GB of AdamW moments) ran
+        a 24 GB machine out of memory."""
         p = self.learner
         if p.dp.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -182,20 +193,22 @@ class TrainerRank:
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             osd = _by_index(osd, [n for n, _ in p.policy.named_parameters()]) if self.rank == 0 else None
         else:
-            osd = p.optimizer.state_dict()
-        if self.rank:
-            return None
-        return {"optimizer": osd, "scheduler": p.scheduler.state_dict(), "bad_streak": p.bad_streak}
+            osd = p.optimizer.state_dict() if self.rank == 0 else None
+        if self.rank == 0:
+            torch.save(osd, path)
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
+        """``st["optimizer"]`` (a checkpoint of one process), or ``st["optimizer_file"]``: the file each rank
+        maps into memory itself (page cache shared between the ranks, no copy through the driver)."""
         p = self.learner
+        osd = load_optimizer_state(st)
         if p.dp.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(p.policy, p.optimizer, _by_name(st["optimizer"], [n for n, _ in p.policy.named_parameters()]),
+            set_optimizer_state_dict(p.policy, p.optimizer, _by_name(osd, [n for n, _ in p.policy.named_parameters()]),
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            p.optimizer.load_state_dict(st["optimizer"])
+            p.optimizer.load_state_dict(osd)
         p.scheduler.load_state_dict(st["scheduler"])
         p.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
 
@@ -290,16 +303,23 @@ class RankGroup:
         return sd
 
     def state_dict(self) -> dict[str, Any]:
-        return self._all("state_dict", what="gathering optimiser state")[0]
+        """Schedule and streak; the optimiser state is written by rank 0 into the checkpoint's own
+        ``OPTIMIZER_FILE`` by ``save_pretrained`` (a checkpoint is saved with both, in one step)."""
+        return {**self._all("state_dict", what="gathering the trainer state")[0], "optimizer_file": OPTIMIZER_FILE}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        keep = ray.put({"optimizer": st["optimizer"], "scheduler": st["scheduler"],
-                        "bad_streak": st.get("bad_streak", st.get("bad_in_a_row", 0))})
-        self._all("load_state_dict", keep, what="restoring optimiser state")
-        self.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
+        keep = {"scheduler": st["scheduler"], "bad_streak": st.get("bad_streak", st.get("bad_in_a_row", 0))}
+        if "optimizer" in st:  # a checkpoint of one process: its optimiser state is inline
+            keep["optimizer"] = st["optimizer"]
+        else:  # an absolute path by now (load_trainer_state); the ranks must see it, as they see the run dir
+            keep["optimizer_file"] = st["optimizer_file"]
+        self._all("load_state_dict", ray.put(keep), what="restoring optimiser state")
+        self.bad_streak = int(keep["bad_streak"])
 
     def save_pretrained(self, path: Any) -> None:
+        """The model files (written by rank 0) and the optimiser state (``OPTIMIZER_FILE``, likewise)."""
         self._all("save_pretrained", str(path), what="saving the model")
+        self._all("save_optimizer", str(Path(path) / OPTIMIZER_FILE), what="saving the optimiser state")
 
     def nonfinite_params(self) -> list[str]:
         """Parameter tensors holding NaN or inf on any rank (each checks its own, or its shards under FSDP)."""

@@ -3,8 +3,8 @@
 A checkpoint ``step_N/`` holds the model and tokenizer in Hugging Face format (safetensors; under LoRA only
 the adapter, ``adapter_model.safetensors`` + ``adapter_config.json`` naming its base: see ``dapo.lora``), the
 optimiser, scheduler, RNG, data-cursor and dynamic-sampling state in ``trainer_state.pt`` (plain
-tensors and Python types only, so it loads with ``torch.load(weights_only=True)``), and
-``manifest.json`` with every file's size and SHA-256. A directory without a valid manifest is partial
+tensors and Python types only, so it loads with ``torch.load(weights_only=True)``; a run on trainer
+ranks keeps the optimiser state in ``optimizer.pt`` beside it, written by rank 0), and ``manifest.json`` with every file's size and SHA-256. A directory without a valid manifest is partial
 and never resumed from.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 from dapo.fsutil import fsync_dir, install_dir
 
 MANIFEST = "manifest.json"
+OPTIMIZER_FILE = "optimizer.pt"
+"""The optimiser state of a run on trainer ranks (same layout as a single process's, inline there)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -132,7 +134,25 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """The optimiser / RNG / data state; ``weights_only`` refuses anything but tensors and plain types."""
     path = Path(ckpt) / "trainer_state.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip, OSError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: cannot load the trainer state ({type(e).__name__}: {first})") from None
+    if "optimizer_file" in state:  # written by trainer ranks: where it is, for whoever loads it (never here)
+        opt = (Path(ckpt) / state["optimizer_file"]).resolve()
+        if not opt.is_file():
+            raise ValueError(f"{path}: names the optimiser state {opt}, which does not exist")
+        state["optimizer_file"] = str(opt)
+    return state
+
+
+def load_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The optimiser state of a ``load_trainer_state`` result: inline, or its file mapped into memory."""
+    if "optimizer" in state:
+        return state["optimizer"]
+    path = state["optimizer_file"]
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot load the optimiser state ({type(e).__name__}: {first})") from None

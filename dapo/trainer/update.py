@@ -352,7 +352,9 @@ class Learner:
                 "bad_streak": self.bad_streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        from dapo.trainer.checkpoint import load_optimizer_state
+
+        self.optimizer.load_state_dict(load_optimizer_state(state))  # a checkpoint of ranks has it in a file
         self.scheduler.load_state_dict(state["scheduler"])
         self.bad_streak = int(state.get("bad_streak", state.get("bad_in_a_row", 0)))
 
