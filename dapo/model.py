@@ -142,6 +142,17 @@ def load_policy(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype |
     return model.to(device)
 
 
+def tied_copies(model: torch.nn.Module) -> set[str]:
+    """State-dict keys that are tied to another parameter (``lm_head.weight`` of a model with tied
+    embeddings): a state dict gathered by name holds them twice, and a saved file needs them once."""
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers >= 5: only what the config ties
+    if tied is None:  # 4.x: the class's candidates, tied when the config says so
+        if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            return set()
+        tied = getattr(model, "_tied_weights_keys", None) or []
+    return set(tied)
+
+
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Activation checkpointing, by the name transformers >= 5.20 uses (the old one warns there) or the old one."""
     on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

@@ -298,6 +298,13 @@ def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir,
         ckpt = tmp_path / "step_1"
         ckpt.mkdir()
         ranks.save_pretrained(ckpt)
+        from safetensors import safe_open
+
+        from dapo.model import save_model
+
+        save_model(local.model, tmp_path / "one")  # the model file has the tensors a single process writes
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as a, safe_open(str(tmp_path / "one" / "model.safetensors"), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
         saved = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True)
         mine = local.optimizer.state_dict()
         assert saved["state"].keys() == mine["state"].keys()

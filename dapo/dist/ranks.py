@@ -215,7 +215,7 @@ class TrainerRank:
     def save_pretrained(self, path: str) -> None:
         """Hugging Face files of the whole model (under LoRA: the adapter), written by rank 0 (``path`` must be
         visible to it)."""
-        from dapo.model import save_model
+        from dapo.model import save_model, tied_copies
 
         p = self.learner
         if not p.dp.fsdp:
@@ -226,7 +226,8 @@ class TrainerRank:
         from transformers import AutoModelForCausalLM
 
         sd = get_model_state_dict(self._resharded(), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        sd = {k.removeprefix("lm."): v for k, v in sd.items()}  # ResponseLogprobs holds the LM as .lm
+        tied = tied_copies(p.model)  # lm_head.weight of tied embeddings: gathered by name, it is here twice
+        sd = {k.removeprefix("lm."): v for k, v in sd.items() if k.removeprefix("lm.") not in tied}  # .lm: ResponseLogprobs
         if self.rank == 0:  # an unsharded skeleton without memory, so the saved config names the real class
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(p.model.config)
