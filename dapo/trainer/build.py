@@ -44,8 +44,9 @@ class Run:
             self.rollouts = Rollouts(self.sampler)
             self.closers.append(self.rollouts.close)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """Text of ``ids``; ``special``: with the special tokens (a chat template's markers) left in."""
+        return self.tokenizer.decode(ids, skip_special_tokens=not special)
 
     def close(self) -> None:
         """Run every closer (reward pool, Ray workers and ranks, the cluster), even if one fails."""
