@@ -104,7 +104,8 @@ def dapo_worker(a: argparse.Namespace, pipe: Pipe) -> None:
         f"optim.steps={a.warmup + a.steps + 1}", "algo.dynamic_sampling=false", "algo.soft_overlong=false",
         f"algo.overlong_filter={'false' if a.no_overlong_filter else 'true'}", "eval.size=0", f"seed={a.seed}",
         f"log.out_dir={tmp}", "log.run_name=r", "log.progress=none", "log.tensorboard=false",
-        "log.samples_every=0", "ckpt.save_final=false", *procs, *a.dapo_override,
+        "log.samples_every=0", "ckpt.save_final=false", "algo.max_idle_steps=0",  # a random 25M model gets
+        *procs, *a.dapo_override,  # every answer wrong: a timing run, not one that must learn
     ])
     st: dict[str, Any] = {"t_go": None, "c_go": None}
 
