@@ -59,6 +59,9 @@ def test_roundtrip_through_yaml(tmp_path):
     [
         ("algo.eps_hgh=0.3", "did you mean 'algo.eps_high'"),
         ("eps_high=0.3", "did you mean 'algo.eps_high'"),
+        ("algo.ratio_level=sequence", "in dapo that is algo.policy_loss=gspo"),  # names from verl / TRL
+        ("algo.clip_ratio_high=0.28", "in dapo that is algo.eps_high"),
+        ("epsilon=0.2", "in dapo that is algo.eps_low"),
         ("algo.eps_high=-0.1", "algo.eps_high"),
         ("rollout.group_size=1", "rollout.group_size"),
         ("algo.overlong_cache_len=24", "algo.overlong_cache_len"),

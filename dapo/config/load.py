@@ -36,7 +36,22 @@ def valid_keys() -> list[str]:
     return keys
 
 
+PEER_NAMES = {
+    "ratio_level": "algo.policy_loss=gspo (a sequence-level ratio) or ppo (per token)",
+    "importance_sampling_level": "algo.policy_loss=gspo (a sequence-level ratio) or ppo (per token)",
+    "clip_ratio_low": "algo.eps_low", "clip_ratio_high": "algo.eps_high",
+    "epsilon": "algo.eps_low", "epsilon_high": "algo.eps_high",
+    "loss_type": "algo.loss_agg (how token losses are averaged) and algo.policy_loss (ppo, gspo, cispo)",
+    "loss_agg_mode": "algo.loss_agg",
+    "adv_estimator": "algo.adv_estimator (grpo or rloo)",
+}
+"""Names verl and TRL use (by their last part), and what the same thing is called here."""
+
+
 def _unknown_key(key: str, where: str = "") -> ConfigError:
+    peer = PEER_NAMES.get(key.split(".")[-1])
+    if peer and not peer.startswith(key + " "):
+        return ConfigError(f"unknown config key {key!r}{where}; in dapo that is {peer}")
     close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     if not close:  # a bare field name without its section, e.g. eps_high -> algo.eps_high
         close = [k for k in valid_keys() if k.split(".")[-1] == key.split(".")[-1]][:1]
