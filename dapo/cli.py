@@ -90,7 +90,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model of a LoRA checkpoint (default: its adapter_config.json's "
                    "base_model_name_or_path)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="dtype of the written weights (auto: the base model's own)")
+                   help="dtype of the written weights (auto: as they are: a LoRA merge in its base model's dtype, a full "
+                        "checkpoint in float32, the master weights training keeps)")
     return p
 
 
@@ -122,13 +123,16 @@ def export_main(argv: Sequence[str]) -> int:
                 shutil.copy2(ckpt / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
             what = f"{ckpt} merged into its base {base}"
         elif (ckpt / "config.json").is_file():
-            if args.base or args.dtype != "auto":
-                raise ValueError(f"{ckpt} is a full model, not a LoRA adapter: --base and --dtype do not apply")
+            if args.base:
+                raise ValueError(f"{ckpt} is a full model, not a LoRA adapter: --base does not apply")
             for f in ckpt.iterdir():  # the model, tokenizer and template; not the optimiser state or manifest
                 skip = f.name in ("trainer_state.pt", "optimizer.pt", "manifest.json") or f.name.startswith("eval_")
                 if f.is_file() and not skip:
                     shutil.copy2(f, tmp / f.name)
             what = f"{ckpt} (a full model) copied"
+            if args.dtype != "auto":  # training keeps float32 master weights; a published model is often bf16
+                _cast_weights(tmp, getattr(torch, args.dtype))
+                what += f" in {args.dtype}"
         else:
             raise FileNotFoundError(f"{ckpt}: neither a LoRA adapter ({lora.ADAPTER_CONFIG}) nor a Hugging Face "
                                     f"model (config.json)")
@@ -138,6 +142,21 @@ def export_main(argv: Sequence[str]) -> int:
         raise
     print(f"dapo export: {what} -> {out} (load it with dapo eval --model {out}, or transformers' from_pretrained)")
     return 0
+
+
+def _cast_weights(model_dir, dtype) -> None:
+    """Every floating tensor of a Hugging Face directory's safetensors files in ``dtype``, in place, and the
+    config's dtype to match."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    cfg.update({k: name for k in ("torch_dtype", "dtype") if k in cfg} or {"torch_dtype": name})
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def _raise_interrupt(signum, frame):

@@ -289,8 +289,17 @@ def test_export_of_a_full_model_checkpoint_copies_it_without_the_trainer_state(t
     (ckpt / "manifest.json").write_text("{}")
     assert cli_main(["export", str(ckpt), "--merge", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
-    assert cli_main(["export", str(ckpt), "--merge", str(tmp_path / "out2"), "--dtype", "bfloat16"]) == 2
-    assert "is a full model, not a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+    # --dtype bfloat16: the float32 master weights written as a bf16 model that transformers loads as such
+    assert cli_main(["export", str(ckpt), "--merge", str(tmp_path / "out2"), "--dtype", "bfloat16"]) == 0
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    full, half = load_file(str(ckpt / "model.safetensors")), load_file(str(tmp_path / "out2" / "model.safetensors"))
+    assert full.keys() == half.keys() and all(half[k].dtype == torch.bfloat16 for k in half)
+    assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out2", dtype="auto").dtype == torch.bfloat16
+    assert cli_main(["export", str(ckpt), "--merge", str(tmp_path / "out4"), "--base", str(tmp_path)]) == 2
+    assert "is a full model, not a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out4").exists()
     assert cli_main(["export", str(tmp_path), "--merge", str(tmp_path / "out3")]) == 2
     assert "neither a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out3").exists()
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind
