@@ -3,7 +3,8 @@
 gradient, workers sample with the latest weights, and a killed worker is replaced or reported.
 
 One cluster and one 2+2 run serve the module (actors take seconds each to start on a small machine);
-the FSDP2 ranks and the colocated run with a resume are marked slow (pytest -m slow).
+the FSDP2 ranks and the colocated run with a resume are marked slow: they run in the whole suite too,
+and alone with pytest -m slow.
 """
 import os
 import signal
