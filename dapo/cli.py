@@ -131,7 +131,10 @@ def export_main(argv: Sequence[str]) -> int:
                     shutil.copy2(f, tmp / f.name)
             what = f"{ckpt} (a full model) copied"
             if args.dtype != "auto":  # training keeps float32 master weights; a published model is often bf16
-                _cast_weights(tmp, getattr(torch, args.dtype))
+                from transformers import AutoModelForCausalLM  # as a LoRA merge is written: weights and config
+
+                AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, args.dtype)).save_pretrained(
+                    str(tmp), safe_serialization=True)
                 what += f" in {args.dtype}"
         else:
             raise FileNotFoundError(f"{ckpt}: neither a LoRA adapter ({lora.ADAPTER_CONFIG}) nor a Hugging Face "
@@ -142,21 +145,6 @@ def export_main(argv: Sequence[str]) -> int:
         raise
     print(f"dapo export: {what} -> {out} (load it with dapo eval --model {out}, or transformers' from_pretrained)")
     return 0
-
-
-def _cast_weights(model_dir, dtype) -> None:
-    """Every floating tensor of a Hugging Face directory's safetensors files in ``dtype``, in place, and the
-    config's dtype to match."""
-    from safetensors.torch import load_file, save_file
-
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
-        save_file(tensors, str(f), metadata={"format": "pt"})
-    cfg_path = model_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    name = str(dtype).removeprefix("torch.")
-    cfg.update({k: name for k in ("torch_dtype", "dtype") if k in cfg} or {"torch_dtype": name})
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def _raise_interrupt(signum, frame):
