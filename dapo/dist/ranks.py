@@ -201,14 +201,13 @@ class TrainerRank:
         """``st["optimizer"]`` (a checkpoint of one process), or ``st["optimizer_file"]``: the file each rank
         maps into memory itself (page cache shared between the ranks, no copy through the driver)."""
         p = self.learner
-        osd = load_optimizer_state(st)
-        if p.dp.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        if not p.dp.fsdp:  # replicated: the single-process learner's own restore
+            p.load_state_dict(st)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(p.policy, p.optimizer, _by_name(osd, [n for n, _ in p.policy.named_parameters()]),
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            p.optimizer.load_state_dict(osd)
+        osd = _by_name(load_optimizer_state(st), [n for n, _ in p.policy.named_parameters()])
+        set_optimizer_state_dict(p.policy, p.optimizer, osd, options=StateDictOptions(full_state_dict=True))
         p.scheduler.load_state_dict(st["scheduler"])
         p.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
 
@@ -309,13 +308,11 @@ class RankGroup:
         return {**self._all("state_dict", what="gathering the trainer state")[0], "optimizer_file": OPTIMIZER_FILE}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        keep = {"scheduler": st["scheduler"], "bad_streak": st.get("bad_streak", st.get("bad_in_a_row", 0))}
-        if "optimizer" in st:  # a checkpoint of one process: its optimiser state is inline
-            keep["optimizer"] = st["optimizer"]
-        else:  # an absolute path by now (load_trainer_state); the ranks must see it, as they see the run dir
-            keep["optimizer_file"] = st["optimizer_file"]
+        # the optimiser state inline (a checkpoint of one process) or its file, by an absolute path by now
+        # (load_trainer_state): the ranks must see it, as they see the run directory
+        keep = {k: st[k] for k in ("optimizer", "optimizer_file", "scheduler", "bad_streak", "bad_in_a_row") if k in st}
         self._all("load_state_dict", ray.put(keep), what="restoring optimiser state")
-        self.bad_streak = int(keep["bad_streak"])
+        self.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
 
     def save_pretrained(self, path: Any) -> None:
         """The model files (written by rank 0) and the optimiser state (``OPTIMIZER_FILE``, likewise)."""

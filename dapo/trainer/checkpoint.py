@@ -133,11 +133,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """The optimiser / RNG / data state; ``weights_only`` refuses anything but tensors and plain types."""
     path = Path(ckpt) / "trainer_state.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip, OSError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load the trainer state ({type(e).__name__}: {first})") from None
+    state = _load_pt(path, "the trainer state")
     if "optimizer_file" in state:  # written by trainer ranks: where it is, for whoever loads it (never here)
         opt = (Path(ckpt) / state["optimizer_file"]).resolve()
         if not opt.is_file():
@@ -150,9 +146,13 @@ def load_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     """The optimiser state of a ``load_trainer_state`` result: inline, or its file mapped into memory."""
     if "optimizer" in state:
         return state["optimizer"]
-    path = state["optimizer_file"]
+    return _load_pt(state["optimizer_file"], "the optimiser state", mmap=True)
+
+
+def _load_pt(path: str | Path, what: str, mmap: bool = False) -> Any:
+    """``torch.load`` of plain tensors and Python types only; a failure names the file and ``what`` it holds."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip, OSError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load the optimiser state ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{path}: cannot load {what} ({type(e).__name__}: {first})") from None
