@@ -4,8 +4,8 @@ A checkpoint ``step_N/`` holds the model and tokenizer in Hugging Face format (s
 the adapter, ``adapter_model.safetensors`` + ``adapter_config.json`` naming its base: see ``dapo.lora``), the
 optimiser, scheduler, RNG, data-cursor and dynamic-sampling state in ``trainer_state.pt`` (plain
 tensors and Python types only, so it loads with ``torch.load(weights_only=True)``; a run on trainer
-ranks keeps the optimiser state in ``optimizer.pt`` beside it, written by rank 0), and ``manifest.json`` with every file's size and SHA-256. A directory without a valid manifest is partial
-and never resumed from.
+ranks keeps the optimiser state in ``optimizer.pt`` beside it, written by rank 0), and ``manifest.json``
+with every file's size and SHA-256. A directory without a valid manifest is partial and never resumed from.
 """
 from __future__ import annotations
 

@@ -195,9 +195,7 @@ def restore(run: Any, state: dict[str, Any]) -> None:
     run.problems.stream.load_state_dict(state["data"])
     run.sampler.load_state_dict({**state["sampler"], "carried": [_group_from_plain(g) for g in state["sampler"]["carried"]]})
     run.engine.weight_version = state["weight_version"]
-    ahead = state.get("rollout_ahead") or {}
-    run.rollouts.load_state_dict({**ahead, "groups": [_group_from_plain(g) for g in ahead["groups"]],
-                                  "sampled": [_group_from_plain(g) for g in ahead["sampled"]]} if ahead else {})
+    run.rollouts.load_state_dict(_rollout_from_plain(state.get("rollout_ahead") or {}))
 
 
 def _rollout_to_plain(ahead: dict[str, Any]) -> dict[str, Any]:
@@ -206,3 +204,10 @@ def _rollout_to_plain(ahead: dict[str, Any]) -> dict[str, Any]:
         return {}
     return {**ahead, "groups": [_group_to_plain(g) for g in ahead["groups"]],
             "sampled": [_group_to_plain(g) for g in ahead["sampled"]]}
+
+
+def _rollout_from_plain(ahead: dict[str, Any]) -> dict[str, Any]:
+    if not ahead:
+        return {}
+    return {**ahead, "groups": [_group_from_plain(g) for g in ahead["groups"]],
+            "sampled": [_group_from_plain(g) for g in ahead["sampled"]]}
