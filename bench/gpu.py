@@ -144,7 +144,7 @@ def rollout(model, dev, B: int, G: int, Lp: int, L: int) -> dict[str, Any]:
 def training(model, dev, rows: int, Lp: int, T: int, steps: int = 3) -> dict[str, Any]:
     import torch
 
-    from dapo.trainer.policy import make_seq_batch, response_logprobs
+    from dapo.learner.policy import make_seq_batch, response_logprobs
 
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(rows)

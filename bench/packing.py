@@ -34,7 +34,7 @@ SHAPES = {"tiny": dict(layers=4, hidden=128, heads=4, ffn=512), "25m": dict(laye
 def make_batch(a: argparse.Namespace):
     import torch
 
-    from dapo.trainer.update import TrainBatch
+    from dapo.learner import TrainBatch
 
     g = torch.Generator().manual_seed(a.seed)
     lo, hi = a.prompt_len
@@ -84,8 +84,8 @@ def main() -> None:
 
     from dapo.config import load_config
     from dapo.model import load_model, make_optimizer
-    from dapo.trainer.loss import micro_batches_of
-    from dapo.trainer.update import Learner
+    from dapo.learner import LocalLearner
+    from dapo.learner.plan import micro_batches_of
 
     threads = set_threads(a.threads)
     path = build_char_model(Path(tempfile.mkdtemp(prefix="bench-packing-")) / a.shape, **SHAPES[a.shape],
@@ -96,7 +96,7 @@ def main() -> None:
                                  f"model.attn_implementation={a.attn}", "model.dtype=float32"], notify=lambda s: None)
     model = load_model(cfg.model, str(path), torch.device("cpu"))
     opt, sched = make_optimizer(cfg.optim, model)
-    learner = Learner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
+    learner = LocalLearner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
     batch = make_batch(a)
     old = batch.behaviour_logp
     idx = list(range(len(batch.responses)))

@@ -153,7 +153,7 @@ def vocab_memory(a: argparse.Namespace, tmp: str) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dapo.trainer.policy import make_seq_batch, response_logprobs
+    from dapo.learner.policy import make_seq_batch, response_logprobs
 
     V = 151936
     path = build_char_model(Path(tmp) / "bigvocab", layers=2, hidden=256, heads=4, ffn=512, max_pos=2048, vocab_size=V)

@@ -159,30 +159,14 @@ class StandInPolicy:
         return torch.zeros(batch.response_mask.shape), None
 
 
-def layout_only(learner, batch, old_logp, rows, with_entropy, num_tokens, num_seqs, sums):
-    """``micro_pass`` without the forward and the loss maths: the inputs laid out as the real one lays them
-    out (before the copy to the accelerator), and a zero loss with a gradient path to the one parameter."""
-    import torch
+def layout_only(model):
+    """``micro_loss`` without the forward and the loss maths: the learner has laid the micro-batch out already
+    (``micro_inputs``, before the copy to the accelerator); a zero loss with a gradient path to ``model``."""
 
-    from dapo.trainer import loss as L
+    def micro_loss(policy, x, spec, num_tokens, num_seqs, with_entropy=False, ref_logp=None):
+        return model.weight.sum() * 0.0, {"tokens": 0.0}
 
-    if hasattr(L, "micro_inputs"):  # after: the layout is its own function
-        L.micro_inputs(learner, batch, old_logp, rows)
-    else:  # before: the first lines of micro_pass at the base commit
-        pad = learner.pad_id
-        if rows:
-            sb = L.make_seq_batch([batch.prompts[i] for i in rows], [batch.responses[i] for i in rows], pad)
-            in_loss = batch.loss_mask[rows]
-        else:
-            sb, in_loss = L.make_seq_batch([[pad]], [[pad]], pad), torch.zeros(1)
-        T = sb.n_resp
-        L.pad_logps([old_logp[i] for i in rows] or [[0.0]], T)
-        batch.advantages[rows] if rows else torch.zeros(1)
-        sb.response_mask * in_loss[:, None]
-        if batch.is_weights and rows:
-            L.pad_logps([batch.is_weights[i] for i in rows], T)
-    sums["tokens"] = sums.get("tokens", 0.0)
-    return learner.model.weight.sum() * 0.0
+    return micro_loss
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +220,7 @@ def build(a: argparse.Namespace, shape: dict[str, Any], clock: Clock):
     from dapo.problems import ListPromptStream, runner_score_fn
     from dapo.rewards import RewardRunner
     from dapo.trainer.sampler import DynamicSampler, Rollouts
-    from dapo.trainer.update import Learner
+    from dapo.learner import LocalLearner
 
     P = a.prompts or shape["prompts"]
     cfg = load_config(overrides=[
@@ -273,12 +257,12 @@ def build(a: argparse.Namespace, shape: dict[str, Any], clock: Clock):
 
     engine = StandInEngine(shape["median"] * a.length_scale, a.sigma, clock)
     sampler = DynamicSampler(cfg, engine, stream, score_fn, decode)
-    import dapo.trainer.update as update_mod
+    import dapo.learner.learner as learner_mod
 
-    update_mod.micro_pass = layout_only  # the Learner's micro-batches: layout, no forward, no loss maths
     model = torch.nn.Linear(1, 1, bias=False)
+    learner_mod.micro_loss = layout_only(model)  # the Learner's micro-batches: layout, no forward, no loss maths
     opt, sched = make_optimizer(cfg.optim, model)
-    learner = Learner(cfg, model, opt, sched, PAD, torch.device("cpu"), policy=StandInPolicy())
+    learner = LocalLearner(cfg, model, opt, sched, PAD, torch.device("cpu"), policy=StandInPolicy())
     run = SimpleNamespace(cfg=cfg, sampler=sampler, learner=learner, engine=engine,
                           problems=SimpleNamespace(stream=stream), rollouts=Rollouts(sampler))
     return run, runner
@@ -288,9 +272,8 @@ def step(run: Any, k: int, clock: Clock, meter: Meter) -> tuple[list, dict[str, 
     """One step, phase by phase, as ``dapo.trainer.loop.train_step`` runs it."""
     import torch
 
-    from dapo.trainer.loss import rollout_correction
+    from dapo.trainer.batch import flatten_groups, rollout_correction
     from dapo.trainer.run import _group_from_plain, trainer_state
-    from dapo.trainer.update import flatten_groups
 
     def phase(name, fn):
         gc.collect()
@@ -312,9 +295,9 @@ def step(run: Any, k: int, clock: Clock, meter: Meter) -> tuple[list, dict[str, 
 
     ship(batch)
     old = phase("old_logp", lambda: run.learner.old_logp(batch))
-    phase("correction", lambda: rollout_correction(batch, old, run.cfg))
+    weights, _ = phase("correction", lambda: rollout_correction(batch, old, run.cfg.algo))
     ship(batch, old)
-    phase("update", lambda: run.learner.update(batch, old, k))
+    phase("update", lambda: run.learner.update(batch.weighted(weights), old, k))
 
     def checkpoint():
         buf = io.BytesIO()

@@ -36,7 +36,7 @@ def main() -> None:
 
     from dapo.config import load_config
     from dapo.trainer.build import build_run
-    from dapo.trainer.update import TrainBatch
+    from dapo.learner import TrainBatch
 
     threads = set_threads(a.threads)
     P, G = 4, a.G

@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(continue with --resume RUN_DIR)", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        from dapo.trainer.update import TrainingError  # a run that cannot go on: non-finite, idle
+        from dapo.learner import TrainingError  # a run that cannot go on: non-finite, idle
 
         if not isinstance(e, TrainingError):
             raise

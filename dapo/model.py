@@ -4,7 +4,7 @@ loading a causal LM and its tokenizer, device and dtypes, the optimiser, and the
 Mixed precision, as the large frameworks do it: the trained weights and AdamW's moments are float32
 (``load_model`` always loads float32); forward and backward run under ``torch.autocast`` in the compute
 dtype (``model.dtype``: bfloat16 on CUDA by default), which ``compute_dtype`` resolves and
-``dapo.trainer.policy`` applies; log-softmax, entropy and importance ratios stay float32. Training
+``dapo.learner.policy`` applies; log-softmax, entropy and importance ratios stay float32. Training
 bfloat16 weights directly loses every update smaller than half a bfloat16 step of the weight: at the
 paper's lr of 1e-6 almost no weight moves (measured: 1.2% of the demo model's parameters changed in three
 steps, against 100% in float32). float16 would need loss scaling and is refused.

@@ -272,8 +272,6 @@ def test_cispo_default_has_no_lower_bound():
 
 
 def test_registry_names_signature_and_errors():
-    assert set(POLICY_LOSSES) == {"ppo", "gspo", "cispo"}
-    assert get_policy_loss("ppo") is policy_loss
     with pytest.raises(ValueError, match="ppo, gspo, cispo"):
         get_policy_loss("grpo")
     logp, old, adv, mask = _ratio_case()
@@ -288,6 +286,32 @@ def test_registry_names_signature_and_errors():
         gspo_loss(logp, old, torch.zeros(3), mask)
     with pytest.raises(AssertionError, match="is_weights"):
         policy_loss(logp, old, adv, mask, is_weights=torch.ones(2, 4))
+    for name in POLICY_LOSSES:  # the one range check, shared by every registered loss
+        with pytest.raises(ValueError, match="clip ranges must be >= 0"):
+            get_policy_loss(name)(logp, old, adv, mask, 0.2, -0.1)
+
+
+def test_a_loss_registered_where_it_is_defined_is_one_the_config_and_the_learner_take():
+    from dapo.algo import register_policy_loss
+    from dapo.config import ConfigError, load_config
+    from dapo.learner.loss import LossSpec
+
+    with pytest.raises(ConfigError, match="algo.policy_loss"):
+        load_config(overrides=["algo.policy_loss=halved"])
+
+    @register_policy_loss("halved")
+    def halved(logp, old_logp, advantages, mask, eps_low, eps_high, clip_c=None, is_weights=None):
+        loss, st = policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, clip_c, is_weights)
+        return 0.5 * loss, st
+
+    try:
+        spec = LossSpec.of(load_config(overrides=["algo.policy_loss=halved"]))
+        logp, old, adv, mask = _ratio_case()
+        full, _ = policy_loss(logp, old, adv, mask)
+        half, _ = spec.policy_loss(logp, old, adv, mask, spec.eps_low, spec.eps_high)
+        torch.testing.assert_close(half, 0.5 * full)
+    finally:
+        del POLICY_LOSSES["halved"]
 
 
 EPS = {"ppo": (0.2, 0.28), "gspo": (0.01, 0.015), "cispo": (0.2, 0.28)}

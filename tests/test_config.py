@@ -14,17 +14,55 @@ from dapo.config import (
 )
 
 
-def test_defaults_are_dapo():
+def _clip_grads(cfg):
+    """d loss / d logp of one token per ratio, under ``cfg``'s loss as the learner resolves it (``LossSpec``)."""
+    import torch
+
+    from dapo.learner.loss import LossSpec
+
+    spec = LossSpec.of(cfg)
+    ratios = torch.tensor([[0.7, 0.85, 1.1, 1.25, 1.35]])
+    out = {}
+    for sign in (1.0, -1.0):
+        logp = ratios.log().clone().requires_grad_(True)
+        loss, _ = spec.policy_loss(logp, torch.zeros_like(logp), torch.tensor([sign]), torch.ones_like(logp),
+                                   spec.eps_low, spec.eps_high, spec.clip_c, None)
+        loss.sum().backward()
+        out[sign] = [g != 0 for g in logp.grad[0].tolist()]
+    return spec, out
+
+
+def _weight_of_long_responses(spec):
+    """How much a 3-token response weighs against a 1-token one in the aggregated loss."""
+    import torch
+
+    from dapo.algo import aggregate_loss
+
+    loss_tok, mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    short = aggregate_loss(loss_tok, mask, spec.loss_agg, max_len=spec.max_len).item()
+    loss_tok = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    return aggregate_loss(loss_tok, mask, spec.loss_agg, max_len=spec.max_len).item() / short
+
+
+def test_the_defaults_train_as_dapo():
+    """Clip-Higher at [0.8, 1.28] (a positive advantage still learns at ratio 1.25), a token-level mean (a
+    3-token response weighs 3x a 1-token one), dynamic sampling, overlong shaping, no KL."""
     c = load_config()
-    assert (c.algo.eps_low, c.algo.eps_high) == (0.2, 0.28)
-    assert c.algo.loss_agg == "token-mean" and c.algo.dynamic_sampling
-    assert c.algo.overlong_filter and c.algo.soft_overlong and c.algo.kl_coef == 0.0
+    spec, grads = _clip_grads(c)
+    assert grads[1.0] == [True, True, True, True, False]  # A > 0: clipped only above 1.28
+    assert grads[-1.0] == [False, True, True, True, True]  # A < 0: clipped only below 0.8
+    assert _weight_of_long_responses(spec) == 3.0
+    assert c.algo.dynamic_sampling and c.algo.overlong_filter and c.algo.soft_overlong and spec.kl_coef == 0.0
 
 
-def test_grpo_preset_is_naive_grpo():
+def test_the_grpo_preset_trains_as_naive_grpo():
+    """Symmetric clip [0.8, 1.2] (ratio 1.25 no longer learns), a mean over each response first (both
+    responses weigh alike), and none of DAPO's sampling or shaping."""
     c = load_config("grpo")
-    assert (c.algo.eps_low, c.algo.eps_high) == (0.2, 0.2)
-    assert c.algo.loss_agg == "seq-mean-token-mean"
+    spec, grads = _clip_grads(c)
+    assert grads[1.0] == [True, True, True, False, False]
+    assert grads[-1.0] == [False, True, True, True, True]
+    assert _weight_of_long_responses(spec) == 1.0
     assert not (c.algo.dynamic_sampling or c.algo.overlong_filter or c.algo.soft_overlong)
 
 

@@ -7,6 +7,7 @@ the FSDP2 ranks and the colocated run with a resume are marked slow: they run in
 and alone with pytest -m slow.
 """
 import os
+from dataclasses import replace
 import signal
 import time
 from types import SimpleNamespace
@@ -19,13 +20,13 @@ ray = pytest.importorskip("ray")
 from conftest import TINY_RUN  # noqa: E402
 from dapo.algo import group_advantages  # noqa: E402
 from dapo.config import ConfigError, load_config  # noqa: E402
-from dapo.dist import Cluster, DistError, RankGroup, split_evenly, start_local_ray  # noqa: E402
+from dapo.distributed import Cluster, DistError, RankGroup, split_evenly, start_local_ray  # noqa: E402
 from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
 from dapo.model import load_model, make_optimizer  # noqa: E402
 from dapo.trainer.build import build_run  # noqa: E402
 from dapo.trainer.loop import train  # noqa: E402
 from dapo.trainer.run import resolve_run_dir  # noqa: E402
-from dapo.trainer.update import Learner, TrainBatch, whole_tensor  # noqa: E402
+from dapo.learner import LocalLearner, TrainBatch, whole_tensor  # noqa: E402
 
 STEPS = 3
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18]]
@@ -75,7 +76,7 @@ def _local(cfg, tiny_model_dir, state):
     model = load_model(cfg.model, str(tiny_model_dir), torch.device("cpu"))
     model.load_state_dict(state)
     opt, sched = make_optimizer(cfg.optim, model)
-    return Learner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
+    return LocalLearner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
 
 
 def _ranks_gradient(group, batch, old, idx, cfg=None):
@@ -146,7 +147,8 @@ def test_rank_checkpoint_keeps_the_optimizer_out_of_the_driver_and_loads_anywher
     """Rank 0 writes the AdamW state into the checkpoint itself (optimizer.pt, the single-process layout),
     not through the driver's trainer_state.pt; the ranks load it back from the file, and so does a run of
     one process (a resume with another number of ranks)."""
-    from dapo.trainer.checkpoint import OPTIMIZER_FILE, is_complete, load_trainer_state
+    from dapo.learner.state import OPTIMIZER_FILE
+    from dapo.trainer.checkpoint import is_complete, load_trainer_state
 
     ckpt = run.result.run_dir / f"step_{STEPS}"
     raw = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -204,7 +206,7 @@ def test_ranks_that_sample_themselves_use_their_own_weights_and_no_recompute(clu
     """dist.rollout_on_ranks: no rollout workers and no weights in the driver; the ranks sample with the
     weights they train (the same tokens as an engine on the gathered weights), and their log-probs are the
     old policy's, so the old log-prob pass returns them unchanged."""
-    from dapo.dist.ranks import RankEngine
+    from dapo.distributed.ranks import RankEngine
 
     cfg = _cfg(tiny_model_dir, tmp_path, "h", f"optim.steps={STEPS}", "dist.trainer_ranks=2", "dist.rollout_on_ranks=true")
     built = build_run(cfg, *resolve_run_dir(cfg))
@@ -294,7 +296,7 @@ def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir,
             torch.testing.assert_close(sharded[k], v, atol=1e-2 * cfg.optim.lr, rtol=0)  # 1e-8 noise moves ~lr
         # the sharded AdamW state, gathered by rank 0 into the checkpoint's file, is the single-process one;
         # the ranks load it back into their shards
-        from dapo.trainer.checkpoint import OPTIMIZER_FILE
+        from dapo.learner.state import OPTIMIZER_FILE
 
         ckpt = tmp_path / "step_1"
         ckpt.mkdir()
@@ -317,6 +319,47 @@ def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir,
         again = torch.load(ckpt / OPTIMIZER_FILE, weights_only=True)
         for i, st in saved["state"].items():
             assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(again["state"][i][k])) for k, v in st.items())
+    finally:
+        ranks.close()
+        cl.close()
+
+
+def _prompt_pattern_batch(pattern: str, n=16, T=5):
+    """``n`` responses of equal length (so micro-batches keep index order) whose prompts make the strided
+    rank shares differ: rank 0 (even rows) always has one prompt; rank 1 (odd rows) has a distinct prompt per
+    row ("diverging": one rank would share the prompt prefill, the other not) or also one ("shared")."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [[5, 6, 7] if i % 2 == 0 or pattern == "shared" else [8 + i, 9, 10 + i] for i in range(n)]
+    resps = [torch.randint(4, 60, (T,), generator=g) for _ in range(n)]
+    beh = [-2.0 - torch.rand(T, generator=g) for _ in range(n)]
+    return TrainBatch.of(prompts, resps, beh, [True] * n, torch.randn(n, generator=g), torch.ones(n))
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_issue_the_same_collectives_when_their_prompts_differ(cluster, tiny_model_dir):
+    """The shared-prompt prefill runs the decoder twice; decided per rank, FSDP ranks whose micro-batches differ
+    would issue different all-gathers (mixed blocks, then a hang). The plan decides for all ranks at once: the
+    2-rank old log-probs and gradients equal one process's at micro-batches of 2-4."""
+    cfg = _cfg(tiny_model_dir, "unused", "fsdp-div", "dist.trainer_ranks=2", "dist.fsdp=true", "dist.timeout_s=90",
+               "optim.micro_batch_size=2")
+    cl = Cluster(cfg.dist)
+    ranks = RankGroup(cfg, str(tiny_model_dir), 0, cl)
+    try:
+        local = _local(cfg, tiny_model_dir, ranks.full_state_dict())
+        for pattern in ("diverging", "shared"):
+            fb = _prompt_pattern_batch(pattern)
+            idx = list(range(len(fb.responses)))
+            for size in (2, 3, 4):
+                c = replace(cfg, optim=replace(cfg.optim, micro_batch_size=size))
+                local.cfg = c
+                old = local.old_logp(fb)
+                if size == 2:  # the ranks' own config: their old log-probs are one process's
+                    torch.testing.assert_close(ranks.old_logp(fb).values, old.values, atol=1e-5, rtol=0)
+                g_dist = _ranks_gradient(ranks, fb, old, idx, c)
+                local.model.zero_grad(set_to_none=True)
+                local.minibatch_backward(fb, old, idx)
+                for n, p in local.model.named_parameters():
+                    torch.testing.assert_close(g_dist[n], p.grad, atol=1e-5, rtol=0, msg=f"{pattern}, {size}: {n}")
     finally:
         ranks.close()
         cl.close()

@@ -16,7 +16,7 @@ from dapo.lora import (  # noqa: E402
 )
 from dapo.model import enable_checkpointing  # noqa: E402
 from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
-from dapo.trainer.policy import make_seq_batch, response_logprobs  # noqa: E402
+from dapo.learner.policy import make_seq_batch, response_logprobs  # noqa: E402
 
 PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

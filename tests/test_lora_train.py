@@ -22,9 +22,10 @@ from dapo.lora import (  # noqa: E402
 from dapo.model import SetupError, load_model, load_policy, make_optimizer  # noqa: E402
 from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
 from dapo.trainer.build import build_run  # noqa: E402
-from dapo.trainer.loss import micro_pass  # noqa: E402
-from dapo.trainer.policy import make_seq_batch, response_logprobs  # noqa: E402
-from dapo.trainer.update import Learner, TrainBatch  # noqa: E402
+from dapo.learner.loss import micro_inputs, micro_loss  # noqa: E402
+from dapo.learner.plan import MicroBatch  # noqa: E402
+from dapo.learner.policy import make_seq_batch, response_logprobs  # noqa: E402
+from dapo.learner import LocalLearner, TrainBatch  # noqa: E402
 
 CPU = torch.device("cpu")
 LORA = ["model.lora_rank=4", "model.lora_alpha=8"]
@@ -108,10 +109,10 @@ def test_kl_reference_of_a_lora_learner_is_the_base_model(tiny_model_dir, tmp_pa
     out = {}
     for name, ref in (("lora", None), ("copy", base)):
         opt, sched = make_optimizer(cfg.optim, model)
-        learner = Learner(cfg, model, opt, sched, 0, CPU, ref_model=ref)
-        sums = {}
+        learner = LocalLearner(cfg, model, opt, sched, 0, CPU, ref_model=ref)
         model.zero_grad(set_to_none=True)
-        loss = micro_pass(learner, batch, old, list(range(8)), False, 12.0, 8.0, sums)
+        x = micro_inputs(learner.plan, batch, old, MicroBatch(list(range(8))))
+        loss, sums = micro_loss(learner.policy, x, learner.loss_spec, 12.0, 8.0, ref_logp=learner._ref_logp)
         loss.backward()
         out[name] = (loss.item(), sums["kl_ref"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert out["lora"][1] > 0 and out["lora"][1] == pytest.approx(out["copy"][1], rel=1e-6)
@@ -242,7 +243,7 @@ def test_bad_lora_settings_name_the_key(tiny_model_dir, tmp_path, capsys):
 def test_ray_ranks_and_workers_sync_adapters_only_and_sample_like_the_in_process_engine(tiny_model_dir, tmp_path):
     """One small run on a real local Ray cluster: 2 replicated trainer ranks, 1 rollout worker, LoRA."""
     ray = pytest.importorskip("ray")
-    from dapo.dist import start_local_ray
+    from dapo.distributed import start_local_ray
     from dapo.trainer.loop import train
     from dapo.trainer.run import resolve_run_dir
 

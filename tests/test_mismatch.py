@@ -11,8 +11,8 @@ from conftest import TINY_RUN
 from dapo.config import load_config
 from dapo.trainer.build import build_run
 from dapo.trainer.loop import train, train_step
-from dapo.trainer.loss import rollout_correction
-from dapo.trainer.update import flatten_groups
+from dapo.trainer.batch import rollout_correction
+from dapo.trainer.batch import flatten_groups
 
 COMMON = [*TINY_RUN, "algo.filter_metric=reward", "optim.lr=1e-2", "log.report=false"]
 
@@ -47,29 +47,30 @@ def _step_batch(tiny_model_dir, tmp_path, *extra):
 
 def test_a_float32_copy_recomputes_to_rounding_and_a_bf16_sampler_does_not(tiny_model_dir, tmp_path):
     run, batch, old = _step_batch(tiny_model_dir, tmp_path / "a", "rollout.dtype=float32")
-    fp32 = rollout_correction(batch, old, run.cfg)
+    _, fp32 = rollout_correction(batch, old, run.cfg.algo)
     assert fp32["mismatch/logp_abs_diff"] < 1e-5 and abs(fp32["mismatch/ratio_max"] - 1.0) < 1e-4
     run, batch, old = _step_batch(tiny_model_dir, tmp_path / "b", "rollout.dtype=bfloat16")
     assert {p.dtype for p in run.engine.model.parameters()} == {torch.bfloat16}  # the sampler's own bf16 copy
     assert {p.dtype for p in run.learner.model.parameters()} == {torch.float32}
-    m = rollout_correction(batch, old, run.cfg)
+    w, m = rollout_correction(batch, old, run.cfg.algo)
     assert m["mismatch/logp_abs_diff"] > max(1e-4, 20 * fp32["mismatch/logp_abs_diff"])
     assert m["mismatch/kl"] > 0 and m["mismatch/ratio_max"] > 1.0
-    assert m["mismatch/masked_frac"] == 0.0 and batch.is_weights is None  # measured, not corrected (none)
+    assert m["mismatch/masked_frac"] == 0.0 and w is None  # measured, not corrected (none)
 
 
 def test_token_weights_and_the_sequence_mask_follow_the_ratio(tiny_model_dir, tmp_path):
     run, batch, old = _step_batch(tiny_model_dir, tmp_path / "t", "rollout.dtype=bfloat16", "algo.rollout_is=token",
                                   "algo.rollout_is_cap=1.0")
-    m = rollout_correction(batch, old, run.cfg)
-    for w, o, s in zip(batch.is_weights.tolist(), old.tolist(), batch.behaviour_logp.tolist()):  # min(ratio, cap)
+    weights, m = rollout_correction(batch, old, run.cfg.algo)
+    for w, o, s in zip(weights.tolist(), old.tolist(), batch.behaviour_logp.tolist()):  # min(ratio, cap)
         for wi, oi, si in zip(w, o, s):
             assert wi == pytest.approx(min(float(torch.tensor(oi - si).exp()), 1.0), rel=1e-5)
     assert 0 < m["mismatch/is_clipfrac"] < 1
     run, batch, old = _step_batch(tiny_model_dir, tmp_path / "s", "rollout.dtype=bfloat16", "algo.rollout_is=sequence")
     before = batch.loss_mask.clone()
-    m = rollout_correction(batch, old, run.cfg)
-    dropped = [i for i in range(len(before)) if before[i] and not batch.loss_mask[i]]
+    weights, m = rollout_correction(batch, old, run.cfg.algo)
+    after = batch.weighted(weights).trainable()
+    dropped = [i for i in range(len(before)) if before[i] and len(batch.responses[i]) and not after[i]]
     for i in range(len(before)):
         if before[i] and len(batch.responses[i]):
             geo = float((old[i] - batch.behaviour_logp[i]).mean().exp())

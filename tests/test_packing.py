@@ -13,11 +13,12 @@ from dapo.data.example import Example
 from dapo.items import Group, PromptItem
 from dapo.model import load_model, make_optimizer
 from dapo.rollout.base import Completion
-from dapo.trainer import loss as loss_mod
-from dapo.trainer.loss import micro_batches_of, rollout_correction
-from dapo.trainer.policy import make_packed_batch, make_seq_batch, response_logprobs
+from dapo.trainer import batch as batch_mod
+from dapo.learner.plan import micro_batches_of
+from dapo.trainer.batch import rollout_correction
+from dapo.learner.policy import make_packed_batch, make_seq_batch, response_logprobs
 from dapo.ragged import Ragged
-from dapo.trainer.update import Learner, TrainBatch
+from dapo.learner import LocalLearner, TrainBatch
 
 
 # ------------------------------------------------------------------------------------------ Ragged, Completion
@@ -85,7 +86,7 @@ def test_carried_groups_survive_a_weights_only_checkpoint_and_old_list_checkpoin
 
 
 def test_flatten_groups_lays_out_one_buffer_with_each_response_a_row():
-    from dapo.trainer.update import flatten_groups
+    from dapo.trainer.batch import flatten_groups
 
     cfg = load_config(overrides=[*TINY_RUN])
     item = PromptItem(0, Example("q", "a"), [5, 6])
@@ -112,22 +113,23 @@ def _mismatch_batch(n_rows=9):
 def test_rollout_correction_equals_the_library_on_each_response_alone(monkeypatch, mode):
     from dapo.algo import rollout_is_weights, rollout_sequence_mask
 
-    monkeypatch.setattr(loss_mod, "_CHUNK_ROWS", 2)  # several chunks of length-sorted rows
+    monkeypatch.setattr(batch_mod, "_CHUNK_ROWS", 2)  # several chunks of length-sorted rows
     cfg = load_config(overrides=[f"algo.rollout_is={mode}", "algo.rollout_mask_low=0.995", "algo.rollout_mask_high=1.005"])
     b, old = _mismatch_batch()
-    m = rollout_correction(b, old, cfg)
+    weights, m = rollout_correction(b, old, cfg.algo)
     kept = []
     for i in range(len(b.responses)):
         o, s = old[i][None], b.behaviour_logp[i][None]  # (1, T) the response alone
         if mode == "token":
             w, _ = rollout_is_weights(o, s, torch.ones_like(o), cfg.algo.rollout_is_cap)
             want = w[0] if i != 4 else torch.ones_like(w[0])  # kept out of the loss: weight 1, untouched
-            torch.testing.assert_close(b.is_weights[i], want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(weights[i], want, atol=1e-6, rtol=0)
         else:
             keep, _ = rollout_sequence_mask(o, s, torch.ones_like(o), 0.995, 1.005)
             kept.append(float(keep[0]) if i != 4 else 0.0)
     if mode == "sequence":
-        assert b.loss_mask.tolist() == kept and 0 < sum(kept) < 8
+        assert b.weighted(weights).trainable().tolist() == [k > 0 for k in kept] and 0 < sum(kept) < 8
+        assert all(set(weights[i].tolist()) == {kept[i]} for i in range(9) if i != 4)  # a row's tokens: all 1 or all 0
         assert m["mismatch/masked_frac"] == pytest.approx((8 - sum(kept)) / 8)
     diff = torch.cat([(old[i] - b.behaviour_logp[i]).abs() for i in range(9) if i != 4])
     assert m["mismatch/logp_abs_diff"] == pytest.approx(float(diff.mean()), rel=1e-5)
@@ -137,9 +139,9 @@ def test_rollout_correction_with_nothing_in_the_loss_is_neutral():
     cfg = load_config(overrides=["algo.rollout_is=token"])
     b, old = _mismatch_batch()
     b.loss_mask[:] = 0.0  # e.g. every response truncated, under the overlong filter
-    m = rollout_correction(b, old, cfg)
+    w, m = rollout_correction(b, old, cfg.algo)
     assert m["mismatch/logp_abs_diff"] == 0.0 and m["mismatch/ratio_max"] == 1.0 and m["mismatch/masked_frac"] == 0.0
-    assert torch.equal(b.is_weights.values, torch.ones_like(old.values))
+    assert torch.equal(w.values, torch.ones_like(old.values))
 
 
 # ------------------------------------------------------------------------------------------ token-budget planning
@@ -206,7 +208,7 @@ def _learner_and_batch(tiny_model_dir, *extra):
     cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "optim.micro_batch_size=3", *extra])
     model = load_model(cfg.model, str(tiny_model_dir), torch.device("cpu"))
     opt, sched = make_optimizer(cfg.optim, model)
-    learner = Learner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
+    learner = LocalLearner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"))
     G, P = cfg.rollout.group_size, 4
     prompts, resps = _pairs(P, seed=2)
     g = torch.Generator().manual_seed(5)
@@ -221,7 +223,7 @@ def _learner_and_batch(tiny_model_dir, *extra):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_packed_micro_batches_give_the_padded_old_logprobs_loss_and_gradient(tiny_model_dir, agg):
-    from dapo.trainer.policy import PackedBatch, SeqBatch
+    from dapo.learner.policy import PackedBatch, SeqBatch
 
     cfg, learner, batch = _learner_and_batch(tiny_model_dir, f"algo.loss_agg={agg}")
     seen = []

@@ -16,8 +16,8 @@ from dapo.config import ConfigError, load_config
 from dapo.model import SetupError, load_model, make_optimizer
 from dapo.rollout import HFEngine, SamplingParams
 from dapo.trainer.loop import train
-from dapo.trainer.policy import make_seq_batch, response_logprobs
-from dapo.trainer.update import DataParallel, Learner, TrainBatch
+from dapo.learner.policy import make_seq_batch, response_logprobs
+from dapo.learner import DataParallel, LocalLearner, TrainBatch
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]]
 
@@ -40,7 +40,7 @@ def _learner(tiny_model_dir, weights, compute, lr=1e-6):
     else:  # the negative control: AdamW straight on bfloat16 weights (make_optimizer refuses this)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
-    return Learner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"), compute_dtype=compute)
+    return LocalLearner(cfg, model, opt, sched, pad_id=0, device=torch.device("cpu"), compute_dtype=compute)
 
 
 def _changed_fraction(a: dict, b: dict) -> float:
@@ -75,7 +75,7 @@ def test_master_weights_and_adamw_state_stay_float32_under_bf16_compute(tiny_mod
 
 
 def test_log_probs_are_float32_and_the_head_is_computed_in_float32(tiny_model_dir):
-    from dapo.trainer.policy import response_hidden
+    from dapo.learner.policy import response_hidden
 
     model = load_model(load_config().model, str(tiny_model_dir), torch.device("cpu"))
     sb = make_seq_batch(PROMPTS, [[20, 21, 22], [23], [24, 25], [26, 27, 28]], 0)

@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from dapo.rollout import HFEngine, SamplingParams
 from dapo.rollout.hf import filter_logits, sample_inverse_cdf
-from dapo.trainer.policy import make_seq_batch, response_logprobs
+from dapo.learner.policy import make_seq_batch, response_logprobs
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15]]
 

@@ -11,7 +11,7 @@ from transformers.masking_utils import sdpa_mask
 
 from dapo.rollout import HFEngine, SamplingParams
 from dapo.rollout.hf import _BufferedLayer
-from dapo.trainer.policy import make_seq_batch, response_logprobs
+from dapo.learner.policy import make_seq_batch, response_logprobs
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15], [20, 21, 22, 23]]
 EOS = (3, 17, 40, 55, 71)  # several stop ids so a random model stops at varied lengths (compaction happens)

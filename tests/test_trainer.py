@@ -249,7 +249,7 @@ def test_contention_warning_only_when_threads_would_spin_on_a_busy_cpu():
 
 def _zero_adv_batch(tiny_model_dir, tmp_path, *extra):
     from dapo.trainer.build import build_run
-    from dapo.trainer.update import TrainBatch
+    from dapo.learner import TrainBatch
 
     cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "optim.micro_batch_size=3", *extra])
     run = build_run(cfg, tmp_path, None, log=lambda s: None)
@@ -299,7 +299,7 @@ def test_zero_advantage_responses_skip_the_backward_with_the_same_gradient_and_m
 
 
 def test_zero_advantage_skip_is_off_with_kl_and_when_the_whole_mini_batch_is_zero(tiny_model_dir, tmp_path):
-    from dapo.trainer.update import zero_advantage_rows
+    from dapo.learner.learner import zero_advantage_rows
 
     cfg, learner, fb, old = _zero_adv_batch(tiny_model_dir, tmp_path)
     rows = list(range(len(fb.responses)))

@@ -6,12 +6,14 @@ from dapo.algo.advantages import ADV_ESTIMATORS, group_advantages, keep_groups
 from dapo.algo.losses import (
     AGG_MODES,
     POLICY_LOSSES,
+    PolicyLoss,
     aggregate_loss,
     cispo_loss,
     get_policy_loss,
     gspo_loss,
     kl_penalty,
     policy_loss,
+    register_policy_loss,
 )
 from dapo.algo.mismatch import mismatch_stats, rollout_is_weights, rollout_sequence_mask
 from dapo.algo.shaping import overlong_penalty
@@ -21,6 +23,7 @@ __all__ = [
     "ADV_ESTIMATORS",
     "AGG_MODES",
     "POLICY_LOSSES",
+    "PolicyLoss",
     "aggregate_loss",
     "cispo_loss",
     "get_policy_loss",
@@ -31,6 +34,7 @@ __all__ = [
     "mismatch_stats",
     "overlong_penalty",
     "policy_loss",
+    "register_policy_loss",
     "rollout_is_weights",
     "rollout_sequence_mask",
     "token_entropy",

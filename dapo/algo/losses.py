@@ -6,6 +6,8 @@ Clip-Higher (DAPO §3.1, Eq. 10), dual clip (arXiv 1912.09729), GSPO's sequence-
 """
 from __future__ import annotations
 
+from typing import Callable, Protocol
+
 import torch
 
 # log-ratios beyond this are clamped before exp(): exp(20) ~ 5e8 is already far outside any clip range
@@ -16,14 +18,43 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+class PolicyLoss(Protocol):
+    """The signature every policy loss has: (B, T) log-probs, old log-probs and mask, (B,) or (B, T) advantages,
+    the clip range, the dual-clip constant (``ppo`` only) and per-token importance weights; returns the (B, T)
+    per-token loss, zero where ``mask`` is 0, and detached stats, each a mean over this call's valid tokens."""
+
+    def __call__(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 eps_low: float, eps_high: float, clip_c: float | None = None,
+                 is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+"""The registered policy losses by name (``algo.policy_loss``)."""
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Register a ``PolicyLoss`` under ``name`` where it is defined."""
+
+    def register(fn: PolicyLoss) -> PolicyLoss:
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
 def _policy_inputs(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     is_weights: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shape checks every policy loss shares; returns advantages as (B, 1) or (B, T) and a float mask."""
+    """The checks every policy loss shares (shapes, clip ranges >= 0); returns advantages as (B, 1) or (B, T)
+    and a float mask."""
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     assert logp.shape == old_logp.shape == mask.shape and logp.dim() == 2, (
         f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)} must be equal (B, T)"
     )
@@ -64,6 +95,7 @@ def _policy_stats(
         }
 
 
+@register_policy_loss("ppo")
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -87,9 +119,7 @@ def policy_loss(
     ``is_weights`` (B, T), detached, multiplies each token's loss: the truncated importance weight
     pi_old / pi_sampler of ``dapo.algo.mismatch.rollout_is_weights`` (None: all 1).
     """
-    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights)
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights, eps_low, eps_high)
     if clip_c is not None and clip_c <= 1.0:
         raise ValueError(f"dual-clip constant clip_c must be > 1, got {clip_c}")
 
@@ -113,6 +143,7 @@ def policy_loss(
     return loss, stats
 
 
+@register_policy_loss("gspo")
 def gspo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -142,10 +173,8 @@ def gspo_loss(
     clipped (token-weighted, as in ``policy_loss``); ``ratio_mean`` is the token-weighted mean of s_i.
     No dual clip (``clip_c`` must be None). ``is_weights`` multiplies each token's loss, as in policy_loss.
     """
-    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights)
+    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights, eps_low, eps_high)
     _no_dual_clip("gspo", clip_c)
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     n = mask.sum(dim=1, keepdim=True)  # (B, 1) valid tokens per response
     seq_log_ratio = ((logp - old_logp) * mask).sum(dim=1, keepdim=True) / n.clamp(min=1)  # (B, 1)
     seq_log_ratio = seq_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -162,6 +191,7 @@ def gspo_loss(
     return loss, stats
 
 
+@register_policy_loss("cispo")
 def cispo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -188,10 +218,8 @@ def cispo_loss(
     r < 1 - eps_low, ``clipfrac_high`` r > 1 + eps_high. No dual clip (``clip_c`` must be None).
     ``is_weights`` multiplies each token's loss, as in policy_loss.
     """
-    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights)
+    adv, mask = _policy_inputs(logp, old_logp, advantages, mask, is_weights, eps_low, eps_high)
     _no_dual_clip("cispo", clip_c)
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     with torch.no_grad():
         r = torch.exp((logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
         w = r.clamp(1.0 - eps_low, 1.0 + eps_high)  # a lower bound <= 0 never binds
@@ -203,11 +231,7 @@ def cispo_loss(
     return loss, _policy_stats(r, r < 1.0 - eps_low, r > 1.0 + eps_high, no_dual, logp, old_logp, mask)
 
 
-# One signature for all: (logp, old_logp, advantages, mask, eps_low, eps_high, clip_c=None, is_weights=None)
-POLICY_LOSSES = {"ppo": policy_loss, "gspo": gspo_loss, "cispo": cispo_loss}
-
-
-def get_policy_loss(name: str):
+def get_policy_loss(name: str) -> PolicyLoss:
     """The policy loss registered as ``name`` (``POLICY_LOSSES``); an unknown name lists the valid ones.
 
     "ppo" is the token-level clipped surrogate of DAPO and GRPO (they differ in clip range and

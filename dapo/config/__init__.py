@@ -2,18 +2,20 @@
 Table-1 row; built as defaults <- preset <- YAML file <- ``key=value`` overrides, then validated (``load``,
 ``validate``). Every command takes its options from here.
 """
+from dapo.config.errors import ConfigError
 from dapo.config.load import (
-    ConfigError, config_from_dict, default, describe, field_doc, load_config, parse_overrides, run_config, save_config,
+    config_from_dict, default, describe, field_doc, load_config, parse_overrides, run_config, save_config,
     valid_keys,
 )
 from dapo.config.sections import (
     ABLATION_ROWS, PRESET_DOCS, PRESETS, RENAMED, AlgoConfig, CheckpointConfig, Config, DataConfig, DistConfig,
     EvalConfig, LogConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, SFTConfig,
 )
+from dapo.config.validate import validate
 
 __all__ = [
     "ABLATION_ROWS", "PRESETS", "PRESET_DOCS", "RENAMED", "AlgoConfig", "CheckpointConfig", "Config", "ConfigError",
     "DataConfig", "DistConfig", "EvalConfig", "LogConfig", "ModelConfig", "OptimConfig", "RewardConfig",
     "RolloutConfig", "SFTConfig", "config_from_dict", "default", "describe", "field_doc", "load_config",
-    "parse_overrides", "run_config", "save_config", "valid_keys",
+    "parse_overrides", "run_config", "save_config", "valid_keys", "validate",
 ]

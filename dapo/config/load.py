@@ -16,12 +16,10 @@ from typing import Any, Callable
 
 import yaml
 
+from dapo.config.errors import ConfigError
 from dapo.config.sections import PRESETS, RENAMED, Config
+from dapo.config.validate import validate
 from dapo.fsutil import write_atomic
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key in the message."""
 
 
 def valid_keys() -> list[str]:
@@ -211,7 +209,7 @@ def load_config(
         cfg = _apply(cfg, file_flat, f" in {file}", notify)
     if over:
         cfg = _apply(cfg, over, "", notify)
-    return cfg.validate()
+    return validate(cfg)
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config | None:
@@ -232,7 +230,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     d = dict(d)
     preset = d.pop("preset", "dapo")
     cfg = _apply(Config(), _flatten(d), " in saved config")
-    return replace(cfg, preset=preset).validate()
+    return validate(replace(cfg, preset=preset))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -359,12 +359,6 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
-    def validate(self) -> "Config":
-        from dapo.config.validate import validate
-
-        validate(self)
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
 

@@ -1,19 +1,16 @@
 """Checks of a whole config: each error names the key and says what would be valid."""
 from __future__ import annotations
 
+from dapo.config.errors import ConfigError
 from dapo.config.sections import Config
 
 
 def _bad(key: str, msg: str):
-    from dapo.config.load import ConfigError
-
     raise ConfigError(f"{key}: {msg}")
 
 
 def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        from dapo.config.load import ConfigError
-
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
 
 
@@ -25,7 +22,7 @@ def _at_least(c: Config, minimum: float, *keys: str) -> None:
             _bad(key, f"must be >= {minimum:g}, got {v}")
 
 
-def validate(c: Config) -> None:
+def validate(c: Config) -> Config:
     from dapo.algo.losses import AGG_MODES, KL_KINDS  # local: config must stay importable without torch work
 
     _algo(c, AGG_MODES, KL_KINDS)
@@ -33,6 +30,7 @@ def validate(c: Config) -> None:
     _data_reward_eval_log(c)
     _dist(c)
     _lora(c)
+    return c
 
 
 def _algo(c: Config, agg_modes: tuple[str, ...], kl_kinds: tuple[str, ...]) -> None:

@@ -18,20 +18,20 @@ from dapo.problems import Problems, load_problems
 from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
 from dapo.trainer.sampler import DynamicSampler, Rollouts
-from dapo.trainer.update import Learner
+from dapo.learner import Learner, LocalLearner
 
 
 @dataclass
 class Run:
-    """Everything the loop works with. ``learner`` is a ``Learner`` in this process or a
-    ``dapo.dist.RankGroup`` over Ray ranks; ``engine`` samples here, on Ray workers, or on the ranks."""
+    """Everything the loop works with. ``learner`` is a ``LocalLearner`` in this process or a
+    ``dapo.distributed.RankGroup`` over Ray ranks; ``engine`` samples here, on Ray workers, or on the ranks."""
 
     cfg: Config
     run_dir: Path
     resume_from: Path | None
     tokenizer: Any
     problems: Problems
-    learner: Any
+    learner: Learner
     engine: RolloutEngine
     sampler: DynamicSampler
     device: torch.device
@@ -71,8 +71,8 @@ def initial_model_path(cfg: Config, log: Callable[[str], None] = print) -> str:
 
 
 def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callable[[str], None] = print) -> Run:
-    """Build the run. ``dist.rollout_workers`` > 0 puts rollout on Ray workers (``dapo.dist.RayEngine``),
-    ``dist.trainer_ranks`` > 1 puts training on Ray ranks (``dapo.dist.RankGroup``); the loop is the same."""
+    """Build the run. ``dist.rollout_workers`` > 0 puts rollout on Ray workers (``dapo.distributed.RayEngine``),
+    ``dist.trainer_ranks`` > 1 puts training on Ray ranks (``dapo.distributed.RankGroup``); the loop is the same."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = resolve_device(cfg.model.device)
@@ -102,47 +102,49 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
 
 
 def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer: Any, device: torch.device,
-                        dtype: torch.dtype, closers: list, log: Callable[[str], None]) -> tuple[Any, RolloutEngine]:
+                        dtype: torch.dtype, closers: list, log: Callable[[str], None]) -> tuple[Learner, RolloutEngine]:
     d = cfg.dist
     remote_rollout, remote_train = d.rollout_workers > 0, d.trainer_ranks > 1
     pad_id = int(tokenizer.pad_token_id)
-    learner: Any = None
-    model = None
-    if not remote_train:  # the driver holds a model only when it trains (and then samples with it) here
-        model = load_policy(cfg.model, path, device)  # float32, or under LoRA a compute-dtype base + fp32 adapters
-        optimizer, scheduler = make_optimizer(cfg.optim, model)
-        ref = reference_model(cfg.model, model, path, ref_path, device) if ref_path is not None else None
-        learner = Learner(cfg, model, optimizer, scheduler, pad_id, device, dtype, ref)
+    # the driver holds a model only when it trains (and then may sample with it) here
+    model = None if remote_train else load_policy(cfg.model, path, device)  # float32, or a compute-dtype base + fp32 adapters
     eos = eos_ids(model if model is not None else generation_config_of(path), tokenizer)
     cluster = None
     if remote_rollout or remote_train:
-        from dapo.dist import Cluster
+        from dapo.distributed import Cluster
 
         cluster = Cluster(d, want_gpu=cfg.model.device != "cpu", log=log)
         closers.append(cluster.close)  # closed last: after the workers and ranks are gone
     if remote_train:
-        from dapo.dist import RankGroup
+        from dapo.distributed import RankEngine, RankGroup
 
-        learner = RankGroup(cfg, path, pad_id, cluster, log=log, ref_path=ref_path, eos=eos)
-        closers.append(learner.close)
-    if d.rollout_on_ranks:
-        from dapo.dist.ranks import RankEngine
+        group = RankGroup(cfg, path, pad_id, cluster, log=log, ref_path=ref_path, eos=eos)
+        closers.append(group.close)
+        if d.rollout_on_ranks:  # the ranks sample with the models they train
+            return group, RankEngine(group)
+        return group, _engine(cfg, path, pad_id, eos, device, dtype, None, cluster, closers, log)
+    engine = _engine(cfg, path, pad_id, eos, device, dtype, model, cluster, closers, log)
+    optimizer, scheduler = make_optimizer(cfg.optim, model)
+    ref = reference_model(cfg.model, model, path, ref_path, device) if ref_path is not None else None
+    shares = getattr(engine, "model", None) is model
+    return LocalLearner(cfg, model, optimizer, scheduler, pad_id, device, dtype, ref, sampler_shares_model=shares), engine
 
-        return learner, RankEngine(learner)
-    if remote_rollout:
-        from dapo.dist import RayEngine
 
-        engine: Any = RayEngine(cfg, path, pad_id, eos, cluster, log=log)
+def _engine(cfg: Config, path: str, pad_id: int, eos: list[int], device: torch.device, dtype: torch.dtype,
+            model: torch.nn.Module | None, cluster: Any, closers: list, log: Callable[[str], None]) -> RolloutEngine:
+    """The rollout engine: Ray workers, vLLM, an HF engine on its own copy of the weights, or on ``model`` itself
+    (the trained model, in this process, sampling in the compute dtype)."""
+    if cfg.dist.rollout_workers > 0:
+        from dapo.distributed import RayEngine
+
+        engine = RayEngine(cfg, path, pad_id, eos, cluster, log=log)
         closers.append(engine.close)
-    elif cfg.rollout.engine == "vllm":
+        return engine
+    if cfg.rollout.engine == "vllm":
         from dapo.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(path, pad_id, eos, cfg, colocated=not remote_train)  # training here shares the GPU
-    elif model is None or cfg.rollout.dtype != "auto":  # the sampler's own copy of the weights
+        return VLLMEngine(path, pad_id, eos, cfg, colocated=model is not None)  # training here shares the GPU
+    if model is None or cfg.rollout.dtype != "auto":  # the sampler's own copy of the weights
         own = load_policy(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
-        engine = HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size)
-    else:  # the sampler runs the trained model itself, in the compute dtype
-        engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)
-    if isinstance(learner, Learner):
-        learner.engine = engine
-    return learner, engine
+        return HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size)
+    return HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)

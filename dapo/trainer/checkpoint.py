@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from dapo.fsutil import fsync_dir, install_dir
+from dapo.learner import Learner
+from dapo.learner.state import load_pt
 
 MANIFEST = "manifest.json"
-OPTIMIZER_FILE = "optimizer.pt"
-"""The optimiser state of a run on trainer ranks (same layout as a single process's, inline there)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -37,12 +37,12 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: Any, tokenizer: Any, trainer_state: dict[str, Any], keep_last: int = 2,
+    run_dir: Path, step: int, learner: Learner, tokenizer: Any, trainer_state: dict[str, Any], keep_last: int = 2,
     template: str | None = None,
 ) -> Path:
     """Write ``run_dir/step_{step}`` atomically and prune to the newest ``keep_last`` complete ones.
 
-    ``model``: anything with ``save_pretrained(path)`` (a learner). ``template``: the prompt template the
+    ``learner`` writes the model files (and, on ranks, the optimiser file). ``template``: the prompt template the
     run renders its prompts with, recorded so that the checkpoint used as a model keeps it.
     """
     run_dir = Path(run_dir)
@@ -51,7 +51,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    learner.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if template is not None:
@@ -133,26 +133,10 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """The optimiser / RNG / data state; ``weights_only`` refuses anything but tensors and plain types."""
     path = Path(ckpt) / "trainer_state.pt"
-    state = _load_pt(path, "the trainer state")
+    state = load_pt(path, "the trainer state")
     if "optimizer_file" in state:  # written by trainer ranks: where it is, for whoever loads it (never here)
         opt = (Path(ckpt) / state["optimizer_file"]).resolve()
         if not opt.is_file():
             raise ValueError(f"{path}: names the optimiser state {opt}, which does not exist")
         state["optimizer_file"] = str(opt)
     return state
-
-
-def load_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The optimiser state of a ``load_trainer_state`` result: inline, or its file mapped into memory."""
-    if "optimizer" in state:
-        return state["optimizer"]
-    return _load_pt(state["optimizer_file"], "the optimiser state", mmap=True)
-
-
-def _load_pt(path: str | Path, what: str, mmap: bool = False) -> Any:
-    """``torch.load`` of plain tensors and Python types only; a failure names the file and ``what`` it holds."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip, OSError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load {what} ({type(e).__name__}: {first})") from None

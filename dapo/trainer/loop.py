@@ -14,7 +14,7 @@ trainer's weights have moved since); the trainer recomputes them otherwise (Ray 
 compute), and ``algo.rollout_is`` corrects for what the two disagree on.
 
 What it simplifies: no critic, no KL term (``algo.kl_coef=0`` by default), no reference model unless a
-KL is asked for. One process by default (an in-process engine); with ``dist.*`` set, ``dapo.dist`` puts
+KL is asked for. One process by default (an in-process engine); with ``dist.*`` set, ``dapo.distributed`` puts
 the same two calls (``learner``, ``engine``) behind Ray rollout workers and data-parallel trainer ranks.
 
 ``train`` wraps steps with what a run needs around them: the held-out evaluation (before, every
@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dapo.config import Config
+from dapo.config import Config, validate
 from dapo.eval import as_metrics, evaluate, headline, sampling_params
 from dapo.items import Group
+from dapo.learner import TrainingError
+from dapo.trainer.batch import flatten_groups, rollout_correction
 from dapo.trainer.build import Run, build_run
 from dapo.trainer.checkpoint import load_trainer_state, save_checkpoint
 from dapo.trainer.logger import RunLogger
-from dapo.trainer.loss import rollout_correction
 from dapo.trainer.run import open_logs, resolve_run_dir, restore, should_checkpoint, trainer_state, write_summary
-from dapo.trainer.update import TrainingError, flatten_groups
 from dapo.trainer.watch import StepWatch
 
 
@@ -68,10 +68,11 @@ def train_step(run: Run, step: int) -> tuple[list[Group], dict[str, float]]:
     batch = flatten_groups(groups, run.cfg, step)  # advantages; the overlong filter's loss mask
     with timed(m, "time/old_logp"):
         old_logp = run.learner.old_logp(batch)  # pi_old of every token (recomputed where it can differ)
-    m.update(rollout_correction(batch, old_logp, run.cfg))  # sampler vs trainer: measured, corrected if asked
+    weights, mm = rollout_correction(batch, old_logp, run.cfg.algo)  # sampler vs trainer: measured, and
+    m.update(mm)                                                      # per-token weights if algo.rollout_is asks
     run.rollouts.start(step + 1)  # one step off (dist.async_steps): the next rollout samples during the update
     with timed(m, "time/update"):
-        m.update(run.learner.update(batch, old_logp, step))  # clipped, token-mean, one AdamW step per mini-batch
+        m.update(run.learner.update(batch.weighted(weights), old_logp, step))  # clipped, token-mean, AdamW steps
     with timed(m, "time/wait_rollout"):
         run.rollouts.wait()  # nothing may sample while the weights change
     with timed(m, "time/weight_sync"):
@@ -125,7 +126,7 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
     closes it at the end, also when it fails.
     """
     t_start = time.perf_counter()
-    cfg.validate()
+    validate(cfg)
     if run is not None:
         return _train(run, log_stream, on_step, t_start)
     run_dir, resume_from = resolve_run_dir(cfg)

@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from dapo.items import Group, PromptItem
 from dapo.model import SetupError
 from dapo.rollout.base import Completion
 from dapo.trainer.checkpoint import is_complete, latest_checkpoint, newer_checkpoints
+
+if TYPE_CHECKING:
+    from dapo.trainer.build import Run
 
 
 def resume_source(cfg: Config) -> tuple[Path, Path | None]:
@@ -173,7 +176,7 @@ def _group_from_plain(d: dict[str, Any]) -> Group:
     return Group(item, comps, d["scores"], d["correct"], d["rewards"], d["step"], d.get("errors"))
 
 
-def trainer_state(run: Any, step: int, before: dict[str, Any]) -> dict[str, Any]:
+def trainer_state(run: Run, step: int, before: dict[str, Any]) -> dict[str, Any]:
     """Optimiser, schedule, RNG, data cursor, dynamic-sampling state and weight version at ``step``."""
     sampler = run.sampler.state_dict()
     return {
@@ -188,7 +191,7 @@ def trainer_state(run: Any, step: int, before: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def restore(run: Any, state: dict[str, Any]) -> None:
+def restore(run: Run, state: dict[str, Any]) -> None:
     run.learner.load_state_dict(state)
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate((state["rng"]["python_ver"], tuple(state["rng"]["python"]), None))

@@ -10,13 +10,17 @@ learning one) and rollouts with NaN log-probs (``optim.max_bad_steps``).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dapo.items import Group
+from dapo.learner import TrainingError
+from dapo.trainer.logger import RunLogger
 from dapo.trainer.run import append_samples
-from dapo.trainer.update import TrainingError
+
+if TYPE_CHECKING:
+    from dapo.trainer.build import Run
 
 _MAX_ERROR_MESSAGES = 10
 _SAMPLE_GROUPS, _SAMPLES_PER_GROUP = 4, 2
@@ -28,7 +32,7 @@ def _short(text: str, n: int = 160) -> str:
 
 
 class StepWatch:
-    def __init__(self, run: Any, logger: Any):
+    def __init__(self, run: Run, logger: RunLogger):
         self.run, self.logger = run, logger
         self.idle_streak = 0
         self.nan_streak = 0

@@ -11,7 +11,7 @@ from dapo.config import load_config
 from dapo.rollout.base import SamplingParams
 from dapo.trainer.checkpoint import _sha256, list_checkpoints, load_trainer_state, save_checkpoint
 from dapo.trainer.build import build_run
-from dapo.trainer.update import TrainBatch, TrainingError
+from dapo.learner import TrainBatch, TrainingError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

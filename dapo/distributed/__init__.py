@@ -8,9 +8,9 @@ The driver runs the same loop as one process; ``RayEngine`` (rollout) and ``Rank
 stand behind the same two interfaces the loop calls (``RankEngine`` when the ranks sample too).
 See the README's "Scaling out".
 """
-from dapo.dist.cluster import Cluster, DistError, start_local_ray, wait_all
-from dapo.dist.ranks import RankEngine, RankGroup, TrainerRank
-from dapo.dist.rollout import RayEngine, RolloutWorker, put_chunks, split_evenly
+from dapo.distributed.cluster import Cluster, DistError, start_local_ray, wait_all
+from dapo.distributed.ranks import RankEngine, RankGroup, TrainerRank
+from dapo.distributed.rollout import RayEngine, RolloutWorker, put_chunks, split_evenly
 
 __all__ = [
     "Cluster", "DistError", "RankEngine", "RankGroup", "RayEngine", "RolloutWorker", "TrainerRank", "put_chunks",

@@ -22,7 +22,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from dapo.config import Config
-from dapo.dist.cluster import Cluster, DistError, actor_death_reason, wait_all, where
+from dapo.distributed.cluster import Cluster, DistError, actor_death_reason, wait_all, where
 from dapo.rollout.base import Completion, SamplingParams
 
 ChunkRefs = list  # list[ray.ObjectRef], each a dict[str, Tensor] of about dist.weight_chunk_mb

@@ -47,18 +47,22 @@ class SeqBatch:
     input_ids: torch.Tensor  # (B, Lp + T)
     attention_mask: torch.Tensor  # (B, Lp + T)
     response_mask: torch.Tensor  # (B, T) 1 on generated tokens (stop token included)
+    share_prompts: bool | None = None
+    """Run each distinct prompt once and its rows on its cache (see the module docstring): True / False as the
+    learner's micro-batch plan decided it (the same on every FSDP rank), None = decide from this batch alone."""
 
     @property
     def n_resp(self) -> int:
         return self.response_mask.shape[1]
 
     def to(self, device: torch.device | str) -> "SeqBatch":
-        return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+        return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                        self.share_prompts)
 
 
-def make_seq_batch(prompts: list, responses: list, pad_id: int) -> SeqBatch:
+def make_seq_batch(prompts: list, responses: list, pad_id: int, share_prompts: bool | None = None) -> SeqBatch:
     """Lay out (prompt, response) pairs (lists or 1-D tensors) as one padded batch; trims columns that are
-    padding in every row."""
+    padding in every row. ``share_prompts``: see ``SeqBatch``."""
     assert len(prompts) == len(responses)
     B = len(prompts)
     Lp = max(len(p) for p in prompts)
@@ -73,7 +77,7 @@ def make_seq_batch(prompts: list, responses: list, pad_id: int) -> SeqBatch:
             ids[b, Lp : Lp + len(r)] = torch.as_tensor(r, dtype=torch.long)
             attn[b, Lp : Lp + len(r)] = 1
             rmask[b, : len(r)] = 1.0
-    return SeqBatch(ids, attn, rmask)
+    return SeqBatch(ids, attn, rmask, share_prompts)
 
 
 @dataclass
@@ -126,12 +130,14 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     return out[0, batch.label_pos - 1]
 
 
-def response_hidden(model: torch.nn.Module, batch: SeqBatch, share_prompts: bool = True) -> torch.Tensor:
+def response_hidden(model: torch.nn.Module, batch: SeqBatch) -> torch.Tensor:
     """(B, T, H): the last hidden state at the position before each response token (it predicts that token).
 
-    With ``share_prompts``, rows with the same prompt share one prompt forward pass (see the module
-    docstring) when that halves the prompt rows at least; otherwise, or for models whose cache is not a
-    plain ``DynamicCache``, one pass over the whole padded batch.
+    Rows with the same prompt share one prompt forward pass (see the module docstring) when
+    ``batch.share_prompts`` says so (None: when that halves the prompt rows at least, ``shares_prompts``),
+    unless activation checkpointing is on or the model's cache is not a plain ``DynamicCache``: then, as
+    otherwise, one pass over the whole padded batch. Under FSDP the number of decoder passes must be the same
+    on every rank (each pass all-gathers every block), so there the learner's plan decides for all ranks at once.
     """
     ids, attn = batch.input_ids, batch.attention_mask
     B, L = ids.shape
@@ -139,20 +145,32 @@ def response_hidden(model: torch.nn.Module, batch: SeqBatch, share_prompts: bool
     Lp = L - T
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
     base = model.base_model
-    if share_prompts and Lp > 0 and B > 1 and not (model.training and torch.is_grad_enabled() and _checkpointing(model)):
-        uniq, inv = torch.unique(torch.cat([ids[:, :Lp], attn[:, :Lp]], dim=1), dim=0, return_inverse=True)
-        U = uniq.shape[0]
-        if 2 * U <= B:
-            rep = torch.empty(U, dtype=torch.long, device=ids.device).scatter_(0, inv, torch.arange(B, device=ids.device))
-            pre = base(input_ids=ids[rep, :Lp], attention_mask=attn[rep, :Lp], position_ids=pos[rep, :Lp], use_cache=True)
-            cache = returned_cache(pre)
-            if type(cache) is DynamicCache and cache.layers and all(type(x) is DynamicLayer for x in cache.layers):
-                cache.batch_select_indices(inv)  # (U, ...) -> (B, ...): differentiable indexing
-                out = base(input_ids=ids[:, Lp:], attention_mask=attn, position_ids=pos[:, Lp:], use_cache=True,
-                           **{cache_kwarg(base): cache}).last_hidden_state  # (B, T, H)
-                return torch.cat([pre.last_hidden_state[inv, -1:], out[:, :-1]], dim=1)
+    share = batch.share_prompts
+    if share is None:
+        share = shares_prompts([tuple(r) for r in torch.cat([ids[:, :Lp], attn[:, :Lp]], dim=1).tolist()])
+    if share and Lp > 0 and not (model.training and torch.is_grad_enabled() and _checkpointing(model)):
+        _, inv = torch.unique(torch.cat([ids[:, :Lp], attn[:, :Lp]], dim=1), dim=0, return_inverse=True)
+        U = int(inv.max()) + 1
+        rep = torch.empty(U, dtype=torch.long, device=ids.device).scatter_(0, inv, torch.arange(B, device=ids.device))
+        pre = base(input_ids=ids[rep, :Lp], attention_mask=attn[rep, :Lp], position_ids=pos[rep, :Lp], use_cache=True)
+        cache = returned_cache(pre)
+        if type(cache) is DynamicCache and cache.layers and all(type(x) is DynamicLayer for x in cache.layers):
+            cache.batch_select_indices(inv)  # (U, ...) -> (B, ...): differentiable indexing
+            out = base(input_ids=ids[:, Lp:], attention_mask=attn, position_ids=pos[:, Lp:], use_cache=True,
+                       **{cache_kwarg(base): cache}).last_hidden_state  # (B, T, H)
+            return torch.cat([pre.last_hidden_state[inv, -1:], out[:, :-1]], dim=1)
     hidden = base(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state  # (B, L, H)
     return hidden[:, -T - 1 : -1]
+
+
+def shares_prompts(prompts: list) -> bool:
+    """Whether rows with these prompts (hashable: tuples of token ids) are run prompt-shared: at least two rows,
+    and at most half as many distinct prompts as rows (below that the second pass costs more than it saves).
+
+    >>> shares_prompts([(1, 2), (1, 2), (3,), (3,)]), shares_prompts([(1, 2), (3,), (3,)])
+    (True, False)
+    """
+    return len(prompts) > 1 and 2 * len(set(prompts)) <= len(prompts)
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:
@@ -280,7 +298,7 @@ class ResponseLogprobs(torch.nn.Module):
     """``response_logprobs`` of the wrapped LM as one module call: what the trainer calls.
 
     Going through one ``forward`` lets a wrapper around this module see every use of the LM's weights:
-    FSDP2 (``dapo.dist`` ranks) gathers the root's parameters (embeddings, final norm, LM head) in the
+    FSDP2 (``dapo.distributed`` ranks) gathers the root's parameters (embeddings, final norm, LM head) in the
     root's forward hook, while ``response_logprobs`` reaches them through ``model.base_model`` and the
     head, never through the LM's own call. In one process it is a plain call.
     """

@@ -1,7 +1,7 @@
 """Data-parallel trainer ranks on Ray: M actors in one ``torch.distributed`` group (gloo on CPU, NCCL on GPU).
 
 Every rank holds the model (whole, or an FSDP2 shard when ``dist.fsdp``), its optimiser state and the
-same schedule, and runs ``dapo.trainer.update`` - the very code of the single-process path - on its
+same schedule, and runs ``dapo.learner`` - the very code of the single-process path - on its
 share of every mini-batch, with the mini-batch's global token count as the loss denominator. Summing
 the ranks' gradients (all-reduce; under FSDP2 its reduce-scatter's mean scaled back by the world size) gives exactly
 the single-process gradient, and every rank takes the same optimiser step.
@@ -23,13 +23,13 @@ import torch
 import torch.distributed as tdist
 
 from dapo.config import Config
-from dapo.dist.cluster import Cluster, wait_all, where
-from dapo.dist.rollout import put_chunks, sample_in_slices
+from dapo.distributed.cluster import Cluster, wait_all, where
+from dapo.distributed.rollout import put_chunks, sample_in_slices
+from dapo.learner import DataParallel, LocalLearner, TrainBatch, needs_recompute, whole_tensor
+from dapo.learner.policy import ResponseLogprobs
+from dapo.learner.state import OPTIMIZER_FILE, load_optimizer_state
 from dapo.ragged import Ragged
 from dapo.rollout.base import Completion, SamplingParams
-from dapo.trainer.checkpoint import OPTIMIZER_FILE, load_optimizer_state
-from dapo.trainer.policy import ResponseLogprobs
-from dapo.trainer.update import DataParallel, Learner, TrainBatch, needs_recompute, whole_tensor
 
 
 def _free_port(host: str) -> int:
@@ -77,7 +77,9 @@ class TrainerRank:
                  ref_path: str | None = None, eos: list[int] | None = None):
         self.cfg, self.path, self.pad_id, self.rank, self.world, self.use_gpu = cfg, path, pad_id, rank, world, use_gpu
         self.ref_path, self.eos = ref_path, eos
-        self.learner: Learner | None = None
+        self.learner: LocalLearner | None = None
+        self.engine: Any = None
+        """This rank's sampler on its own replica (``dist.rollout_on_ranks``)."""
 
     def address(self) -> tuple[str, int]:
         """Rank 0's rendezvous address for the process group."""
@@ -111,22 +113,22 @@ class TrainerRank:
 
             _shard(policy, init_device_mesh(device.type, (self.world,)), dtype)
         optimizer, scheduler = make_optimizer(cfg.optim, model)
-        engine = None
         if cfg.dist.rollout_on_ranks:
             from dapo.rollout.hf import HFEngine
 
             if not self.eos:
                 raise ValueError("dist.rollout_on_ranks: the ranks need the stop token ids (RankGroup(eos=...))")
-            engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)
-        self.learner = Learner(cfg, model, optimizer, scheduler, self.pad_id, device, dtype, ref,
-                               DataParallel(self.rank, self.world, cfg.dist.fsdp, device), policy, engine)
+            self.engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)
+        self.learner = LocalLearner(cfg, model, optimizer, scheduler, self.pad_id, device, dtype, ref,
+                                    DataParallel(self.rank, self.world, cfg.dist.fsdp, device), policy,
+                                    sampler_shares_model=self.engine is not None)
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(device),
-                "samples_the_policy": self.learner.samples_the_policy()}
+                "samples_the_policy": self.learner.samples_the_policy}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], version: int) -> list[Completion]:
         """Sample with this rank's replica, whose weights are ``version`` (``dist.rollout_on_ranks``)."""
-        self.learner.engine.weight_version = version
-        return self.learner.engine.generate(prompts, params, seeds)
+        self.engine.weight_version = version
+        return self.engine.generate(prompts, params, seeds)
 
     # -------------------------------------------------------------------------------------------- training
 
@@ -240,7 +242,7 @@ class TrainerRank:
 
 
 class RankGroup:
-    """The driver's ``Learner`` over M ``TrainerRank`` actors. A rank that dies stops the run with a
+    """The driver's ``dapo.learner.Learner`` over M ``TrainerRank`` actors. A rank that dies stops the run with a
     ``DistError`` naming it (a process group cannot lose a member); resume from the last checkpoint."""
 
     def __init__(self, cfg: Config, path: str, pad_id: int, cluster: Cluster, log: Callable[[str], None] = print,
