@@ -252,3 +252,24 @@ def test_packed_micro_batches_give_the_padded_old_logprobs_loss_and_gradient(tin
     assert max(g.abs().max() for g in g0.values()) > 1e-3
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4)
+
+
+def test_only_response_tokens_go_through_the_head(tiny_model_dir, monkeypatch):
+    """Padding positions of the padded layout never reach the LM head and log-softmax (27.3): the head sees
+    exactly the batch's response tokens, and the log-probs there equal the full-width computation's."""
+    import dapo.learner.policy as policy_mod
+
+    model = load_model(load_config(overrides=[f"model.path={tiny_model_dir}"]).model, str(tiny_model_dir),
+                       torch.device("cpu"))
+    prompts, resps = [[5, 6, 7], [8, 9]], [[20, 21, 22, 23, 24], [25]]
+    sb = make_seq_batch(prompts, resps, 0)
+    rows = []
+    real = policy_mod._head_logprobs
+    monkeypatch.setattr(policy_mod, "_head_logprobs", lambda m, h, lab, *a: rows.append(h.shape[0]) or real(m, h, lab, *a))
+    with torch.no_grad():
+        lp, ent = response_logprobs(model, sb, 1.0, with_entropy=True)
+        logits = model(input_ids=sb.input_ids, attention_mask=sb.attention_mask).logits.float()
+    assert rows == [6]  # 5 + 1 response tokens, not 2 x 5 positions
+    full = torch.log_softmax(logits[:, -6:-1], dim=-1).gather(-1, sb.input_ids[:, -5:, None]).squeeze(-1)
+    torch.testing.assert_close(lp * sb.response_mask, full * sb.response_mask, atol=1e-5, rtol=0)
+    assert (lp[1, 1:] == 0).all() and (ent[1, 1:] == 0).all()

@@ -59,6 +59,11 @@ class SeqBatch:
         return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
                         self.share_prompts)
 
+    def unflatten(self, x: torch.Tensor) -> torch.Tensor:
+        """(n,) values of the response tokens, row after row -> (B, T), 0 after each response's end
+        (differentiable)."""
+        return x.new_zeros(self.response_mask.shape).masked_scatter(self.response_mask > 0, x)
+
 
 def make_seq_batch(prompts: list, responses: list, pad_id: int, share_prompts: bool | None = None) -> SeqBatch:
     """Lay out (prompt, response) pairs (lists or 1-D tensors) as one padded batch; trims columns that are
@@ -256,20 +261,19 @@ def response_logprobs(
 
     The decoder runs under autocast in ``compute_dtype`` (mixed precision: the weights stay as they are);
     the LM head, log-softmax and entropy always in float32. Differentiable in the log-probs (entropy is
-    detached: it is a metric here). Positions past a response's end hold garbage (0 for a packed batch);
-    multiply by ``batch.response_mask``.
+    detached: it is a metric here). Only response tokens go through the head (its (V, H) matmuls and the
+    log-softmax are most of a small model's update, and padding rows would be wasted on them): positions
+    past a response's end hold 0.
     """
     dev = batch.input_ids.device
     with torch.autocast(device_type=dev.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         h = response_hidden(model, batch) if isinstance(batch, SeqBatch) else packed_hidden(model, batch)
     if isinstance(batch, SeqBatch):
-        B, T, H = h.shape  # (B, T, H)
-        h_flat, lab_flat = h.reshape(B * T, H), batch.input_ids[:, -T:].reshape(B * T)
+        keep = batch.response_mask > 0  # (B, T)
+        h_flat, lab_flat = h[keep], batch.input_ids[:, -batch.n_resp :][keep]  # (n, H), (n,)
     else:
         h_flat, lab_flat = h, batch.input_ids[0, batch.label_pos]  # (n, H), (n,)
     logp, ent = _head_logprobs(model, h_flat, lab_flat, temperature, chunk, with_entropy)  # (n,) each
-    if isinstance(batch, SeqBatch):
-        return logp.view(B, T), ent.view(B, T) if with_entropy else None
     return batch.unflatten(logp), batch.unflatten(ent) if with_entropy else None
 
 
