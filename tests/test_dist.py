@@ -360,6 +360,15 @@ def test_fsdp_ranks_issue_the_same_collectives_when_their_prompts_differ(cluster
                 local.minibatch_backward(fb, old, idx)
                 for n, p in local.model.named_parameters():
                     torch.testing.assert_close(g_dist[n], p.grad, atol=1e-5, rtol=0, msg=f"{pattern}, {size}: {n}")
+        # the batch crosses to the ranks once a step: the update after old log-probs sends only the
+        # correction's weights, which the ranks apply to the batch they kept (here: 4 responses dropped)
+        old = ranks.old_logp(fb)
+        w = fb.responses.like((torch.arange(len(fb.responses.values)) >= int(fb.responses.offsets[4])).float())
+        m_dist = ranks.update(fb.weighted(w), old, step=1)
+        assert ray.get(ranks.actors[1].__ray_call__.remote(lambda r: r._batch)) is None  # not kept past the step
+        local.cfg = cfg
+        m_one = local.update(fb.weighted(w), old, step=1)
+        assert m_dist["actor/loss_tokens"] == m_one["actor/loss_tokens"] == float(fb.loss_tokens().sum()) - 4 * 5
     finally:
         ranks.close()
         cl.close()

@@ -78,6 +78,7 @@ class TrainerRank:
         self.cfg, self.path, self.pad_id, self.rank, self.world, self.use_gpu = cfg, path, pad_id, rank, world, use_gpu
         self.ref_path, self.eos = ref_path, eos
         self.learner: LocalLearner | None = None
+        self._batch: TrainBatch | None = None
         self.engine: Any = None
         """This rank's sampler on its own replica (``dist.rollout_on_ranks``)."""
 
@@ -133,9 +134,13 @@ class TrainerRank:
     # -------------------------------------------------------------------------------------------- training
 
     def old_logp(self, batch: TrainBatch) -> tuple[list[int], torch.Tensor]:
+        self._batch = batch  # kept for this step's update: the batch crosses to the ranks once
         return self.learner.old_logp_share(batch)
 
-    def update(self, batch: TrainBatch, old_logp: Ragged, step: int) -> dict[str, Any]:
+    def update(self, batch: TrainBatch | None, weights: Ragged | None, old_logp: Ragged, step: int) -> dict[str, Any]:
+        """``batch`` None: the one ``old_logp`` received this step, under the correction's ``weights``."""
+        batch = self._batch.weighted(weights) if batch is None else batch
+        self._batch = None
         m: dict[str, Any] = self.learner.update(batch, old_logp, step)
         if not self.learner.dp.fsdp:  # replicated parameters: a fingerprint to compare across ranks
             with torch.no_grad():
@@ -257,6 +262,8 @@ class RankGroup:
         infos = self._all("setup", host, port, what="starting trainer ranks")
         self.where = [where(i) for i in infos]
         self.samples_the_policy = all(i["samples_the_policy"] for i in infos)  # see old_logp
+        self._sent: Any = None
+        """The responses of the batch the ranks hold from this step's ``old_logp`` (sent once a step)."""
         self.bad_streak = 0
         """The ranks' streak of skipped non-finite updates, as rank 0 last reported it."""
         log(f"trainer: {self.m} ranks ({'FSDP2-sharded' if cfg.dist.fsdp else 'replicated'}) on {infos[0]['device']}, "
@@ -268,15 +275,20 @@ class RankGroup:
 
     def old_logp(self, batch: TrainBatch) -> Ragged:
         out = batch.behaviour_logp.clone()
+        self._sent = None
         if self.samples_the_policy or not needs_recompute(self.cfg):  # nothing to recompute: no batch to send
             return out
+        self._sent = batch.responses  # the ranks keep this batch for the update
         for rows, vals in self._all("old_logp", ray.put(batch), what="old log-probs"):
             if rows:
                 out.values[batch.responses.positions(rows)] = vals
         return out
 
     def update(self, batch: TrainBatch, old_logp: Ragged, step: int) -> dict[str, float]:
-        outs = self._all("update", ray.put(batch), ray.put(old_logp), step, what=f"update (step {step})")
+        kept = self._sent is batch.responses  # the batch the ranks got for old log-probs: send its weights only
+        self._sent = None
+        outs = self._all("update", None if kept else ray.put(batch), ray.put(batch.weights) if kept else None,
+                         ray.put(old_logp), step, what=f"update (step {step})")
         sums = [o.pop("_checksum", None) for o in outs]
         m = outs[0]
         if sums[0] is not None:  # replicated ranks must hold identical parameters: 0.0 or something is wrong
