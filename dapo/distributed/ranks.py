@@ -29,7 +29,7 @@ from dapo.learner import DataParallel, LocalLearner, TrainBatch, needs_recompute
 from dapo.learner.policy import ResponseLogprobs
 from dapo.learner.state import OPTIMIZER_FILE, load_optimizer_state
 from dapo.ragged import Ragged
-from dapo.rollout.base import Completion, SamplingParams
+from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
 def _free_port(host: str) -> int:
@@ -262,7 +262,7 @@ class RankGroup:
         infos = self._all("setup", host, port, what="starting trainer ranks")
         self.where = [where(i) for i in infos]
         self.samples_the_policy = all(i["samples_the_policy"] for i in infos)  # see old_logp
-        self._sent: Any = None
+        self._sent: Ragged | None = None
         """The responses of the batch the ranks hold from this step's ``old_logp`` (sent once a step)."""
         self.bad_streak = 0
         """The ranks' streak of skipped non-finite updates, as rank 0 last reported it."""
@@ -296,7 +296,7 @@ class RankGroup:
         self.bad_streak = int(m["actor/bad_streak"])  # rank 0's learner owns the streak; this is its report
         return m
 
-    def push_weights(self, engine: Any, version: int) -> None:
+    def push_weights(self, engine: RolloutEngine, version: int) -> None:
         if isinstance(engine, RankEngine) and engine.group is self:  # the ranks sample with what they train
             engine.weight_version = version
             return
@@ -328,7 +328,7 @@ class RankGroup:
         self._all("load_state_dict", ray.put(keep), what="restoring optimiser state")
         self.bad_streak = int(st.get("bad_streak", st.get("bad_in_a_row", 0)))
 
-    def save_pretrained(self, path: Any) -> None:
+    def save_pretrained(self, path: str | Path) -> None:
         """The model files (written by rank 0) and the optimiser state (``OPTIMIZER_FILE``, likewise)."""
         self._all("save_pretrained", str(path), what="saving the model")
         self._all("save_optimizer", str(Path(path) / OPTIMIZER_FILE), what="saving the optimiser state")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +24,11 @@ from dapo.learner.batch import TrainBatch
 from dapo.learner.loss import LossSpec, add_sums, micro_inputs, micro_loss
 from dapo.learner.parallel import DataParallel, whole_tensor
 from dapo.learner.plan import MicroBatchPlan
-from dapo.learner.policy import ResponseLogprobs, response_logprobs
+from dapo.learner.policy import PackedBatch, ResponseLogprobs, SeqBatch, response_logprobs
 from dapo.learner.state import load_optimizer_state
 from dapo.model import reference_policy, save_model, weights_to_sync
 from dapo.ragged import Ragged
-from dapo.rollout.base import derive_seed
+from dapo.rollout.base import RolloutEngine, derive_seed
 
 
 class TrainingError(RuntimeError):
@@ -115,7 +116,7 @@ class LocalLearner:
 
     # -------------------------------------------------------------------------------------------- update
 
-    def _ref_logp(self, seqs: Any) -> torch.Tensor:
+    def _ref_logp(self, seqs: SeqBatch | PackedBatch) -> torch.Tensor:
         """(b, T) log-probs under the KL reference (under LoRA: this model with its adapters off)."""
         with reference_policy(self.model, self.ref_model) as ref:
             return response_logprobs(ref, seqs, self.cfg.rollout.temperature, compute_dtype=self.compute_dtype)[0]
@@ -229,7 +230,7 @@ class LocalLearner:
 
     # -------------------------------------------------------------------------------------------- weights, state
 
-    def push_weights(self, engine: Any, version: int) -> None:
+    def push_weights(self, engine: RolloutEngine, version: int) -> None:
         """The new weights to the rollout engine (which only counts them when it shares this model)."""
         engine.load_weights(weights_to_sync(self.model), version)  # under LoRA: the adapters only
 
@@ -242,7 +243,7 @@ class LocalLearner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.bad_streak = int(state.get("bad_streak", state.get("bad_in_a_row", 0)))
 
-    def save_pretrained(self, path: Any) -> None:
+    def save_pretrained(self, path: str | Path) -> None:
         save_model(self.model, path)  # under LoRA: the adapter only
 
     def nonfinite_params(self) -> list[str]:
