@@ -330,11 +330,15 @@ class SFTConfig:
     """Clip the gradient norm to this; 0 = off."""
     target_accuracy: float | None = 0.25
     """Stop at the first held-out measurement of sampled accuracy >= this (a base RL can climb from);
-    None = run ``max_steps``. Needs a verifier: a built-in task's, or ``reward.fn`` for files."""
+    None = stop on the held-out loss (``patience``). Needs a verifier and answers: a built-in task's, or
+    ``reward.fn`` and ``data.answer_key`` for files; a file without answers stops on the loss."""
     min_steps: int = 150
     """No accuracy measurement before this step."""
     eval_every: int = 20
-    """Measure held-out accuracy every N steps from ``min_steps`` on."""
+    """Measure held-out accuracy (and loss) every N steps from ``min_steps`` on."""
+    patience: int = 3
+    """Without an accuracy to stop on (``target_accuracy`` null, or rows with no answer): stop once the held-out
+    loss has not improved for this many measurements; 0 = run ``max_steps``."""
     max_steps: int = 1000
     """Step cap."""
     n_probe: int = 256
