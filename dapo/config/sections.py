@@ -132,6 +132,15 @@ class RolloutConfig:
     """Most sequences the engine decodes at once."""
     gpu_memory_utilization: float = 0.5
     """vLLM only: fraction of the GPU's memory vLLM may take (weights + KV cache); the rest is left to training."""
+    verify_weights: bool = True
+    """After every weight push, compare fingerprints (float64 sums) of the tensors the engine now holds, computed
+    on its side, with those of what the trainer pushed, in the dtype pushed; a stale, missing or corrupted tensor
+    stops the run naming it. Skipped when the engine samples with the trained model itself (nothing travels)."""
+    max_logp_diff: float = 1.0
+    """Stop the run when ``mismatch/logp_abs_diff`` (mean |trainer log-prob - sampler log-prob| per token in the
+    loss) passes this, before training on the step: a sampler serving other weights than the trainer's. bfloat16
+    sampling against a float32 trainer measures ~0.01-0.05 and one step of staleness far less than 1 nat at
+    RL learning rates, so 1.0 is a gap no rounding explains. 0 = off."""
 
 
 @dataclass(frozen=True)

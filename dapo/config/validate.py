@@ -80,6 +80,7 @@ def _rollout_and_optim(c: Config) -> None:
             _bad(key, f"must be in (0, 1], got {p}")
     _one_of("rollout.engine", r.engine, ("hf", "vllm"))
     _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
+    _at_least(c, 0, "rollout.max_logp_diff")
     if not 0 < r.gpu_memory_utilization <= 1:
         _bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
     _at_least(c, 0, "optim.steps", "optim.max_samples", "optim.micro_batch_tokens")

@@ -29,7 +29,7 @@ from dapo.learner import DataParallel, LocalLearner, TrainBatch, needs_recompute
 from dapo.learner.policy import ResponseLogprobs
 from dapo.learner.state import OPTIMIZER_FILE, load_optimizer_state
 from dapo.ragged import Ragged
-from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
+from dapo.rollout.base import Completion, Fingerprints, RolloutEngine, SamplingParams
 
 
 def _free_port(host: str) -> int:
@@ -166,16 +166,20 @@ class TrainerRank:
                     m.reshard()
         return self.learner.policy
 
-    def publish_weights(self, chunk_bytes: int) -> tuple[list, int] | None:
-        """The whole state dict (under LoRA: the adapter tensors only) into the object store in chunks (rank 0
-        returns the refs). Under FSDP each tensor is all-gathered in turn, a collective every rank joins, so only
-        one chunk is ever whole here."""
-        from dapo.model import weights_to_sync
+    def publish_weights(self, chunk_bytes: int, dtype: torch.dtype | None = None
+                        ) -> tuple[list, int, Fingerprints] | None:
+        """The whole state dict (under LoRA: the adapter tensors only) into the object store in chunks, cast to the
+        sampler's ``dtype`` here (rank 0 returns the refs, the tensor count and the fingerprints of what it put).
+        Under FSDP each tensor is all-gathered in turn, a collective every rank joins, so only one chunk is ever
+        whole here."""
+        from dapo.model import tied_copies, weights_to_sync
 
         self._resharded()
         whole = ((k, whole_tensor(v)) for k, v in weights_to_sync(self.learner.model).items())
         if self.rank == 0:
-            return put_chunks(whole, chunk_bytes)
+            fps: Fingerprints = {}
+            refs, n = put_chunks(whole, chunk_bytes, dtype, fps, tied_copies(self.learner.model))
+            return refs, n, fps
         if self.learner.dp.fsdp:
             for _ in whole:
                 pass
@@ -296,25 +300,29 @@ class RankGroup:
         self.bad_streak = int(m["actor/bad_streak"])  # rank 0's learner owns the streak; this is its report
         return m
 
-    def push_weights(self, engine: RolloutEngine, version: int) -> None:
+    def push_weights(self, engine: RolloutEngine, version: int) -> Fingerprints | None:
         if isinstance(engine, RankEngine) and engine.group is self:  # the ranks sample with what they train
             engine.weight_version = version
-            return
+            return None
+        refs, n, fps = self._publish("publishing weights", engine.weight_dtype)
         if hasattr(engine, "load_weight_refs"):  # Ray workers fetch the chunks themselves
-            engine.load_weight_refs(*self._publish("publishing weights"), version)
+            engine.load_weight_refs(refs, n, version)
         else:  # an engine in the driver process
-            engine.load_weights(self.full_state_dict(), version)
+            engine.load_weights(self._fetch(refs), version)
+        return fps
 
-    def _publish(self, what: str) -> tuple[list, int]:
-        return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what=what)[0]
+    def _publish(self, what: str, dtype: torch.dtype | None = None) -> tuple[list, int, Fingerprints]:
+        return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, dtype, what=what)[0]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's tensors (under LoRA: the adapter tensors), gathered in this process (for an engine here)."""
-        refs, _ = self._publish("gathering weights")
+    def _fetch(self, refs: list) -> dict[str, torch.Tensor]:
         sd: dict[str, torch.Tensor] = {}
         for ref in refs:
             sd.update(ray.get(ref, timeout=self.timeout_s))
         return sd
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's tensors (under LoRA: the adapter tensors), gathered in this process (for an engine here)."""
+        return self._fetch(self._publish("gathering weights")[0])
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule and streak; the optimiser state is written by rank 0 into the checkpoint's own
@@ -360,6 +368,8 @@ class RankEngine:
     counts. A rank that dies stops the run (a process group cannot lose a member).
     """
 
+    weight_dtype = None  # the weights never travel
+
     def __init__(self, group: RankGroup):
         self.group = group
         self.weight_version = 0
@@ -376,3 +386,6 @@ class RankEngine:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         raise RuntimeError("the ranks sample with the weights they train (dist.rollout_on_ranks): nothing to load")
+
+    def check_weights(self, expected: Fingerprints) -> None:
+        """Nothing to check: the ranks sample with the very weights they train."""

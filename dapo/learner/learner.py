@@ -26,9 +26,9 @@ from dapo.learner.parallel import DataParallel, whole_tensor
 from dapo.learner.plan import MicroBatchPlan
 from dapo.learner.policy import PackedBatch, ResponseLogprobs, SeqBatch, response_logprobs
 from dapo.learner.state import load_optimizer_state
-from dapo.model import reference_policy, save_model, weights_to_sync
+from dapo.model import reference_policy, save_model, tied_copies, weights_to_sync
 from dapo.ragged import Ragged
-from dapo.rollout.base import RolloutEngine, derive_seed
+from dapo.rollout.base import Fingerprints, RolloutEngine, derive_seed, weight_fingerprints
 
 
 class TrainingError(RuntimeError):
@@ -230,9 +230,15 @@ class LocalLearner:
 
     # -------------------------------------------------------------------------------------------- weights, state
 
-    def push_weights(self, engine: RolloutEngine, version: int) -> None:
-        """The new weights to the rollout engine (which only counts them when it shares this model)."""
-        engine.load_weights(weights_to_sync(self.model), version)  # under LoRA: the adapters only
+    def push_weights(self, engine: RolloutEngine, version: int) -> Fingerprints | None:
+        """The new weights to the rollout engine (which only counts them when it shares this model); returns the
+        fingerprints of what it pushed, in the dtype the engine keeps (None: nothing travelled)."""
+        sd = weights_to_sync(self.model)  # under LoRA: the adapters only
+        engine.load_weights(sd, version)  # an engine of its own casts (Ray workers' pushes: before they leave)
+        if getattr(engine, "model", None) is self.model:
+            return None
+        tied = tied_copies(self.model)  # an engine may hold a tied copy once (vLLM): compare the tensor itself
+        return weight_fingerprints(((k, v) for k, v in sd.items() if k not in tied), engine.weight_dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
