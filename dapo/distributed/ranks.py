@@ -88,6 +88,7 @@ class TrainerRank:
         return host, _free_port(host)
 
     def setup(self, host: str, port: int) -> dict[str, Any]:
+        from dapo.memory import check_device_memory
         from dapo.model import compute_dtype, load_policy, make_optimizer, reference_model
 
         cfg = self.cfg
@@ -104,6 +105,7 @@ class TrainerRank:
                                  timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         torch.manual_seed(cfg.seed)
         dtype = compute_dtype(cfg.model.dtype, device)
+        check_device_memory(cfg, self.path, device, self.world if cfg.dist.fsdp else 1)
         model = load_policy(cfg.model, self.path, device)  # float32, or a compute-dtype base + fp32 adapters
         ref = None
         if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
