@@ -464,3 +464,29 @@ def test_async_needs_a_sampler_of_its_own():
         load_config(overrides=["dist.async_steps=2", "dist.rollout_workers=1"])
     with pytest.raises(ConfigError, match="reward.workers.*time limit"):  # a reward scored off the main thread
         load_config(overrides=["dist.async_steps=1", "dist.rollout_workers=1", "data.path=x.jsonl"])
+
+
+def test_pushes_to_bf16_samplers_leave_the_trainer_in_bf16_and_land_as_a_direct_cast(cluster, tiny_model_dir):
+    from dapo.distributed.rollout import RolloutWorker, put_chunks
+    from dapo.model import tied_copies
+
+    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", "rollout.dtype=bfloat16"])
+    trained = load_model(cfg.model, str(tiny_model_dir), torch.device("cpu"))  # float32 master weights, moved
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sd = trained.state_dict()
+    worker = RolloutWorker(cfg, str(tiny_model_dir), 0, [1], use_gpu=False)  # in this process: its engine is here
+    dtype = worker.info()["weight_dtype"]
+    assert dtype == torch.bfloat16
+    fps = {}
+    refs, n = put_chunks(sd.items(), 1 << 14, dtype, fps, tied_copies(trained))
+    shipped = [ray.get(r) for r in refs]
+    assert len(shipped) > 1 and all(t.dtype == torch.bfloat16 for c in shipped for t in c.values())  # half the bytes
+    worker.load_weights(refs, n, 1)
+    held = worker.engine.model.state_dict()
+    assert all(torch.equal(held[k], sd[k].to(torch.bfloat16)) for k in sd)  # exactly a direct cast
+    assert worker.weight_mismatch(fps) is None
+    with torch.no_grad():
+        held["model.layers.0.mlp.up_proj.weight"].mul_(-1)  # what a bad copy would leave
+    assert "model.layers.0.mlp.up_proj.weight" in worker.weight_mismatch(fps)
