@@ -84,7 +84,9 @@ def memory_budget(cfg: Config, shape: ModelShape, device_bytes: float, ranks: in
     local_rollout = not cfg.dist.rollout_workers and cfg.dist.trainer_ranks == 1
     colocated_vllm = r.engine == "vllm" and (local_rollout or cfg.dist.colocate)
     if colocated_vllm:
-        out["vLLM"] = r.gpu_memory_utilization * device_bytes
+        from dapo.rollout.vllm import gpu_memory_fraction
+
+        out["vLLM"] = gpu_memory_fraction(cfg, shares_gpu=True) * device_bytes
     elif local_rollout and r.dtype != "auto":
         out["sampler copy"] = shape.params * (4 if r.dtype == "float32" else 2)
     seq = cfg.data.max_prompt_len + r.max_new_tokens
@@ -107,7 +109,7 @@ def check_memory(cfg: Config, shape: ModelShape, device_bytes: float, where: str
     raise ConfigError(
         f"the run needs about {need / GB:.1f} GB on {where}, which has {device_bytes / GB:.1f} GB ({detail} GB; "
         f"{shape.params / 1e9:.2f}B parameters, micro-batches of {tokens} tokens). Lower "
-        f"rollout.gpu_memory_utilization (now {cfg.rollout.gpu_memory_utilization}), train adapters "
+        f"rollout.gpu_memory_utilization (now {cfg.rollout.gpu_memory_utilization or 'unset: 0.5'}), train adapters "
         f"(model.lora_rank, now {cfg.model.lora_rank}), use a smaller micro-batch (optim.micro_batch_size, now "
         f"{cfg.optim.micro_batch_size}, or optim.micro_batch_tokens) or model.gradient_checkpointing=true, or shard "
         f"over trainer ranks (dist.trainer_ranks, dist.fsdp)")

@@ -130,8 +130,11 @@ class RolloutConfig:
     """Take old log-probs from the rollout engine instead of recomputing them with the training model."""
     batch_size: int = 256
     """Most sequences the engine decodes at once."""
-    gpu_memory_utilization: float = 0.5
-    """vLLM only: fraction of the GPU's memory vLLM may take (weights + KV cache); the rest is left to training."""
+    gpu_memory_utilization: float | None = None
+    """vLLM only: fraction of its GPU's memory vLLM may take (weights + KV cache). None: 0.5 where vLLM shares
+    the GPU with training (the in-process engine beside a trainer here, or ``dist.colocate``), the rest left to
+    training; 0.85 on a rollout worker's GPU of its own (vLLM's default is 0.9; the margin holds the CUDA
+    context and a weight push's chunk)."""
     verify_weights: bool = True
     """After every weight push, compare fingerprints (float64 sums) of the tensors the engine now holds, computed
     on its side, with those of what the trainer pushed, in the dtype pushed; a stale, missing or corrupted tensor

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as tdist
 
 from dapo.config import Config
-from dapo.distributed.cluster import Cluster, wait_all, where
+from dapo.distributed.cluster import Cluster, nccl_note, wait_all, where
 from dapo.distributed.rollout import put_chunks, sample_in_slices
 from dapo.learner import DataParallel, LocalLearner, TrainBatch, needs_recompute, whole_tensor
 from dapo.learner.policy import ResponseLogprobs
@@ -274,6 +274,9 @@ class RankGroup:
         """The ranks' streak of skipped non-finite updates, as rank 0 last reported it."""
         log(f"trainer: {self.m} ranks ({'FSDP2-sharded' if cfg.dist.fsdp else 'replicated'}) on {infos[0]['device']}, "
             f"process group at {host}:{port}")
+        note = nccl_note(dict(os.environ)) if cluster.use_gpu else None
+        if note:
+            log(note)
 
     def _all(self, method: str, *args: Any, what: str) -> list[Any]:
         refs = [getattr(a, method).remote(*args) for a in self.actors]

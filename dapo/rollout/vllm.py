@@ -69,6 +69,17 @@ _TAGS = ("weights", "kv_cache")  # what sleep(level=1) releases, and wake_up(tag
 _MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's LoRA config accepts for max_lora_rank
 
 
+SHARED_GPU_FRACTION, OWN_GPU_FRACTION = 0.5, 0.85
+"""``rollout.gpu_memory_utilization`` when unset: beside training on one GPU, and on a GPU of vLLM's own."""
+
+
+def gpu_memory_fraction(cfg: Config, shares_gpu: bool) -> float:
+    """The fraction of its GPU vLLM takes: ``rollout.gpu_memory_utilization``, or its default for the placement."""
+    if cfg.rollout.gpu_memory_utilization is not None:
+        return cfg.rollout.gpu_memory_utilization
+    return SHARED_GPU_FRACTION if shares_gpu else OWN_GPU_FRACTION
+
+
 def vllm_max_lora_rank(rank: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``."""
     for r in _MAX_LORA_RANKS:
@@ -136,7 +147,7 @@ class WeightLoader:
 
 
 class VLLMEngine:
-    """vLLM's ``LLM`` on the model at ``path``: one GPU, ``rollout.gpu_memory_utilization`` of its memory.
+    """vLLM's ``LLM`` on the model at ``path``: one GPU, ``gpu_memory_fraction`` of its memory.
 
     ``max_model_len``: the longest prompt + response vLLM must hold (default ``data.max_prompt_len +
     rollout.max_new_tokens``). ``colocated``: the GPU is shared with training, so vLLM sleeps between
@@ -173,7 +184,7 @@ class VLLMEngine:
                 model=model, tokenizer=tokenizer, **extra,
                 dtype=cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
-                gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_num_seqs=cfg.rollout.batch_size,
+                gpu_memory_utilization=gpu_memory_fraction(cfg, self.colocated or cfg.dist.colocate), max_num_seqs=cfg.rollout.batch_size,
                 max_model_len=self.max_model_len, enable_prefix_caching=True, enable_sleep_mode=self.colocated,
                 logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.WeightLoader",
                 tensor_parallel_size=1, distributed_executor_backend="uni",
