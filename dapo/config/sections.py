@@ -26,6 +26,12 @@ class ModelConfig:
     """Run a model repository's own Python code. Off unless you trust the repository."""
     allow_unsafe_weights: bool = False
     """Allow pickle-based weight files (pytorch_model.bin); by default only safetensors load."""
+    head_tf32: bool = False
+    """Run the float32 LM head's matmuls (forward and backward, the log-probs' four V x H GEMMs per response
+    token) with TF32 allowed on CUDA: ~8x the full-float32 rate on Ampere and later, inputs rounded to a 10-bit
+    mantissa, float32 accumulation. Allowed inside the head only, never globally (the decoder computes in
+    ``model.dtype`` anyway). Off by default until its effect on ``mismatch/logp_abs_diff`` is measured on a GPU;
+    no effect on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     attn_implementation: str = "sdpa"

@@ -110,7 +110,7 @@ class TrainerRank:
         ref = None
         if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
             ref = reference_model(cfg.model, model, self.path, self.ref_path, device)  # None under LoRA: no copy
-        policy = ResponseLogprobs(model, dtype)
+        policy = ResponseLogprobs(model, dtype, cfg.model.head_tf32)
         if cfg.dist.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
 

@@ -53,7 +53,7 @@ class LocalLearner:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.pad_id, self.device, self.compute_dtype, self.ref_model = pad_id, device, compute_dtype, ref_model
         self.dp = dp or DataParallel(device=device)
-        self.policy = policy or ResponseLogprobs(model, compute_dtype)
+        self.policy = policy or ResponseLogprobs(model, compute_dtype, cfg.model.head_tf32)
         """Every training forward goes through it (FSDP2-wrapped on a sharded rank)."""
         self.cfg = cfg
         self.samples_the_policy = sampler_shares_model and compute_dtype == torch.float32
@@ -119,7 +119,8 @@ class LocalLearner:
     def _ref_logp(self, seqs: SeqBatch | PackedBatch) -> torch.Tensor:
         """(b, T) log-probs under the KL reference (under LoRA: this model with its adapters off)."""
         with reference_policy(self.model, self.ref_model) as ref:
-            return response_logprobs(ref, seqs, self.cfg.rollout.temperature, compute_dtype=self.compute_dtype)[0]
+            return response_logprobs(ref, seqs, self.cfg.rollout.temperature, compute_dtype=self.compute_dtype,
+                                     head_tf32=self.cfg.model.head_tf32)[0]
 
     def minibatch_backward(self, batch: TrainBatch, old_logp: Ragged, resp_idx: list[int],
                            with_entropy: bool = False) -> tuple[float, dict[str, float]]:
