@@ -16,7 +16,7 @@ import datetime
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 import torch
@@ -177,15 +177,41 @@ class TrainerRank:
         from dapo.model import tied_copies, weights_to_sync
 
         self._resharded()
-        whole = ((k, whole_tensor(v)) for k, v in weights_to_sync(self.learner.model).items())
-        if self.rank == 0:
-            fps: Fingerprints = {}
-            refs, n = put_chunks(whole, chunk_bytes, dtype, fps, tied_copies(self.learner.model))
+        named = weights_to_sync(self.learner.model)
+        fps: Fingerprints = {}
+        if not self.learner.dp.fsdp:  # no collective: rank 0 alone puts its replica away
+            if self.rank:
+                return None
+            refs, n = put_chunks(named.items(), chunk_bytes, dtype, fps, tied_copies(self.learner.model))
             return refs, n, fps
-        if self.learner.dp.fsdp:
-            for _ in whole:
+        done: list = []
+        gathered = self._gathered(named, done)
+        if self.rank:
+            for _ in gathered:
                 pass
-        return None
+            return None
+        try:
+            refs, n = put_chunks(gathered, chunk_bytes, dtype, fps, tied_copies(self.learner.model))
+        except BaseException:
+            if not done:  # the others wait on the next tensor: they stop now, not at dist.timeout_s
+                self._still_publishing(False)
+            raise
+        return refs, n, fps
+
+    def _gathered(self, named: dict[str, torch.Tensor], done: list) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each FSDP tensor whole, an all-gather every rank joins; after each, the ranks agree that rank 0 (which
+        puts them into the object store) is still going, so when it fails every rank stops at that point (the
+        others quietly: rank 0 reports its own error to the driver). ``done`` gets an item once the last
+        tensor's agreement is over (no rank waits any more)."""
+        for k, v in named.items():
+            yield k, whole_tensor(v)
+            if not self._still_publishing(True):
+                return
+        done.append(True)
+
+    def _still_publishing(self, ok: bool) -> bool:
+        """All ranks: whether every rank says ``ok`` (a one-float all-reduce)."""
+        return self.learner.dp.sum_scalar(float(ok)) == self.world
 
     def state_dict(self) -> dict[str, Any] | None:
         """Rank 0's schedule and streak (the optimiser state goes to its own file: ``save_optimizer``)."""
