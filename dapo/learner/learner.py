@@ -236,8 +236,8 @@ class LocalLearner:
         fingerprints of what it pushed, in the dtype the engine keeps (None: nothing travelled)."""
         sd = weights_to_sync(self.model)  # under LoRA: the adapters only
         engine.load_weights(sd, version)  # an engine of its own casts (Ray workers' pushes: before they leave)
-        if getattr(engine, "model", None) is self.model:
-            return None
+        if getattr(engine, "model", None) is self.model or not self.cfg.rollout.verify_weights:
+            return None  # nothing travelled, or nothing will be checked
         tied = tied_copies(self.model)  # an engine may hold a tied copy once (vLLM): compare the tensor itself
         return weight_fingerprints(((k, v) for k, v in sd.items() if k not in tied), engine.weight_dtype)
 
