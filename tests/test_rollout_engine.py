@@ -189,3 +189,39 @@ def test_generate_and_logprobs_raise_no_deprecation_warnings(model):
     bad = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not bad, [str(w.message) for w in bad]
     assert not [r for r in records if "deprecat" in r.getMessage().lower()], [r.getMessage() for r in records]
+
+
+# ------------------------------------------------------------------------------------------------ the weight-sync guard
+
+
+def _moved(model, seed):
+    """The state dict of a float32 copy of ``model`` with every parameter moved (a step's worth; tied ones stay tied)."""
+    import copy
+
+    moved = copy.deepcopy(model).float()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return moved.state_dict()
+
+
+def test_hf_guard_passes_a_whole_push_and_names_a_corrupted_or_missing_tensor(tiny_model_dir):
+    from dapo.model import tied_copies
+    from dapo.rollout.base import WeightSyncError, weight_fingerprints
+
+    own = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)  # a sampler's own bf16 copy
+    eng = HFEngine(own, 0, EOS)
+    assert eng.weight_dtype == torch.bfloat16
+    sd = _moved(own, 0)
+    expected = weight_fingerprints(((k, v) for k, v in sd.items() if k not in tied_copies(own)), eng.weight_dtype)
+    eng.load_weights(sd, 1)
+    eng.check_weights(expected)
+    name = "model.layers.1.mlp.down_proj.weight"
+    eng.load_weights({**sd, name: sd[name].flip(0) * 0.5}, 2)  # one tensor corrupted on the way
+    with pytest.raises(WeightSyncError, match=rf"HF rollout engine holds other values for {name} "):
+        eng.check_weights(expected)
+    eng.load_weights(_moved(own, 1), 3)  # a stale engine, then a push that leaves one tensor out
+    eng.load_weights({k: v for k, v in sd.items() if k != "model.norm.weight"}, 4)
+    with pytest.raises(WeightSyncError, match=r"other values for model\.norm\.weight "):
+        eng.check_weights(expected)

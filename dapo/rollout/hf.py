@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from dapo.rollout.base import Completion, SamplingParams, derive_seed
+from dapo.rollout.base import Completion, Fingerprints, SamplingParams, compare_fingerprints, derive_seed, weight_fingerprints
 
 
 def filter_logits(logp: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
@@ -210,6 +210,11 @@ class HFEngine:
         self.compute_dtype = compute_dtype
         self.kv_dtype = kv_dtype or (compute_dtype if compute_dtype != torch.float32 else None)  # None: as written
         self.weight_version = 0
+        from dapo.model import weights_to_sync
+
+        floats = [t.dtype for t in weights_to_sync(model).values() if t.is_floating_point()]
+        self.weight_dtype: torch.dtype | None = floats[0] if floats else None
+        """What its pushed weights are kept in: the dtype of what a push replaces (under LoRA the adapters')."""
 
     @property
     def device(self) -> torch.device:
@@ -224,6 +229,13 @@ class HFEngine:
         if not shared:
             self.model.load_state_dict(state_dict, strict=False)
         self.weight_version = int(version)
+
+    @torch.no_grad()
+    def check_weights(self, expected: Fingerprints) -> None:
+        """Compare the model's own tensors with the fingerprints of what was pushed (``WeightSyncError``)."""
+        own = self.model.state_dict()
+        compare_fingerprints(expected, (((n,), fp) for n, fp in weight_fingerprints(
+            (n, own[n]) for n in expected if n in own).items()), "the HF rollout engine")
 
     @torch.no_grad()  # not inference_mode: a module caching a tensor in forward would poison training
     def generate(
