@@ -122,7 +122,9 @@ def test_2d_mask_path_samples_what_the_4d_path_does(model):
     assert model.config._attn_implementation == "sdpa"
     dims, hook = _mask_dims(model)
     try:
-        four = HFEngine(model, 0, EOS).generate(PROMPTS, p, seeds)
+        eng = HFEngine(model, 0, EOS)
+        eng.lean = False  # transformers' forward at every step (the lean step takes the 4D mask itself)
+        four = eng.generate(PROMPTS, p, seeds)
         assert dims[0] == 2 and set(dims[1:]) == {4}  # prefill 2D, decode ready-made 4D
         dims.clear()
         eng = HFEngine(model, 0, EOS)
@@ -132,6 +134,7 @@ def test_2d_mask_path_samples_what_the_4d_path_does(model):
     finally:
         hook.remove()
     _same_samples(four, two)
+    _same_samples(four, HFEngine(model, 0, EOS).generate(PROMPTS, p, seeds))  # and the lean step
 
 
 def test_attention_other_than_sdpa_or_eager_gets_the_2d_mask(tiny_model_dir):

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from dapo.rollout.lean import RotaryTable, lean_decode_step, lean_unsupported
 from dapo.rollout.base import Completion, Fingerprints, SamplingParams, compare_fingerprints, derive_seed, weight_fingerprints
 
 
@@ -173,6 +174,9 @@ class HFEngine:
     prebuilt_mask: bool = True
     """Hand sdpa/eager attention its decode mask ready-made (4D); False = always the 2D padding mask,
     the path every other attention implementation (flash_attention_2) takes."""
+    lean: bool = True
+    """Decode steps of a supported model (``dapo.rollout.lean``) in a few large ops instead of transformers'
+    forward (the prefill always takes that forward); False = always transformers'."""
 
     def __init__(
         self,
@@ -210,6 +214,7 @@ class HFEngine:
         self.compute_dtype = compute_dtype
         self.kv_dtype = kv_dtype or (compute_dtype if compute_dtype != torch.float32 else None)  # None: as written
         self.weight_version = 0
+        self._lean_ok = lean_unsupported(model) is None
         from dapo.model import weights_to_sync
 
         floats = [t.dtype for t in weights_to_sync(model).values() if t.is_floating_point()]
@@ -299,11 +304,14 @@ class HFEngine:
         attn, next_pos = attn[row_prompt], pos[row_prompt, -1:] + 1  # (B, L + T), (B, 1)
         attn[:, L:] = 1  # columns of tokens not generated yet are never read: only [:, :L + t + 1] is passed
         impl = getattr(self.model.config, "_attn_implementation", None)
+        lean = None
         if (self.prebuilt_mask and impl in ("sdpa", "eager")
                 and all(isinstance(x, _BufferedLayer) for x in getattr(past, "layers", ()))):
             # every layer attends to every cached position: hand the model its (b, 1, 1, keys) mask ready-made
             # rather than have it rebuild a causal 4D mask from the 2D one at every token
             attn = attn.bool()[:, None, None, :]
+            if self.lean and self._lean_ok:
+                lean = RotaryTable.of(self.model, L + T, self.model.get_input_embeddings().weight.dtype)
 
         tok_bt = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
         lp_bt = torch.zeros((B, T), dtype=torch.float32, device=dev)
@@ -327,9 +335,12 @@ class HFEngine:
                 past.batch_select_indices(keep)
                 live, tok, attn, next_pos = live[keep], tok[keep], attn[keep], next_pos[keep]
                 done = done[keep]
-            out = self.model(input_ids=tok[:, None], attention_mask=attn[..., : L + t + 1], position_ids=next_pos,
-                             use_cache=True, **{cache_kw: past})
-            past, logits = returned_cache(out), out.logits[:, -1]
+            if lean is not None:
+                logits = lean_decode_step(self.model, tok, next_pos[:, 0], attn[..., : L + t + 1], past.layers, lean)
+            else:
+                out = self.model(input_ids=tok[:, None], attention_mask=attn[..., : L + t + 1], position_ids=next_pos,
+                                 use_cache=True, **{cache_kw: past})
+                past, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
         tok_bt, lp_bt = tok_bt[:, :n_steps].cpu(), lp_bt[:, :n_steps].cpu()
         is_end = torch.isin(tok_bt, ends.cpu())  # (B, n_steps)
