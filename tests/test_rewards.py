@@ -505,3 +505,22 @@ def test_decoding_in_workers_keeps_failures_timeouts_and_crashes_as_they_were(fn
     assert by_ids.scores == by_text.scores == [1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1.0, -1.0]
     assert by_ids.stats == by_text.stats == {ERRORS: 2.0, TIMEOUTS: 1.0, BAD_TYPE: 2.0}
     assert by_ids.errors == by_text.errors and any("died" in m for m in by_ids.messages)
+
+
+def test_training_problems_score_token_ids_in_the_reward_workers(bpe_tok, tmp_path):
+    import json
+
+    from dapo.config import load_config
+    from dapo.problems import load_problems
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {k} + 4?", "answer": str(k + 4)}) + "\n" for k in range(20)))
+    cfg = load_config(overrides=[f"data.path={data}", "reward.workers=1", "data.template=none"], notify=lambda s: None)
+    probs = load_problems(cfg, bpe_tok, log=lambda s: None)
+    try:
+        ex = probs.stream.take(1)[0].example
+        ids = [torch.tensor(bpe_tok(f"so Answer: {a}<|im_end|>", add_special_tokens=False)["input_ids"]) for a in (ex.answer, "0")]
+        assert probs.closers[0].__self__.decodes  # the runner's close: its workers take the ids
+        assert probs.score_ids(ids, [ex, ex]).scores == [1.0, -1.0]
+    finally:
+        probs.close()
