@@ -3,12 +3,14 @@
     python bench/sim_scale.py --quick           # 64 prompts x 16, lengths / 5: a minute
     python bench/sim_scale.py                   # 512 prompts x 16, median ~3k tokens, max 20,480: minutes
     python bench/sim_scale.py --quick --tracemalloc   # + Python-object peaks per phase (slow; quick shape only)
+    python bench/sim_scale.py --reward-workers 8  # decoding and scoring in 8 reward worker processes
     python bench/sim_scale.py --prompts 128 optim.micro_batch_tokens=32768   # any shape, any config key
 
 What runs is the real code of a step (``dapo.trainer.loop.train_step``, phase by phase):
 ``DynamicSampler.collect`` (dynamic sampling, refill rounds, carry-over, the overlong penalty, metrics),
-decoding with a real ``tokenizers`` tokenizer, scoring through a real ``RewardRunner`` (via
-``dapo.problems.runner_score_fn``), ``flatten_groups`` (advantages), ``Learner.old_logp``,
+decoding with a real ``tokenizers`` tokenizer and scoring through a real ``RewardRunner`` (via
+``dapo.problems.runner_score_ids``: with ``--reward-workers N`` the ids go to the workers, which decode them),
+``flatten_groups`` (advantages), ``Learner.old_logp``,
 ``rollout_correction``, ``Learner.update`` (mini-batch loop, denominators, micro-batch planning, the
 optimiser step) and the checkpoint's ``trainer_state`` with the carried groups, saved and loaded back
 with ``torch.load(weights_only=True)``. Three stand-ins:
@@ -26,6 +28,10 @@ with ``torch.load(weights_only=True)``. Three stand-ins:
   dynamic sampling would never fill a batch. The coin gives a recipe-like mixed fraction (``--p-mixed``
   of the prompts solvable sometimes; a quarter never, the rest always) and costs about a microsecond,
   so what is measured is the runner's plumbing, not a verifier (which runs in reward workers at scale).
+
+``decode`` is the driver's own decoding: the whole round in one batched call with no workers, or with
+workers only packing each response's ids into an int32 array for them; ``reward`` is the rest of scoring,
+which with workers includes waiting for them to decode and score (their cores, not the driver's).
 
 ``ray_ship`` is what the Ray path adds on the driver: the completions pickled by the rollout workers and
 unpickled here, the batch pickled for the ranks (``ray.put``) twice (old log-probs, update) and the old
@@ -217,7 +223,7 @@ def build(a: argparse.Namespace, shape: dict[str, Any], clock: Clock):
     from dapo.config import load_config
     from dapo.data.example import Example
     from dapo.model import make_optimizer
-    from dapo.problems import ListPromptStream, runner_score_fn
+    from dapo.problems import ListPromptStream, ResponseDecoder, runner_score_ids
     from dapo.rewards import RewardRunner
     from dapo.trainer.sampler import DynamicSampler, Rollouts
     from dapo.learner import LocalLearner
@@ -238,25 +244,29 @@ def build(a: argparse.Namespace, shape: dict[str, Any], clock: Clock):
         lo, hi = shape["prompt_len"]
         ids.append([rng.randrange(4, VOCAB) for _ in range(rng.randint(lo, hi))])
     stream = ListPromptStream(examples, ids, seed=0)
-    runner = RewardRunner(f"{Path(__file__).resolve()}:coin_reward", workers=a.reward_workers, timeout_s=5.0)
-    tok = make_tokenizer()
+    decoder = ResponseDecoder(make_tokenizer())
+    runner = RewardRunner(f"{Path(__file__).resolve()}:coin_reward", workers=a.reward_workers, timeout_s=5.0,
+                          decoder=decoder.json)
 
-    def decode(x):  # as dapo.trainer.build: the tokenizer's decode, skipping special tokens
+    def timed(fn):  # the driver's own decoding: in one batch here, or packing the ids for the workers
+        def run(ids):
+            t0 = time.perf_counter(), time.process_time()
+            out = fn(ids)
+            clock.add("decode", t0)
+            return out
+        return run
+
+    decoder.decode, decoder.pack = timed(decoder.decode), timed(decoder.pack)
+    score = runner_score_ids(runner, decoder)  # as dapo.problems builds it for a file's reward
+
+    def score_ids(ids, exs):
         t0 = time.perf_counter(), time.process_time()
-        s = tok.decode(x, skip_special_tokens=True)
-        clock.add("decode", t0)
-        return s
-
-    score = runner_score_fn(runner)
-
-    def score_fn(texts, exs):
-        t0 = time.perf_counter(), time.process_time()
-        out = score(texts, exs)
-        clock.add("reward", t0)
+        out = score(ids, exs)
+        clock.add("score", t0)
         return out
 
     engine = StandInEngine(shape["median"] * a.length_scale, a.sigma, clock)
-    sampler = DynamicSampler(cfg, engine, stream, score_fn, decode)
+    sampler = DynamicSampler(cfg, engine, stream, score_ids)
     import dapo.learner.learner as learner_mod
 
     model = torch.nn.Linear(1, 1, bias=False)
@@ -347,6 +357,7 @@ def main() -> None:
             prev, info = step(run, k, clock, meter)  # the loop holds the last step's groups meanwhile
             w, c = dict(clock.wall), dict(clock.cpu)
             for d in (w, c):  # collect's parts: what is left is the sampler's own work
+                d["reward"] = d.pop("score", 0.0) - d.get("decode", 0.0)  # with workers: waiting for them to decode and score
                 d["collect_rest"] = d.pop("collect") - sum(d.get(x, 0.0) for x in ("engine", "decode", "reward", "ship_in"))
                 d["ray_ship"] = d.get("ray_ship", 0.0) + d.pop("ship_in", 0.0)
             info.update({f"{ph}_s": w.get(ph, 0.0) for ph in PHASES})

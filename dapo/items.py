@@ -4,7 +4,9 @@ here, and this module imports nothing of theirs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
 
 from dapo.data.example import Example
 from dapo.rewards.runner import RewardBatch
@@ -39,6 +41,10 @@ class Group:
 
 ScoreFn = Callable[[list[str], list[Example]], RewardBatch]
 """(response texts, their examples) -> RewardBatch: one verifier call per response, failures scored -1."""
+
+ScoreIds = Callable[[Sequence[torch.Tensor], list[Example]], RewardBatch]
+"""(responses' token ids, 1-D integer tensors; their examples) -> RewardBatch: a ``ScoreFn`` that decodes the
+responses itself, where it is cheapest (``dapo.problems.ResponseDecoder``: in the reward workers, or in one batch)."""
 
 
 class PromptStream(Protocol):

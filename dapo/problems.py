@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from dapo.config import Config
 from dapo.data.example import Example
-from dapo.items import PromptItem, PromptStream, ScoreFn
+from dapo.items import PromptItem, PromptStream, ScoreFn, ScoreIds
 from dapo.rewards.runner import BAD_TYPE, ERRORS, TIMEOUTS, RewardBatch
 
 Encode = Callable[[Example], list[int]]
@@ -188,6 +190,69 @@ def runner_score_fn(runner: Any) -> ScoreFn:
     return score_fn
 
 
+class ResponseDecoder:
+    """Responses' token ids -> their text, exactly as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives it
+    (special tokens such as a chat template's markers dropped), for a whole batch at once.
+
+    ``tokenizer.decode`` per response costs a Python wrapper call and a list per response, and transformers'
+    ``batch_decode`` is the same loop. A stock fast tokenizer that does no clean-up of spaces decodes with its Rust
+    tokenizer directly: ``decode_batch``, one call for the batch, spread over the CPU's cores; ``json`` is then that
+    tokenizer's serialisation, which reward workers load to decode in their own processes (``RewardRunner``'s
+    ``decoder``). Any other tokenizer (a slow one, a subclass with its own decode, clean-up on) keeps its own
+    ``decode`` per response, and ``json`` is None: the driver decodes."""
+
+    def __init__(self, tokenizer: Any):
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+        self.tokenizer = tokenizer
+        self.backend = None
+        try:
+            from transformers import TokenizersBackend
+        except ImportError:  # transformers 4: the fast class
+            from transformers import PreTrainedTokenizerFast as TokenizersBackend
+        cls = type(tokenizer)
+        if (isinstance(tokenizer, TokenizersBackend) and cls.decode is PreTrainedTokenizerBase.decode
+                and cls._decode is TokenizersBackend._decode and not getattr(tokenizer, "clean_up_tokenization_spaces", True)):
+            self.backend = tokenizer.backend_tokenizer
+        self.json: str | None = self.backend.to_str() if self.backend is not None else None
+
+    def decode(self, ids: Sequence[Any]) -> list[str]:
+        """The texts of ``ids`` (1-D integer tensors or lists), (N,)."""
+        lists = [x.tolist() if hasattr(x, "tolist") else list(x) for x in ids]
+        if self.backend is not None:
+            return self.backend.decode_batch(lists, skip_special_tokens=True)
+        return [self.tokenizer.decode(x, skip_special_tokens=True) for x in lists]
+
+    @staticmethod
+    def pack(ids: Sequence[Any]) -> list[Any]:
+        """``ids`` (1-D integer tensors) as int32 numpy arrays, what a reward worker decodes: half the bytes of
+        int64 through the pipe, and one buffer each to pickle instead of a Python int per token."""
+        return [x.to(torch.int32).numpy() for x in ids]
+
+
+def runner_score_ids(runner: Any, decoder: ResponseDecoder) -> ScoreIds:
+    """A ``RewardRunner`` scoring token ids: decoded in its workers when it has them and ``decoder`` can go there
+    (``runner.decodes``), else decoded here in one batch; then as ``runner_score_fn``."""
+    by_text = runner_score_fn(runner)
+
+    def score_ids(ids: Sequence[Any], examples: list[Example]) -> RewardBatch:
+        if runner.decodes:
+            return runner.score_ids(decoder.pack(ids), [e.answer for e in examples],
+                                    [dict(e.fields, data_source=e.data_source) for e in examples])
+        return by_text(decoder.decode(ids), examples)
+
+    return score_ids
+
+
+def text_score_ids(score_fn: ScoreFn, decoder: ResponseDecoder) -> ScoreIds:
+    """A ``ScoreFn`` scoring token ids: decoded here in one batch."""
+
+    def score_ids(ids: Sequence[Any], examples: list[Example]) -> RewardBatch:
+        return score_fn(decoder.decode(ids), examples)
+
+    return score_ids
+
+
 # --------------------------------------------------------------------------------------------------
 # the whole set
 
@@ -204,6 +269,8 @@ class Problems:
     """A response's final answer, for majority votes and sample logs."""
     stream: PromptStream | None = None
     """The training prompts (None when loaded for evaluation only)."""
+    score_ids: ScoreIds | None = None
+    """``score_fn`` on token ids (what training's sampler calls): decoded in the reward workers or in one batch."""
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -237,7 +304,8 @@ def _task_problems(cfg: Config, tokenizer: Any, train: bool, limit: int) -> Prob
     held_out = eval_examples(task, cfg.eval_seed, limit or cfg.eval.size)
     items = [PromptItem(-1 - i, ex, encode(ex)) for i, ex in enumerate(held_out)]
     stream = TaskPromptStream(TrainStream(task, cfg.seed), encode) if train else None
-    return Problems(items, task_score_fn(task), "task", task.extract_answer, stream)
+    score_fn = task_score_fn(task)
+    return Problems(items, score_fn, "task", task.extract_answer, stream, text_score_ids(score_fn, ResponseDecoder(tokenizer)))
 
 
 def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], train: bool, limit: int,
@@ -281,7 +349,10 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
         if not train:
             ev, ev_ids, exs, ids = ev[: limit or None], ev_ids[: limit or None], [], []
     rw = cfg.reward
-    runner = RewardRunner(reward_spec(cfg), workers=rw.workers, timeout_s=rw.timeout_s, memory_mb=rw.memory_mb or None)
+    decoder = ResponseDecoder(tokenizer)
+    runner = RewardRunner(reward_spec(cfg), workers=rw.workers, timeout_s=rw.timeout_s, memory_mb=rw.memory_mb or None,
+                          decoder=decoder.json if train else None)
     items = [PromptItem(-1 - i, e, x) for i, (e, x) in enumerate(zip(ev, ev_ids))]
     stream = ListPromptStream(exs, ids, cfg.seed, d.shuffle) if train else None
-    return Problems(items, runner_score_fn(runner), template, vote_answer, stream, [runner.close])
+    return Problems(items, runner_score_fn(runner), template, vote_answer, stream, runner_score_ids(runner, decoder),
+                    [runner.close])

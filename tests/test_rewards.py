@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import doctest
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 import dapo.rewards.limits
 import dapo.rewards.math
 import dapo.rewards.runner
+from dapo.rewards.runner import BAD_TYPE, ERRORS, TIMEOUTS
 from dapo.rewards import (
     MathScore,
     RewardBatch,
@@ -423,3 +427,100 @@ def test_a_worker_ignores_sigint_from_its_first_instruction(capfd):
         assert all(w.proc.is_alive() for w in runner._pool)
     err = capfd.readouterr().err
     assert "KeyboardInterrupt" not in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding token ids for the reward: in one batch, or in the workers
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory):
+    """bench/realshape.py's byte-level BPE (Qwen's special tokens at Qwen's ids, ChatML), on a small corpus."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import realshape as rs
+
+    return rs.build_tokenizer(tmp_path_factory.mktemp("bpe"), vocab_size=600, n_docs=200)
+
+
+def _responses(tok, n_random: int = 6):
+    """Token ids (int64 tensors) of chat turns with markers inside and at the end, and random ids over the
+    whole vocabulary (special ids and lone bytes of multi-byte characters among them)."""
+    import torch
+
+    turns = ["<|im_start|>assistant\nx = 3 + 4 so Answer: 7<|im_end|>", "café 12 ÷ 4 = 3 ✓\n\n<|im_end|><|endoftext|>",
+             "<|im_start|><|im_end|>", ""]
+    ids = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in turns]
+    g = torch.Generator().manual_seed(0)
+    ids += [torch.randint(0, len(tok), (int(n),), generator=g) for n in torch.randint(1, 400, (n_random,), generator=g)]
+    return ids
+
+
+def test_response_decoder_gives_the_tokenizers_own_text(bpe_tok):
+    from dapo.data.charvocab import make_char_tokenizer
+    from dapo.problems import ResponseDecoder
+
+    char = make_char_tokenizer()
+    cleaning = make_char_tokenizer()
+    cleaning.clean_up_tokenization_spaces = True  # transformers then edits the text: the decoder must keep it
+    for tok, fast in ((bpe_tok, True), (char, True), (cleaning, False)):
+        dec = ResponseDecoder(tok)
+        assert (dec.json is not None) is fast and (dec.backend is not None) is fast
+        ids = _responses(tok)
+        want = [tok.decode(x, skip_special_tokens=True) for x in ids]
+        assert dec.decode(ids) == want
+        assert dec.decode([x.tolist() for x in ids]) == want
+    assert ResponseDecoder(bpe_tok).decode(_responses(bpe_tok)[:2]) == ["assistant\nx = 3 + 4 so Answer: 7",
+                                                                          "café 12 ÷ 4 = 3 ✓\n\n"]
+    dots = char("a . b", add_special_tokens=False)["input_ids"]
+    assert ResponseDecoder(cleaning).decode([dots]) == ["a. b"] and ResponseDecoder(char).decode([dots]) == ["a . b"]
+
+
+def test_workers_decode_token_ids_to_the_same_text_and_scores(bpe_tok, fns_file):
+    from dapo.problems import ResponseDecoder
+
+    dec = ResponseDecoder(bpe_tok)
+    ids = _responses(bpe_tok, n_random=40)
+    texts = [bpe_tok.decode(x, skip_special_tokens=True) for x in ids]
+    with RewardRunner(f"{fns_file}:misbehave", workers=2, decoder=dec.json) as runner:
+        assert runner.decodes
+        exact = runner.score_ids(dec.pack(ids), texts)  # correct iff the worker's text is exactly the driver's
+        wrong = runner.score_ids(dec.pack(ids[:1]), ["x = 3 + 4 so Answer: 7"])
+    assert exact.scores == [1.0] * len(ids) and exact.stats == {ERRORS: 0.0, TIMEOUTS: 0.0, BAD_TYPE: 0.0}
+    assert wrong.scores == [-1.0]  # the chat marker is dropped, the "assistant\n" role text is not
+    assert dec.pack(ids[:1])[0].dtype.name == "int32"
+    assert not RewardRunner(f"{fns_file}:misbehave", workers=0, decoder=dec.json).decodes  # no workers: here
+
+
+def test_decoding_in_workers_keeps_failures_timeouts_and_crashes_as_they_were(fns_file):
+    from dapo.data.charvocab import make_char_tokenizer
+    from dapo.problems import ResponseDecoder
+
+    tok = make_char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789-")
+    dec = ResponseDecoder(tok)
+    responses = ["7", "raise", "hang", "die", "nan", "abc", "7", "6"]
+    ids = [torch.tensor(tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for r in responses]
+    with RewardRunner(f"{fns_file}:misbehave", workers=2, timeout_s=0.5, decoder=dec.json) as runner:
+        by_ids = runner.score_ids(dec.pack(ids), ["7"] * len(ids))
+        by_text = runner.score(dec.decode(ids), ["7"] * len(ids))
+    assert by_ids.scores == by_text.scores == [1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1.0, -1.0]
+    assert by_ids.stats == by_text.stats == {ERRORS: 2.0, TIMEOUTS: 1.0, BAD_TYPE: 2.0}
+    assert by_ids.errors == by_text.errors and any("died" in m for m in by_ids.messages)
+
+
+def test_training_problems_score_token_ids_in_the_reward_workers(bpe_tok, tmp_path):
+    import json
+
+    from dapo.config import load_config
+    from dapo.problems import load_problems
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {k} + 4?", "answer": str(k + 4)}) + "\n" for k in range(20)))
+    cfg = load_config(overrides=[f"data.path={data}", "reward.workers=1", "data.template=none"], notify=lambda s: None)
+    probs = load_problems(cfg, bpe_tok, log=lambda s: None)
+    try:
+        ex = probs.stream.take(1)[0].example
+        ids = [torch.tensor(bpe_tok(f"so Answer: {a}<|im_end|>", add_special_tokens=False)["input_ids"]) for a in (ex.answer, "0")]
+        assert probs.closers[0].__self__.decodes  # the runner's close: its workers take the ids
+        assert probs.score_ids(ids, [ex, ex]).scores == [1.0, -1.0]
+    finally:
+        probs.close()

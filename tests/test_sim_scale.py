@@ -32,9 +32,12 @@ def test_sim_scale_runs_every_phase_of_the_real_driver_on_tensors():
     assert max(s["carried_groups"] for s in res["steps"]) > 0
 
 
-def test_sim_scale_is_deterministic_and_packs_when_asked():
+def test_sim_scale_is_deterministic_packs_when_asked_and_decodes_in_reward_workers():
     a = _run("--steps", "2")
     b = _run("--steps", "2", "optim.micro_batch_tokens=4096")
     keys = ("tokens_generated", "tokens_trained", "carried_groups", "gen_rounds")
     assert [[s[k] for k in keys] for s in a["steps"]] == [[s[k] for k in keys] for s in b["steps"]]
     assert b["overrides"] == ["optim.micro_batch_tokens=4096"]
+    # reward workers decode the ids themselves: the coin hashes the whole text, so the same steps mean the same texts
+    c = _run("--steps", "2", "--reward-workers", "1")
+    assert [[s[k] for k in keys] for s in a["steps"]] == [[s[k] for k in keys] for s in c["steps"]]

@@ -12,6 +12,7 @@ from dapo.config import load_config
 from dapo.data.example import Example
 from dapo.rollout import HFEngine, SamplingParams
 from dapo.items import PromptItem
+from dapo.problems import ResponseDecoder, text_score_ids
 from dapo.rewards import RewardBatch
 from dapo.trainer.loop import train
 from dapo.trainer.sampler import DynamicSampler, GenCapReached
@@ -61,7 +62,7 @@ def _sampler(tiny_model_dir, score=_parity_score, **kw):
     settings.update(kw)
     cfg = load_config(overrides=[f"{_SAMPLER_KEYS[k]}={v}" for k, v in settings.items()]
                       + ["rollout.max_new_tokens=3", "algo.soft_overlong=false", "optim.mini_batch_size=1"])
-    return DynamicSampler(cfg, eng, _Prompts(), score, lambda ids: tok.decode(ids, skip_special_tokens=True))
+    return DynamicSampler(cfg, eng, _Prompts(), text_score_ids(score, ResponseDecoder(tok)))
 
 
 def test_dynamic_sampling_keeps_only_mixed_groups(tiny_model_dir):

@@ -84,7 +84,9 @@ class RewardConfig:
     """Verifier: auto (the built-in task's own, or math for files), math (DAPO math scoring), module:function
     or path/to/file.py:function, called as fn(response, ground_truth, **row_fields)."""
     workers: int = 0
-    """Processes scoring rewards in parallel; 0 = in the trainer process."""
+    """Processes scoring rewards in parallel; 0 = in the trainer process. Training's responses reach them as
+    token ids, which they decode to text themselves (a fast tokenizer's; at the recipe's scale decoding is
+    tens of seconds of a step that then leave the trainer process)."""
     timeout_s: float = 5.0
     """Time limit per response; a timeout scores as wrong and is counted."""
     memory_mb: int = 0

@@ -12,6 +12,11 @@ not a clean score (an exception, a timeout, NaN, None, a string) into a wrong an
 With ``workers=0`` calls run in this process under a SIGALRM limit (main thread only: see
 ``dapo.rewards.limits``). With ``workers=N`` they run in N ``spawn``-ed processes, which share no
 threads or CUDA state with the trainer, and can be killed when the signal limit is not enough.
+
+Given a ``decoder`` (a ``tokenizers`` tokenizer's JSON), the workers also turn token ids into text
+(``score_ids``): at the recipe's scale decoding is tens of seconds of a step, which then run on the
+workers' cores instead of the trainer's. Each worker loads the tokenizer once, and decodes a response
+just before scoring it, outside the reward function's time limit (decoding is not the function's time).
 """
 from __future__ import annotations
 
@@ -206,9 +211,10 @@ def _score_one(caller: _Caller, response: str, answer: str, extra: dict, timeout
 # worker processes
 
 
-def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None) -> None:
-    """A worker: load the function, then score chunks of (index, response, answer, extra) forever,
-    sending one (index, score, correct, kind, message) per item as soon as it is done.
+def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None, decoder: str | None = None) -> None:
+    """A worker: load the function (and the tokenizer ``decoder``), then score chunks of (index, response,
+    answer, extra) forever, sending one (index, score, correct, kind, message) per item as soon as it is done.
+    A response that is not a string is token ids (an integer numpy array), decoded with special tokens skipped.
 
     Ctrl-C is the trainer's to handle (it stops us). The parent started this process with SIGINT blocked
     (``_Worker``), so a terminal's Ctrl-C to the process group that lands during interpreter start-up stays
@@ -223,6 +229,11 @@ def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None) 
 
             warm_up()
         caller = _Caller(fn)
+        tokenizer = None
+        if decoder is not None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(decoder)
         if memory_mb:
             import resource
 
@@ -240,13 +251,19 @@ def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None) 
         if chunk is None:
             return
         for i, response, answer, extra in chunk:
+            if not isinstance(response, str):
+                try:
+                    response = tokenizer.decode(response.tolist(), skip_special_tokens=True)
+                except Exception as e:  # noqa: BLE001  ids the tokenizer cannot take: this response's failure
+                    conn.send((i, -1.0, False, ERRORS, f"could not decode the response's token ids: {type(e).__name__}: {e}"))
+                    continue
             conn.send((i, *_score_one(caller, response, answer, extra, timeout_s)))
 
 
 class _Worker:
-    def __init__(self, ctx, fn_spec, timeout_s, memory_mb):
+    def __init__(self, ctx, fn_spec, timeout_s, memory_mb, decoder):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn_spec, timeout_s, memory_mb),
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn_spec, timeout_s, memory_mb, decoder),
                                 daemon=True, name="dapo-reward")
         # the child inherits the signal mask: with SIGINT blocked from its first instruction, a Ctrl-C to
         # the process group during its start-up (seconds of imports) cannot raise KeyboardInterrupt in it
@@ -282,7 +299,9 @@ class RewardRunner:
     fn: a callable, a built-in name (``"math"``), ``"module:function"`` or ``"path/to/file.py:function"``.
     With ``workers > 0`` a callable must be picklable (a module-level function). workers: 0 = in this
     process; N = a pool of N processes. timeout_s: per-response limit (None = none; not advised).
-    memory_mb: address-space limit of each worker (``workers > 0`` only).
+    memory_mb: address-space limit of each worker (``workers > 0`` only). decoder: a ``tokenizers``
+    tokenizer's JSON (``Tokenizer.to_str()``) the workers decode ``score_ids``' token ids with (``workers > 0``
+    only; ``decodes`` says whether this runner takes token ids).
 
     >>> with RewardRunner("math") as runner:
     ...     runner.score(["Answer: 4", "Answer: 5", "no answer"], ["4", "4", "4"]).scores
@@ -290,9 +309,12 @@ class RewardRunner:
     """
 
     def __init__(self, fn: str | Callable[..., Any] = "math", workers: int = 0, timeout_s: float | None = 5.0,
-                 memory_mb: int | None = None, start_timeout_s: float = 120.0):
+                 memory_mb: int | None = None, start_timeout_s: float = 120.0, decoder: str | None = None):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
+        self.decoder = decoder if workers else None
+        self.decodes = self.decoder is not None
+        """Whether ``score_ids`` can be called: workers that decode token ids themselves."""
         if memory_mb is not None and workers == 0:
             raise ValueError("memory_mb limits worker processes: it needs workers > 0")
         self.fn_spec = _absolute_spec(fn)  # workers started later must find a file even after a chdir
@@ -323,9 +345,22 @@ class RewardRunner:
             raise ValueError(f"responses, answers, extras must have one entry each: got "
                              f"{len(responses)}, {len(answers)}, {len(extras)}")
         items = list(zip(range(len(responses)), responses, answers, extras))
+        if self.workers and self._send_chars:
+            items = [(i, r[-self._send_chars :], a, e) for i, r, a, e in items]
+        return self._run(items)
+
+    def score_ids(self, ids: list[Any], answers: list[str], extras: list[dict] | None = None) -> RewardBatch:
+        """``score`` of the responses whose token ids are ``ids[i]`` (1-D integer numpy arrays; int32 ships half
+        the bytes of int64), decoded in the workers with special tokens skipped. Needs ``decodes``."""
+        if not self.decodes:
+            raise RuntimeError("score_ids needs reward workers with a decoder (workers > 0 and decoder=...)")
+        extras = [{} for _ in ids] if extras is None else extras
+        if not len(ids) == len(answers) == len(extras):
+            raise ValueError(f"ids, answers, extras must have one entry each: got {len(ids)}, {len(answers)}, {len(extras)}")
+        return self._run(list(zip(range(len(ids)), ids, answers, extras)))
+
+    def _run(self, items: list[tuple]) -> RewardBatch:
         if self.workers:
-            if self._send_chars:
-                items = [(i, r[-self._send_chars :], a, e) for i, r, a, e in items]
             try:
                 results = self._score_pool(items)
             except BaseException:  # Ctrl-C or a failed start: workers may hold items of this batch
@@ -373,7 +408,7 @@ class RewardRunner:
     # -- the pool ---------------------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.fn_spec, self.timeout_s, self.memory_mb)
+        return _Worker(self._ctx, self.fn_spec, self.timeout_s, self.memory_mb, self.decoder)
 
     def _hard_limit(self) -> float:
         # the worker's own SIGALRM limit fires at timeout_s; this is for a worker stuck where signals

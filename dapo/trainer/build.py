@@ -97,8 +97,7 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
         if isinstance(e, ImportError):
             raise SetupError(str(e)) from None
         raise
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    sampler = DynamicSampler(cfg, engine, problems.stream, problems.score_fn, decode)
+    sampler = DynamicSampler(cfg, engine, problems.stream, problems.score_ids)
     return Run(cfg, run_dir, resume_from, tokenizer, problems, learner, engine, sampler, device, closers)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from dapo.algo import keep_groups, overlong_penalty
 from dapo.config import Config
-from dapo.items import Group, PromptItem, PromptStream, ScoreFn
+from dapo.items import Group, PromptItem, PromptStream, ScoreIds
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams, derive_seed
 
 
@@ -39,10 +39,11 @@ class DynamicSampler:
     cfg: Config
     engine: RolloutEngine
     stream: PromptStream
-    score_fn: ScoreFn
-    decode: Callable[[torch.Tensor], str]
-    """A response's token ids (1-D int64 tensor) -> text. A Hugging Face tokenizer's ``decode`` takes the tensor
-    as it is, and faster than a list (one ``tolist`` in C where a list gets a Python type check per token)."""
+    score_ids: ScoreIds
+    """Responses' token ids (1-D int64 tensors) and their examples -> RewardBatch. It decodes them itself, once
+    each and where it is cheapest (``dapo.problems.ResponseDecoder``): the reward workers when there are, else
+    one batched call for the round; every response is decoded, as every one needs a score. The few texts the
+    watch writes to samples.jsonl are decoded again there (8 of a step's thousands)."""
     carried: list[Group] = field(default_factory=list)
     """Surplus mixed groups kept for the next step (``algo.carry_over``)."""
     samples_total: int = 0
@@ -116,8 +117,7 @@ class DynamicSampler:
 
     def _score(self, items: Sequence[PromptItem], comps: list[Completion], step: int) -> tuple[list[Group], dict]:
         a, G = self.cfg.algo, self.cfg.rollout.group_size
-        texts = [self.decode(c.token_ids) for c in comps]
-        scored = self.score_fn(texts, [items[c.prompt_index].example for c in comps])
+        scored = self.score_ids([c.token_ids for c in comps], [items[c.prompt_index].example for c in comps])
         rewards = list(scored.scores)
         if a.soft_overlong:
             lens = torch.tensor([len(c.token_ids) for c in comps])
