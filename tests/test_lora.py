@@ -324,5 +324,5 @@ def test_a_bf16_base_merges_in_float32_and_rounds_once(tiny_model_dir):
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     exact = layer.base_layer.weight.float() + 2.0 * b @ a
     assert w.dtype == torch.bfloat16 and not torch.equal(w, layer.base_layer.weight)
-    # one rounding of the float32 sum: within half a bf16 step (2^-9 relative) of it, plus float32 noise
-    assert ((w.float() - exact).abs() <= exact.abs() * 2**-9 + 1e-6).all()
+    # one rounding of the float32 sum: within half a bf16 step of it (2^-8 of the value), plus float32 noise
+    assert ((w.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
