@@ -28,9 +28,11 @@ Wiring (``dapo.model``): ``load_policy`` applies ``model.lora_*`` or continues a
 Why a merged copy of the adapted layers, and not the alternatives:
 
 * merging in place before each generate and unmerging after (peft's ``merge_adapter`` / ``unmerge_adapter``)
-  costs no memory, but W + d - d is not W in floating point: each cycle moves the frozen base by up to half
-  an ulp per weight, a random walk over the run (in bf16 an ulp is 2^-8 of the weight), so the base drifts
-  from the one a resume loads from disk and resume is no longer exact; exact restore would need the copy anyway;
+  costs no memory, but W + d - d is not W in floating point: measured on the tests' tiny Qwen2 (rank 16, new
+  random adapters per cycle), one cycle leaves 15% of the adapted weights not bit-identical, in float32 and in
+  bf16 alike; after 100 cycles 74%, a median relative drift of 1e-7 (float32) and 0.7% (bf16) in the worst
+  layer. The frozen base would random-walk away from the one a resume loads from disk (resume no longer exact),
+  and in bf16 away from the model itself; an exact restore would need the copy anyway;
 * a second copy of the whole model also duplicates the embeddings and LM head (most of a small model), which
   the merged layers' model shares by reference instead.
 
