@@ -11,8 +11,12 @@ used: on it ``.base_model`` is peft's ``LoraModel``, not the decoder stack.
   (bf16 weights with bf16 AdamW lose updates smaller than half a bf16 step).
 * The KL reference is the same model with its adapters switched off (``adapters_disabled``): no second
   copy of the base.
-* Weight sync sends only adapter tensors (``adapter_state_dict`` / ``load_adapter_state``); nothing is
-  merged per step.
+* Weight sync sends only adapter tensors (``adapter_state_dict`` / ``load_adapter_state``); the trained
+  model is never merged.
+* Sampling decodes with merged weights (``MergedSampler``): a plain copy of the model for the HF engine
+  that shares every tensor with it except the adapted layers' weights, its own W + (alpha/r) B A in the
+  base's dtype, recomputed from the adapters at each weight push. Unmerged, each adapted layer runs two
+  more (thin) matmuls per decoded token and generation took ~2.5x the full model's at the 1M/25M shapes.
 * A checkpoint holds peft's layout, ``adapter_model.safetensors`` + ``adapter_config.json`` (with the
   base model's path in ``base_model_name_or_path``), so ``peft.PeftModel.from_pretrained`` loads it too;
   ``merge_to_hf`` writes a plain model that needs no peft (``merge_adapter`` merges in memory);
@@ -20,6 +24,21 @@ used: on it ``.base_model`` is peft's ``LoraModel``, not the decoder stack.
 
 Wiring (``dapo.model``): ``load_policy`` applies ``model.lora_*`` or continues a checkpoint's adapter,
 ``save_model`` / ``weights_to_sync`` pick the adapter under LoRA, ``reference_policy`` is ``adapters_disabled``.
+
+Why a merged copy of the adapted layers, and not the alternatives:
+
+* merging in place before each generate and unmerging after (peft's ``merge_adapter`` / ``unmerge_adapter``)
+  costs no memory, but W + d - d is not W in floating point: measured on the tests' tiny Qwen2 (rank 16, new
+  random adapters per cycle), one cycle leaves 15% of the adapted weights not bit-identical, in float32 and in
+  bf16 alike; after 100 cycles 74%, a median relative drift of 1e-7 (float32) and 0.7% (bf16) in the worst
+  layer. The frozen base would random-walk away from the one a resume loads from disk (resume no longer exact),
+  and in bf16 away from the model itself; an exact restore would need the copy anyway;
+* a second copy of the whole model also duplicates the embeddings and LM head (most of a small model), which
+  the merged layers' model shares by reference instead.
+
+The cost is one copy of the adapted ``Linear`` weights in the base's dtype (bf16 on GPU: 2 bytes a weight;
+~13 of 15 GB for Qwen2.5-7B with every projection adapted). ``rollout.lora_merge=false`` samples through the
+adapters instead, for a run that has no room for it.
 
 Sizes: an adapted ``Linear(d_in, d_out)`` adds ``rank * (d_in + d_out)`` parameters, kept in float32
 (4 bytes each). On every attention and MLP projection at rank 16, Qwen2.5-1.5B (28 layers, hidden 1536,
@@ -247,6 +266,48 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             layer.enable_adapters(True)
         for (_, _, p), flag in zip(entries, flags):
             p.requires_grad_(flag)
+
+
+class MergedSampler:
+    """A plain model (no peft layers) for sampling that computes what ``source`` (a LoRA model) computes in
+    eval mode, without the adapters' extra matmuls: every adapted ``Linear`` is replaced by one whose weight
+    is W + (alpha/r) B A, held in W's dtype (computed in float32, rounded once); every other tensor
+    (embeddings, norms, LM head, biases) is ``source``'s own, shared, never written. ``refresh`` recomputes
+    the merged weights from ``source``'s current adapters (after a weight push); adapters switched off in
+    ``source`` (``adapters_disabled``) merge as zero. ``source``'s parameters are only read."""
+
+    def __init__(self, source: torch.nn.Module):
+        _require_lora(source, "MergedSampler")
+        shared = {id(t): t for t in (*source.parameters(), *source.buffers())}
+        net = copy.deepcopy(source, memo=shared)  # new modules, the same tensors
+        self.pairs: list[tuple[torch.nn.Module, torch.nn.Linear]] = []
+        """(adapted layer of ``source``, its merged ``Linear`` in ``model``)."""
+        own = dict(source.named_modules())
+        for name, layer in _tuner_layers(net):
+            if layer.merged or not isinstance(layer.get_base_layer(), torch.nn.Linear):
+                raise ValueError(f"MergedSampler: {name} is already merged or does not adapt an nn.Linear")
+            linear = layer.get_base_layer()
+            linear.weight = torch.nn.Parameter(torch.empty_like(linear.weight), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, linear)
+            self.pairs.append((own[name], linear))
+        if hasattr(net, "peft_config"):
+            del net.peft_config
+        self.model = net.eval()
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Merged weights of ``source``'s adapters as they are now, one layer at a time (one layer of float32 scratch)."""
+        for layer, linear in self.pairs:
+            w = layer.get_base_layer().weight
+            if layer.disable_adapters or ADAPTER not in layer.active_adapters:
+                linear.weight.copy_(w)
+                continue
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # (r, in), (out, r)
+            merged = torch.addmm(w.to(torch.float32), b.to(torch.float32), a.to(torch.float32),
+                                 alpha=float(layer.scaling[ADAPTER]))  # (out, in)
+            linear.weight.copy_(merged)
 
 
 def lora_config(model: torch.nn.Module):

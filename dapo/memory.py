@@ -9,7 +9,8 @@ keys that lower them. What it counts, per device:
   all four in float32); under LoRA the frozen base costs its compute-dtype weights only, and the adapters
   (r x (in + out) per adapted ``nn.Linear``) the 16 bytes; under FSDP all of it is divided by the ranks;
 * a KL reference (``algo.kl_coef`` > 0, full fine-tuning): a float32 copy; an in-process HF sampler with
-  weights of its own (``rollout.dtype`` not auto): a copy in its dtype;
+  weights of its own (``rollout.dtype`` not auto): a copy in its dtype; under LoRA the in-process HF sampler's
+  merged copy of the adapted layers (``rollout.lora_merge``), in the base's dtype;
 * a colocated vLLM: ``rollout.gpu_memory_utilization`` of the device (its weights and KV cache);
 * activations of one micro-batch: tokens x hidden x layers x ``ACT_BYTES`` (``ACT_BYTES_CHECKPOINTED`` with
   ``model.gradient_checkpointing``), plus the float32 LM head's logits, log-softmax and their gradient for the
@@ -50,6 +51,8 @@ class ModelShape:
     vocab: int
     lora_params: int = 0
     """Adapter parameters at the run's ``model.lora_rank`` and targets (0 = full fine-tuning)."""
+    adapted_params: int = 0
+    """Weights of the adapted ``Linear`` layers (what a merged LoRA sampler holds a copy of)."""
 
 
 def model_shape(config: Any, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> ModelShape:
@@ -61,11 +64,13 @@ def model_shape(config: Any, lora_rank: int = 0, lora_targets: tuple[str, ...] =
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-    lora = 0
+    lora = adapted = 0
     if lora_rank:
-        lora = sum(lora_rank * (m.in_features + m.out_features) for m in adapted_linears(model, lora_targets or None))
+        linears = adapted_linears(model, lora_targets or None)
+        lora = sum(lora_rank * (m.in_features + m.out_features) for m in linears)
+        adapted = sum(m.weight.numel() for m in linears)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelShape(params, text.hidden_size, text.num_hidden_layers, text.vocab_size, lora)
+    return ModelShape(params, text.hidden_size, text.num_hidden_layers, text.vocab_size, lora, adapted)
 
 
 def memory_budget(cfg: Config, shape: ModelShape, device_bytes: float, ranks: int = 1) -> dict[str, float]:
@@ -89,6 +94,9 @@ def memory_budget(cfg: Config, shape: ModelShape, device_bytes: float, ranks: in
         out["vLLM"] = gpu_memory_fraction(cfg, shares_gpu=True) * device_bytes
     elif local_rollout and r.dtype != "auto":
         out["sampler copy"] = shape.params * (4 if r.dtype == "float32" else 2)
+    if m.lora_rank and r.lora_merge and r.engine == "hf" and local_rollout:
+        own = {"auto": low, "float32": 4, "bfloat16": 2}[r.dtype]
+        out["merged LoRA layers"] = shape.adapted_params * own
     seq = cfg.data.max_prompt_len + r.max_new_tokens
     tokens = o.micro_batch_tokens or o.micro_batch_size * seq
     resp = o.micro_batch_tokens * r.max_new_tokens / seq if o.micro_batch_tokens else o.micro_batch_size * r.max_new_tokens

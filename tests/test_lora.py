@@ -286,3 +286,43 @@ def test_a_model_with_adapters_is_not_adapted_twice(tiny_model_dir):
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         apply_lora(wrapped, 4, 8)
     assert lora_param_count(model) == n
+
+
+def test_the_engine_samples_from_merged_weights_what_the_unmerged_adapters_sample(tiny_model_dir, tok):
+    """Merged (W + alpha/r B A, alpha/r = 2 here) and unmerged sampling: the same tokens for the same seeds in
+    float32, log-probs within rounding; the trained model is only read."""
+    model = apply_lora(_base(tiny_model_dir), rank=4, alpha=8)
+    _randomise(model, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = HFEngine(model, tok.pad_token_id, [tok.eos_token_id])
+    net, mods = merged.merged.model, dict(model.named_modules())
+    assert not has_lora(net) and net.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, not copied
+    for name in _adapted_modules(model):
+        w, layer = net.get_submodule(name).weight, mods[name]
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert w.data_ptr() != layer.base_layer.weight.data_ptr()
+        torch.testing.assert_close(w, layer.base_layer.weight + 2.0 * b @ a, atol=1e-6, rtol=0)
+    prompts = [tok.encode(p) for p in ["12+34=", "7+5=", "99+1="]]
+    params, seeds = SamplingParams(n=4, max_new_tokens=12), [5, 6, 7]
+    got = merged.generate(prompts, params, seeds)
+    want = HFEngine(model, tok.pad_token_id, [tok.eos_token_id], merge_lora=False).generate(prompts, params, seeds)
+    assert [c.token_ids.tolist() for c in got] == [c.token_ids.tolist() for c in want]
+    diff = max((x.logprobs - y.logprobs).abs().max().item() for x, y in zip(got, want))
+    assert diff < 1e-5
+    with adapters_disabled(model):
+        base = HFEngine(model, tok.pad_token_id, [tok.eos_token_id]).generate(prompts, params, seeds)
+    assert max((x.logprobs[:2] - y.logprobs[:2]).abs().max().item() for x, y in zip(base, want)) > 1e-3
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_bf16_base_merges_in_float32_and_rounds_once(tiny_model_dir):
+    model = apply_lora(_base(tiny_model_dir, torch.bfloat16), rank=4, alpha=8)
+    _randomise(model, seed=2)
+    engine = HFEngine(model, 0, [1], compute_dtype=torch.bfloat16)
+    layer = model.model.layers[1].mlp.down_proj
+    w = engine.merged.model.model.layers[1].mlp.down_proj.weight
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    exact = layer.base_layer.weight.float() + 2.0 * b @ a
+    assert w.dtype == torch.bfloat16 and not torch.equal(w, layer.base_layer.weight)
+    # one rounding of the float32 sum: within half a bf16 step of it (2^-8 of the value), plus float32 noise
+    assert ((w.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()

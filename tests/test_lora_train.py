@@ -140,6 +140,44 @@ def test_a_sampler_with_its_own_copy_receives_only_adapter_tensors(tiny_model_di
         run.close()
 
 
+def test_after_each_step_the_merged_sampler_holds_the_new_adapters_and_matches_the_trainer(tiny_model_dir, tmp_path):
+    """Two steps in one process: after each push the sampler's merged weights are W + (alpha/r) B A of the adapters
+    just trained (alpha/r = 2); with the recompute forced, the trainer's log-probs of what it sampled match the
+    sampler's (``mismatch/*`` ~0 in float32); the trained base and optimiser see adapters only."""
+    from dapo.trainer.loop import train
+    from dapo.trainer.run import resolve_run_dir
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "optim.steps=2", "log.report=false")
+    run = build_run(cfg, *resolve_run_dir(cfg), log=lambda s: None)
+    try:
+        engine, model = run.engine, run.learner.model
+        assert engine.model is model and engine.merged is not None and not has_lora(engine.merged.model)
+        run.learner.samples_the_policy = False  # recompute the old log-probs, so mismatch/* measures the sampler
+        seen = []
+
+        def check(step, m):
+            mods = dict(model.named_modules())
+            merged = {n: lin.weight.clone() for n, lin in engine.merged.model.named_modules()
+                      if isinstance(lin, torch.nn.Linear) and hasattr(mods.get(n), "lora_A")}
+            assert len(merged) == 14
+            for n, w in merged.items():
+                layer = mods[n]
+                want = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+                torch.testing.assert_close(w, want, atol=1e-6, rtol=0)
+            assert m["actor/updates"] > 0 and m["mismatch/logp_abs_diff"] < 1e-5 and m["mismatch/kl"] < 1e-6
+            seen.append(merged)
+
+        train(cfg, on_step=check, run=run)
+        assert len(seen) == 2 and any(not torch.equal(seen[0][n], seen[1][n]) for n in seen[0])  # step 2 moved them
+        base = load_model(cfg.model, str(tiny_model_dir), CPU).state_dict()
+        own = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+        assert own.keys() == base.keys() and all(torch.equal(own[k], base[k]) for k in base)  # the base never moved
+        opt = {id(p) for g in run.learner.optimizer.param_groups for p in g["params"]}
+        assert opt == {id(p) for p in model.parameters() if p.requires_grad} and len(opt) == 28
+    finally:
+        run.close()
+
+
 def test_export_merges_into_a_model_that_transformers_and_dapo_eval_load(lora_run, tmp_path, capsys):
     ckpt, out = lora_run / "step_3", tmp_path / "merged"
     assert cli_main(["export", str(ckpt), "--merge", str(out)]) == 0

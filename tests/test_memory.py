@@ -28,6 +28,7 @@ def test_model_shape_counts_qwen2_7b_on_the_meta_device():
     assert (shape.hidden, shape.layers, shape.vocab, shape.lora_params) == (3584, 28, 152064, 0)
     lora = model_shape(Qwen2Config(**QWEN_7B), lora_rank=16, lora_targets=("q_proj", "v_proj"))
     assert lora.lora_params == 28 * 16 * ((3584 + 3584) + (3584 + 512))
+    assert lora.adapted_params == 28 * (3584 * 3584 + 3584 * 512)  # q_proj and v_proj weights
 
 
 def test_budget_parts_by_hand():
@@ -43,6 +44,11 @@ def test_budget_parts_by_hand():
     assert ckpt["activations"] == 20 * 10 * (2 * 2 + ACT_BYTES) + 8 * 50 * HEAD_BYTES
     own = memory_budget(load_config(overrides=base[:4] + ["rollout.dtype=bfloat16", "algo.kl_coef=0.1"]), shape, 1e6)
     assert own["sampler copy"] == 2000 and own["KL reference"] == 4000 and "vLLM" not in own
+    merged = memory_budget(load_config(overrides=base[:4] + ["model.lora_rank=4", "model.dtype=bfloat16"]),
+                           ModelShape(1000, 10, 2, 50, lora_params=30, adapted_params=600), 1e6)
+    assert merged["merged LoRA layers"] == 600 * 2 and merged["frozen base"] == 1000 * 2
+    unmerged = load_config(overrides=base[:4] + ["model.lora_rank=4", "rollout.lora_merge=false"])
+    assert "merged LoRA layers" not in memory_budget(unmerged, ModelShape(1000, 10, 2, 50, 30, 600), 1e6)
 
 
 def test_7b_full_training_beside_vllm_on_one_141gb_gpu_is_refused_with_the_numbers_and_keys():

@@ -134,6 +134,12 @@ class RolloutConfig:
     ``model.dtype`` autocast; Ray workers hold a copy in ``model.dtype``), float32 or bfloat16 (the engine holds
     its own copy in that dtype, and each weight push converts: a GPU-like sampler/trainer mismatch on a CPU;
     see the ``mismatch/*`` metrics and ``algo.rollout_is``)."""
+    lora_merge: bool = True
+    """Under ``model.lora_rank`` > 0, the HF engine samples from merged weights: its own copy of each adapted
+    Linear, W + (alpha/r) B A in the base's dtype, recomputed at each weight push (``dapo.lora.MergedSampler``),
+    so decoding costs what the full model's does, for that copy's memory (2 bytes a weight in bfloat16).
+    false: it samples through the unmerged adapters, no copy, two more matmuls per adapted Linear and token
+    (generation ~2.5x the full model's on the small shapes). vLLM serves adapters with its own kernels either way."""
     use_engine_logprobs: bool = False
     """Take old log-probs from the rollout engine instead of recomputing them with the training model."""
     batch_size: int = 256

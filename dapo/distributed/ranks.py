@@ -121,7 +121,8 @@ class TrainerRank:
 
             if not self.eos:
                 raise ValueError("dist.rollout_on_ranks: the ranks need the stop token ids (RankGroup(eos=...))")
-            self.engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)
+            self.engine = HFEngine(model, self.pad_id, self.eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype,
+                                   merge_lora=cfg.rollout.lora_merge)  # under LoRA: re-merged when the version moves
         self.learner = LocalLearner(cfg, model, optimizer, scheduler, self.pad_id, device, dtype, ref,
                                     DataParallel(self.rank, self.world, cfg.dist.fsdp, device), policy,
                                     sampler_shares_model=self.engine is not None)

@@ -103,7 +103,7 @@ class RolloutWorker:
             # a sampler only: its copy of the weights in rollout.dtype / the compute dtype (the trainer keeps
             # float32); under LoRA the base in that dtype with its own float32 adapters, which the pushes fill
             model = load_policy(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
-            self.engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
+            self.engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, merge_lora=cfg.rollout.lora_merge)
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.engine.weight_version,

@@ -57,8 +57,8 @@ class LocalLearner:
         """Every training forward goes through it (FSDP2-wrapped on a sharded rank)."""
         self.cfg = cfg
         self.samples_the_policy = sampler_shares_model and compute_dtype == torch.float32
-        """The engine samples with this model in float32: its log-probs are the old policy's to float rounding,
-        so nothing needs recomputing. (Under bfloat16 compute the decode kernels and shapes round differently
+        """The engine samples with this model in float32 (under LoRA with its weights merged, W + alpha/r B A: the
+        same function): its log-probs are the old policy's to float rounding, so nothing needs recomputing. (Under bfloat16 compute the decode kernels and shapes round differently
         from the training forward: the trainer recomputes.)"""
         self.bad_streak = 0
         """Non-finite updates in a row (each skipped); reset by a good one."""

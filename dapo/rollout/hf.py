@@ -167,6 +167,11 @@ class HFEngine:
 
     In a single process the engine shares the trainer's model object, so ``load_weights`` with the
     trainer's own tensors only records the version; a separate engine (a Ray worker) copies them in.
+
+    A LoRA model (``dapo.lora``) is sampled from merged weights (``dapo.lora.MergedSampler``, its own copy of
+    the adapted layers, W + (alpha/r) B A) unless ``merge_lora`` is False: the merge is recomputed at each
+    ``load_weights`` and when ``weight_version`` was changed from outside (ranks that sample what they train).
+    ``model`` stays the LoRA model: it is what pushes fill and what ``check_weights`` reads.
     """
 
     compact_frac: float = 0.125
@@ -187,6 +192,7 @@ class HFEngine:
         kv_headroom: int | None = 256,
         compute_dtype: torch.dtype = torch.float32,
         kv_dtype: torch.dtype | None = None,
+        merge_lora: bool = True,
     ):
         """``kv_headroom``: decode positions the KV storage holds beyond the prompt before its first
         doubling; None reserves all ``max_new_tokens`` up front (the memory a batch can need at worst).
@@ -197,7 +203,7 @@ class HFEngine:
         float32 model writes its keys in float32 (RoPE's float32 cos/sin promote the bf16 projection) and its
         values in bf16; attention casts both to bf16 before it reads them, so storing them in bf16 gives the
         same tokens for 2/3 of the memory, and spares attention re-casting the whole key cache at every layer
-        of every step."""
+        of every step. ``merge_lora``: a LoRA model samples from merged weights (see the class docstring)."""
         if kv_headroom is not None and kv_headroom < 1:
             raise ValueError(f"HFEngine(kv_headroom=...) must be >= 1 or None, got {kv_headroom}")
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -214,8 +220,12 @@ class HFEngine:
         self.compute_dtype = compute_dtype
         self.kv_dtype = kv_dtype or (compute_dtype if compute_dtype != torch.float32 else None)  # None: as written
         self.weight_version = 0
-        self._lean_ok = lean_unsupported(model) is None
+        from dapo.lora import MergedSampler, has_lora
         from dapo.model import weights_to_sync
+
+        self.merged = MergedSampler(model) if merge_lora and has_lora(model) else None
+        """The merged LoRA model decoding runs on (None: ``model`` itself)."""
+        self._merged_at = self.weight_version  # the version whose adapters ``merged`` holds
 
         floats = [t.dtype for t in weights_to_sync(model).values() if t.is_floating_point()]
         self.weight_dtype: torch.dtype | None = floats[0] if floats else None
@@ -234,6 +244,18 @@ class HFEngine:
         if not shared:
             self.model.load_state_dict(state_dict, strict=False)
         self.weight_version = int(version)
+        if self.merged is not None:
+            self.merged.refresh()
+            self._merged_at = self.weight_version
+
+    def _net(self) -> torch.nn.Module:
+        """The module to decode with: the merged LoRA model (refreshed if the version moved without a push), or ``model``."""
+        if self.merged is None:
+            return self.model
+        if self._merged_at != self.weight_version:
+            self.merged.refresh()
+            self._merged_at = self.weight_version
+        return self.merged.model
 
     @torch.no_grad()
     def check_weights(self, expected: Fingerprints) -> None:
@@ -254,15 +276,16 @@ class HFEngine:
         # stable); results are put back in order below
         order = sorted(range(len(rows)), key=lambda r: len(prompts[rows[r][0]]))
         out: list[Completion | None] = [None] * len(rows)
-        was_training = self.model.training
-        self.model.eval()
+        net = self._net()
+        was_training = net.training
+        net.eval()
         dtype = self.compute_dtype
         try:
             with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 for start in range(0, len(order), self.max_batch):
                     batch = [order[k] for k in range(start, min(start + self.max_batch, len(order)))]
                     comps = self._generate_batch(
-                        [prompts[rows[r][0]] for r in batch],
+                        net, [prompts[rows[r][0]] for r in batch],
                         [derive_seed(seeds[rows[r][0]], rows[r][1]) for r in batch],
                         params,
                     )
@@ -270,11 +293,11 @@ class HFEngine:
                         c.prompt_index = rows[r][0]
                         out[r] = c
         finally:
-            self.model.train(was_training)
+            net.train(was_training)
         return out  # type: ignore[return-value]
 
     def _generate_batch(
-        self, prompts: list[Sequence[int]], row_seeds: list[int], params: SamplingParams
+        self, net: torch.nn.Module, prompts: list[Sequence[int]], row_seeds: list[int], params: SamplingParams
     ) -> list[Completion]:
         dev = self.device
         B, L, T = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
@@ -295,23 +318,23 @@ class HFEngine:
         ).to(dev)  # (B, T)
         ends = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)) or [-1], device=dev)
 
-        cache_kw = cache_kwarg(self.model)
-        out = self.model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=pos, use_cache=True,
-                         logits_to_keep=1)
+        cache_kw = cache_kwarg(net)
+        out = net(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=pos, use_cache=True,
+                  logits_to_keep=1)
         start = L + T if self.kv_headroom is None else L + min(T, self.kv_headroom)
         past = _expand_cache(returned_cache(out), row_prompt, start, max_capacity=L + T, dtype=self.kv_dtype)
         logits = out.logits[:, -1][row_prompt]  # (B, V)
         attn, next_pos = attn[row_prompt], pos[row_prompt, -1:] + 1  # (B, L + T), (B, 1)
         attn[:, L:] = 1  # columns of tokens not generated yet are never read: only [:, :L + t + 1] is passed
-        impl = getattr(self.model.config, "_attn_implementation", None)
+        impl = getattr(net.config, "_attn_implementation", None)
         lean = None
         if (self.prebuilt_mask and impl in ("sdpa", "eager")
                 and all(isinstance(x, _BufferedLayer) for x in getattr(past, "layers", ()))):
             # every layer attends to every cached position: hand the model its (b, 1, 1, keys) mask ready-made
             # rather than have it rebuild a causal 4D mask from the 2D one at every token
             attn = attn.bool()[:, None, None, :]
-            if self.lean and self._lean_ok:
-                lean = RotaryTable.of(self.model, L + T, self.model.get_input_embeddings().weight.dtype)
+            if self.lean and lean_unsupported(net) is None:
+                lean = RotaryTable.of(net, L + T, net.get_input_embeddings().weight.dtype)
 
         tok_bt = torch.full((B, T), self.pad_token_id, dtype=torch.long, device=dev)
         lp_bt = torch.zeros((B, T), dtype=torch.float32, device=dev)
@@ -336,10 +359,10 @@ class HFEngine:
                 live, tok, attn, next_pos = live[keep], tok[keep], attn[keep], next_pos[keep]
                 done = done[keep]
             if lean is not None:
-                logits = lean_decode_step(self.model, tok, next_pos[:, 0], attn[..., : L + t + 1], past.layers, lean)
+                logits = lean_decode_step(net, tok, next_pos[:, 0], attn[..., : L + t + 1], past.layers, lean)
             else:
-                out = self.model(input_ids=tok[:, None], attention_mask=attn[..., : L + t + 1], position_ids=next_pos,
-                                 use_cache=True, **{cache_kw: past})
+                out = net(input_ids=tok[:, None], attention_mask=attn[..., : L + t + 1], position_ids=next_pos,
+                          use_cache=True, **{cache_kw: past})
                 past, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
         tok_bt, lp_bt = tok_bt[:, :n_steps].cpu(), lp_bt[:, :n_steps].cpu()

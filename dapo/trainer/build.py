@@ -135,7 +135,7 @@ def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer:
 def _engine(cfg: Config, path: str, pad_id: int, eos: list[int], device: torch.device, dtype: torch.dtype,
             model: torch.nn.Module | None, cluster: Any, closers: list, log: Callable[[str], None]) -> RolloutEngine:
     """The rollout engine: Ray workers, vLLM, an HF engine on its own copy of the weights, or on ``model`` itself
-    (the trained model, in this process, sampling in the compute dtype)."""
+    (the trained model, in this process, sampling in the compute dtype; under LoRA from its merged layers)."""
     if cfg.dist.rollout_workers > 0:
         from dapo.distributed import RayEngine
 
@@ -148,5 +148,6 @@ def _engine(cfg: Config, path: str, pad_id: int, eos: list[int], device: torch.d
         return VLLMEngine(path, pad_id, eos, cfg, colocated=model is not None)  # training here shares the GPU
     if model is None or cfg.rollout.dtype != "auto":  # the sampler's own copy of the weights
         own = load_policy(cfg.model, path, device, sampler_dtype(cfg, device)).eval().requires_grad_(False)
-        return HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size)
-    return HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype)
+        return HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size, merge_lora=cfg.rollout.lora_merge)
+    return HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype,
+                    merge_lora=cfg.rollout.lora_merge)
