@@ -112,3 +112,17 @@ def test_load_env_names_what_is_missing(tmp_path):
         load_env(f"{f}:Nope")
     with pytest.raises(EnvError, match="not found"):
         load_env(f"{tmp_path / 'nope.py'}:Env")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["dist.rollout_workers=1"], "in-process HF engine only, not with dist.rollout_workers"),
+    (["rollout.engine=vllm"], "not with rollout.engine=vllm"),
+    (["env.path=e.py:E"], "set env.path or env.tools, not both"),
+    (["rollout.max_total_tokens=5"], "must be 0 or >= rollout.max_new_tokens"),
+    (["rollout.max_turns=0"], "rollout.max_turns: must be >= 1"),
+])
+def test_config_refuses_what_multi_turn_cannot_run_on(extra, message):
+    from dapo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=["env.tools=t.py", *extra])

@@ -246,3 +246,23 @@ def trajectory_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
     if "tool/calls" in out:
         out["tool/calls_per_traj"] = out["tool/calls"] / n
     return out
+
+
+def from_config(cfg: Any, engine: RolloutEngine, tokenizer: Any, template: str,
+                closers: list[Callable[[], None]]) -> MultiTurnRollout | None:
+    """The multi-turn rollout ``env.*`` asks for (None: single-turn), its tool pool's close added to ``closers``.
+    Observations go through the chat template when the prompts do (``data.template`` ending in chat)."""
+    e = cfg.env
+    if not (e.path or e.tools):
+        return None
+    from dapo.envs import ToolEnv, ToolRunner, load_env
+
+    chat = template.endswith("chat") and bool(getattr(tokenizer, "chat_template", None))
+    if e.tools:
+        runner = ToolRunner(e.tools, workers=e.workers, timeout_s=e.timeout_s, max_chars=e.max_output_chars,
+                            memory_mb=e.memory_mb or None)
+        closers.append(runner.close)
+        make_env: Callable[[], Any] = lambda: ToolEnv(runner, chat)  # noqa: E731
+    else:
+        make_env = load_env(e.path)
+    return MultiTurnRollout(engine, tokenizer, make_env, cfg.rollout.max_turns, cfg.rollout.max_total_tokens, chat)

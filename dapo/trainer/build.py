@@ -17,6 +17,7 @@ from dapo.model import (
 from dapo.problems import Problems, load_problems
 from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
+from dapo.rollout.multiturn import from_config as multiturn_from_config
 from dapo.trainer.sampler import DynamicSampler, Rollouts
 from dapo.learner import Learner, LocalLearner
 
@@ -96,8 +97,14 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
         if isinstance(e, ImportError):
             raise SetupError(str(e)) from None
         raise
+    try:
+        multiturn = multiturn_from_config(cfg, engine, tokenizer, problems.template, closers)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    sampler = DynamicSampler(cfg, engine, problems.stream, problems.score_fn, decode)
+    sampler = DynamicSampler(cfg, engine, problems.stream, problems.score_fn, decode, multiturn=multiturn)
     return Run(cfg, run_dir, resume_from, tokenizer, problems, learner, engine, sampler, device, closers)
 
 
