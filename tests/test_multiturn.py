@@ -12,7 +12,7 @@ from dapo.data.example import Example
 from dapo.envs import StepResult
 from dapo.items import Group, PromptItem
 from dapo.learner import LocalLearner
-from dapo.model import load_model, make_optimizer
+from dapo.model import load_model, load_tokenizer, make_optimizer
 from dapo.rollout import HFEngine, SamplingParams, derive_seed
 from dapo.rollout.multiturn import MultiTurnRollout, trajectory_metrics
 from dapo.trainer.batch import flatten_groups
@@ -52,9 +52,7 @@ def setup(tiny_model_dir, one_thread):
     cfg = load_config(overrides=[*TINY_RUN, f"model.path={tiny_model_dir}", "rollout.group_size=2",
                                  "optim.micro_batch_tokens=0"])
     model = load_model(cfg.model, str(tiny_model_dir), CPU)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = load_tokenizer(cfg.model, str(tiny_model_dir))  # as a run loads it
     engine = HFEngine(model, tok.pad_token_id, [tok.eos_token_id])
     items = [PromptItem(k, Example(f"{k}+{k}=", str(2 * k)), tok(f"{k}+{k}=")["input_ids"]) for k in (3, 7)]
     params = SamplingParams(n=2, max_new_tokens=40, stop_token_ids=tuple(tok.convert_tokens_to_ids(list("0123456789"))))
@@ -190,3 +188,48 @@ def test_a_trajectory_pickles_with_its_mask(echoed):
     c = echoed[1][0].completion
     back = pickle.loads(pickle.dumps(c))
     assert back == c and back.mask.dtype == torch.bool and back != replace(c, mask=None)
+
+
+class ChatEcho(Echo):
+    """Echo with chat messages: the first prompt as a user message, observations as tool messages."""
+
+    def reset(self, row):
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        return replace(super().step(text), role="tool")
+
+
+def test_chat_trajectory_is_the_templates_rendering_of_the_conversation(setup):
+    cfg, model, tok, engine, items, params, seeds = setup
+    chat_tok = load_tokenizer(cfg.model, cfg.model.path)
+    chat_tok.chat_template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}<eos>\n{% endfor %}"
+                              "{% if add_generation_prompt %}[assistant]{% endif %}")
+    eos = chat_tok.eos_token_id
+    p = replace(params, stop_token_ids=params.stop_token_ids + (eos,))
+    mt = MultiTurnRollout(engine, chat_tok, ChatEcho, max_turns=4, chat=True)
+    # what goes between the model's turn and its next: the rest of the template's turn end, the tool message, the
+    # generation prompt; the end-of-turn token is the model's own when it sampled it
+    assert mt.observation_text(StepResult("R", role="tool"), "<eos>") == "\n[tool]R<eos>\n[assistant]"
+    assert mt.observation_text(StepResult("R", role="tool"), "7") == "<eos>\n[tool]R<eos>\n[assistant]"
+    Echo.made = []
+    items2, trajs = mt.run(items, p, seeds)
+    assert items2[0].prompt_ids == chat_tok("[user]3+3=<eos>\n[assistant]", add_special_tokens=False)["input_ids"]
+    checked = 0
+    for r, (t, env) in enumerate(zip(trajs, Echo.made)):
+        model_ids = t.completion.token_ids[t.completion.mask][:-1]
+        if t.completion.finish_reason != "stop" or bool((model_ids < 4).any()):  # specials: no text to render
+            continue
+        msgs = [{"role": "user", "content": items[r // 2].example.prompt}]
+        for k, (is_model, ids) in enumerate(s for s in _segments(t.completion) if s[0]):
+            text = chat_tok.decode(ids[:-1] if ids[-1] == eos else ids)
+            msgs.append({"role": "assistant", "content": text})
+            if k < len(env.seen) - 1:
+                msgs.append({"role": "tool", "content": f"[obs {k + 1}]"})
+        rendered = chat_tok.apply_chat_template(msgs, tokenize=False)
+        ids = chat_tok(rendered, add_special_tokens=False)["input_ids"]
+        last_eos = int(t.completion.token_ids[-1]) == eos  # the template closes the last turn with "<eos>\n"
+        want = ids[:-1] if last_eos else ids[:-2]
+        assert items2[r // 2].prompt_ids + t.completion.token_ids.tolist() == want
+        checked += 1
+    assert checked >= 1
