@@ -16,6 +16,8 @@ returned (nothing for None), cut to ``env.max_output_chars``. How the results re
 * with a chat template: as ``tool`` messages, rendered by the template (``dapo.rollout.multiturn``);
 * without one: ``<result>TEXT</result>`` and a newline per call, appended as they are.
 
+The model is not told which tools exist: say so in the prompts (a chat template's own tool list is not filled in).
+
 A call that cannot be parsed, names no tool, raises, runs past ``env.timeout_s`` or kills its process is answered
 with a result that starts with ``error:`` and says why; the run goes on. Tools run in a pool of worker processes
 (``env.workers``), the reward pool's machinery: a time limit in the worker (SIGALRM), and a worker stuck where
