@@ -382,7 +382,9 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
         "settings": {"model": str(model_dir), "data": args.data, "k": params.n, "temperature": params.temperature,
                      "top_p": params.top_p, "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
                      "seed": cfg.eval_seed, "limit": args.limit, "template": probs.template,
-                     "reward": f"task:{cfg.data.task}" if is_task else cfg.reward.fn},
+                     "reward": f"task:{cfg.data.task}" if is_task else cfg.reward.fn,
+                     **({"env": cfg.env.path, "tools": cfg.env.tools, "max_turns": cfg.rollout.max_turns}
+                        if cfg.env.path or cfg.env.tools else {})},
         "wall_s": time.perf_counter() - t0,
         **result,
     }

@@ -57,5 +57,6 @@ def test_train_and_eval_with_tools(tmp_path, capsys):
                      f"{tmp_path / 'reward.py'}:score", "--tools", str(tmp_path / "tools.py"), "--k", "2", "--limit", "4",
                      "--max-new-tokens", "40", "--template", "none", "--out", str(out), "--progress", "none"]) == 0
     res = json.loads(out.read_text())
+    assert res["settings"]["tools"] == str(tmp_path / "tools.py") and res["settings"]["max_turns"] == 4
     assert len(res["samples"]) == 8 and all("turns" in s for s in res["samples"])
     assert max(s["turns"] for s in res["samples"]) >= 2 and any("<result>3</result>" in s["response"] for s in res["samples"])
