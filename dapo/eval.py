@@ -320,6 +320,8 @@ def _parser():
                    "problems; default eval.size)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"])
     p.add_argument("--no-samples", action="store_true", help="leave the per-sample records (responses) out of the JSON")
+    p.add_argument("--all-rows", action="store_true", help="a run's own training file: every row, not only the rows "
+                   "the run held out")
     add_key_flags(p, EVAL_FLAGS)
     p.add_argument("overrides", nargs="*", help="key=value")
     return p
@@ -341,8 +343,16 @@ def _eval_config(args: Any) -> Any:
     for run_dir in (model_dir, model_dir.parent):
         cfg = run_config(run_dir, over)
         if cfg is not None:
-            return cfg
-    return load_config(None, None, over)
+            return cfg, _run_held_out(run_config(run_dir), args)
+    return load_config(None, None, over), False
+
+
+def _run_held_out(run_cfg: Any, args: Any) -> bool:
+    """Whether ``--data`` is the file its run trained on with no eval.path: then the problems are the rows the
+    run held out (the ones its before/after/periodic accuracy measured), not rows it trained on."""
+    if getattr(args, "all_rows", False) or not run_cfg.data.path or run_cfg.eval.path or args.data.startswith("task:"):
+        return False
+    return Path(run_cfg.data.path).expanduser().resolve() == Path(args.data).expanduser().resolve()
 
 
 def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
@@ -354,11 +364,15 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such directory")
-    cfg = _eval_config(args)
+    cfg, held_out = _eval_config(args)
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.model, str(model_dir))
+    if held_out:
+        print(f"dapo eval: {args.data} is the file this run trained on: evaluating the rows it held out "
+              f"(its before/after problems); --all-rows evaluates every row", file=sys.stderr)
     # data and reward before the weights: a typo should not cost loading a large model
-    probs = load_problems(cfg, tok, lambda s: print(s, file=sys.stderr), train=False, limit=args.limit)
+    probs = load_problems(cfg, tok, lambda s: print(s, file=sys.stderr), train=False, limit=args.limit,
+                          held_out=held_out)
     try:
         device = resolve_device(cfg.model.device)
         # as training evaluates: float32 weights under the compute dtype's autocast, so the same weights give
@@ -381,7 +395,7 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     result = {
         "settings": {"model": str(model_dir), "data": args.data, "k": params.n, "temperature": params.temperature,
                      "top_p": params.top_p, "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
-                     "seed": cfg.eval_seed, "limit": args.limit, "template": probs.template,
+                     "seed": cfg.eval_seed, "limit": args.limit, "template": probs.template, "held_out": held_out,
                      "reward": f"task:{cfg.data.task}" if is_task else cfg.reward.fn,
                      **({"env": cfg.env.path, "tools": cfg.env.tools, "max_turns": cfg.rollout.max_turns}
                         if cfg.env.path or cfg.env.tools else {})},

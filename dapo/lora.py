@@ -95,23 +95,33 @@ def _suffixes(names: Sequence[str]) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n in names})
 
 
-def _resolve_targets(model: torch.nn.Module, targets: Sequence[str] | None) -> list[str]:
-    """The target list to hand peft: short suffixes (q_proj...) when they pick exactly the chosen modules
-    and nothing else in the model, else the chosen modules' full names."""
+def _chosen(model: torch.nn.Module, targets: Sequence[str] | None) -> list[str]:
+    """Full names of the ``nn.Linear`` modules ``targets`` picks (None: every one of the decoder stack)."""
     linear = decoder_linear_names(model)
     if not linear:
         raise ValueError(f"{type(model).__name__}: no nn.Linear layer found inside its decoder stack to adapt")
     if targets is None:
-        chosen = linear
-    else:
-        targets = [targets] if isinstance(targets, str) else list(targets)
-        if not targets:
-            raise ValueError("apply_lora: targets is empty; pass None for every Linear layer of the decoder stack")
-        missing = [t for t in targets if not any(_matches(n, t) for n in linear)]
-        if missing:
-            raise ValueError(f"apply_lora: targets {missing} match no Linear layer of the decoder stack of "
-                             f"{type(model).__name__}; its Linear layers are named: {', '.join(_suffixes(linear))}")
-        chosen = [n for n in linear if any(_matches(n, t) for t in targets)]
+        return linear
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("apply_lora: targets is empty; pass None for every Linear layer of the decoder stack")
+    missing = [t for t in targets if not any(_matches(n, t) for n in linear)]
+    if missing:
+        raise ValueError(f"apply_lora: targets {missing} match no Linear layer of the decoder stack of "
+                         f"{type(model).__name__}; its Linear layers are named: {', '.join(_suffixes(linear))}")
+    return [n for n in linear if any(_matches(n, t) for t in targets)]
+
+
+def adapted_linears(model: torch.nn.Module, targets: Sequence[str] | None) -> list[torch.nn.Linear]:
+    """The ``nn.Linear`` modules ``apply_lora(model, targets=targets)`` would adapt (works on the meta device)."""
+    modules = dict(model.named_modules())
+    return [modules[n] for n in _chosen(model, targets)]
+
+
+def _resolve_targets(model: torch.nn.Module, targets: Sequence[str] | None) -> list[str]:
+    """The target list to hand peft: short suffixes (q_proj...) when they pick exactly the chosen modules
+    and nothing else in the model, else the chosen modules' full names."""
+    chosen = _chosen(model, targets)
     short = _suffixes(chosen)
     all_linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if sorted(n for n in all_linear if any(_matches(n, s) for s in short)) == sorted(chosen):

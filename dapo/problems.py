@@ -116,32 +116,46 @@ def reward_spec(cfg: Config) -> str:
     return "math" if cfg.reward.fn == "auto" else cfg.reward.fn
 
 
+def as_file_template(template: str) -> str:
+    """The file template equal to ``template``: a built-in task's own format ("task") is its prompts' bare
+    text, which is ``none`` (the demo's character tokenizer adds no special tokens either way)."""
+    return "none" if template == "task" else template
+
+
 def saved_template(model_path: str) -> str | None:
-    """The template the model at ``model_path`` was trained with (``TEMPLATE_FILE``), if it says."""
+    """The template the model at ``model_path`` was trained with (``TEMPLATE_FILE``), if it says; a base or
+    checkpoint of a built-in task written before this rule recorded "task", read as ``none``."""
     info = Path(model_path) / TEMPLATE_FILE if model_path else None
     if info is None or not info.is_file():
         return None
     try:
-        return json.loads(info.read_text(encoding="utf-8")).get("template")
+        saved = json.loads(info.read_text(encoding="utf-8")).get("template")
     except (OSError, ValueError, AttributeError):
         return None
+    return as_file_template(saved) if isinstance(saved, str) and saved else None
 
 
 def save_template(model_dir: str | Path, template: str) -> None:
-    """Record in ``model_dir`` the prompt template its model was trained with."""
-    (Path(model_dir) / TEMPLATE_FILE).write_text(json.dumps({"template": template}) + "\n", encoding="utf-8")
+    """Record in ``model_dir`` the prompt template its model was trained with, as a template a file's
+    prompts can be rendered with (so ``data.template=auto`` on any file understands it)."""
+    text = json.dumps({"template": as_file_template(template)}) + "\n"
+    (Path(model_dir) / TEMPLATE_FILE).write_text(text, encoding="utf-8")
 
 
-def choose_template(cfg: Config, tokenizer: Any) -> tuple[str, str]:
+def choose_template(cfg: Config, tokenizer: Any, answers: bool = True) -> tuple[str, str]:
     """(template, why) for a file's prompts: ``data.template``, or for ``auto``: the template the model was
     trained with (``dapo sft``, a checkpoint); else with the math reward ``dapo_math`` (``+chat`` when the tokenizer has a
-    chat template); with any other reward the chat template when there is one, else the prompt as it is."""
+    chat template); with any other reward, or rows without answers and no reward (supervised data), the chat
+    template when there is one, else the prompt as it is."""
     if cfg.data.template != "auto":
         return cfg.data.template, "data.template"
     saved = saved_template(cfg.model.path)
     if saved:
         return saved, f"auto: the template {cfg.model.path} was trained with (its {TEMPLATE_FILE})"
     chat = bool(getattr(tokenizer, "chat_template", None))
+    if not answers and cfg.reward.fn == "auto":
+        return ("chat" if chat else "none"), "auto: no reward and rows without answers, " + (
+            "the tokenizer's chat template" if chat else "and the tokenizer has no chat template: the prompt as it is")
     if reward_spec(cfg) == "math":
         return ("dapo_math+chat" if chat else "dapo_math"), "auto: the math reward" + (
             ", and the tokenizer's chat template" if chat else "; the tokenizer has no chat template")
@@ -199,11 +213,13 @@ class Problems:
 
 
 def load_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None] = print, *, train: bool = True,
-                  limit: int = 0) -> Problems:
+                  limit: int = 0, require_answer: bool = True, held_out: bool = False) -> Problems:
     """The problems of ``cfg``. ``train=False`` (``dapo eval``): every row of ``data.path`` (or ``eval.size``
-    held-out prompts of the task) is a problem to evaluate, the first ``limit`` when it is set."""
+    held-out prompts of the task) is a problem to evaluate, the first ``limit`` when it is set; with
+    ``held_out`` only the rows a training run on ``data.path`` holds out (the problems of its before/after).
+    ``require_answer=False`` (``dapo sft``): rows without a ground truth are kept (``Example.answer`` None)."""
     if cfg.data.path:
-        return _file_problems(cfg, tokenizer, log, train, limit)
+        return _file_problems(cfg, tokenizer, log, train, limit, require_answer, held_out)
     return _task_problems(cfg, tokenizer, train, limit)
 
 
@@ -224,18 +240,21 @@ def _task_problems(cfg: Config, tokenizer: Any, train: bool, limit: int) -> Prob
     return Problems(items, task_score_fn(task), "task", task.extract_answer, stream)
 
 
-def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], train: bool, limit: int) -> Problems:
+def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], train: bool, limit: int,
+                   require_answer: bool, held_out: bool) -> Problems:
     from dapo.data.files import load_examples
     from dapo.rewards import RewardRunner
     from dapo.rewards.math import vote_answer
 
     d = cfg.data
-    template, why = choose_template(cfg, tokenizer)
 
-    def load(path: str, n: int = 0) -> tuple[list[Example], list[list[int]]]:
-        exs, stats = load_examples(path, d.prompt_key, d.answer_key, bad_rows=d.bad_rows, dedup=d.dedup)
+    def read(path: str, n: int = 0) -> list[Example]:
+        exs, stats = load_examples(path, d.prompt_key, d.answer_key, bad_rows=d.bad_rows, dedup=d.dedup,
+                                   require_answer=require_answer)
         log(f"{path}: {stats}")
-        exs = exs[:n] if n else exs
+        return exs[:n] if n else exs
+
+    def encode(path: str, exs: list[Example]) -> tuple[list[Example], list[list[int]]]:
         exs, fitted, n_drop, n_trunc = encode_prompts(exs, template, tokenizer, d.max_prompt_len, d.long_prompts)
         if n_drop or n_trunc:
             log(f"{path}: {n_drop} prompts longer than data.max_prompt_len={d.max_prompt_len} dropped, {n_trunc} truncated")
@@ -243,20 +262,24 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
             raise ValueError(f"{path}: no prompts left after the length filter (data.max_prompt_len={d.max_prompt_len})")
         return exs, fitted
 
+    rows = read(d.path, 0 if (train or held_out) else limit)
+    template, why = choose_template(cfg, tokenizer, answers=all(e.answer is not None for e in rows))
     log(f"prompt template: {template} ({why})")
-    if not train:
-        ev, ev_ids = load(d.path, limit)
+    if not train and not held_out:
+        ev, ev_ids = encode(d.path, rows)
         exs, ids = [], []
-    elif cfg.eval.path:
-        exs, ids = load(d.path)
-        ev, ev_ids = load(cfg.eval.path, cfg.eval.size)
+    elif cfg.eval.path and train:
+        exs, ids = encode(d.path, rows)
+        ev, ev_ids = encode(cfg.eval.path, read(cfg.eval.path, cfg.eval.size))
     else:  # hold out a seeded slice of the training file (at most a tenth of it)
-        exs, ids = load(d.path)
+        exs, ids = encode(d.path, rows)
         order = list(range(len(exs)))
         random.Random(f"{cfg.eval_seed}/holdout").shuffle(order)
         held = set(order[: min(cfg.eval.size, len(exs) // 10)])
         ev, ev_ids = [exs[i] for i in order if i in held], [ids[i] for i in order if i in held]
         exs, ids = [e for i, e in enumerate(exs) if i not in held], [x for i, x in enumerate(ids) if i not in held]
+        if not train:
+            ev, ev_ids, exs, ids = ev[: limit or None], ev_ids[: limit or None], [], []
     rw = cfg.reward
     runner = RewardRunner(reward_spec(cfg), workers=rw.workers, timeout_s=rw.timeout_s, memory_mb=rw.memory_mb or None)
     items = [PromptItem(-1 - i, e, x) for i, (e, x) in enumerate(zip(ev, ev_ids))]

@@ -37,7 +37,8 @@ class ReportError(ValueError):
 
 # (file stem, title, y label, [(metric key, line label)]) : one panel each
 PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
-    ("accuracy", "Accuracy", "accuracy", [("rollout/acc", "rollout"), ("eval/acc", "held-out")]),
+    ("accuracy", "Accuracy", "accuracy", [("rollout/acc", "rollout (noisy: the policy's own samples)"),
+                                          ("eval/acc", "held-out (before, every eval.every, after)")]),
     ("entropy", "Mean token entropy", "nats", [("actor/entropy", "entropy")]),
     ("response_length", "Response length", "tokens", [("response/len_mean", "mean length")]),
     ("clip_fraction", "Clipped token fraction", "fraction",
@@ -45,6 +46,8 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("groups_kept", "Groups kept (mixed outcomes)", "fraction of groups", [("batch/kept_frac", "kept")]),
 ]
 X_AXES = [("step", "step", "RL step"), ("samples", "batch/samples_total", "samples generated")]
+HELD_OUT_KEY = "eval/acc"
+"""Held-out accuracy, logged every ``eval.every`` steps; its line also carries the run's before and after."""
 _LINESTYLES = ["-", "--", ":", "-."]
 
 
@@ -58,13 +61,27 @@ class Run:
     preset: str = ""
 
     def series(self, x_key: str, y_key: str) -> tuple[list[float], list[float]]:
-        """(x, y) over the steps that logged both keys with finite values."""
+        """(x, y) over the steps that logged both keys with finite values. The held-out accuracy
+        (``eval/acc``) also has the run's before (at x = 0) and after (at its last step) from summary.json:
+        the line a user judges a run by, from start to end, beside the noisy rollout accuracy."""
         xs, ys = [], []
         for r in self.rows:
             x, y = r.get(x_key), r.get(y_key)
             if x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
                 xs.append(x)
                 ys.append(y)
+        if y_key == HELD_OUT_KEY:
+            return self._with_before_after(x_key, xs, ys)
+        return xs, ys
+
+    def _with_before_after(self, x_key: str, xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+        acc = lambda k: _as_float((self.summary.get(k) or {}).get("accuracy"))  # noqa: E731
+        before, after = acc("before"), acc("after")
+        last = next((r[x_key] for r in reversed(self.rows) if _as_float(r.get(x_key)) is not None), None)
+        if before is not None and math.isfinite(before) and (not xs or xs[0] > 0):
+            xs, ys = [0.0, *xs], [before, *ys]
+        if after is not None and math.isfinite(after) and last is not None and (not xs or xs[-1] < last):
+            xs, ys = [*xs, float(last)], [*ys, after]
         return xs, ys
 
 

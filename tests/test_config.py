@@ -149,3 +149,37 @@ def test_a_saved_config_keeps_its_overrides_of_preset_keys(tmp_path):
     assert again.algo == cfg.algo and again.optim.steps == 7 and again.preset == "dapo"
     assert run_config(tmp_path, ["preset=grpo"]).algo.eps_high == 0.2  # a preset named anew is applied
     assert run_config(tmp_path / "missing") is None
+
+
+def test_gpu_layouts_that_would_share_a_gpu_behind_rays_back_are_refused():
+    driver_engine = ["dist.trainer_ranks=2", "model.device=cuda"]
+    with pytest.raises(ConfigError, match=r"dist\.rollout_workers: .*set dist\.rollout_workers >= 1 .*model\.device=cpu"):
+        load_config(overrides=driver_engine)
+    load_config(overrides=driver_engine + ["dist.rollout_workers=1"])  # the engine on a worker of its own
+    load_config(overrides=driver_engine + ["dist.rollout_on_ranks=true"])  # or on the ranks themselves
+    load_config(overrides=["dist.trainer_ranks=2", "model.device=cpu"])  # a CPU driver engine takes no GPU
+    colocated = ["dist.rollout_workers=2", "dist.trainer_ranks=2", "dist.colocate=true"]
+    load_config(overrides=colocated)
+    with pytest.raises(ConfigError, match=r"dist\.async_steps: with dist\.colocate .*set dist\.async_steps=0"):
+        load_config(overrides=colocated + ["dist.async_steps=1"])
+
+
+def test_vllms_share_of_its_gpu_defaults_by_placement_and_a_set_value_wins():
+    from dapo.rollout.vllm import gpu_memory_fraction
+
+    cfg = load_config()
+    assert cfg.rollout.gpu_memory_utilization is None
+    assert gpu_memory_fraction(cfg, shares_gpu=True) == 0.5 and gpu_memory_fraction(cfg, shares_gpu=False) == 0.85
+    cfg = load_config(overrides=["rollout.gpu_memory_utilization=0.7"])
+    assert gpu_memory_fraction(cfg, shares_gpu=True) == gpu_memory_fraction(cfg, shares_gpu=False) == 0.7
+    with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
+        load_config(overrides=["rollout.gpu_memory_utilization=1.5"])
+
+
+def test_the_nvswitch_nccl_note_names_only_what_the_user_has_not_set():
+    from dapo.distributed.cluster import nccl_note
+
+    note = nccl_note({})
+    assert "NCCL_CUMEM_ENABLE=0 NCCL_NVLS_ENABLE=0" in note and "ray issue 61073" in note
+    assert "NCCL_CUMEM_ENABLE" not in nccl_note({"NCCL_CUMEM_ENABLE": "1"})
+    assert nccl_note({"NCCL_CUMEM_ENABLE": "1", "NCCL_NVLS_ENABLE": "1"}) is None

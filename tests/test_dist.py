@@ -464,3 +464,72 @@ def test_async_needs_a_sampler_of_its_own():
         load_config(overrides=["dist.async_steps=2", "dist.rollout_workers=1"])
     with pytest.raises(ConfigError, match="reward.workers.*time limit"):  # a reward scored off the main thread
         load_config(overrides=["dist.async_steps=1", "dist.rollout_workers=1", "data.path=x.jsonl"])
+
+
+def test_pushes_to_bf16_samplers_leave_the_trainer_in_bf16_and_land_as_a_direct_cast(cluster, tiny_model_dir):
+    from dapo.distributed.rollout import RolloutWorker, put_chunks
+    from dapo.model import tied_copies
+
+    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", "rollout.dtype=bfloat16"])
+    trained = load_model(cfg.model, str(tiny_model_dir), torch.device("cpu"))  # float32 master weights, moved
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sd = trained.state_dict()
+    worker = RolloutWorker(cfg, str(tiny_model_dir), 0, [1], use_gpu=False)  # in this process: its engine is here
+    dtype = worker.info()["weight_dtype"]
+    assert dtype == torch.bfloat16
+    fps = {}
+    refs, n = put_chunks(sd.items(), 1 << 14, dtype, fps, tied_copies(trained))
+    shipped = [ray.get(r) for r in refs]
+    assert len(shipped) > 1 and all(t.dtype == torch.bfloat16 for c in shipped for t in c.values())  # half the bytes
+    worker.load_weights(refs, n, 1)
+    held = worker.engine.model.state_dict()
+    assert all(torch.equal(held[k], sd[k].to(torch.bfloat16)) for k in sd)  # exactly a direct cast
+    assert worker.weight_mismatch(fps) is None
+    with torch.no_grad():
+        held["model.layers.0.mlp.up_proj.weight"].mul_(-1)  # what a bad copy would leave
+    assert "model.layers.0.mlp.up_proj.weight" in worker.weight_mismatch(fps)
+
+
+@pytest.mark.slow
+def test_a_failed_publish_on_fsdp_rank_0_stops_every_rank_at_once_and_the_group_stays_in_step(cluster, tiny_model_dir):
+    """Rank 0 puts the gathered tensors into the object store; when that fails midway (here: on the third tensor)
+    the other rank must not wait in the next all-gather until dist.timeout_s: it stops at the same tensor, the
+    driver gets rank 0's own error, and a publish afterwards works (every rank issued the same collectives)."""
+    cfg = _cfg(tiny_model_dir, "unused", "fsdp-put", "dist.trainer_ranks=2", "dist.fsdp=true", "dist.timeout_s=120")
+    cl = Cluster(cfg.dist)
+    ranks = RankGroup(cfg, str(tiny_model_dir), 0, cl)
+
+    def arm(rank, on):
+        import dapo.distributed.ranks as module
+
+        if not on:
+            module.put_chunks = module._real_put_chunks
+            return
+        module._real_put_chunks = real = module.put_chunks
+
+        def failing(tensors, *args, **kwargs):
+            def third_fails():
+                for i, x in enumerate(tensors):
+                    if i == 2:
+                        raise RuntimeError("object store full (injected)")
+                    yield x
+            return real(third_fails(), *args, **kwargs)
+
+        module.put_chunks = failing
+
+    try:
+        ray.get(ranks.actors[0].__ray_call__.remote(arm, True))
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="object store full"):
+            ranks.full_state_dict()
+        assert ray.get(ranks.actors[1].__ray_call__.remote(lambda r: r.rank), timeout=10) == 1  # not stuck
+        assert time.monotonic() - t0 < 30  # not dist.timeout_s
+        ray.get(ranks.actors[0].__ray_call__.remote(arm, False))
+        sd = ranks.full_state_dict()  # the ranks are still in step: every tensor whole and the model's own
+        want = load_model(cfg.model, str(tiny_model_dir), torch.device("cpu")).state_dict()
+        assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in want)
+    finally:
+        ranks.close()
+        cl.close()

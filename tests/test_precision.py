@@ -143,3 +143,66 @@ def test_every_collective_tensor_lives_on_the_ranks_device(monkeypatch, tiny_mod
     meta = DataParallel(rank=0, world=2, device=torch.device("meta"))
     with pytest.raises(AssertionError, match="collective tensor on cpu"):
         meta.all_reduce(torch.zeros(1))  # a tensor left on the CPU when the rank's device is elsewhere
+
+
+def test_a_push_that_corrupts_a_tensor_stops_the_run_naming_it(tiny_model_dir, tmp_path, monkeypatch):
+    from dapo.learner import TrainingError
+
+    real = HFEngine.load_weights
+    name = "model.layers.0.self_attn.v_proj.weight"
+
+    def lossy(self, sd, version):  # a transport that zeroes one tensor
+        real(self, {**sd, name: torch.zeros_like(sd[name])}, version)
+
+    monkeypatch.setattr(HFEngine, "load_weights", lossy)
+    common = [*TINY_RUN, f"model.path={tiny_model_dir}", "algo.filter_metric=reward", "rollout.dtype=bfloat16",
+              "optim.steps=1", f"log.out_dir={tmp_path}", "log.report=false"]
+    with pytest.raises(TrainingError, match=rf"step 1: weight sync v1 failed: .*{name}.*rollout\.verify_weights"):
+        train(load_config(overrides=common + ["log.run_name=lossy"]))
+    monkeypatch.setattr(HFEngine, "load_weights", real)
+    assert train(load_config(overrides=common + ["log.run_name=good"])).steps == 1  # a faithful push passes
+
+
+def test_a_sampler_far_from_the_trainer_stops_the_step_before_its_update(tiny_model_dir, tmp_path):
+    from dapo.learner import TrainingError
+
+    common = [*TINY_RUN, f"model.path={tiny_model_dir}", "algo.filter_metric=reward", "rollout.dtype=bfloat16",
+              "optim.steps=1", f"log.out_dir={tmp_path}", "log.report=false"]
+    r = train(load_config(overrides=common + ["log.run_name=ok"]))  # the default bound: bf16 rounding passes
+    diff = r.history[0]["mismatch/logp_abs_diff"]
+    assert 0 < diff < load_config().rollout.max_logp_diff
+    with pytest.raises(TrainingError, match=r"step 1: mismatch/logp_abs_diff=.* > rollout\.max_logp_diff="):
+        train(load_config(overrides=common + [f"rollout.max_logp_diff={diff / 2}", "log.run_name=far"]))
+
+
+def test_head_tf32_is_allowed_inside_the_lm_head_only_forward_and_backward(tiny_model_dir, monkeypatch):
+    from dapo.learner.policy import ResponseLogprobs
+
+    model = load_model(load_config().model, str(tiny_model_dir), torch.device("cpu"))
+    seqs = make_seq_batch([[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]], pad_id=0)
+    matmul = torch.backends.cuda.matmul
+    user = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"  # the user's global choice
+    try:
+        seen = []
+        lse, addmm = torch.logsumexp, torch.Tensor.addmm_  # the head's forward and its weight-gradient matmul
+
+        def spy(where, fn):
+            return lambda *a, **k: (seen.append((where, matmul.fp32_precision)), fn(*a, **k))[1]
+
+        monkeypatch.setattr(torch, "logsumexp", spy("forward", lse))
+        monkeypatch.setattr(torch.Tensor, "addmm_", spy("backward", addmm))
+        runs = {}
+        for tf32 in (True, False):
+            seen.clear()
+            model.zero_grad()
+            lp, _ = ResponseLogprobs(model, head_tf32=tf32)(seqs)
+            assert matmul.fp32_precision == "ieee"
+            lp.sum().backward()
+            assert matmul.fp32_precision == "ieee"  # never changed outside the head
+            assert {w for w, _ in seen} == {"forward", "backward"}
+            assert {p for _, p in seen} == ({"tf32"} if tf32 else {"ieee"})
+            runs[tf32] = lp.detach(), model.lm_head.weight.grad.clone()
+        assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])  # CPU: no effect
+    finally:
+        matmul.fp32_precision = user

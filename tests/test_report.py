@@ -126,3 +126,16 @@ def test_mean_over_seeds_averages_each_step(tmp_path):
     page = write_report([r.path for r in runs], tmp_path / "rep", mean_seeds=True)
     assert_png(page.parent / "accuracy_vs_step.png")
     assert "dapo-lr0.0001-s1" in page.read_text()  # the table still lists every run
+
+
+def test_the_held_out_line_runs_from_before_to_after(tmp_path):
+    """eval/acc every 3 steps (0.15 at 3, 0.30 at 6 of 7) plus summary.json's before (at 0) and after (at the
+    last step): on both axes; a run whose last step measured already keeps that one point there."""
+    run = load_run(make_run(tmp_path / "r", "dapo", steps=7))
+    assert run.series("step", "eval/acc") == ([0.0, 3, 6, 7.0], [0.125, pytest.approx(0.15), pytest.approx(0.3), 0.625])
+    assert run.series("batch/samples_total", "eval/acc")[0] == [0.0, 192.0, 384.0, 448.0]
+    assert run.series("step", "rollout/acc")[0] == [1, 2, 3, 4, 5, 6, 7]  # other lines untouched
+    ends = load_run(make_run(tmp_path / "e", "dapo", steps=6))
+    assert ends.series("step", "eval/acc")[0] == [0.0, 3, 6]
+    bare = load_run(make_run(tmp_path / "b", "dapo", steps=4, with_eval=False, summary=False))
+    assert bare.series("step", "eval/acc") == ([], [])

@@ -81,6 +81,35 @@ def test_growing_kv_storage_gives_the_samples_of_a_fully_reserved_one(model, mon
     _same_samples(full, HFEngine(model, 0, EOS, max_batch=5, kv_headroom=4).generate(PROMPTS, p, seeds))
 
 
+def test_bf16_sampling_keeps_its_kv_cache_in_bf16_and_samples_what_a_float32_cache_does(model, monkeypatch):
+    """A float32 model sampled under bf16 autocast writes float32 keys (RoPE's float32 cos/sin promote the
+    bf16 projection) and bf16 values; attention casts both to bf16 before reading them. The cache is kept in
+    bf16: 2 bytes a key instead of 4, and the same tokens and log-probs as a float32 cache."""
+    made = []
+    real_init = _BufferedLayer.__init__
+
+    def init(self, keys, values, *a, **kw):
+        real_init(self, keys, values, *a, **kw)
+        made.append((keys.dtype, values.dtype, self._k.dtype, self._v.dtype))
+
+    monkeypatch.setattr(_BufferedLayer, "__init__", init)
+    p = SamplingParams(n=4, max_new_tokens=24)
+    seeds = [7, 8, 9, 10]
+    bf16 = HFEngine(model, 0, EOS, compute_dtype=torch.bfloat16).generate(PROMPTS, p, seeds)
+    written = {m[:2] for m in made}
+    assert written == {(torch.float32, torch.bfloat16)}  # what the model hands the cache under autocast
+    assert {m[2:] for m in made} == {(torch.bfloat16, torch.bfloat16)}  # what the cache keeps
+    made.clear()
+    f32 = HFEngine(model, 0, EOS, compute_dtype=torch.bfloat16, kv_dtype=torch.float32).generate(PROMPTS, p, seeds)
+    assert {m[2:] for m in made} == {(torch.float32, torch.float32)}
+    assert [c.token_ids.tolist() for c in bf16] == [c.token_ids.tolist() for c in f32]
+    for a, b in zip(bf16, f32):
+        assert torch.equal(a.logprobs, b.logprobs)
+    made.clear()
+    HFEngine(model, 0, EOS).generate(PROMPTS[:1], SamplingParams(n=2, max_new_tokens=4), seeds[:1])
+    assert {m[2:] for m in made} == {(torch.float32, torch.float32)}  # float32 compute: float32 cache
+
+
 def _mask_dims(model):
     dims = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: dims.append(kw["attention_mask"].dim()), with_kwargs=True)
@@ -160,3 +189,39 @@ def test_generate_and_logprobs_raise_no_deprecation_warnings(model):
     bad = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not bad, [str(w.message) for w in bad]
     assert not [r for r in records if "deprecat" in r.getMessage().lower()], [r.getMessage() for r in records]
+
+
+# ------------------------------------------------------------------------------------------------ the weight-sync guard
+
+
+def _moved(model, seed):
+    """The state dict of a float32 copy of ``model`` with every parameter moved (a step's worth; tied ones stay tied)."""
+    import copy
+
+    moved = copy.deepcopy(model).float()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return moved.state_dict()
+
+
+def test_hf_guard_passes_a_whole_push_and_names_a_corrupted_or_missing_tensor(tiny_model_dir):
+    from dapo.model import tied_copies
+    from dapo.rollout.base import WeightSyncError, weight_fingerprints
+
+    own = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)  # a sampler's own bf16 copy
+    eng = HFEngine(own, 0, EOS)
+    assert eng.weight_dtype == torch.bfloat16
+    sd = _moved(own, 0)
+    expected = weight_fingerprints(((k, v) for k, v in sd.items() if k not in tied_copies(own)), eng.weight_dtype)
+    eng.load_weights(sd, 1)
+    eng.check_weights(expected)
+    name = "model.layers.1.mlp.down_proj.weight"
+    eng.load_weights({**sd, name: sd[name].flip(0) * 0.5}, 2)  # one tensor corrupted on the way
+    with pytest.raises(WeightSyncError, match=rf"HF rollout engine holds other values for {name} "):
+        eng.check_weights(expected)
+    eng.load_weights(_moved(own, 1), 3)  # a stale engine, then a push that leaves one tensor out
+    eng.load_weights({k: v for k, v in sd.items() if k != "model.norm.weight"}, 4)
+    with pytest.raises(WeightSyncError, match=r"other values for model\.norm\.weight "):
+        eng.check_weights(expected)

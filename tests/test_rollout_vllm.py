@@ -79,24 +79,57 @@ class StandInSamplingParams:  # vllm.SamplingParams, the fields dapo sets
 
 
 class FakeModel(torch.nn.Module):
-    """vLLM's model in its worker: ``load_weights(weights)`` consumes (name, tensor) pairs."""
+    """vLLM's model in its worker, in vLLM's layout: Qwen2's q/k/v and gate/up projections packed into one
+    parameter each (declared in ``packed_modules_mapping``), tied embeddings' LM head not a parameter of its
+    own. ``load_weights(weights)`` consumes Hugging Face (name, tensor) pairs and copies each into its place
+    (its rows of a packed parameter), casting to the model's dtype; names it has no place for are only
+    recorded. Without a checkpoint (``path`` None) it holds one placeholder parameter."""
 
-    def __init__(self):
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, path: str | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
         self.received: list[tuple[str, Any]] = []
+        self.held: dict[str, torch.nn.Parameter] = {}
+        self.slots: dict[str, tuple[str, int, int]] = {}  # HF name -> (held name, first row, rows)
+        if path is None:
+            self.held["w"] = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+            return
+        from safetensors.torch import load_file
 
+        parts: dict[str, list[tuple[int, str, torch.Tensor]]] = {}  # packed name -> (place, HF name, tensor)
+        for name, t in load_file(str(Path(path) / "model.safetensors")).items():
+            place, packed = next(((i, name.replace(f".{s}.", f".{k}.")) for k, subs in self.packed_modules_mapping.items()
+                                  for i, s in enumerate(subs) if f".{s}." in name), (0, name))
+            parts.setdefault(packed, []).append((place, name, t))
+        for packed, ts in parts.items():  # q, k, v (gate, up) one after the other, in that order
+            ts.sort(key=lambda x: x[0])
+            rows = 0
+            for _, name, t in ts:
+                self.slots[name] = (packed, rows, t.shape[0])
+                rows += t.shape[0]
+            self.held[packed] = torch.nn.Parameter(torch.cat([t for _, _, t in ts]).to(dtype), requires_grad=False)
+
+    def named_parameters(self, *args, **kwargs):
+        yield from self.held.items()
+
+    @torch.no_grad()
     def load_weights(self, weights) -> set[str]:
+        loaded = set()
         for name, t in weights:
             self.received.append((name, t))
-        return {n for n, _ in self.received}
+            if name in self.slots:
+                held, r0, n = self.slots[name]
+                self.held[held][r0 : r0 + n].copy_(t)
+                loaded.add(name)
+        return loaded
 
 
 class GPUWorker:
     """What vLLM's worker offers an extension: ``self.model_runner.model``."""
 
-    def __init__(self):
-        self.model_runner = types.SimpleNamespace(model=FakeModel())
+    def __init__(self, path: str | None = None, dtype: torch.dtype = torch.float32):
+        self.model_runner = types.SimpleNamespace(model=FakeModel(path, dtype))
 
 
 def _serialised(x):
@@ -149,7 +182,10 @@ class LLM:
         self.max_model_len = max_model_len or 32768
         mod, _, cls = worker_extension_cls.rpartition(".")
         ext = getattr(importlib.import_module(mod), cls) if worker_extension_cls else object
-        self.worker = type("Worker", (GPUWorker, ext), {})()  # vLLM adds the extension to the worker's bases
+        # vLLM's dtype=auto is the checkpoint's (float32 for the tiny test model)
+        held = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        # vLLM adds the extension to the worker's bases; a LoRA base is served as it is, never loaded into
+        self.worker = type("Worker", (GPUWorker, ext), {})(None if enable_lora else model, held)
         self.sleeping: set[str] = set()
         self.adapters: dict[int, tuple[dict, dict]] = {}  # lora_int_id -> (adapter_config, tensors) as read
         self.events: list[tuple] = []
@@ -242,6 +278,7 @@ def fake_vllm(monkeypatch):
 
 CFG = load_config(overrides=["data.max_prompt_len=12", "rollout.max_new_tokens=20", "seed=5"])
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+DTYPE_RPC = ("collective_rpc", "dapo_weight_dtype")  # asked once, at start-up: the dtype pushes are cast to
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,7 +299,7 @@ def test_engine_core_in_process_so_weights_reach_the_worker_as_the_same_tensors(
     got = llm.worker.model_runner.model.received
     assert [n for n, _ in got] == list(sd)
     assert all(t is sd[n] for n, t in got)  # tensors, not lists, and not even copies
-    assert llm.events == [("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",)]  # no sleep: not colocated
+    assert llm.events == [DTYPE_RPC, ("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",)]  # no sleep
     assert eng.weight_version == 3
 
 
@@ -285,7 +322,7 @@ def test_colocated_engine_sleeps_after_rollouts_and_wakes_weights_before_loading
     eng.load_weights({"v": torch.zeros(3)}, version=2)  # a second chunk: weights already awake
     eng.generate(PROMPTS, p, [1, 2, 3])
     assert llm.events == [
-        ("generate", 3), ("sleep", 1),
+        DTYPE_RPC, ("generate", 3), ("sleep", 1),
         ("wake_up", ("weights",)), ("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",),
         ("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",),
         ("wake_up", ("kv_cache",)), ("generate", 3), ("sleep", 1),
@@ -293,8 +330,8 @@ def test_colocated_engine_sleeps_after_rollouts_and_wakes_weights_before_loading
     eng2 = VLLMEngine(str(tiny_model_dir), 0, [1], CFG, colocated=True)  # a resume loads weights first
     eng2.load_weights({"w": torch.zeros(3)}, version=7)
     eng2.generate(PROMPTS, p, [1, 2, 3])
-    assert LLM.last.events == [("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",), ("generate", 3),
-                               ("sleep", 1)]
+    assert LLM.last.events == [DTYPE_RPC, ("collective_rpc", "dapo_load_weights"), ("reset_prefix_cache",),
+                               ("generate", 3), ("sleep", 1)]
 
 
 def test_completions_carry_vllm_tokens_logprobs_finish_reasons_and_weight_version(fake_vllm, tiny_model_dir):
@@ -428,3 +465,65 @@ def test_lora_pushes_become_adapter_requests_and_the_base_is_never_touched(fake_
     # without model.lora_rank an adapter is not a model vLLM can load
     with pytest.raises(ValueError, match="dapo export .* --merge OUT"):
         VLLMEngine(str(ckpt), 0, [1], CFG)
+
+
+# ------------------------------------------------------------------------------------------------ the weight-sync guard
+
+
+def _trained(tiny_model_dir, seed=3):
+    """The tiny model's state dict after a "step": every tensor moved, so a stale one differs from it."""
+    from transformers import AutoModelForCausalLM
+
+    from dapo.model import tied_copies
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model.state_dict(), tied_copies(model)
+
+
+def test_vllm_guard_passes_a_whole_push_and_names_a_corrupted_or_missing_tensor(fake_vllm, tiny_model_dir):
+    from dapo.rollout.base import WeightSyncError, weight_fingerprints
+
+    bf16 = load_config(overrides=["data.max_prompt_len=12", "rollout.max_new_tokens=20", "rollout.dtype=bfloat16"])
+    sd, tied = _trained(tiny_model_dir)
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1], bf16)
+    assert eng.weight_dtype == torch.bfloat16  # asked of the worker
+    expected = weight_fingerprints(((k, v) for k, v in sd.items() if k not in tied), eng.weight_dtype)
+    eng.load_weights(sd, 1)
+    eng.check_weights(expected)  # a whole push passes, through vLLM's packed layout
+    held = LLM.last.worker.model_runner.model.held
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    assert torch.equal(held[qkv], torch.cat([sd[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"]).bfloat16())
+
+    bad = dict(sd)
+    bad["model.layers.1.self_attn.k_proj.weight"] = sd["model.layers.1.self_attn.k_proj.weight"] * 1.5
+    eng.load_weights(bad, 2)
+    with pytest.raises(WeightSyncError, match=r"vLLM rollout engine holds other values for .*layers\.1\.self_attn\.q_proj"
+                                              r"\.weight \+ .*layers\.1\.self_attn\.k_proj\.weight"):
+        eng.check_weights(expected)
+
+    fresh = VLLMEngine(str(tiny_model_dir), 0, [1], bf16)  # holds the checkpoint's weights, not the trained ones
+    fresh.load_weights({k: v for k, v in sd.items() if k != "model.norm.weight"}, 1)
+    with pytest.raises(WeightSyncError, match=r"other values for model\.norm\.weight "):
+        fresh.check_weights(expected)
+    eng.load_weights(sd, 3)  # the good push again: passes, and a tensor vLLM has no place for is named
+    eng.check_weights(expected)
+    with pytest.raises(WeightSyncError, match=r"holds no tensor model\.extra\.weight"):
+        eng.check_weights({**expected, "model.extra.weight": torch.zeros(3, dtype=torch.float64)})
+
+
+def test_every_wake_up_comes_right_after_the_caching_allocator_is_emptied(fake_vllm, tiny_model_dir, monkeypatch):
+    eng = VLLMEngine(str(tiny_model_dir), 0, [1], CFG, colocated=True)
+    llm = LLM.last
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: llm.events.append(("empty_cache",)))
+    p = SamplingParams(n=2, max_new_tokens=5)
+    for v in (1, 2):
+        eng.generate(PROMPTS, p, [1, 2, 3])
+        eng.load_weights({"w": torch.zeros(3)}, version=v)
+    eng.generate(PROMPTS, p, [1, 2, 3])
+    wakes = [i for i, e in enumerate(llm.events) if e[0] == "wake_up"]
+    assert len(wakes) == 4 and all(llm.events[i - 1] == ("empty_cache",) for i in wakes)
+    assert llm.events.count(("empty_cache",)) == 4  # and only then

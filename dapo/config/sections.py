@@ -26,6 +26,12 @@ class ModelConfig:
     """Run a model repository's own Python code. Off unless you trust the repository."""
     allow_unsafe_weights: bool = False
     """Allow pickle-based weight files (pytorch_model.bin); by default only safetensors load."""
+    head_tf32: bool = False
+    """Run the float32 LM head's matmuls (forward and backward, the log-probs' four V x H GEMMs per response
+    token) with TF32 allowed on CUDA: ~8x the full-float32 rate on Ampere and later, inputs rounded to a 10-bit
+    mantissa, float32 accumulation. Allowed inside the head only, never globally (the decoder computes in
+    ``model.dtype`` anyway). Off by default until its effect on ``mismatch/logp_abs_diff`` is measured on a GPU;
+    no effect on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     attn_implementation: str = "sdpa"
@@ -130,8 +136,20 @@ class RolloutConfig:
     """Take old log-probs from the rollout engine instead of recomputing them with the training model."""
     batch_size: int = 256
     """Most sequences the engine decodes at once."""
-    gpu_memory_utilization: float = 0.5
-    """vLLM only: fraction of the GPU's memory vLLM may take (weights + KV cache); the rest is left to training."""
+    gpu_memory_utilization: float | None = None
+    """vLLM only: fraction of its GPU's memory vLLM may take (weights + KV cache). None: 0.5 where vLLM shares
+    the GPU with training (the in-process engine beside a trainer here, or ``dist.colocate``), the rest left to
+    training; 0.85 on a rollout worker's GPU of its own (vLLM's default is 0.9; the margin holds the CUDA
+    context and a weight push's chunk)."""
+    verify_weights: bool = True
+    """After every weight push, compare fingerprints (float64 sums) of the tensors the engine now holds, computed
+    on its side, with those of what the trainer pushed, in the dtype pushed; a stale, missing or corrupted tensor
+    stops the run naming it. Skipped when the engine samples with the trained model itself (nothing travels)."""
+    max_logp_diff: float = 1.0
+    """Stop the run when ``mismatch/logp_abs_diff`` (mean |trainer log-prob - sampler log-prob| per token in the
+    loss) passes this, before training on the step: a sampler serving other weights than the trainer's. bfloat16
+    sampling against a float32 trainer measures ~0.01-0.05 and one step of staleness far less than 1 nat at
+    RL learning rates, so 1.0 is a gap no rounding explains. 0 = off."""
     max_turns: int = 4
     """With an environment (``env.path`` or ``env.tools``): the most model turns per trajectory; a trajectory
     still going after them ends with finish_reason 'turns' (not overlong: the overlong filter keeps it)."""
@@ -359,11 +377,15 @@ class SFTConfig:
     """Clip the gradient norm to this; 0 = off."""
     target_accuracy: float | None = 0.25
     """Stop at the first held-out measurement of sampled accuracy >= this (a base RL can climb from);
-    None = run ``max_steps``. Needs a verifier: a built-in task's, or ``reward.fn`` for files."""
+    None = stop on the held-out loss (``patience``). Needs a verifier and answers: a built-in task's, or
+    ``reward.fn`` and ``data.answer_key`` for files; a file without answers stops on the loss."""
     min_steps: int = 150
     """No accuracy measurement before this step."""
     eval_every: int = 20
-    """Measure held-out accuracy every N steps from ``min_steps`` on."""
+    """Measure held-out accuracy (and loss) every N steps from ``min_steps`` on."""
+    patience: int = 3
+    """Without an accuracy to stop on (``target_accuracy`` null, or rows with no answer): stop once the held-out
+    loss has not improved for this many measurements; 0 = run ``max_steps``."""
     max_steps: int = 1000
     """Step cap."""
     n_probe: int = 256

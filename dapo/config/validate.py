@@ -81,7 +81,8 @@ def _rollout_and_optim(c: Config) -> None:
             _bad(key, f"must be in (0, 1], got {p}")
     _one_of("rollout.engine", r.engine, ("hf", "vllm"))
     _one_of("rollout.dtype", r.dtype, ("auto", "float32", "bfloat16"))
-    if not 0 < r.gpu_memory_utilization <= 1:
+    _at_least(c, 0, "rollout.max_logp_diff")
+    if r.gpu_memory_utilization is not None and not 0 < r.gpu_memory_utilization <= 1:
         _bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
     _at_least(c, 0, "optim.steps", "optim.max_samples", "optim.micro_batch_tokens")
     _at_least(c, 1, "optim.train_batch_size", "optim.mini_batch_size", "optim.micro_batch_size", "optim.epochs",
@@ -141,9 +142,27 @@ def _dist(c: Config) -> None:
     if d.async_steps and c.data.path and not c.reward.workers:
         _bad("reward.workers", "with dist.async_steps=1 the rollout is scored in a background thread, where a reward "
                                "function cannot be given a time limit: set reward.workers >= 1")
+    if d.colocate and d.async_steps:
+        _bad("dist.async_steps", "with dist.colocate a rollout worker would sample on the device its trainer rank is "
+                                 "updating on: set dist.async_steps=0, or dist.colocate=false (workers on devices of "
+                                 "their own)")
+    if d.trainer_ranks > 1 and not d.rollout_workers and not d.rollout_on_ranks and _on_cuda(c.model.device):
+        _bad("dist.rollout_workers", f"with dist.trainer_ranks={d.trainer_ranks} and no rollout workers the rollout "
+                                     f"engine would run in the driver process on cuda:0, behind Ray's back (the GPU "
+                                     f"it lent trainer rank 0): set dist.rollout_workers >= 1 (or "
+                                     f"dist.rollout_on_ranks=true with the HF engine), or model.device=cpu")
     if d.trainer_ranks > 1 and o.mini_batch_size * r.group_size % d.trainer_ranks:
         _bad("dist.trainer_ranks", f"each optimiser step's {o.mini_batch_size * r.group_size} responses must split "
                                    f"evenly over {d.trainer_ranks} ranks")
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether ``model.device`` puts this process's model on a GPU (auto: when one is visible here)."""
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def _env(c: Config) -> None:

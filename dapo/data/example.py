@@ -9,8 +9,8 @@ from typing import Any
 class Example:
     prompt: str | list[dict[str, Any]]
     """Plain text, or chat messages ``[{"role": "user", "content": ...}]`` as in DAPO-Math-17k."""
-    answer: str
-    """Ground truth the verifier compares against."""
+    answer: str | None
+    """Ground truth the verifier compares against; None for a supervised row that has none."""
     data_source: str = ""
     """Where the row came from (metrics and evaluation are also reported per source)."""
     fields: dict[str, Any] = field(default_factory=dict)

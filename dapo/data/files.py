@@ -6,7 +6,10 @@ The DAPO-Math-17k schema is read as it is published::
      "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"}, "extra_info": {"index": "..."}}
 
 ``answer_key`` is dotted for nested fields (``reward_model.ground_truth``) and falls back to a top-level
-``answer`` column, so a plain ``{"prompt": "...", "answer": "..."}`` file needs no options. Every problem
+``answer`` column, so a plain ``{"prompt": "...", "answer": "..."}`` file needs no options; the prompt key
+falls back to a top-level ``messages`` column the same way (SFT data). A chat prompt that ends with assistant
+turns (a whole conversation) is cut after its last user turn: that is the prompt a policy answers, and the
+whole conversation stays in ``Example.fields[prompt_key]`` for the warm-up to imitate. Every problem
 is reported with the file, the 1-based row and the key, because a 17k-row file is not read by eye.
 Parquet needs ``pyarrow``, Hugging Face datasets need ``datasets`` (``pip install 'dapo[data]'``).
 """
@@ -232,6 +235,7 @@ def load_examples(
     answer_key: str = "reward_model.ground_truth",
     bad_rows: str = "error",
     dedup: bool = False,
+    require_answer: bool = True,
 ) -> tuple[list[Example], LoadStats]:
     """Read a prompt file into examples.
 
@@ -239,7 +243,8 @@ def load_examples(
     hub dataset id (``org/name``, where the hub is reachable). prompt_key / answer_key: column names,
     dotted for nested fields; ``answer_key`` falls back to a top-level ``answer`` column when absent.
     bad_rows: ``error`` raises DataError naming the file, 1-based row and key of the first bad row;
-    ``skip`` skips and counts them. dedup: keep only the first row of each prompt.
+    ``skip`` skips and counts them. dedup: keep only the first row of each prompt. require_answer=False
+    (supervised data): a row without an answer is kept with ``Example.answer`` None.
 
     Returns (examples, LoadStats). ``Example.fields`` holds every column of the row except the prompt;
     ``data_source`` is the row's ``data_source`` column, if it has one.
@@ -251,15 +256,17 @@ def load_examples(
     rows = skipped = duplicates = 0
     for where, row in _rows(path):
         rows += 1
-        problem = _row_problem(row, prompt_key, answer_key)
+        key = _prompt_column(row, prompt_key)
+        problem = _row_problem(row, key, answer_key, require_answer)
         if problem is not None:
             if bad_rows == "error":
                 raise DataError(f"{path}: {where}: {problem} (bad_rows='skip' skips such rows)")
             skipped += 1
             continue
-        prompt = get_field(row, prompt_key, _MISSING)
+        prompt = conversation = get_field(row, key, _MISSING)
         if not isinstance(prompt, str):
-            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            conversation = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            prompt = until_last_user_turn(conversation)
         if dedup:
             key = prompt_key_text(prompt)
             if key in seen:
@@ -268,13 +275,16 @@ def load_examples(
             seen.add(key)
         answer = get_field(row, answer_key, _MISSING)
         if answer is _MISSING:
-            answer = row["answer"]
+            answer = row.get("answer")
         source = row.get("data_source")
+        fields = {k: v for k, v in row.items() if k != key}
+        if conversation is not prompt and len(conversation) > len(prompt):
+            fields[key] = conversation
         examples.append(Example(
             prompt=prompt,
             answer=_answer_text(answer),
             data_source=source if isinstance(source, str) else "",
-            fields={k: v for k, v in row.items() if k != prompt_key},
+            fields=fields,
         ))
     if rows == 0:
         raise DataError(f"{path}: the dataset is empty (no rows)")
@@ -283,7 +293,24 @@ def load_examples(
     return examples, LoadStats(rows=rows, kept=len(examples), skipped_bad=skipped, dropped_duplicates=duplicates)
 
 
-def _row_problem(row: Any, prompt_key: str, answer_key: str) -> str | None:
+def until_last_user_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages up to and including the last user turn: what a policy is asked to continue.
+
+    >>> until_last_user_turn([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    [{'role': 'user', 'content': '2+2?'}]
+    """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    return messages[: last + 1]
+
+
+def _prompt_column(row: Any, prompt_key: str) -> str:
+    """``prompt_key``, or a top-level ``messages`` column when the row has no ``prompt_key``."""
+    if isinstance(row, dict) and get_field(row, prompt_key, _MISSING) is _MISSING and "messages" in row:
+        return "messages"
+    return prompt_key
+
+
+def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: bool = True) -> str | None:
     """What is wrong with a row, naming the key; None when it is usable."""
     if isinstance(row, _BadRow):
         return row.reason
@@ -291,16 +318,22 @@ def _row_problem(row: Any, prompt_key: str, answer_key: str) -> str | None:
         return f"is a {type(row).__name__}, not an object with named fields"
     prompt = get_field(row, prompt_key, _MISSING)
     if prompt is _MISSING or prompt is None:
-        return f"prompt key {prompt_key!r} is missing (columns: {', '.join(sorted(row))})"
+        return (f"prompt key {prompt_key!r} is missing and there is no 'messages' column (columns: "
+                f"{', '.join(sorted(row))}): set data.prompt_key to the column holding the prompt")
     why = prompt_error(prompt)
     if why:
         return f"prompt key {prompt_key!r} {why}"
+    if not isinstance(prompt, str) and not any(m["role"] == "user" and m["content"].strip() for m in prompt):
+        return f"prompt key {prompt_key!r} has no user message with content"
     answer, key = get_field(row, answer_key, _MISSING), answer_key
     if answer is _MISSING and "answer" in row:
         answer, key = row["answer"], "answer"
+    if not require_answer and (answer is _MISSING or answer is None or answer == ""):
+        return None
     if answer is _MISSING or answer is None:
         fallback = "" if answer_key == "answer" else " and there is no 'answer' column"
-        return f"answer key {answer_key!r} is missing{fallback} (columns: {', '.join(sorted(row))})"
+        return (f"answer key {answer_key!r} is missing{fallback} (columns: {', '.join(sorted(row))}): set "
+                f"data.answer_key to the column holding the ground truth")
     if _answer_text(answer) is None:
         if isinstance(answer, str):
             return f"answer key {key!r} is empty"

@@ -78,6 +78,36 @@ def render_prompt(example: Example | str | Messages, template: str, tokenizer: A
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def assistant_turns(messages: Messages, template: str, tokenizer: Any = None) -> list[tuple[str, str]]:
+    """(prompt text, response text) for each assistant turn of a conversation that follows a user turn: the
+    prompt rendered exactly as :func:`render_prompt` renders the conversation so far (what ``dapo train``
+    shows the model), the response as the model should continue it.
+
+    With a chat template the response is what the template writes after the generation prompt for that
+    turn: the content and the template's end-of-turn marker (``<|im_end|>`` in ChatML). Without one (or
+    when the template's rendering of the turn does not start with its generation prompt), the content alone.
+    Earlier turns stay in the prompt as the template writes them; without a chat template only the user
+    turns are kept (the ``none`` rendering).
+
+    >>> assistant_turns([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "none")
+    [('2+2?', '4')]
+    """
+    out = []
+    chat = template.endswith("chat") and bool(getattr(tokenizer, "chat_template", None))
+    instruction = "none" if template == "chat" else template.removesuffix("+chat")
+    for k, m in enumerate(messages):
+        if m.get("role") != "assistant" or not any(x.get("role") == "user" for x in messages[:k]):
+            continue
+        prompt, response = render_prompt(messages[:k], template, tokenizer), m["content"]
+        if chat:
+            whole = tokenizer.apply_chat_template(_with_instruction(_as_messages(messages[: k + 1]), instruction),
+                                                  tokenize=False)
+            if whole.startswith(prompt) and len(whole) > len(prompt):
+                response = whole[len(prompt):]
+        out.append((prompt, response))
+    return out
+
+
 def _as_messages(prompt: str | Messages) -> Messages:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]

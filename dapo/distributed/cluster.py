@@ -138,3 +138,19 @@ def actor_death_reason(e: BaseException) -> str:
 
 def where(info: dict[str, Any]) -> str:
     return f"pid {info.get('pid')} on {info.get('node')}"
+
+
+NVSWITCH_NCCL_ENV = {"NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0"}
+"""The NCCL settings reported to help trainer ranks on Ray behind per-actor ``CUDA_VISIBLE_DEVICES`` masking on
+NVSwitch nodes (ray issue 61073: all-reduce through Ray actors on H200 nodes far slower than under torchrun; with
+both set, small all-reduces ran at full speed there, while 64 MB ones still hung)."""
+
+
+def nccl_note(env: dict[str, str]) -> str | None:
+    """A start-up line naming the NVSwitch NCCL settings the user has not set (None when all are set)."""
+    unset = {k: v for k, v in NVSWITCH_NCCL_ENV.items() if k not in env}
+    if not unset:
+        return None
+    return ("note: NCCL trainer ranks on Ray see one GPU each (CUDA_VISIBLE_DEVICES masking), reported to make NCCL "
+            "slow or hang on NVSwitch nodes (ray issue 61073); if collectives crawl or hang, start with "
+            + " ".join(f"{k}={v}" for k, v in unset.items()) + " in the environment of the Ray workers")

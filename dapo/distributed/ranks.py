@@ -16,20 +16,20 @@ import datetime
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 import torch
 import torch.distributed as tdist
 
 from dapo.config import Config
-from dapo.distributed.cluster import Cluster, wait_all, where
+from dapo.distributed.cluster import Cluster, nccl_note, wait_all, where
 from dapo.distributed.rollout import put_chunks, sample_in_slices
 from dapo.learner import DataParallel, LocalLearner, TrainBatch, needs_recompute, whole_tensor
 from dapo.learner.policy import ResponseLogprobs
 from dapo.learner.state import OPTIMIZER_FILE, load_optimizer_state
 from dapo.ragged import Ragged
-from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
+from dapo.rollout.base import Completion, Fingerprints, RolloutEngine, SamplingParams
 
 
 def _free_port(host: str) -> int:
@@ -88,6 +88,7 @@ class TrainerRank:
         return host, _free_port(host)
 
     def setup(self, host: str, port: int) -> dict[str, Any]:
+        from dapo.memory import check_device_memory
         from dapo.model import compute_dtype, load_policy, make_optimizer, reference_model
 
         cfg = self.cfg
@@ -104,11 +105,12 @@ class TrainerRank:
                                  timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
         torch.manual_seed(cfg.seed)
         dtype = compute_dtype(cfg.model.dtype, device)
+        check_device_memory(cfg, self.path, device, self.world if cfg.dist.fsdp else 1)
         model = load_policy(cfg.model, self.path, device)  # float32, or a compute-dtype base + fp32 adapters
         ref = None
         if cfg.algo.kl_coef > 0:  # replicated even under FSDP: it only runs forward, outside the policy's root
             ref = reference_model(cfg.model, model, self.path, self.ref_path, device)  # None under LoRA: no copy
-        policy = ResponseLogprobs(model, dtype)
+        policy = ResponseLogprobs(model, dtype, cfg.model.head_tf32)
         if cfg.dist.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -166,20 +168,50 @@ class TrainerRank:
                     m.reshard()
         return self.learner.policy
 
-    def publish_weights(self, chunk_bytes: int) -> tuple[list, int] | None:
-        """The whole state dict (under LoRA: the adapter tensors only) into the object store in chunks (rank 0
-        returns the refs). Under FSDP each tensor is all-gathered in turn, a collective every rank joins, so only
-        one chunk is ever whole here."""
-        from dapo.model import weights_to_sync
+    def publish_weights(self, chunk_bytes: int, dtype: torch.dtype | None = None
+                        ) -> tuple[list, int, Fingerprints] | None:
+        """The whole state dict (under LoRA: the adapter tensors only) into the object store in chunks, cast to the
+        sampler's ``dtype`` here (rank 0 returns the refs, the tensor count and the fingerprints of what it put).
+        Under FSDP each tensor is all-gathered in turn, a collective every rank joins, so only one chunk is ever
+        whole here."""
+        from dapo.model import tied_copies, weights_to_sync
 
         self._resharded()
-        whole = ((k, whole_tensor(v)) for k, v in weights_to_sync(self.learner.model).items())
-        if self.rank == 0:
-            return put_chunks(whole, chunk_bytes)
-        if self.learner.dp.fsdp:
-            for _ in whole:
+        named = weights_to_sync(self.learner.model)
+        fps: Fingerprints = {}
+        if not self.learner.dp.fsdp:  # no collective: rank 0 alone puts its replica away
+            if self.rank:
+                return None
+            refs, n = put_chunks(named.items(), chunk_bytes, dtype, fps, tied_copies(self.learner.model))
+            return refs, n, fps
+        done: list = []
+        gathered = self._gathered(named, done)
+        if self.rank:
+            for _ in gathered:
                 pass
-        return None
+            return None
+        try:
+            refs, n = put_chunks(gathered, chunk_bytes, dtype, fps, tied_copies(self.learner.model))
+        except BaseException:
+            if not done:  # the others wait on the next tensor: they stop now, not at dist.timeout_s
+                self._still_publishing(False)
+            raise
+        return refs, n, fps
+
+    def _gathered(self, named: dict[str, torch.Tensor], done: list) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each FSDP tensor whole, an all-gather every rank joins; after each, the ranks agree that rank 0 (which
+        puts them into the object store) is still going, so when it fails every rank stops at that point (the
+        others quietly: rank 0 reports its own error to the driver). ``done`` gets an item once the last
+        tensor's agreement is over (no rank waits any more)."""
+        for k, v in named.items():
+            yield k, whole_tensor(v)
+            if not self._still_publishing(True):
+                return
+        done.append(True)
+
+    def _still_publishing(self, ok: bool) -> bool:
+        """All ranks: whether every rank says ``ok`` (a one-float all-reduce)."""
+        return self.learner.dp.sum_scalar(float(ok)) == self.world
 
     def state_dict(self) -> dict[str, Any] | None:
         """Rank 0's schedule and streak (the optimiser state goes to its own file: ``save_optimizer``)."""
@@ -268,6 +300,9 @@ class RankGroup:
         """The ranks' streak of skipped non-finite updates, as rank 0 last reported it."""
         log(f"trainer: {self.m} ranks ({'FSDP2-sharded' if cfg.dist.fsdp else 'replicated'}) on {infos[0]['device']}, "
             f"process group at {host}:{port}")
+        note = nccl_note(dict(os.environ)) if cluster.use_gpu else None
+        if note:
+            log(note)
 
     def _all(self, method: str, *args: Any, what: str) -> list[Any]:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
@@ -296,25 +331,29 @@ class RankGroup:
         self.bad_streak = int(m["actor/bad_streak"])  # rank 0's learner owns the streak; this is its report
         return m
 
-    def push_weights(self, engine: RolloutEngine, version: int) -> None:
+    def push_weights(self, engine: RolloutEngine, version: int) -> Fingerprints | None:
         if isinstance(engine, RankEngine) and engine.group is self:  # the ranks sample with what they train
             engine.weight_version = version
-            return
+            return None
+        refs, n, fps = self._publish("publishing weights", engine.weight_dtype)
         if hasattr(engine, "load_weight_refs"):  # Ray workers fetch the chunks themselves
-            engine.load_weight_refs(*self._publish("publishing weights"), version)
+            engine.load_weight_refs(refs, n, version)
         else:  # an engine in the driver process
-            engine.load_weights(self.full_state_dict(), version)
+            engine.load_weights(self._fetch(refs), version)
+        return fps
 
-    def _publish(self, what: str) -> tuple[list, int]:
-        return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, what=what)[0]
+    def _publish(self, what: str, dtype: torch.dtype | None = None) -> tuple[list, int, Fingerprints]:
+        return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, dtype, what=what)[0]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's tensors (under LoRA: the adapter tensors), gathered in this process (for an engine here)."""
-        refs, _ = self._publish("gathering weights")
+    def _fetch(self, refs: list) -> dict[str, torch.Tensor]:
         sd: dict[str, torch.Tensor] = {}
         for ref in refs:
             sd.update(ray.get(ref, timeout=self.timeout_s))
         return sd
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's tensors (under LoRA: the adapter tensors), gathered in this process (for an engine here)."""
+        return self._fetch(self._publish("gathering weights")[0])
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule and streak; the optimiser state is written by rank 0 into the checkpoint's own
@@ -360,6 +399,8 @@ class RankEngine:
     counts. A rank that dies stops the run (a process group cannot lose a member).
     """
 
+    weight_dtype = None  # the weights never travel
+
     def __init__(self, group: RankGroup):
         self.group = group
         self.weight_version = 0
@@ -376,3 +417,6 @@ class RankEngine:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         raise RuntimeError("the ranks sample with the weights they train (dist.rollout_on_ranks): nothing to load")
+
+    def check_weights(self, expected: Fingerprints) -> None:
+        """Nothing to check: the ranks sample with the very weights they train."""

@@ -23,20 +23,29 @@ from ray.exceptions import RayActorError
 
 from dapo.config import Config
 from dapo.distributed.cluster import Cluster, DistError, actor_death_reason, wait_all, where
-from dapo.rollout.base import Completion, SamplingParams
+from dapo.rollout.base import Completion, Fingerprints, SamplingParams, WeightSyncError, weight_fingerprints
 
 ChunkRefs = list  # list[ray.ObjectRef], each a dict[str, Tensor] of about dist.weight_chunk_mb
 
 
-def put_chunks(tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int) -> tuple[ChunkRefs, int]:
+def put_chunks(tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int, dtype: torch.dtype | None = None,
+               fingerprints: Fingerprints | None = None, skip: set[str] = frozenset()) -> tuple[ChunkRefs, int]:
     """Put (name, tensor) pairs into the object store in chunks; returns (chunk refs, tensor count).
 
     ``tensors`` may be a generator (e.g. FSDP parameters gathered one by one): at most one chunk is
-    held in this process at a time.
+    held in this process at a time. ``dtype``: the samplers' (``RolloutEngine.weight_dtype``); floating-point
+    tensors are cast to it on their device, before they leave (float32 master weights to bfloat16 samplers:
+    half the bytes through the object store). ``fingerprints``: filled with those of what was put, in the
+    dtype put, except for the names in ``skip`` (tied copies).
     """
     refs, chunk, size, n = [], {}, 0, 0
     for name, t in tensors:
-        chunk[name] = t.detach().cpu()
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        if fingerprints is not None and name not in skip:
+            fingerprints.update(weight_fingerprints([(name, t)]))
+        chunk[name] = t.cpu()
         size += t.numel() * t.element_size()
         n += 1
         if size >= chunk_bytes:
@@ -97,7 +106,17 @@ class RolloutWorker:
             self.engine = HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size)
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.engine.weight_version}
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "version": self.engine.weight_version,
+                "weight_dtype": self.engine.weight_dtype}
+
+    def weight_mismatch(self, expected: Fingerprints) -> str | None:
+        """What the engine's check of its weights against ``expected`` found wrong, or None (a message, not an
+        exception: it crosses back to the driver as it is)."""
+        try:
+            self.engine.check_weights(expected)
+        except WeightSyncError as e:
+            return str(e)
+        return None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Completion]:
         return self.engine.generate(prompts, params, seeds)
@@ -153,8 +172,10 @@ class RayEngine:
         self._version = 0
         self._latest: tuple[ChunkRefs, int] | None = None  # kept only when workers may be replaced
         self.workers = [self._spawn(k) for k in range(self.n)]
-        self.where = [where(i) for i in wait_all([w.info.remote() for w in self.workers], self.names(),
-                                                  self.timeout_s, "starting rollout workers")]
+        infos = wait_all([w.info.remote() for w in self.workers], self.names(), self.timeout_s, "starting rollout workers")
+        self.where = [where(i) for i in infos]
+        self.weight_dtype: torch.dtype | None = infos[0]["weight_dtype"]
+        """The workers' engines keep the weights in it (all alike: one config)."""
 
     def names(self, ks: Iterable[int] | None = None) -> list[str]:
         return [f"rollout worker {k} of {self.n}" for k in (range(self.n) if ks is None else ks)]
@@ -227,9 +248,18 @@ class RayEngine:
         return sample_in_slices(prompts, seeds, self.n, run)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """From a trainer in this process: chunk the state dict into the object store, then sync."""
-        refs, n = put_chunks(state_dict.items(), self.chunk_bytes)
+        """From a trainer in this process: chunk the state dict into the object store (in the workers' dtype),
+        then sync."""
+        refs, n = put_chunks(state_dict.items(), self.chunk_bytes, self.weight_dtype)
         self.load_weight_refs(refs, n, version)
+
+    def check_weights(self, expected: Fingerprints) -> None:
+        """Every worker compares what its engine holds with ``expected``; the first that differs is named."""
+        ref = ray.put(expected)
+        found = self._run(lambda w, k: w.weight_mismatch.remote(ref), range(self.n), "checking the weights")
+        for k in sorted(found):
+            if found[k] is not None:
+                raise WeightSyncError(f"rollout worker {k} of {self.n} ({self.where[k]}): {found[k]}")
 
     def load_weight_refs(self, refs: ChunkRefs, n_tensors: int, version: int) -> None:
         """Every worker loads the chunks (already in the object store) and stamps ``version``."""

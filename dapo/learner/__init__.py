@@ -24,7 +24,7 @@ from dapo.learner.batch import TrainBatch
 from dapo.learner.learner import LocalLearner, TrainingError, needs_recompute
 from dapo.learner.parallel import DataParallel, whole_tensor
 from dapo.ragged import Ragged
-from dapo.rollout.base import RolloutEngine
+from dapo.rollout.base import Fingerprints, RolloutEngine
 
 
 class Learner(Protocol):
@@ -43,8 +43,9 @@ class Learner(Protocol):
         """The step's mini-batch optimiser steps; returns its ``actor/*`` metrics."""
         ...
 
-    def push_weights(self, engine: RolloutEngine, version: int) -> None:
-        """The new weights to the rollout engine, stamped ``version``."""
+    def push_weights(self, engine: RolloutEngine, version: int) -> Fingerprints | None:
+        """The new weights to the rollout engine, stamped ``version``; returns the fingerprints of what was pushed
+        (``dapo.rollout.base.weight_fingerprints``, in the engine's dtype), None when no weight travelled."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

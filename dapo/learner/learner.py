@@ -26,9 +26,9 @@ from dapo.learner.parallel import DataParallel, whole_tensor
 from dapo.learner.plan import MicroBatchPlan
 from dapo.learner.policy import PackedBatch, ResponseLogprobs, SeqBatch, response_logprobs
 from dapo.learner.state import load_optimizer_state
-from dapo.model import reference_policy, save_model, weights_to_sync
+from dapo.model import reference_policy, save_model, tied_copies, weights_to_sync
 from dapo.ragged import Ragged
-from dapo.rollout.base import RolloutEngine, derive_seed
+from dapo.rollout.base import Fingerprints, RolloutEngine, derive_seed, weight_fingerprints
 
 
 class TrainingError(RuntimeError):
@@ -53,7 +53,7 @@ class LocalLearner:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.pad_id, self.device, self.compute_dtype, self.ref_model = pad_id, device, compute_dtype, ref_model
         self.dp = dp or DataParallel(device=device)
-        self.policy = policy or ResponseLogprobs(model, compute_dtype)
+        self.policy = policy or ResponseLogprobs(model, compute_dtype, cfg.model.head_tf32)
         """Every training forward goes through it (FSDP2-wrapped on a sharded rank)."""
         self.cfg = cfg
         self.samples_the_policy = sampler_shares_model and compute_dtype == torch.float32
@@ -119,7 +119,8 @@ class LocalLearner:
     def _ref_logp(self, seqs: SeqBatch | PackedBatch) -> torch.Tensor:
         """(b, T) log-probs under the KL reference (under LoRA: this model with its adapters off)."""
         with reference_policy(self.model, self.ref_model) as ref:
-            return response_logprobs(ref, seqs, self.cfg.rollout.temperature, compute_dtype=self.compute_dtype)[0]
+            return response_logprobs(ref, seqs, self.cfg.rollout.temperature, compute_dtype=self.compute_dtype,
+                                     head_tf32=self.cfg.model.head_tf32)[0]
 
     def minibatch_backward(self, batch: TrainBatch, old_logp: Ragged, resp_idx: list[int],
                            with_entropy: bool = False) -> tuple[float, dict[str, float]]:
@@ -230,9 +231,15 @@ class LocalLearner:
 
     # -------------------------------------------------------------------------------------------- weights, state
 
-    def push_weights(self, engine: RolloutEngine, version: int) -> None:
-        """The new weights to the rollout engine (which only counts them when it shares this model)."""
-        engine.load_weights(weights_to_sync(self.model), version)  # under LoRA: the adapters only
+    def push_weights(self, engine: RolloutEngine, version: int) -> Fingerprints | None:
+        """The new weights to the rollout engine (which only counts them when it shares this model); returns the
+        fingerprints of what it pushed, in the dtype the engine keeps (None: nothing travelled)."""
+        sd = weights_to_sync(self.model)  # under LoRA: the adapters only
+        engine.load_weights(sd, version)  # an engine of its own casts (Ray workers' pushes: before they leave)
+        if getattr(engine, "model", None) is self.model or not self.cfg.rollout.verify_weights:
+            return None  # nothing travelled, or nothing will be checked
+        tied = tied_copies(self.model)  # an engine may hold a tied copy once (vLLM): compare the tensor itself
+        return weight_fingerprints(((k, v) for k, v in sd.items() if k not in tied), engine.weight_dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

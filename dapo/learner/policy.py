@@ -27,7 +27,9 @@ Two layouts of a micro-batch, for two different savings:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -184,8 +186,28 @@ def _checkpointing(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
 
-def _head_chunk(head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):
-    with torch.autocast(device_type=h.device.type, enabled=False):  # the LM head in float32, as log-softmax
+@contextmanager
+def head_precision(tf32: bool) -> Iterator[None]:
+    """Inside: CUDA float32 matmuls may use TF32 (10-bit mantissa inputs, float32 accumulation) when ``tf32``
+    (``model.head_tf32``); the setting before is put back on exit, so nothing outside the LM head changes.
+    torch's ``fp32_precision`` API (mixing it with the legacy ``allow_tf32`` flag is an error in torch 2.13).
+    No effect on CPU matmuls."""
+    if not tf32:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def _head_chunk(head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool,
+                tf32: bool = False):
+    # the LM head in float32, as log-softmax; a checkpointed chunk recomputes under the same precision
+    with torch.autocast(device_type=h.device.type, enabled=False), head_precision(tf32):
         logits = head(h.float()).float() / temperature  # (c, V)
     lp = token_logprobs(logits, labels, chunk=logits.shape[0] or 1)
     ent = token_entropy(logits.detach(), chunk=logits.shape[0] or 1) if with_entropy else torch.zeros_like(lp)
@@ -197,11 +219,13 @@ class _HeadLogProbs(torch.autograd.Function):
 
     Always float32, under autocast too: the logits' rounding is the log-probs' rounding, and a bfloat16
     logit of 20 is only good to 0.06 nats, the size of the importance ratios' deviations that are clipped.
+    ``tf32``: its matmuls, forward and backward, with TF32 allowed (``head_precision``).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, labels, temperature: float, chunk: int, with_entropy: bool):
-        with torch.autocast(device_type=h.device.type, enabled=False):
+    def forward(ctx, h, weight, labels, temperature: float, chunk: int, with_entropy: bool, tf32: bool = False):
+        ctx.tf32 = tf32
+        with torch.autocast(device_type=h.device.type, enabled=False), head_precision(tf32):
             return _HeadLogProbs._forward(ctx, h, weight, labels, temperature, chunk, with_entropy)
 
     @staticmethod
@@ -226,7 +250,7 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        with torch.autocast(device_type=g_lp.device.type, enabled=False):
+        with torch.autocast(device_type=g_lp.device.type, enabled=False), head_precision(ctx.tf32):
             return _HeadLogProbs._backward(ctx, g_lp)
 
     @staticmethod
@@ -246,7 +270,7 @@ class _HeadLogProbs(torch.autograd.Function):
                 dh[s : s + chunk] = (dz @ w32).to(h.dtype)
             if dw is not None:
                 dw.addmm_(dz.t(), hc)
-        return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None, None
 
 
 def response_logprobs(
@@ -256,6 +280,7 @@ def response_logprobs(
     with_entropy: bool = False,
     chunk: int = 2048,
     compute_dtype: torch.dtype = torch.float32,
+    head_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response token | prefix) at ``temperature``: (b, T) float32, and (b, T) entropy if asked.
 
@@ -273,22 +298,22 @@ def response_logprobs(
         h_flat, lab_flat = h[keep], batch.input_ids[:, -batch.n_resp :][keep]  # (n, H), (n,)
     else:
         h_flat, lab_flat = h, batch.input_ids[0, batch.label_pos]  # (n, H), (n,)
-    logp, ent = _head_logprobs(model, h_flat, lab_flat, temperature, chunk, with_entropy)  # (n,) each
+    logp, ent = _head_logprobs(model, h_flat, lab_flat, temperature, chunk, with_entropy, head_tf32)  # (n,) each
     return batch.unflatten(logp), batch.unflatten(ent) if with_entropy else None
 
 
 def _head_logprobs(model: torch.nn.Module, h_flat: torch.Tensor, lab_flat: torch.Tensor, temperature: float,
-                   chunk: int, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk: int, with_entropy: bool, tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H), (N,) -> log-probs (N,) and entropy (N,) (zeros unless asked) through the LM head, in chunks."""
     head = model.get_output_embeddings()
     chunk = max(1, min(chunk, HEAD_CHUNK_ELEMS // head.weight.shape[0]))
     if isinstance(head, torch.nn.Linear) and head.bias is None:
-        return _HeadLogProbs.apply(h_flat, head.weight, lab_flat, temperature, chunk, with_entropy)
+        return _HeadLogProbs.apply(h_flat, head.weight, lab_flat, temperature, chunk, with_entropy, tf32)
     lps, ents = [], []  # any other head: autograd through checkpointed chunks
     grad = torch.is_grad_enabled()
     N = h_flat.shape[0]
     for s in range(0, N, chunk):
-        args = (head, h_flat[s : s + chunk], lab_flat[s : s + chunk], temperature, with_entropy)
+        args = (head, h_flat[s : s + chunk], lab_flat[s : s + chunk], temperature, with_entropy, tf32)
         if grad and N > chunk:  # recompute each chunk's logits in backward instead of keeping them
             lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False)
         else:
@@ -307,11 +332,13 @@ class ResponseLogprobs(torch.nn.Module):
     head, never through the LM's own call. In one process it is a plain call.
     """
 
-    def __init__(self, lm: torch.nn.Module, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, lm: torch.nn.Module, compute_dtype: torch.dtype = torch.float32, head_tf32: bool = False):
         super().__init__()
         self.lm = lm
         self.compute_dtype = compute_dtype
+        self.head_tf32 = head_tf32
 
     def forward(self, batch: SeqBatch | PackedBatch, temperature: float = 1.0, with_entropy: bool = False):
-        lp, ent = response_logprobs(self.lm, batch, temperature, with_entropy, compute_dtype=self.compute_dtype)
+        lp, ent = response_logprobs(self.lm, batch, temperature, with_entropy, compute_dtype=self.compute_dtype,
+                                    head_tf32=self.head_tf32)
         return lp.clone(), ent  # not a view: FSDP2 hooks the output for backward (B*T floats, no cost)

@@ -6,7 +6,7 @@ prompt index), so a rollout is reproducible whatever the batch it is part of.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
@@ -89,8 +89,75 @@ def _completion_from_pickle(prompt_index, token_ids, logprobs, finish_reason, we
                       None if mask is None else from_pickled(mask))
 
 
+Fingerprints = dict[str, torch.Tensor]
+"""Tensor name -> (3,) float64: the sum, the sum of absolute values and the sum of squares of its elements."""
+
+
+class WeightSyncError(RuntimeError):
+    """A rollout engine holds weights other than the ones pushed to it (stale, partial or corrupted)."""
+
+
+def _fingerprint(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(3,) float64 sums of ``t`` (cast to ``dtype`` first, as a push would), in chunks of 16M elements so the
+    float64 copy stays small."""
+    t = t.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    out = torch.zeros(3, dtype=torch.float64, device=t.device)
+    for c in t.reshape(-1).split(1 << 24):
+        c = c.double()
+        out += torch.stack([c.sum(), c.abs().sum(), c.square().sum()])
+    return out.cpu()
+
+
+def weight_fingerprints(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> Fingerprints:
+    """Fingerprints of (name, tensor) pairs, each cast to ``dtype`` as a push to an engine holding that dtype.
+
+    Whole-tensor sums rather than a sample of rows: they are additive, so an engine that stores tensors fused
+    (vLLM's qkv_proj is q, k and v one after the other) or padded with zero rows (vLLM's vocabulary) can still
+    be compared tensor group by tensor group; and a float64 reduction reads each weight once, about what one
+    decode step reads. They catch a stale, missing, zeroed or corrupted tensor, not a permutation within one
+    or a change of a few ulps (below the comparison's tolerance)."""
+    return {n: _fingerprint(t, dtype) for n, t in named}
+
+
+FP_RTOL = 1e-9
+"""Relative tolerance of a fingerprint comparison: float64 sums in another order (another device, another
+reduction) differ by ~1e-16 x sqrt(elements); a stale or corrupted tensor by far more."""
+
+
+def compare_fingerprints(expected: Fingerprints, held: Iterable[tuple[tuple[str, ...], torch.Tensor]],
+                         where: str = "the rollout engine") -> None:
+    """Raise ``WeightSyncError`` unless every tensor of ``expected`` is held with its fingerprint.
+
+    ``held``: (the names of the pushed tensors a held tensor is made of, its fingerprint); one name each for
+    an engine that stores tensors as pushed, several for a fused one (their expected fingerprints add up).
+    Held tensors that stand for nothing pushed are ignored."""
+    covered: set[str] = set()
+    for names, fp in held:
+        names = tuple(names)
+        if not all(n in expected for n in names):
+            continue
+        want = torch.stack([expected[n] for n in names]).sum(0)
+        covered.update(names)
+        s, a, q = fp.double().tolist()
+        ws, wa, wq = want.tolist()
+        tol = FP_RTOL * max(a, wa)
+        if abs(s - ws) > tol or abs(a - wa) > tol or abs(q - wq) > FP_RTOL * max(q, wq):
+            raise WeightSyncError(
+                f"{where} holds other values for {' + '.join(names)} than were pushed (sum {s:.9g} vs {ws:.9g}, "
+                f"sum |x| {a:.9g} vs {wa:.9g}, sum x^2 {q:.9g} vs {wq:.9g}): stale, partly loaded or corrupted weights")
+    missing = [n for n in expected if n not in covered]
+    if missing:
+        raise WeightSyncError(f"{where} holds no tensor {missing[0]} of the pushed weights ({len(missing)} missing: "
+                              f"{missing[:5]})")
+
+
 class RolloutEngine(Protocol):
     weight_version: int
+    weight_dtype: torch.dtype | None
+    """The dtype the engine keeps pushed floating-point weights in (None: it keeps the tensors it is given, e.g.
+    the trainer's own model). Pushes are cast to it before they leave the trainer, and fingerprinted in it."""
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int]
@@ -100,6 +167,11 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Replace the policy's weights (after an optimiser step) and record their version."""
+        ...
+
+    def check_weights(self, expected: Fingerprints) -> None:
+        """Raise ``WeightSyncError`` naming the first tensor whose held values do not match ``expected``
+        (``weight_fingerprints`` of what was pushed), or that the engine does not hold."""
         ...
 
 

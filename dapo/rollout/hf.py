@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from dapo.rollout.base import Completion, SamplingParams, derive_seed
+from dapo.rollout.base import Completion, Fingerprints, SamplingParams, compare_fingerprints, derive_seed, weight_fingerprints
 
 
 def filter_logits(logp: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
@@ -95,16 +95,19 @@ class _BufferedLayer(DynamicLayer):
     growing from small costs at most as much copying again as the cache holds.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, max_capacity: int | None = None):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, max_capacity: int | None = None,
+                 dtype: torch.dtype | None = None):
+        """``dtype``: of the storage (default: the keys'); positions written later are cast to it."""
         super().__init__()
         B, h, n, _ = keys.shape
+        dtype = dtype or keys.dtype
         self.max_capacity = max_capacity
-        self._k = keys.new_empty(B, h, max(capacity, n), keys.shape[-1])
-        self._v = values.new_empty(B, h, max(capacity, n), values.shape[-1])
+        self._k = keys.new_empty(B, h, max(capacity, n), keys.shape[-1], dtype=dtype)
+        self._v = values.new_empty(B, h, max(capacity, n), values.shape[-1], dtype=dtype)
         self._k[:, :, :n] = keys
         self._v[:, :, :n] = values
         self.n = n
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.dtype, self.device, self.is_initialized = dtype, keys.device, True
         self._expose()
 
     @property
@@ -145,12 +148,14 @@ class _BufferedLayer(DynamicLayer):
             self._expose()
 
 
-def _expand_cache(past, rows: torch.Tensor, capacity: int, max_capacity: int | None = None):
+def _expand_cache(past, rows: torch.Tensor, capacity: int, max_capacity: int | None = None,
+                  dtype: torch.dtype | None = None):
     """The prefill cache of U unique prompts -> one row per sample (``rows`` indexes the prompts),
-    with room for ``capacity`` positions, growing up to ``max_capacity``. Layers of other kinds
-    (sliding windows...) are only indexed."""
+    with room for ``capacity`` positions, growing up to ``max_capacity``, stored in ``dtype`` (default: as
+    the model wrote them). Layers of other kinds (sliding windows...) are only indexed."""
     if isinstance(past, DynamicCache) and past.layers and all(type(x) is DynamicLayer for x in past.layers):
-        past.layers = [_BufferedLayer(x.keys[rows], x.values[rows], capacity, max_capacity) for x in past.layers]
+        past.layers = [_BufferedLayer(x.keys[rows], x.values[rows], capacity, max_capacity, dtype)
+                       for x in past.layers]
     else:
         past.batch_select_indices(rows)
     return past
@@ -177,11 +182,18 @@ class HFEngine:
         max_batch: int = 256,
         kv_headroom: int | None = 256,
         compute_dtype: torch.dtype = torch.float32,
+        kv_dtype: torch.dtype | None = None,
     ):
         """``kv_headroom``: decode positions the KV storage holds beyond the prompt before its first
         doubling; None reserves all ``max_new_tokens`` up front (the memory a batch can need at worst).
         ``compute_dtype``: the forward passes run under autocast in it (a float32 model shared with the
-        trainer, sampling in the trainer's compute dtype); the sampling distribution is float32 whatever it is."""
+        trainer, sampling in the trainer's compute dtype); the sampling distribution is float32 whatever it is.
+        ``kv_dtype``: of the keys/values kept between steps; default the compute dtype under autocast, else
+        the dtype the model writes them in (a bf16 model's bf16). Under bf16 autocast a
+        float32 model writes its keys in float32 (RoPE's float32 cos/sin promote the bf16 projection) and its
+        values in bf16; attention casts both to bf16 before it reads them, so storing them in bf16 gives the
+        same tokens for 2/3 of the memory, and spares attention re-casting the whole key cache at every layer
+        of every step."""
         if kv_headroom is not None and kv_headroom < 1:
             raise ValueError(f"HFEngine(kv_headroom=...) must be >= 1 or None, got {kv_headroom}")
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -196,7 +208,13 @@ class HFEngine:
         self.max_batch = max_batch
         self.kv_headroom = kv_headroom
         self.compute_dtype = compute_dtype
+        self.kv_dtype = kv_dtype or (compute_dtype if compute_dtype != torch.float32 else None)  # None: as written
         self.weight_version = 0
+        from dapo.model import weights_to_sync
+
+        floats = [t.dtype for t in weights_to_sync(model).values() if t.is_floating_point()]
+        self.weight_dtype: torch.dtype | None = floats[0] if floats else None
+        """What its pushed weights are kept in: the dtype of what a push replaces (under LoRA the adapters')."""
 
     @property
     def device(self) -> torch.device:
@@ -211,6 +229,13 @@ class HFEngine:
         if not shared:
             self.model.load_state_dict(state_dict, strict=False)
         self.weight_version = int(version)
+
+    @torch.no_grad()
+    def check_weights(self, expected: Fingerprints) -> None:
+        """Compare the model's own tensors with the fingerprints of what was pushed (``WeightSyncError``)."""
+        own = self.model.state_dict()
+        compare_fingerprints(expected, (((n,), fp) for n, fp in weight_fingerprints(
+            (n, own[n]) for n in expected if n in own).items()), "the HF rollout engine")
 
     @torch.no_grad()  # not inference_mode: a module caching a tensor in forward would poison training
     def generate(
@@ -269,7 +294,7 @@ class HFEngine:
         out = self.model(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=pos, use_cache=True,
                          logits_to_keep=1)
         start = L + T if self.kv_headroom is None else L + min(T, self.kv_headroom)
-        past = _expand_cache(returned_cache(out), row_prompt, start, max_capacity=L + T)
+        past = _expand_cache(returned_cache(out), row_prompt, start, max_capacity=L + T, dtype=self.kv_dtype)
         logits = out.logits[:, -1][row_prompt]  # (B, V)
         attn, next_pos = attn[row_prompt], pos[row_prompt, -1:] + 1  # (B, L + T), (B, 1)
         attn[:, L:] = 1  # columns of tokens not generated yet are never read: only [:, :L + t + 1] is passed

@@ -61,12 +61,23 @@ import numpy as np
 import torch
 
 from dapo.config import Config
-from dapo.rollout.base import Completion, SamplingParams
+from dapo.rollout.base import Completion, Fingerprints, SamplingParams, compare_fingerprints, weight_fingerprints
 
 _MISSING = ("rollout.engine=vllm needs vLLM, which is not installed here: pip install vllm (Linux with an NVIDIA "
             "GPU; pip install 'dapo[vllm]' gets the versions this engine is written for), or use rollout.engine=hf")
 _TAGS = ("weights", "kv_cache")  # what sleep(level=1) releases, and wake_up(tags=...) restores
 _MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's LoRA config accepts for max_lora_rank
+
+
+SHARED_GPU_FRACTION, OWN_GPU_FRACTION = 0.5, 0.85
+"""``rollout.gpu_memory_utilization`` when unset: beside training on one GPU, and on a GPU of vLLM's own."""
+
+
+def gpu_memory_fraction(cfg: Config, shares_gpu: bool) -> float:
+    """The fraction of its GPU vLLM takes: ``rollout.gpu_memory_utilization``, or its default for the placement."""
+    if cfg.rollout.gpu_memory_utilization is not None:
+        return cfg.rollout.gpu_memory_utilization
+    return SHARED_GPU_FRACTION if shares_gpu else OWN_GPU_FRACTION
 
 
 def vllm_max_lora_rank(rank: int) -> int:
@@ -115,9 +126,28 @@ class WeightLoader:
         model.load_weights(weights=((n, t.to(device)) for n, t in named))  # one tensor on the device at a time
         return len(named)
 
+    def dapo_weight_dtype(self) -> torch.dtype:
+        """The dtype vLLM holds the model's weights in (what ``dtype=auto`` resolved to)."""
+        return next(self.model_runner.model.parameters()).dtype  # type: ignore[attr-defined]
+
+    def dapo_fingerprints(self, names: list[str]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        """Fingerprints of the parameters vLLM holds for ``names`` (Hugging Face names), each with the names it
+        is made of: a packed parameter (``packed_modules_mapping``: qkv_proj = q_proj, k_proj, v_proj) stands for
+        its parts, and since the fingerprints are sums, the parts' add up to it. Written for models whose vLLM
+        parameter names are the Hugging Face ones up to packing (Qwen2, Llama, Mistral)."""
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+        want, out = set(names), []
+        for pname, p in model.named_parameters():
+            parts = next((tuple(pname.replace(f".{k}.", f".{s}.") for s in subs) for k, subs in packed.items()
+                          if f".{k}." in pname), (pname,))
+            if want.intersection(parts):
+                out.append((parts, weight_fingerprints([(pname, p.data)])[pname]))
+        return out
+
 
 class VLLMEngine:
-    """vLLM's ``LLM`` on the model at ``path``: one GPU, ``rollout.gpu_memory_utilization`` of its memory.
+    """vLLM's ``LLM`` on the model at ``path``: one GPU, ``gpu_memory_fraction`` of its memory.
 
     ``max_model_len``: the longest prompt + response vLLM must hold (default ``data.max_prompt_len +
     rollout.max_new_tokens``). ``colocated``: the GPU is shared with training, so vLLM sleeps between
@@ -154,11 +184,12 @@ class VLLMEngine:
                 model=model, tokenizer=tokenizer, **extra,
                 dtype=cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
-                gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_num_seqs=cfg.rollout.batch_size,
+                gpu_memory_utilization=gpu_memory_fraction(cfg, self.colocated or cfg.dist.colocate), max_num_seqs=cfg.rollout.batch_size,
                 max_model_len=self.max_model_len, enable_prefix_caching=True, enable_sleep_mode=self.colocated,
                 logprobs_mode="processed_logprobs", worker_extension_cls=f"{__name__}.WeightLoader",
                 tensor_parallel_size=1, distributed_executor_backend="uni",
             )
+        self._weight_dtype = None if self.lora_rank else self.llm.collective_rpc("dapo_weight_dtype")[0]
 
     def _lora_setup(self, path: str, cfg: Config) -> tuple[str, str, dict[str, Any]]:
         """(model, tokenizer, LoRA keywords of ``LLM``); a LoRA checkpoint at ``path`` (a resume) is served on
@@ -202,9 +233,12 @@ class VLLMEngine:
             shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def _wake(self, *tags: str) -> None:
-        """Wake the given memory tags that sleep (waking an awake tag is not something to rely on)."""
+        """Wake the given memory tags that sleep (waking an awake tag is not something to rely on). vLLM's sleep
+        pool lives outside PyTorch's caching allocator: what the update freed but PyTorch still caches is handed
+        back to the driver first, or vLLM cannot map it."""
         todo = [t for t in tags if t in self._asleep]
         if todo:
+            torch.cuda.empty_cache()  # a no-op where CUDA was never started
             self.llm.wake_up(tags=todo)
             self._asleep.difference_update(todo)
 
@@ -264,3 +298,18 @@ class VLLMEngine:
         self.llm.collective_rpc("dapo_load_weights", args=(list(state_dict.items()),))
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)
+
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        """The dtype vLLM holds the weights in (asked of its worker once, at start-up); None under LoRA (adapters travel as
+        files, in the trainer's float32)."""
+        return self._weight_dtype
+
+    def check_weights(self, expected: Fingerprints) -> None:
+        """Compare what vLLM's worker holds with the fingerprints of the push (``WeightSyncError``). Under LoRA
+        nothing is checked here: the adapter is the files vLLM reads at the next rollout."""
+        if self.lora_rank:
+            return
+        self._wake("weights")
+        held = self.llm.collective_rpc("dapo_fingerprints", args=(list(expected),))[0]
+        compare_fingerprints(expected, held, "the vLLM rollout engine")

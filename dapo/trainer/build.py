@@ -14,6 +14,7 @@ from dapo.model import (
     SetupError, compute_dtype, eos_ids, generation_config_of, load_policy, load_tokenizer, make_optimizer,
     reference_model, resolve_device, sampler_dtype,
 )
+from dapo.memory import check_device_memory
 from dapo.problems import Problems, load_problems
 from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
@@ -113,6 +114,8 @@ def _learner_and_engine(cfg: Config, path: str, ref_path: str | None, tokenizer:
     d = cfg.dist
     remote_rollout, remote_train = d.rollout_workers > 0, d.trainer_ranks > 1
     pad_id = int(tokenizer.pad_token_id)
+    if not remote_train:  # refused before anything is allocated (the ranks check their own devices)
+        check_device_memory(cfg, path, device)
     # the driver holds a model only when it trains (and then may sample with it) here
     model = None if remote_train else load_policy(cfg.model, path, device)  # float32, or a compute-dtype base + fp32 adapters
     eos = eos_ids(model if model is not None else generation_config_of(path), tokenizer)

@@ -34,6 +34,7 @@ from dapo.config import Config, validate
 from dapo.eval import as_metrics, evaluate, headline, sampling_params
 from dapo.items import Group
 from dapo.learner import TrainingError
+from dapo.rollout.base import Fingerprints, RolloutEngine, WeightSyncError
 from dapo.trainer.batch import flatten_groups, rollout_correction
 from dapo.trainer.build import Run, build_run
 from dapo.trainer.checkpoint import load_trainer_state, save_checkpoint
@@ -70,17 +71,39 @@ def train_step(run: Run, step: int) -> tuple[list[Group], dict[str, float]]:
         old_logp = run.learner.old_logp(batch)  # pi_old of every token (recomputed where it can differ)
     weights, mm = rollout_correction(batch, old_logp, run.cfg.algo)  # sampler vs trainer: measured, and
     m.update(mm)                                                      # per-token weights if algo.rollout_is asks
+    check_mismatch(m, run.cfg.rollout.max_logp_diff, step)  # a sampler far off the policy: not trained on
     run.rollouts.start(step + 1)  # one step off (dist.async_steps): the next rollout samples during the update
     with timed(m, "time/update"):
         m.update(run.learner.update(batch.weighted(weights), old_logp, step))  # clipped, token-mean, AdamW steps
     with timed(m, "time/wait_rollout"):
         run.rollouts.wait()  # nothing may sample while the weights change
     with timed(m, "time/weight_sync"):
-        run.learner.push_weights(run.engine, run.engine.weight_version + 1)  # the sampler gets the new policy
+        pushed = run.learner.push_weights(run.engine, run.engine.weight_version + 1)  # the sampler gets the new policy
+        if pushed is not None and run.cfg.rollout.verify_weights:
+            verify_push(run.engine, pushed, step)  # ... and provably holds it
     fresh = [c.weight_version for g in groups if g.step == step for c in g.completions]
     if fresh:  # none when carried-over groups filled the whole batch
         m["rollout/weight_version"] = float(min(fresh))
     return groups, m
+
+
+def verify_push(engine: RolloutEngine, pushed: Fingerprints, step: int) -> None:
+    """Stop the run if the engine's weights are not the ones just pushed (``rollout.verify_weights``)."""
+    try:
+        engine.check_weights(pushed)
+    except WeightSyncError as e:
+        raise TrainingError(f"step {step}: weight sync v{engine.weight_version} failed: {e}. The sampler would "
+                            f"serve a policy that is not the one being trained; stopping (rollout.verify_weights)") from None
+
+
+def check_mismatch(m: dict[str, float], bound: float, step: int) -> None:
+    """Stop the run when the sampler's log-probs are further from the trainer's than ``rollout.max_logp_diff``."""
+    diff = m["mismatch/logp_abs_diff"]
+    if bound > 0 and diff > bound:
+        raise TrainingError(f"step {step}: mismatch/logp_abs_diff={diff:.4g} > rollout.max_logp_diff={bound:g}: the "
+                            f"rollout engine samples from a policy far from the one being trained (stale or wrong "
+                            f"weights, or a sampler in another dtype far off); not training on it. Raise "
+                            f"rollout.max_logp_diff (0 = off) if this gap is expected")
 
 
 def held_out_eval(run: Run) -> dict[str, Any]:

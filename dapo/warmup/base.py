@@ -29,7 +29,7 @@ from dapo.data.charvocab import DEFAULT_ALPHABET, make_char_tokenizer
 from dapo.data.tasks import TrainStream, eval_examples, get_task
 from dapo.fsutil import install_dir, staging_dir
 from dapo.items import PromptItem
-from dapo.problems import save_template, task_score_fn
+from dapo.problems import as_file_template, save_template, task_score_fn
 from dapo.warmup.sft import Pair, SFTResult, make_probe, sft
 from dapo.warmup.tiny import build_tiny_model
 
@@ -77,7 +77,7 @@ def write_base(out: Path, model: torch.nn.Module, tokenizer: Any, template: str,
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_template(tmp, template)
-        meta = {**meta, "template": template,
+        meta = {**meta, "template": as_file_template(template),
                 "versions": {"torch": torch.__version__, "transformers": _transformers_version()}}
         (tmp / INFO).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         install_dir(tmp, out, replace=force or not is_built(out))
@@ -91,7 +91,7 @@ def result_meta(res: SFTResult, settings: SFTConfig, seed: int, n_params: int, t
         "steps": res.steps, "seconds": round(res.seconds, 2), "cpu_seconds": round(res.cpu_seconds, 2),
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "stopped": res.stopped, "sampled_accuracy": res.sampled_accuracy, "greedy_accuracy": res.greedy_accuracy,
-        "final_loss": res.final_loss, "seed": seed, "n_params": n_params, "threads": threads,
+        "final_loss": res.final_loss, "held_out_loss": res.held_out_loss, "seed": seed, "n_params": n_params, "threads": threads,
         "settings": dataclasses.asdict(settings), "history": res.history,
     }
 
@@ -141,7 +141,7 @@ def build_base_model(out_dir: str | Path, task_name: str = "addition", settings:
              for i, ex in enumerate(probe_exs)]
     probe = make_probe(items, task_score_fn(task), tokenizer, seed, task.max_response_len + 1)
     res = sft(model, task_pairs(task, tokenizer, seed), tokenizer.pad_token_id, s, probe, threads, log)
-    return write_base(out, model, tokenizer, "task", {"task": task_name, **result_meta(res, s, seed, n_params, threads)},
+    return write_base(out, model, tokenizer, "none", {"task": task_name, **result_meta(res, s, seed, n_params, threads)},
                       force)
 
 
@@ -183,25 +183,63 @@ def _transformers_version() -> str:
 # a user's own file: dapo sft --data FILE
 
 
-def file_pairs(problems: Any, tokenizer: Any, response_key: str) -> Callable[[int], list[Pair]]:
-    """The next n (prompt, response + eos) pairs of a file's training stream (its epochs, shuffled)."""
+def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config) -> list[Pair]:
+    """The (prompt, response + eos) pairs one row teaches: its ``sft.response_key`` column after its prompt,
+    or else every assistant turn of its conversation (a ``messages`` row), each after the conversation so
+    far, rendered as ``dapo train`` renders prompts (:func:`dapo.data.templates.assistant_turns`)."""
     from dapo.data.files import get_field
+    from dapo.data.templates import assistant_turns, fit_prompts
+
+    eos = tokenizer.eos_token_id
+    fields, key = item.example.fields, cfg.sft.response_key
+    value = get_field(fields, key, None)
+    if value is not None and not (isinstance(value, str) and not value.strip()):
+        return [(item.prompt_ids, tokenizer(str(value), add_special_tokens=False)["input_ids"] + [eos])]
+    conversation = get_field(fields, cfg.data.prompt_key, None) or fields.get("messages")
+    if not isinstance(conversation, list) or not any(m.get("role") == "assistant" for m in conversation):
+        cols = ", ".join(sorted(fields))
+        raise ValueError(f"{cfg.data.path}: a row has neither a response (sft.response_key {key!r}, missing or "
+                         f"empty) nor an assistant turn in a 'messages' conversation (columns: {cols}): set "
+                         f"sft.response_key to the column holding the response to imitate")
+    chat = template.endswith("chat")
+    out = []
+    for prompt, response in assistant_turns(conversation, template, tokenizer):
+        ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        kept, fitted, _, _ = fit_prompts([ids], cfg.data.max_prompt_len, cfg.data.long_prompts)
+        if not kept:
+            continue  # an earlier turn's prompt is measured like any prompt
+        resp = tokenizer(response, add_special_tokens=False)["input_ids"]
+        resp = resp[: resp.index(eos) + 1] if eos in resp else resp + [eos]  # ends at the turn's own end
+        out.append((fitted[0], resp))
+    return out
+
+
+def file_pairs(problems: Any, tokenizer: Any, cfg: Config) -> Callable[[int], list[Pair]]:
+    """The next n (prompt, response + eos) pairs of a file's training stream (its epochs, shuffled)."""
+    queue: list[Pair] = []
 
     def take(n: int) -> list[Pair]:
-        items = problems.stream.take(n)
-        resps = [_response_text(it, response_key, get_field) for it in items]
-        ids = tokenizer(resps, add_special_tokens=False)["input_ids"]
-        return [(it.prompt_ids, r + [tokenizer.eos_token_id]) for it, r in zip(items, ids)]
+        while len(queue) < n:
+            for it in problems.stream.take(n - len(queue)):
+                queue.extend(example_pairs(it, problems.template, tokenizer, cfg))
+        out = queue[:n]
+        del queue[:n]
+        return out
 
     return take
 
 
-def _response_text(item: PromptItem, key: str, get_field: Callable) -> str:
-    value = get_field(item.example.fields, key, None)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        cols = ", ".join(sorted(item.example.fields))
-        raise ValueError(f"sft.response_key {key!r}: missing or empty in a row of the file (columns: {cols})")
-    return str(value)
+def _stopping_rule(s: SFTConfig, answered: bool, held_out: bool, cfg: Config) -> str:
+    """What ends this warm-up, in words for the log."""
+    if answered and s.target_accuracy is not None:
+        return (f"held-out sampled accuracy under reward {cfg.reward.fn} >= sft.target_accuracy="
+                f"{s.target_accuracy}, or sft.max_steps={s.max_steps}")
+    why = ("sft.target_accuracy is null" if s.target_accuracy is None
+           else f"the held-out rows have no answer (data.answer_key={cfg.data.answer_key})")
+    if held_out and s.patience > 0:
+        return (f"{why}: held-out loss no better for sft.patience={s.patience} measurements (every "
+                f"sft.eval_every={s.eval_every} steps from sft.min_steps={s.min_steps}), or sft.max_steps={s.max_steps}")
+    return f"{why}: a fixed budget of sft.max_steps={s.max_steps} steps"
 
 
 def char_tokenizer_for(cfg: Config) -> Any:
@@ -210,10 +248,14 @@ def char_tokenizer_for(cfg: Config) -> Any:
     from dapo.data.files import load_examples
     from dapo.data.templates import prompt_text
 
-    exs, _ = load_examples(cfg.data.path, cfg.data.prompt_key, cfg.data.answer_key, bad_rows=cfg.data.bad_rows)
+    exs, _ = load_examples(cfg.data.path, cfg.data.prompt_key, cfg.data.answer_key, bad_rows=cfg.data.bad_rows,
+                           require_answer=False)
     chars = set()
     for ex in exs:
-        chars.update(prompt_text(ex.prompt), ex.answer, str(ex.fields.get(cfg.sft.response_key, "")))
+        chars.update(prompt_text(ex.prompt), ex.answer or "", str(ex.fields.get(cfg.sft.response_key, "")))
+        for m in ex.fields.get(cfg.data.prompt_key) or ex.fields.get("messages") or []:
+            if isinstance(m, dict):
+                chars.update(str(m.get("content", "")))
     return make_char_tokenizer(DEFAULT_ALPHABET + "".join(sorted(chars - set(DEFAULT_ALPHABET))))
 
 
@@ -230,10 +272,11 @@ def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str
         return out
     s, threads = cfg.sft, num_threads or default_threads()
     tokenizer = load_tokenizer(cfg.model, cfg.model.path) if cfg.model.path else char_tokenizer_for(cfg)
-    problems = load_problems(cfg, tokenizer, log)
+    problems = load_problems(cfg, tokenizer, log, require_answer=False)
     try:
-        pairs = file_pairs(problems, tokenizer, s.response_key)
+        pairs = file_pairs(problems, tokenizer, cfg)
         sample = pairs(min(512, len(problems.stream.examples)))  # lengths, and a bad response key fails early
+        pairs = file_pairs(problems, tokenizer, cfg)
         problems.stream.cursor = 0
         longest_seq, longest_resp = max(len(p) + len(r) for p, r in sample), max(len(r) for _, r in sample)
         if cfg.model.path:
@@ -245,12 +288,15 @@ def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str
         log(f"warm-up on {cfg.data.path}: {len(problems.stream.examples)} training rows, {len(problems.eval_items)} "
             f"held out; {'model ' + cfg.model.path if cfg.model.path else 'a new tiny model'} "
             f"({n_params / 1e6:.2f}M parameters), {threads} thread(s) -> {out}")
-        probe = None
-        if problems.eval_items:
-            probe = make_probe(problems.eval_items, problems.score_fn, tokenizer, cfg.eval_seed,
+        probe, held_out = None, problems.eval_items
+        answered = bool(held_out) and all(it.example.answer is not None for it in held_out)
+        if answered:
+            probe = make_probe(held_out, problems.score_fn, tokenizer, cfg.eval_seed,
                                max(cfg.rollout.max_new_tokens, longest_resp))
+        val_pairs = [p for it in held_out for p in example_pairs(it, problems.template, tokenizer, cfg)]
+        log("stopping rule: " + _stopping_rule(s, answered, bool(val_pairs), cfg))
         random.seed(cfg.seed)
-        res = sft(model, pairs, tokenizer.pad_token_id, s, probe, threads, log)
+        res = sft(model, pairs, tokenizer.pad_token_id, s, probe, threads, log, val_pairs=val_pairs)
     finally:
         problems.close()
     meta = {"data": cfg.data.path, "reward": cfg.reward.fn, **result_meta(res, s, cfg.seed, n_params, threads)}

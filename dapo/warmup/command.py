@@ -4,11 +4,13 @@
     dapo sft --task multisum --out base/          # another built-in task, to a directory
     dapo sft --data mine.jsonl --reward my_reward.py:score sft.response_key=solution   # your own task
 
-For a file: rows need a prompt (``data.prompt_key``), a worked response to imitate (``sft.response_key``)
-and the ground truth (``data.answer_key``, for the held-out accuracy that decides when to stop). Prompts
-are rendered with the template ``dapo train`` would choose (and recorded in the model directory, so
-``dapo train --model OUT`` keeps it). Without ``--model`` a tiny Qwen2 with a character tokenizer built
-from the file is trained from scratch, the demo's recipe.
+For a file: rows need a prompt (``data.prompt_key``) and a response to imitate (``sft.response_key``), or a
+``messages`` conversation (every assistant turn is imitated, the loss on assistant tokens only). With the
+ground truth (``data.answer_key``) the warm-up stops on held-out accuracy under ``reward.fn``; without one,
+when the held-out loss stops improving (``sft.patience``), and the log says which. Prompts are rendered with
+the template ``dapo train`` would choose (a chat template's own turns when the tokenizer has one), and it is
+recorded in the model directory, so ``dapo train --model OUT`` keeps it. Without ``--model`` a tiny Qwen2
+with a character tokenizer built from the file is trained from scratch, the demo's recipe.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ stops. When to stop matters: learning a format has a sharp phase transition (on 
 goes from ~10% sampled accuracy to ~50% within a hundred steps), so a fixed step count lands anywhere
 from useless to already solved. Instead ``sft`` measures sampled accuracy (temperature 1, the RL
 sampling distribution, with ``dapo.eval.evaluate``) on held-out prompts every ``eval_every`` steps and
-stops at the first measurement >= ``target_accuracy``.
+stops at the first measurement >= ``target_accuracy``. Data without a ground truth (plain prompt/response
+pairs, chat conversations) has no accuracy to measure: then the held-out loss is measured instead, and
+training stops once it has not improved for ``patience`` measurements (or after ``max_steps``).
 
 The loss is the usual next-token cross-entropy on response tokens only (prompt and padding labels are
 -100, the ignore index), averaged over the batch's response tokens.
@@ -85,24 +87,45 @@ class SFTResult:
     cpu_seconds: float
     """CPU time of this process over the loop (all threads): comparable across busy and idle machines."""
     stopped: str
-    """'target' (sampled accuracy reached the target) or 'max_steps'."""
+    """'target' (sampled accuracy reached the target), 'loss_plateau' (held-out loss stopped improving) or
+    'max_steps'."""
     sampled_accuracy: float
     """Probe accuracy with one temperature-1 sample per prompt, at the end (NaN without a probe)."""
     greedy_accuracy: float
     """Probe accuracy of greedy decoding, at the end (NaN without a probe)."""
     final_loss: float
     history: list[dict] = field(default_factory=list)
-    """One dict per measurement: step, seconds, loss (mean since the last one), sampled_acc."""
+    """One dict per measurement: step, seconds, loss (mean since the last one), sampled_acc, held_out_loss."""
+    held_out_loss: float = float("nan")
+    """Mean response-token loss on the held-out pairs at the end (NaN without them)."""
+
+
+def held_out_loss(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, batch: int) -> float:
+    """Mean next-token cross-entropy over the response tokens of ``pairs`` (every token weighs the same)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch):
+            input_ids, labels = sft_batch(pairs[i : i + batch], pad_id)  # (B, L) each
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += sft_loss(model, input_ids.to(device), labels.to(device)).item() * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def sft(model: torch.nn.Module, batches: Callable[[int], Sequence[Pair]], pad_id: int, settings: Any,
-        probe: Probe | None = None, num_threads: int | None = None, log: Callable[[str], None] = print) -> SFTResult:
+        probe: Probe | None = None, num_threads: int | None = None, log: Callable[[str], None] = print,
+        val_pairs: Sequence[Pair] = ()) -> SFTResult:
     """Train ``model`` in place to imitate the responses ``batches(n)`` yields; stop on accuracy or a step cap.
 
     ``settings``: a ``dapo.config.SFTConfig`` (lr, batch, warmup_steps, grad_clip, target_accuracy,
     min_steps, eval_every, max_steps). With a ``probe`` and ``target_accuracy`` set, the probe runs every
     ``eval_every`` steps from ``min_steps`` on, and training stops at the first measurement >= target;
-    otherwise exactly ``max_steps`` steps run (still measured, with a probe).
+    otherwise, with ``val_pairs`` (held-out pairs) and ``patience`` > 0, training stops once their loss has not
+    improved for ``patience`` measurements; else exactly ``max_steps`` steps run.
 
     The learning rate warms up linearly and then stays constant; gradients are clipped; AdamW uses betas
     (0.9, 0.95). Measured at lr 3e-3, batch 128 on the tiny model: without these three the loss spiked
@@ -113,12 +136,12 @@ def sft(model: torch.nn.Module, batches: Callable[[int], Sequence[Pair]], pad_id
         torch.set_num_threads(num_threads)
     try:
         return _sft_loop(model, batches, pad_id, settings if probe else replace(settings, target_accuracy=None),
-                         probe, log)
+                         probe, log, list(val_pairs))
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _sft_loop(model, batches, pad_id, s, probe, log) -> SFTResult:
+def _sft_loop(model, batches, pad_id, s, probe, log, val_pairs) -> SFTResult:
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
@@ -127,6 +150,8 @@ def _sft_loop(model, batches, pad_id, s, probe, log) -> SFTResult:
     t0, c0 = time.perf_counter(), time.process_time()
     loss_sum, loss_n, step, stopped, sampled, last_loss = 0.0, 0, 0, "max_steps", None, float("nan")
     nan = float("nan")
+    by_loss = s.target_accuracy is None and bool(val_pairs) and getattr(s, "patience", 0) > 0
+    best_val, worse = float("inf"), 0
 
     model.train()
     for step in range(1, s.max_steps + 1):
@@ -140,18 +165,25 @@ def _sft_loop(model, batches, pad_id, s, probe, log) -> SFTResult:
         sched.step()
         last_loss = loss.item()
         loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
-        measure = probe is not None and s.eval_every > 0 and step >= s.min_steps and (step - s.min_steps) % s.eval_every == 0
+        measure = ((probe is not None or val_pairs) and s.eval_every > 0 and step >= s.min_steps
+                   and (step - s.min_steps) % s.eval_every == 0)
         if measure or (probe is None and s.eval_every > 0 and step % s.eval_every == 0):
             sampled = probe(model, False) if probe is not None else nan
+            val = held_out_loss(model, val_pairs, pad_id, s.batch) if measure and val_pairs else nan
             model.train()
             history.append({"step": step, "seconds": round(time.perf_counter() - t0, 2),
-                            "loss": loss_sum / loss_n, "sampled_acc": sampled})
+                            "loss": loss_sum / loss_n, "sampled_acc": sampled, "held_out_loss": val})
             log(f"sft step {step:4d}  loss {loss_sum / loss_n:.4f}" + (f"  sampled acc {sampled:.3f}" if probe else "")
-                + f"  ({time.perf_counter() - t0:.0f}s)")
+                + (f"  held-out loss {val:.4f}" if val == val else "") + f"  ({time.perf_counter() - t0:.0f}s)")
             loss_sum, loss_n = 0.0, 0
             if s.target_accuracy is not None and sampled >= s.target_accuracy:
                 stopped = "target"
                 break
+            if by_loss and val == val:
+                best_val, worse = (val, 0) if val < best_val else (best_val, worse + 1)
+                if worse >= s.patience:
+                    stopped = "loss_plateau"
+                    break
 
     if probe is not None and (sampled is None or (stopped != "target" and history[-1]["step"] != step)):
         sampled = probe(model, False)
@@ -159,9 +191,11 @@ def _sft_loop(model, batches, pad_id, s, probe, log) -> SFTResult:
     sampled = nan if sampled is None or probe is None else sampled
     model.train()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    val = held_out_loss(model, val_pairs, pad_id, s.batch) if val_pairs else nan
     log(f"sft done: {step} steps, {seconds:.0f}s, loss {last_loss:.4f}" + (
+        f", held-out loss {val:.4f} ({len(val_pairs)} pairs)" if val_pairs else "") + (
         f", held-out accuracy sampled {sampled:.3f} greedy {greedy:.3f}" if probe else "") + f" ({stopped})")
     if s.target_accuracy is not None and stopped != "target":
         log(f"warning: sampled accuracy {sampled:.3f} never reached the target {s.target_accuracy} in {s.max_steps} "
             f"steps (sft.max_steps, sft.lr)")
-    return SFTResult(step, seconds, cpu_seconds, stopped, sampled, greedy, last_loss, history)
+    return SFTResult(step, seconds, cpu_seconds, stopped, sampled, greedy, last_loss, history, val)
