@@ -31,12 +31,13 @@ class Silent:
 
 
 class Echo:
-    """Answers each turn with "[obs k]" and 0.5, three times; then the trajectory is over."""
+    """Answers each turn with "[obs k" and 0 to 3 "+" (by the turn's length: feeds of unequal lengths) and 0.5,
+    three times; then the trajectory is over."""
 
     made: list["Echo"] = []
 
     def __init__(self):
-        self.seen = []
+        self.seen, self.sent = [], []
         Echo.made.append(self)
 
     def reset(self, row):
@@ -44,7 +45,8 @@ class Echo:
 
     def step(self, text):
         self.seen.append(text)
-        return StepResult(f"[obs {len(self.seen)}]", 0.5, len(self.seen) == 3)
+        self.sent.append(f"[obs {len(self.seen)}{'+' * (len(text) % 4)}]")
+        return StepResult(self.sent[-1], 0.5, len(self.seen) == 3)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,7 @@ def test_trajectory_is_the_sampled_ids_and_the_observations_ids(setup, echoed):
     items2, trajs, envs = echoed
     assert [it.prompt_ids for it in items2] == [it.prompt_ids for it in items]  # reset gave None: the row's prompt
     assert max(t.turns for t in trajs) >= 2  # the check below covers later turns
+    assert len({len(e.sent[0]) for e in envs if e.sent}) > 1  # and feeds of unequal lengths in one cached batch
     for t, env in zip(trajs, envs):
         segs = _segments(t.completion)
         model_turns = [ids for is_model, ids in segs if is_model]
@@ -100,8 +103,7 @@ def test_trajectory_is_the_sampled_ids_and_the_observations_ids(setup, echoed):
         assert len(model_turns) == t.turns
         # the environment read each turn's own text; each observation's ids are its text tokenised alone
         assert [tok.decode(ids, skip_special_tokens=True) for ids in model_turns][:len(env.seen)] == env.seen
-        assert observations == [tok(f"[obs {k + 1}]", add_special_tokens=False)["input_ids"]
-                                for k in range(len(observations))]
+        assert observations == [tok(text, add_special_tokens=False)["input_ids"] for text in env.sent[:len(observations)]]
         assert torch.equal(t.completion.logprobs[~t.completion.mask], torch.zeros(int((~t.completion.mask).sum())))
         assert t.env_reward == (0.5 * len(env.seen) if env.seen else None)
         assert t.completion.finish_reason == ("stop" if len(env.seen) == 3 else "length")
@@ -133,9 +135,15 @@ def test_recomputed_logprobs_match_the_engines_at_model_tokens_across_turns(setu
 def test_silent_environment_gives_the_single_turn_rollout_and_loss(setup):
     cfg, model, tok, engine, items, params, seeds = setup
     single = engine.generate([it.prompt_ids for it in items], params, seeds)
-    _, trajs = MultiTurnRollout(engine, tok, Silent, max_turns=3).run(items, params, seeds)
+    # without the KV cache turn 0 is generate's own call: the same completions bit for bit
+    _, trajs = MultiTurnRollout(engine, tok, Silent, max_turns=3, kv_cache=False).run(items, params, seeds)
     multi = [t.completion for t in trajs]
     assert [replace(c, mask=None) for c in multi] == single and all(bool(c.mask.all()) for c in multi)
+    # with it, the same tokens from the same uniforms, up to the float rounding of another batch shape
+    _, cached = MultiTurnRollout(engine, tok, Silent, max_turns=3).run(items, params, seeds)
+    assert [t.completion.token_ids.tolist() for t in cached] == [c.token_ids.tolist() for c in single]
+    torch.testing.assert_close(torch.cat([t.completion.logprobs for t in cached]),
+                               torch.cat([c.logprobs for c in single]), atol=1e-5, rtol=0)
     assert [t.last_turn.tolist() for t in trajs] == [c.token_ids.tolist() for c in single]
     learner = _learner(cfg, model)
     out = []
@@ -146,6 +154,22 @@ def test_silent_environment_gives_the_single_turn_rollout_and_loss(setup):
         out.append((loss, sums, [p.grad.clone() for p in model.parameters()]))
     assert out[0][0] == out[1][0] and out[0][1] == out[1][1]
     assert all(torch.equal(a, b) for a, b in zip(out[0][2], out[1][2]))
+
+
+def test_kv_cache_across_turns_gives_the_re_prefilled_trajectories(setup, echoed):
+    cfg, model, tok, engine, items, params, seeds = setup
+    _, cached, _ = echoed
+    _, again = MultiTurnRollout(engine, tok, Echo, max_turns=4, kv_cache=False).run(items, params, seeds)
+    assert [t.completion.token_ids.tolist() for t in cached] == [t.completion.token_ids.tolist() for t in again]
+    assert [t.completion.mask.tolist() for t in cached] == [t.completion.mask.tolist() for t in again]
+    assert [t.completion.finish_reason for t in cached] == [t.completion.finish_reason for t in again]
+    torch.testing.assert_close(torch.cat([t.completion.logprobs for t in cached]),
+                               torch.cat([t.completion.logprobs for t in again]), atol=1e-5, rtol=0)
+    # a batch of one prompt at a time (engine.max_batch = G): the same trajectories
+    small = HFEngine(model, tok.pad_token_id, [tok.eos_token_id], max_batch=2)
+    _, chunked = MultiTurnRollout(small, tok, Echo, max_turns=4).run(items, params, seeds)
+    assert [t.completion.token_ids.tolist() for t in chunked] == [t.completion.token_ids.tolist() for t in cached]
+    assert [t.completion.prompt_index for t in chunked] == [0, 0, 1, 1]
 
 
 def test_loss_gradient_is_exactly_zero_at_observation_positions(setup, echoed):
@@ -225,7 +249,7 @@ def test_chat_trajectory_is_the_templates_rendering_of_the_conversation(setup):
             text = chat_tok.decode(ids[:-1] if ids[-1] == eos else ids)
             msgs.append({"role": "assistant", "content": text})
             if k < len(env.seen) - 1:
-                msgs.append({"role": "tool", "content": f"[obs {k + 1}]"})
+                msgs.append({"role": "tool", "content": env.sent[k]})
         rendered = chat_tok.apply_chat_template(msgs, tokenize=False)
         ids = chat_tok(rendered, add_special_tokens=False)["input_ids"]
         last_eos = int(t.completion.token_ids[-1]) == eos  # the template closes the last turn with "<eos>\n"

@@ -31,8 +31,9 @@ sampled tokens (a template that rewrites earlier assistant turns, e.g. dropping 
 something else), and each observation is tokenised alone (a BPE merge across its first or last character
 would tokenise the whole text differently).
 
-Known cost: every turn after the first re-prefills each trajectory's whole history from its ids (token-exact,
-but the KV cache of the previous turn is not kept), so a turn costs a prefill of the context so far.
+On the HF engine each trajectory's keys/values stay between its turns (``dapo.rollout.hf_turns``): a turn
+runs only its new tokens. Other engines (``kv_cache=False``) get one ``generate`` call per turn with the whole
+history as the prompt: token-exact too, at the cost of re-prefilling the context so far every turn.
 """
 from __future__ import annotations
 
@@ -74,11 +75,16 @@ class MultiTurnRollout:
     """
 
     def __init__(self, engine: RolloutEngine, tokenizer: Any, make_env: Callable[[], Any], max_turns: int,
-                 max_total_tokens: int = 0, chat: bool = False):
+                 max_total_tokens: int = 0, chat: bool = False, kv_cache: bool | None = None):
+        """``kv_cache``: keep each trajectory's keys/values between turns (``dapo.rollout.hf_turns``); None = where
+        the engine is an ``HFEngine``. Otherwise every turn is an ``engine.generate`` call on the whole history."""
         if max_turns < 1:
             raise ValueError(f"rollout.max_turns must be >= 1, got {max_turns}")
         self.engine, self.tokenizer, self.make_env = engine, tokenizer, make_env
         self.max_turns, self.max_total_tokens, self.chat = max_turns, max_total_tokens, chat
+        from dapo.rollout.hf import HFEngine
+
+        self.kv_cache = isinstance(engine, HFEngine) if kv_cache is None else kv_cache
 
     # -- text <-> ids at the environment's edge -------------------------------------------------------------
 
@@ -119,7 +125,23 @@ class MultiTurnRollout:
     def run(self, items: Sequence[PromptItem], params: SamplingParams,
             seeds: Sequence[int]) -> tuple[list[PromptItem], list[Trajectory]]:
         """G = ``params.n`` trajectories per item, grouped as ``generate`` groups completions; the items come back
-        with the prompt ids their environments' ``reset`` gave."""
+        with the prompt ids their environments' ``reset`` gave. With the KV cache, at most ``engine.max_batch``
+        trajectories are sampled together (each chunk of prompts to the end before the next)."""
+        if not self.kv_cache:
+            return self._run(items, params, seeds)
+        per = max(1, getattr(self.engine, "max_batch", 256) // params.n)
+        out_items: list[PromptItem] = []
+        out: list[Trajectory] = []
+        for k in range(0, len(items), per):
+            its, trajs = self._run(items[k : k + per], params, seeds[k : k + per])
+            for t in trajs:
+                t.completion.prompt_index += k
+            out_items += its
+            out += trajs
+        return out_items, out
+
+    def _run(self, items: Sequence[PromptItem], params: SamplingParams,
+             seeds: Sequence[int]) -> tuple[list[PromptItem], list[Trajectory]]:
         G, tok = params.n, self.tokenizer
         envs = [self.make_env() for _ in range(len(items) * G)]
         items = list(items)
@@ -132,18 +154,31 @@ class MultiTurnRollout:
         model_cap = params.max_new_tokens
         total_cap = self.max_total_tokens or float("inf")
         rows = [_Row() for _ in envs]
-        first = int(min(model_cap, total_cap))
-        comps = self.engine.generate([it.prompt_ids for it in items], dataclasses.replace(params, max_new_tokens=first),
-                                     seeds)
-        version = comps[0].weight_version if comps else self.engine.weight_version
+        version = self.engine.weight_version
+        cache = None
+        if self.kv_cache:
+            from dapo.rollout.hf_turns import TurnCache
+
+            cache = TurnCache(self.engine)
         live = list(range(len(envs)))
         for turn in range(self.max_turns):
-            if turn:  # every live trajectory's next turn in one call, each with its own history as the prompt
-                caps = [min(model_cap - rows[r].n_model, total_cap - rows[r].n_all) for r in live]
+            # every live trajectory's next turn in one call; turn 0 seeded as generate seeds sample j of a prompt
+            caps = [int(min(model_cap - rows[r].n_model, total_cap - rows[r].n_all)) for r in live]
+            turn_params = dataclasses.replace(params, n=1, max_new_tokens=max(caps))
+            turn_seeds = [derive_seed(seeds[r // G], r % G, turn) for r in live]  # a prompt seed, with n=1
+            if cache is not None:  # the row's cache holds its history but the token that ended its last turn
+                feeds = [items[r // G].prompt_ids if not turn else [int(rows[r].last_turn[-1]), *rows[r].pending]
+                         for r in live]
+                # the uniforms generate would draw: sample j of a prompt at turn 0, sample 0 of its own seed later
+                row_seeds = [derive_seed(seeds[r // G], r % G) if not turn else derive_seed(s, 0)
+                             for r, s in zip(live, turn_seeds)]
+                comps = cache.sample(live, feeds, turn_params, row_seeds)
+            elif not turn:  # the single-turn call, its prefill shared by a prompt's G samples
+                comps = self.engine.generate([it.prompt_ids for it in items],
+                                             dataclasses.replace(params, max_new_tokens=max(caps)), seeds)
+            else:  # the whole history as the prompt (re-prefilled)
                 ctx = [items[r // G].prompt_ids + torch.cat(rows[r].ids).tolist() for r in live]
-                turn_seeds = [derive_seed(seeds[r // G], r % G, turn) for r in live]
-                comps = self.engine.generate(ctx, dataclasses.replace(params, n=1, max_new_tokens=int(max(caps))),
-                                             turn_seeds)
+                comps = self.engine.generate(ctx, turn_params, turn_seeds)
             waiting, texts = [], []
             for r, c in zip(live, comps):
                 row = rows[r]
@@ -180,6 +215,7 @@ class MultiTurnRollout:
                     row.finish = "length"  # no room for the observation and a turn after it
                     continue
                 row.append(o_ids, torch.zeros(len(o_ids)), model=False)
+                row.pending = o_ids.tolist()
                 live.append(r)
             if not live:
                 break
@@ -203,6 +239,8 @@ class _Row:
     reward: float | None = None
     info: dict[str, float] = field(default_factory=dict)
     finish: str = "stop"
+    pending: list[int] = field(default_factory=list)
+    """The observation appended since the row's last turn (what the KV cache has not seen yet)."""
 
     def append(self, ids: torch.Tensor, logprobs: torch.Tensor, model: bool) -> None:
         self.ids.append(ids)
