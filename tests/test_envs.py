@@ -108,6 +108,9 @@ def test_load_env_names_what_is_missing(tmp_path):
     env = load_env(f"{f}:Env")()
     with pytest.raises(EnvError, match="Env.step returned int, not a dapo.envs.StepResult"):
         step_all([env], ["x"])
+    env.step = lambda text: StepResult("x", reward="1")
+    with pytest.raises(EnvError, match="returned reward='1': a number or None"):
+        step_all([env], ["x"])
     with pytest.raises(EnvError, match="has no class or function 'Nope'; it defines: Env"):
         load_env(f"{f}:Nope")
     with pytest.raises(EnvError, match="not found"):

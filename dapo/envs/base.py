@@ -23,6 +23,9 @@ must get the same first prompt: a group shares it. ``step`` answers one model tu
 (or None), a reward (or None), and whether the trajectory is over. The trajectory's reward is the sum of the
 rewards ``step`` gave when it gave any, else the run's reward function on the last turn's text.
 
+An environment runs in the trainer process, so an exception in ``reset`` or ``step`` stops the run (tools, which
+run the model's arguments, run in worker processes: ``dapo.envs.tools``).
+
 An environment may define ``step_many(envs, texts) -> list[StepResult]`` as a classmethod or staticmethod: the
 rollout then answers all trajectories waiting on it at once (``ToolEnv`` runs their tool calls in one pool
 round), instead of one ``step`` after another.
@@ -120,6 +123,11 @@ def step_all(envs: list[Any], texts: list[str]) -> list[StepResult]:
         for k, r in zip(idx, res):
             if not isinstance(r, StepResult):
                 raise EnvError(f"{cls.__name__}.step returned {type(r).__name__}, not a dapo.envs.StepResult")
+            if r.reward is not None and (isinstance(r.reward, bool) or not isinstance(r.reward, (int, float))):
+                raise EnvError(f"{cls.__name__}.step returned reward={r.reward!r}: a number or None")
+            if r.observation is not None and not isinstance(r.observation, (str, list)):
+                raise EnvError(f"{cls.__name__}.step returned observation of type {type(r.observation).__name__}: "
+                               f"a string, chat messages or None")
             out[k] = r
     return out  # type: ignore[return-value]
 
