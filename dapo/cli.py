@@ -3,6 +3,7 @@
     dapo train                                   # the built-in demo: tiny model, addition, DAPO
     dapo train --preset grpo optim.steps=20      # naive GRPO on the same task
     dapo train --model DIR --data FILE reward.fn=my_module:score
+    dapo train --tools my_tools.py rollout.max_turns=4   # the model may call my_tools.py's functions
     dapo export RUN/step_N --merge OUT           # a LoRA checkpoint as a plain Hugging Face model
 
 User errors (bad config, missing files) print one line; DAPO_DEBUG=1 shows the traceback.
@@ -44,6 +45,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shortcut for data.path=...")
     p.add_argument("--reward", help="shortcut for reward.fn=... (math, module:function or file.py:function)")
     p.add_argument("--resume", help="shortcut for ckpt.resume=RUN_DIR")
+    p.add_argument("--env", help="shortcut for env.path=... (file.py:Class): an environment answers the model's turns")
+    p.add_argument("--tools", help="shortcut for env.tools=... (file.py): its public functions are tools the model calls")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value")
     return p
@@ -55,7 +58,8 @@ def train_main(argv: Sequence[str]) -> int:
         print(describe())
         return 0
     over = list(args.overrides)
-    for flag, key in (("model", "model.path"), ("data", "data.path"), ("reward", "reward.fn"), ("resume", "ckpt.resume")):
+    for flag, key in (("model", "model.path"), ("data", "data.path"), ("reward", "reward.fn"), ("resume", "ckpt.resume"),
+                      ("env", "env.path"), ("tools", "env.tools")):
         if getattr(args, flag):
             over.append(f"{key}={getattr(args, flag)}")
     cfg = load_config(args.preset, args.config, over)

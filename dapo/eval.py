@@ -134,13 +134,17 @@ def evaluate(
     *,
     extract: Extract = vote_answer,
     progress: Progress | None = None,
+    multiturn: Any = None,
 ) -> dict[str, Any]:
     """Sample ``params.n`` (= k) responses per item, score them, and compute avg@k, pass@j, maj@k.
 
     engine: a rollout engine (``generate(prompt_ids, params, seeds)``). items: the problems (prompt ids and
     Example). score_fn: ``(texts, examples) -> RewardBatch``. decode: token ids -> text. params: sampling
     settings (``sampling_params`` builds them from ``eval.*``). seed: the eval seed; problem i is sampled
-    with derive_seed(seed, EVAL_SEED_TAG, i). extract: response -> normalised answer for the vote.
+    with derive_seed(seed, EVAL_SEED_TAG, i). extract: response -> normalised answer for the vote. multiturn: a
+    ``dapo.rollout.multiturn.MultiTurnRollout`` (an environment answers the model's turns): each sample is a
+    trajectory scored as training scores it, its response is the whole trajectory's text (observations too), and
+    its answer is extracted from the last turn.
 
     Returns ``{"k", "metrics": {...}, "by_source": {source: {...}}, "reward_stats", "problems": [...],
     "samples": [...]}``: one record per problem (n, c, majority answer) and per sample (response, pred,
@@ -159,9 +163,21 @@ def evaluate(
     for start in range(0, len(items), chunk):
         batch = list(items[start : start + chunk])
         idx = list(range(start, start + len(batch)))
-        comps = engine.generate([it.prompt_ids for it in batch], params, [derive_seed(seed, EVAL_SEED_TAG, i) for i in idx])
-        texts = [decode(c.token_ids.tolist()) for c in comps]  # lists at the tokenizer's edge
-        scored = score_fn(texts, [batch[c.prompt_index].example for c in comps])
+        seeds = [derive_seed(seed, EVAL_SEED_TAG, i) for i in idx]
+        if multiturn is None:
+            comps = engine.generate([it.prompt_ids for it in batch], params, seeds)
+            texts = [decode(c.token_ids.tolist()) for c in comps]  # lists at the tokenizer's edge
+            finals, turns = texts, None
+            scored = score_fn(texts, [batch[c.prompt_index].example for c in comps])
+        else:
+            from dapo.rollout.multiturn import score_trajectories
+
+            _, trajs = multiturn.run(batch, params, seeds)
+            comps = [t.completion for t in trajs]
+            texts = [decode(c.token_ids.tolist()) for c in comps]
+            finals, turns = [decode(t.last_turn.tolist()) for t in trajs], [t.turns for t in trajs]
+            scored = score_trajectories(trajs, [batch[c.prompt_index].example for c in comps],
+                                        lambda ids, exs: score_fn([decode(x.tolist()) for x in ids], exs))
         for key, v in scored.stats.items():
             reward_stats[key] = reward_stats.get(key, 0.0) + float(v)
         messages += [msg for msg in scored.messages if msg not in messages][: 5 - len(messages)]
@@ -172,9 +188,10 @@ def evaluate(
                 assert comps[r].prompt_index == b, "engine returned completions out of order"
                 recs.append({
                     "problem": i, "sample": j, "data_source": it.example.data_source, "response": texts[r],
-                    "pred": extract(texts[r]), "score": float(scored.scores[r]), "correct": bool(scored.correct[r]),
-                    "length": len(comps[r].token_ids), "finish_reason": comps[r].finish_reason,
+                    "pred": extract(finals[r]), "score": float(scored.scores[r]), "correct": bool(scored.correct[r]),
+                    "length": comps[r].n_model_tokens, "finish_reason": comps[r].finish_reason,
                     **({"reward_error": errors[r]} if errors[r] else {}),
+                    **({"turns": turns[r]} if turns is not None else {}),
                 })
             v = _vote([s["pred"] for s in recs])
             c = sum(s["correct"] for s in recs)
@@ -253,6 +270,7 @@ EVAL_FLAGS = {
     "--max-prompt-len": "data.max_prompt_len", "--long-prompts": "data.long_prompts", "--bad-rows": "data.bad_rows",
     "--dedup": "data.dedup", "--reward-workers": "reward.workers", "--reward-timeout-s": "reward.timeout_s",
     "--device": "model.device", "--dtype": "model.dtype", "--batch-size": "rollout.batch_size",
+    "--env": "env.path", "--tools": "env.tools", "--max-turns": "rollout.max_turns",
 }
 
 
@@ -365,8 +383,12 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
         params = sampling_params(cfg)
         print(f"dapo eval: {len(probs.eval_items)} problems x {params.n} samples (T {params.temperature}, top-p "
               f"{params.top_p}, max {params.max_new_tokens} new tokens) on {device}", file=sys.stderr)
+        from dapo.rollout.multiturn import from_config
+
+        multiturn = from_config(cfg, engine, tok, probs.template, probs.closers)
         result = evaluate(engine, probs.eval_items, probs.score_fn, lambda ids: tok.decode(ids, skip_special_tokens=True),
-                          params, cfg.eval_seed, extract=probs.extract, progress=_progress_printer(args.progress))
+                          params, cfg.eval_seed, extract=probs.extract, progress=_progress_printer(args.progress),
+                          multiturn=multiturn)
     finally:
         probs.close()
     is_task = not cfg.data.path
@@ -374,7 +396,9 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
         "settings": {"model": str(model_dir), "data": args.data, "k": params.n, "temperature": params.temperature,
                      "top_p": params.top_p, "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
                      "seed": cfg.eval_seed, "limit": args.limit, "template": probs.template, "held_out": held_out,
-                     "reward": f"task:{cfg.data.task}" if is_task else cfg.reward.fn},
+                     "reward": f"task:{cfg.data.task}" if is_task else cfg.reward.fn,
+                     **({"env": cfg.env.path, "tools": cfg.env.tools, "max_turns": cfg.rollout.max_turns}
+                        if cfg.env.path or cfg.env.tools else {})},
         "wall_s": time.perf_counter() - t0,
         **result,
     }

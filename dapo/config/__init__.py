@@ -9,13 +9,13 @@ from dapo.config.load import (
 )
 from dapo.config.sections import (
     ABLATION_ROWS, PRESET_DOCS, PRESETS, RENAMED, AlgoConfig, CheckpointConfig, Config, DataConfig, DistConfig,
-    EvalConfig, LogConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, SFTConfig,
+    EnvConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, SFTConfig,
 )
 from dapo.config.validate import validate
 
 __all__ = [
     "ABLATION_ROWS", "PRESETS", "PRESET_DOCS", "RENAMED", "AlgoConfig", "CheckpointConfig", "Config", "ConfigError",
-    "DataConfig", "DistConfig", "EvalConfig", "LogConfig", "ModelConfig", "OptimConfig", "RewardConfig",
+    "DataConfig", "DistConfig", "EnvConfig", "EvalConfig", "LogConfig", "ModelConfig", "OptimConfig", "RewardConfig",
     "RolloutConfig", "SFTConfig", "config_from_dict", "default", "describe", "field_doc", "load_config",
     "parse_overrides", "run_config", "save_config", "valid_keys", "validate",
 ]

@@ -158,6 +158,35 @@ class RolloutConfig:
     loss) passes this, before training on the step: a sampler serving other weights than the trainer's. bfloat16
     sampling against a float32 trainer measures ~0.01-0.05 and one step of staleness far less than 1 nat at
     RL learning rates, so 1.0 is a gap no rounding explains. 0 = off."""
+    max_turns: int = 4
+    """With an environment (``env.path`` or ``env.tools``): the most model turns per trajectory; a trajectory
+    still going after them ends with finish_reason 'turns' (not overlong: the overlong filter keeps it)."""
+    max_total_tokens: int = 0
+    """With an environment: the most tokens of a trajectory, the model's and the observations' together (the
+    prompt aside); 0 = no limit but ``max_new_tokens`` on the model's own tokens, which L_max, the soft overlong
+    punishment and the overlong filter count over all turns."""
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Multi-turn rollouts (``dapo.envs``): the model acts, an environment or its tools answer, up to
+    ``rollout.max_turns`` turns. A trajectory's reward is the sum of the rewards the environment gave, or, when
+    it gave none (tools never do), ``reward.fn`` (or the task's verifier) on the text of the model's last turn."""
+
+    path: str = ""
+    """Environment: path/to/file.py:Class or module:Class, called with no arguments for each trajectory, with
+    ``reset(row)`` and ``step(model_text) -> dapo.envs.StepResult``; empty = none."""
+    tools: str = ""
+    """A Python file whose public functions are tools the model calls with <tool_call>{"name": ..., "arguments":
+    {...}}</tool_call> or <tool>name(args)</tool>; a turn without a call is the final answer; empty = none."""
+    workers: int = 2
+    """Processes running tool calls (``tools``); a tool that hangs is stopped, one that crashes is replaced."""
+    timeout_s: float = 5.0
+    """Time limit of one tool call; past it the model is told the call timed out."""
+    max_output_chars: int = 1000
+    """A tool's output (what it printed, then what it returned) is cut to this many characters."""
+    memory_mb: int = 0
+    """Address-space limit of each tool process, in MB; 0 = none."""
 
 
 @dataclass(frozen=True)
@@ -382,6 +411,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)

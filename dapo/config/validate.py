@@ -29,6 +29,7 @@ def validate(c: Config) -> Config:
     _rollout_and_optim(c)
     _data_reward_eval_log(c)
     _dist(c)
+    _env(c)
     _lora(c)
     return c
 
@@ -162,6 +163,27 @@ def _on_cuda(device: str) -> bool:
 
         return torch.cuda.is_available()
     return device.startswith("cuda")
+
+
+def _env(c: Config) -> None:
+    e, d = c.env, c.dist
+    _at_least(c, 1, "rollout.max_turns", "env.workers", "env.max_output_chars")
+    _at_least(c, 0, "rollout.max_total_tokens", "env.memory_mb")
+    if e.timeout_s <= 0:
+        _bad("env.timeout_s", f"must be > 0, got {e.timeout_s}")
+    if not (e.path or e.tools):
+        return
+    if e.path and e.tools:
+        _bad("env.tools", "an environment (env.path) answers the model itself: set env.path or env.tools, not both")
+    where = [k for k, on in (("dist.rollout_workers", d.rollout_workers), ("dist.async_steps", d.async_steps),
+                             ("dist.rollout_on_ranks", d.rollout_on_ranks), ("rollout.engine=vllm", c.rollout.engine == "vllm"))
+             if on]
+    if where:
+        _bad("env.path" if e.path else "env.tools", f"multi-turn rollouts run on the in-process HF engine only, not "
+                                                      f"with {', '.join(where)}: unset it, or drop the environment")
+    if c.rollout.max_total_tokens and c.rollout.max_total_tokens < c.rollout.max_new_tokens:
+        _bad("rollout.max_total_tokens", f"counts the model's tokens too: must be 0 or >= rollout.max_new_tokens "
+                                         f"({c.rollout.max_new_tokens}), got {c.rollout.max_total_tokens}")
 
 
 def _lora(c: Config) -> None:

@@ -211,10 +211,38 @@ def _score_one(caller: _Caller, response: str, answer: str, extra: dict, timeout
 # worker processes
 
 
-def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None, decoder: str | None = None) -> None:
-    """A worker: load the function (and the tokenizer ``decoder``), then score chunks of (index, response,
-    answer, extra) forever, sending one (index, score, correct, kind, message) per item as soon as it is done.
-    A response that is not a string is token ids (an integer numpy array), decoded with special tokens skipped.
+def _reward_handler(fn_spec, timeout_s: float | None, decoder: str | None = None) -> Callable[..., tuple]:
+    """What a reward worker does with one item: ``(response, answer, extra) -> (score, correct, kind, message)``.
+    A response that is not a string is token ids (an integer numpy array), decoded by the tokenizer ``decoder``
+    (a ``tokenizers`` JSON) with special tokens skipped."""
+    fn = load_reward_fn(fn_spec)
+    if getattr(fn, "__module__", "") == "dapo.rewards.math":
+        from dapo.rewards.math import warm_up
+
+        warm_up()
+    caller = _Caller(fn)
+    tokenizer = None
+    if decoder is not None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(decoder)
+
+    def handle(response, answer, extra) -> tuple:
+        if not isinstance(response, str):
+            try:
+                response = tokenizer.decode(response.tolist(), skip_special_tokens=True)
+            except Exception as e:  # noqa: BLE001  ids the tokenizer cannot take: this response's failure
+                return -1.0, False, ERRORS, f"could not decode the response's token ids: {type(e).__name__}: {e}"
+        return _score_one(caller, response, answer, extra, timeout_s)
+
+    return handle
+
+
+def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None, handler: str,
+                 options: dict | None = None) -> None:
+    """A worker: build the handler (``module:function`` of a factory ``(fn_spec, timeout_s, **options) ->
+    callable``), then run chunks of (index, *payload) forever, sending one (index, *result) per item as soon as
+    it is done. Rewards use ``_reward_handler`` (options: the ``decoder``); tools (``dapo.envs.tools``) their own.
 
     Ctrl-C is the trainer's to handle (it stops us). The parent started this process with SIGINT blocked
     (``_Worker``), so a terminal's Ctrl-C to the process group that lands during interpreter start-up stays
@@ -223,17 +251,8 @@ def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None, 
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
-        fn = load_reward_fn(fn_spec)
-        if getattr(fn, "__module__", "") == "dapo.rewards.math":
-            from dapo.rewards.math import warm_up
-
-            warm_up()
-        caller = _Caller(fn)
-        tokenizer = None
-        if decoder is not None:
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_str(decoder)
+        module, _, name = handler.partition(":")
+        handle = getattr(importlib.import_module(module), name)(fn_spec, timeout_s, **(options or {}))
         if memory_mb:
             import resource
 
@@ -250,21 +269,15 @@ def _worker_main(conn, fn_spec, timeout_s: float | None, memory_mb: int | None, 
             return
         if chunk is None:
             return
-        for i, response, answer, extra in chunk:
-            if not isinstance(response, str):
-                try:
-                    response = tokenizer.decode(response.tolist(), skip_special_tokens=True)
-                except Exception as e:  # noqa: BLE001  ids the tokenizer cannot take: this response's failure
-                    conn.send((i, -1.0, False, ERRORS, f"could not decode the response's token ids: {type(e).__name__}: {e}"))
-                    continue
-            conn.send((i, *_score_one(caller, response, answer, extra, timeout_s)))
+        for i, *payload in chunk:
+            conn.send((i, *handle(*payload)))
 
 
 class _Worker:
-    def __init__(self, ctx, fn_spec, timeout_s, memory_mb, decoder):
+    def __init__(self, ctx, fn_spec, timeout_s, memory_mb, handler: str, name: str, options: dict | None = None):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn_spec, timeout_s, memory_mb, decoder),
-                                daemon=True, name="dapo-reward")
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn_spec, timeout_s, memory_mb, handler, options),
+                                daemon=True, name=name)
         # the child inherits the signal mask: with SIGINT blocked from its first instruction, a Ctrl-C to
         # the process group during its start-up (seconds of imports) cannot raise KeyboardInterrupt in it
         # before _worker_main ignores SIGINT; here a SIGINT that arrives meanwhile is delivered on unblock
@@ -407,8 +420,18 @@ class RewardRunner:
 
     # -- the pool ---------------------------------------------------------------------------------
 
+    _handler = "dapo.rewards.runner:_reward_handler"
+    """The worker's handler factory (``_worker_main``); the tool pool (``dapo.envs.tools``) names its own."""
+    _what = "reward"
+
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.fn_spec, self.timeout_s, self.memory_mb, self.decoder)
+        options = {"decoder": self.decoder} if self.decoder is not None else None
+        return _Worker(self._ctx, self.fn_spec, self.timeout_s, self.memory_mb, self._handler, f"dapo-{self._what}",
+                       options)
+
+    def _failure(self, kind: str, message: str) -> tuple:
+        """The result of an item whose worker was killed (hung) or died."""
+        return (-1.0, False, kind, message)
 
     def _hard_limit(self) -> float:
         # the worker's own SIGALRM limit fires at timeout_s; this is for a worker stuck where signals
@@ -442,7 +465,7 @@ class RewardRunner:
                     remaining -= self._replace(k, results, queue, TIMEOUTS,
                                                f"timed out: killed a worker stuck for {self._hard_limit():g} s")
                 elif not w.ready and now > w.started + self.start_timeout_s:
-                    raise RuntimeError(f"reward worker did not start within {self.start_timeout_s:g} s")
+                    raise RuntimeError(f"{self._what} worker did not start within {self.start_timeout_s:g} s")
         return results
 
     def _receive(self, k: int, results: list, queue: list) -> int:
@@ -454,7 +477,7 @@ class RewardRunner:
                 if msg[0] == "ready":
                     w.ready = True
                 elif msg[0] == "load_error":
-                    raise RewardFnError(f"reward worker could not load {self.fn_spec!r}: {msg[1]}")
+                    raise RewardFnError(f"{self._what} worker could not load {self.fn_spec!r}: {msg[1]}")
                 else:
                     i = msg[0]
                     results[i] = msg[1:]
@@ -466,7 +489,7 @@ class RewardRunner:
             code = w.proc.exitcode
             if not w.ready:
                 raise RuntimeError(
-                    f"reward worker exited while starting (exit code {code}); its error is printed above. Worker "
+                    f"{self._what} worker exited while starting (exit code {code}); its error is printed above. Worker "
                     "processes are spawned: a script using workers > 0 needs `if __name__ == '__main__':`"
                 ) from None
             return done + self._replace(k, results, queue, ERRORS, f"worker process died (exit code {code})")
@@ -480,7 +503,7 @@ class RewardRunner:
         if not w.pending:
             return 0
         (i, *_), rest = w.pending[0], w.pending[1:]
-        results[i] = (-1.0, False, kind, message)
+        results[i] = self._failure(kind, message)
         if rest:
             queue.insert(0, rest)
         return 1

@@ -39,9 +39,14 @@ class Completion:
     """(T,) float32: log pi(token | prefix) under the sampling distribution (after temperature, before
     top-p/top-k). Lists are converted on construction."""
     finish_reason: str
-    """'stop' (a stop token was generated) or 'length' (max_new_tokens reached: truncated)."""
+    """'stop' (a stop token was generated) or 'length' (max_new_tokens reached: truncated); a multi-turn
+    trajectory (``dapo.rollout.multiturn``): 'stop' (the environment said done), 'length' (its token budget ran
+    out) or 'turns' (``rollout.max_turns`` turns and the environment still not done)."""
     weight_version: int = 0
     """Version of the weights that produced it (proves the rollout used the latest policy)."""
+    mask: torch.Tensor | None = None
+    """(T,) bool: True on tokens the model sampled, False on tokens an environment appended (observations, whose
+    ``logprobs`` are 0); None = every token is the model's. Lists are converted on construction."""
 
     def __post_init__(self):
         self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.long)
@@ -49,6 +54,16 @@ class Completion:
         if self.token_ids.dim() != 1 or self.token_ids.shape != self.logprobs.shape:
             raise ValueError(f"Completion: token_ids {tuple(self.token_ids.shape)} and logprobs "
                              f"{tuple(self.logprobs.shape)} must be 1-D and of equal length")
+        if self.mask is not None:
+            self.mask = torch.as_tensor(self.mask, dtype=torch.bool)
+            if self.mask.shape != self.token_ids.shape:
+                raise ValueError(f"Completion: mask {tuple(self.mask.shape)} and token_ids "
+                                 f"{tuple(self.token_ids.shape)} must be of equal length")
+
+    @property
+    def n_model_tokens(self) -> int:
+        """Tokens the model sampled (all of them without a mask)."""
+        return len(self.token_ids) if self.mask is None else int(self.mask.sum())
 
     def __eq__(self, other: object) -> bool:
         """Equal fields (tensors by value: ``torch.equal``)."""
@@ -56,7 +71,8 @@ class Completion:
             return NotImplemented
         return (self.prompt_index, self.finish_reason, self.weight_version) == (
             other.prompt_index, other.finish_reason, other.weight_version) and torch.equal(
-            self.token_ids, other.token_ids) and torch.equal(self.logprobs, other.logprobs)
+            self.token_ids, other.token_ids) and torch.equal(self.logprobs, other.logprobs) and (
+            (self.mask is None) == (other.mask is None)) and (self.mask is None or torch.equal(self.mask, other.mask))
 
     __hash__ = None  # mutable, compared by value
 
@@ -64,11 +80,13 @@ class Completion:
         """Pickled (Ray: rollout workers -> driver) with numpy buffers for the tensors: about 4x faster than
         torch's per-tensor pickling at a step's 16k completions (``dapo.ragged.as_numpy``)."""
         return _completion_from_pickle, (self.prompt_index, as_numpy(self.token_ids), as_numpy(self.logprobs),
-                                         self.finish_reason, self.weight_version)
+                                         self.finish_reason, self.weight_version,
+                                         None if self.mask is None else as_numpy(self.mask))
 
 
-def _completion_from_pickle(prompt_index, token_ids, logprobs, finish_reason, weight_version) -> Completion:
-    return Completion(prompt_index, from_pickled(token_ids), from_pickled(logprobs), finish_reason, weight_version)
+def _completion_from_pickle(prompt_index, token_ids, logprobs, finish_reason, weight_version, mask=None) -> Completion:
+    return Completion(prompt_index, from_pickled(token_ids), from_pickled(logprobs), finish_reason, weight_version,
+                      None if mask is None else from_pickled(mask))
 
 
 Fingerprints = dict[str, torch.Tensor]

@@ -25,7 +25,7 @@ def flatten_groups(groups: list[Group], cfg: Config, step: int) -> TrainBatch:
     if cfg.algo.overlong_filter:
         loss_mask = torch.tensor([0.0 if c.finish_reason == "length" else 1.0 for c in comps])
     responses = Ragged.of([c.token_ids for c in comps], torch.long)
-    masks = [getattr(c, "mask", None) for c in comps]
+    masks = [c.mask for c in comps]
     token_mask = None
     if any(m is not None for m in masks):
         token_mask = responses.like(torch.cat([torch.ones(len(c.token_ids)) if m is None else m.float()

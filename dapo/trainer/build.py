@@ -18,6 +18,7 @@ from dapo.memory import check_device_memory
 from dapo.problems import Problems, load_problems
 from dapo.rollout.base import RolloutEngine
 from dapo.rollout.hf import HFEngine
+from dapo.rollout.multiturn import from_config as multiturn_from_config
 from dapo.trainer.sampler import DynamicSampler, Rollouts
 from dapo.learner import Learner, LocalLearner
 
@@ -97,7 +98,13 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
         if isinstance(e, ImportError):
             raise SetupError(str(e)) from None
         raise
-    sampler = DynamicSampler(cfg, engine, problems.stream, problems.score_ids)
+    try:
+        multiturn = multiturn_from_config(cfg, engine, tokenizer, problems.template, closers)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    sampler = DynamicSampler(cfg, engine, problems.stream, problems.score_ids, multiturn=multiturn)
     return Run(cfg, run_dir, resume_from, tokenizer, problems, learner, engine, sampler, device, closers)
 
 

@@ -109,7 +109,7 @@ def check_mismatch(m: dict[str, float], bound: float, step: int) -> None:
 def held_out_eval(run: Run) -> dict[str, Any]:
     """The held-out evaluation (``eval.*``): the same seeds at every step, so equal weights score equally."""
     return evaluate(run.engine, run.problems.eval_items, run.problems.score_fn, run.decode, sampling_params(run.cfg),
-                    run.cfg.eval_seed, extract=run.problems.extract)
+                    run.cfg.eval_seed, extract=run.problems.extract, multiturn=run.sampler.multiturn)
 
 
 # ------------------------------------------------------------------------------------------------ the run

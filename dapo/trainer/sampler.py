@@ -19,6 +19,7 @@ from dapo.algo import keep_groups, overlong_penalty
 from dapo.config import Config
 from dapo.items import Group, PromptItem, PromptStream, ScoreIds
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams, derive_seed
+from dapo.rollout.multiturn import MultiTurnRollout, Trajectory, score_trajectories, trajectory_metrics
 
 
 class GenCapReached(RuntimeError):
@@ -50,6 +51,9 @@ class DynamicSampler:
     """Responses generated over the run (the ``optim.max_samples`` budget counts these)."""
     last_round: list[Group] = field(default_factory=list)
     """Every group sampled in the last ``collect``, kept or not (for samples.jsonl and diagnostics)."""
+    multiturn: MultiTurnRollout | None = None
+    """Trajectories with an environment (``env.*``): each prompt's G trajectories, scored by the environment's
+    rewards or the score function on the last turn; None = one completion per sample, scored as it is."""
 
     @property
     def gen_batch_size(self) -> int:
@@ -65,13 +69,21 @@ class DynamicSampler:
         rounds, mixed, sampled = 0, 0, []
         stats_sum: dict[str, float] = {}
         params = rollout_params(self.cfg)
+        trajs_all: list[Trajectory] = []
         while not (a.dynamic_sampling and len(kept) >= want) and rounds < (a.max_gen_rounds if a.dynamic_sampling else 1):
             n = self._round_size(want - len(kept), len(kept) - n_carried, len(sampled)) if a.dynamic_sampling else want
             items = self.stream.take(n)
             t0 = time.perf_counter()
-            comps = self.engine.generate([it.prompt_ids for it in items], params, [derive_seed(self.cfg.seed, it.uid) for it in items])
+            seeds = [derive_seed(self.cfg.seed, it.uid) for it in items]
+            trajs = None
+            if self.multiturn is None:
+                comps = self.engine.generate([it.prompt_ids for it in items], params, seeds)
+            else:  # the environment's turns run here too: time/gen counts them
+                items, trajs = self.multiturn.run(items, params, seeds)
+                comps = [t.completion for t in trajs]
+                trajs_all += trajs
             t1 = time.perf_counter()
-            groups, rstats = self._score(items, comps, step)
+            groups, rstats = self._score(items, comps, step, trajs)
             t_gen, t_rew = t_gen + t1 - t0, t_rew + time.perf_counter() - t1
             for k, v in rstats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v
@@ -105,6 +117,7 @@ class DynamicSampler:
             "time/gen": t_gen,
             "time/reward": t_rew,
             **stats_sum,
+            **(trajectory_metrics(trajs_all) if self.multiturn is not None else {}),
         }
         return kept, metrics
 
@@ -115,12 +128,17 @@ class DynamicSampler:
             return self.gen_batch_size
         return max(1, min(self.gen_batch_size, math.ceil(1.25 * missing * seen_here / kept_here)))
 
-    def _score(self, items: Sequence[PromptItem], comps: list[Completion], step: int) -> tuple[list[Group], dict]:
+    def _score(self, items: Sequence[PromptItem], comps: list[Completion], step: int,
+               trajs: list[Trajectory] | None = None) -> tuple[list[Group], dict]:
         a, G = self.cfg.algo, self.cfg.rollout.group_size
-        scored = self.score_ids([c.token_ids for c in comps], [items[c.prompt_index].example for c in comps])
+        examples = [items[c.prompt_index].example for c in comps]
+        if trajs is None:
+            scored = self.score_ids([c.token_ids for c in comps], examples)
+        else:
+            scored = score_trajectories(trajs, examples, self.score_ids)
         rewards = list(scored.scores)
-        if a.soft_overlong:
-            lens = torch.tensor([len(c.token_ids) for c in comps])
+        if a.soft_overlong:  # over the model's own tokens (all turns): observations are not the model's length
+            lens = torch.tensor([c.n_model_tokens for c in comps])
             pen = overlong_penalty(lens, self.cfg.rollout.max_new_tokens, a.overlong_cache_len, a.overlong_factor)
             rewards = [r + p for r, p in zip(rewards, pen.tolist())]
         errors = scored.errors or [""] * len(comps)
@@ -140,9 +158,10 @@ class DynamicSampler:
 
 
 def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
-    """What the step's samples look like: accuracy, reward, lengths (and exact token counts), truncation."""
+    """What the step's samples look like: accuracy, reward, lengths (and exact token counts), truncation. Lengths
+    count the model's tokens (a multi-turn trajectory's observation tokens are in ``env/obs_tokens``)."""
     resp = [c for g in groups for c in g.completions]
-    lens = [len(c.token_ids) for c in resp] or [0]
+    lens = [c.n_model_tokens for c in resp] or [0]
     return {
         "rollout/acc": _mean([float(x) for g in groups for x in g.correct]),
         "rollout/score": _mean([x for g in groups for x in g.scores]),

@@ -1,0 +1,131 @@
+"""Environments and tools (#26): the call syntax, and tools that raise, hang, flood or die becoming error
+observations within the time limit, in real worker processes."""
+import doctest
+import time
+
+import pytest
+
+import dapo.envs.tools
+from dapo.envs import StepResult, ToolEnv, ToolRunner, load_env, parse_tool_calls, step_all
+from dapo.envs.base import EnvError
+
+TOOLS = '''
+import os
+import time
+from math import sqrt  # imported: not a tool
+
+def mul(a, b):
+    return a * b
+
+def shout(text):
+    print(text.upper())
+
+def boom(x):
+    raise ZeroDivisionError(f"no {x}")
+
+def nap(s):
+    time.sleep(s)
+    return "woke"
+
+def spin():
+    while True:
+        pass
+
+def flood():
+    print("x" * 3_000_000)
+    return "y" * 5_000_000
+
+def die():
+    os._exit(3)
+
+def _helper():
+    return 1
+'''
+
+
+def test_doctests():
+    assert doctest.testmod(dapo.envs.tools).failed == 0
+
+
+def test_call_syntax_both_forms_and_malformed_calls():
+    calls = parse_tool_calls('a <tool_call>{"name": "mul", "arguments": {"a": 2, "b": "x"}}</tool_call> b '
+                             '<tool>shout("hi")</tool> <tool_call>{"name": 3}</tool_call> <tool>mul(1,</tool> <tool>')
+    assert [(c.name, c.args, c.kwargs) for c in calls[:2]] == [("mul", (), {"a": 2, "b": "x"}), ("shout", ("hi",), {})]
+    assert [bool(c.error) for c in calls] == [False, False, True, True, True]
+    assert "not closed" in calls[4].error
+    assert parse_tool_calls("no call here, <result>4</result>") == []
+    # arguments written as a JSON string (as some chat templates do)
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')[0].kwargs == {"a": 1}
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tools") / "my_tools.py"
+    path.write_text(TOOLS)
+    with ToolRunner(path, workers=2, timeout_s=1.0, max_chars=200) as r:
+        yield r
+
+
+def test_public_functions_of_the_file_are_the_tools(runner):
+    assert runner.names == ["boom", "die", "flood", "mul", "nap", "shout", "spin"]
+
+
+def test_bad_tools_become_error_observations_within_the_time_limit(runner):
+    env = ToolEnv(runner)
+    turns = ["<tool>mul(6, 7)</tool> <tool>shout('hi')</tool>", "<tool>boom(1)</tool>", "<tool>nap(30)</tool>",
+             "<tool>flood()</tool>", "<tool>spin()</tool>", "<tool>die()</tool>", "<tool>sqrt(4)</tool><tool>mul(</tool>",
+             "the answer is 42"]
+    t0 = time.monotonic()
+    res = step_all([ToolEnv(runner) for _ in turns], turns)
+    took = time.monotonic() - t0
+    assert took < 8, took  # hangs run at once on 2 workers, each stopped at 1 s (spin too: SIGALRM reaches it)
+    obs = [r.observation for r in res]
+    assert obs[0] == "<result>42</result>\n<result>HI\n</result>\n"
+    assert obs[1] == "<result>error: boom raised ZeroDivisionError: no 1</result>\n"
+    assert obs[2] == obs[4].replace("spin", "nap") == "<result>error: nap took longer than 1 s</result>\n"
+    # 3 MB printed and 5 MB returned: the first 200 characters, and how much was cut
+    assert obs[3] == "<result>" + "x" * 200 + f"... [{3_000_001 + 5_000_000 - 200} more characters cut]</result>\n"
+    assert obs[5].startswith("<result>error: the tool worker process died (exit code 3)")
+    assert obs[6] == ("<result>error: no tool named 'sqrt'; the tools are: boom, die, flood, mul, nap, shout, spin</result>\n"
+                      "<result>error: malformed tool call 'mul(': expected name(arg, ...)</result>\n")
+    assert res[7] == StepResult(None, None, True)  # no call: the final answer
+    assert [r.done for r in res[:7]] == [False] * 7 and res[0].role == "tool"
+    assert res[0].info == {"tool/calls": 2.0, "tool/errors": 0.0, "tool/timeouts": 0.0, "tool/malformed": 0.0}
+    assert [res[k].info["tool/timeouts"] for k in (2, 4)] == [1.0, 1.0] and res[1].info["tool/errors"] == 1.0
+    assert res[5].info["tool/errors"] == 1.0 and res[6].info["tool/malformed"] == 2.0
+    # the pool recovered: the worker that died was replaced
+    assert env.step("<tool>mul(2, 3)</tool>").observation == "<result>6</result>\n"
+
+
+def test_chat_mode_answers_with_tool_messages(runner):
+    r = ToolEnv(runner, chat=True).step('<tool_call>{"name": "mul", "arguments": [3, 5]}</tool_call>')
+    assert r.observation == [{"role": "tool", "content": "15"}] and r.role == "tool"
+
+
+def test_load_env_names_what_is_missing(tmp_path):
+    f = tmp_path / "my_env.py"
+    f.write_text("class Env:\n    def reset(self, row):\n        return None\n    def step(self, text):\n        return 3\n")
+    env = load_env(f"{f}:Env")()
+    with pytest.raises(EnvError, match="Env.step returned int, not a dapo.envs.StepResult"):
+        step_all([env], ["x"])
+    env.step = lambda text: StepResult("x", reward="1")
+    with pytest.raises(EnvError, match="returned reward='1': a number or None"):
+        step_all([env], ["x"])
+    with pytest.raises(EnvError, match="has no class or function 'Nope'; it defines: Env"):
+        load_env(f"{f}:Nope")
+    with pytest.raises(EnvError, match="not found"):
+        load_env(f"{tmp_path / 'nope.py'}:Env")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["dist.rollout_workers=1"], "in-process HF engine only, not with dist.rollout_workers"),
+    (["rollout.engine=vllm"], "not with rollout.engine=vllm"),
+    (["env.path=e.py:E"], "set env.path or env.tools, not both"),
+    (["rollout.max_total_tokens=5"], "must be 0 or >= rollout.max_new_tokens"),
+    (["rollout.max_turns=0"], "rollout.max_turns: must be >= 1"),
+])
+def test_config_refuses_what_multi_turn_cannot_run_on(extra, message):
+    from dapo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=["env.tools=t.py", *extra])
