@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("DAPO_SRC") or Path(__file__).resolve().parents[1])
+"""The dapo checkout the benchmarks import: this one, or ``$DAPO_SRC`` (an older one, for before/after)."""
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
     sys.path.insert(0, str(ROOT))
 

@@ -63,6 +63,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MODEL_SHAPES, emit_json, machine, model_dir, n_params, set_threads, summary, table  # noqa: E402
 
 SIDES = ("dapo", "trl")
+BEFORE = "dapo@before"
+"""With ``--before SRC``: a third side, the dapo worker importing dapo from the checkout SRC (before/after in one run)."""
+
+
+def sides(a: argparse.Namespace) -> tuple[str, ...]:
+    return (*SIDES, BEFORE) if a.before else SIDES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +296,7 @@ def roofline(out: dict[str, Any], res: dict[str, list[dict]], rates: dict[str, l
     out["gemm_gflops"] = {"gen": g_rate / 1e9, "train": t_rate / 1e9, "gen_shape": rates["gen_shape"],
                           "train_shape": rates["train_shape"]}
     out["mean_prompt_tokens"] = p
-    for side in SIDES:
+    for side in sides(a):
         rs = res[side]
         r = summary([x["tokens"] for x in rs])["median"] / (a.prompts * a.G)  # mean response tokens
         k = 1.0 if a.no_overlong_filter else 1.0 - out[side]["truncated_frac"]
@@ -308,7 +314,7 @@ def roofline(out: dict[str, Any], res: dict[str, list[dict]], rates: dict[str, l
 
 class Worker:
     def __init__(self, side: str, model: Path, a: argparse.Namespace):
-        cmd = [sys.executable, __file__, "--worker", side, "--model", str(model), "--threads", str(a.threads),
+        cmd = [sys.executable, __file__, "--worker", "dapo" if side == BEFORE else side, "--model", str(model), "--threads", str(a.threads),
                "--procs", str(a.procs),
                "--G", str(a.G), "--prompts", str(a.prompts), "--mini", str(a.mini), "--max-new", str(a.max_new),
                "--lr", str(a.lr), "--steps", str(a.steps), "--warmup", str(a.warmup), "--seed", str(a.seed)]
@@ -321,6 +327,8 @@ class Worker:
         # OpenMP threads that spin while waiting make small ops 10-100x slower when the cores are shared
         # with other busy processes (this machine): sleep instead. Both sides get the same setting.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if side == BEFORE:  # bench/common.py puts this checkout first on sys.path
+            env["DAPO_SRC"] = str(Path(a.before).resolve())
         log = open(Path(tempfile.gettempdir()) / f"bench-vs-trl-{side}.log", "w")
         self.side = side
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
@@ -361,14 +369,14 @@ def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
                              "train_shape": [a.mini * a.G * round(p + a.max_new / 2), dims["d"], dims["ffn"]]}
     workers = {}
     try:
-        for side in SIDES:  # set up one at a time: neither's warm-up slows the other's
+        for side in sides(a):  # set up one at a time: neither's warm-up slows the other's
             t0 = time.perf_counter()
             workers[side] = Worker(side, path, a)
             ready = workers[side].recv()
             print(f"[{kind}] {side} ready in {time.perf_counter() - t0:.1f}s ({ready})", file=sys.stderr)
-        res: dict[str, list[dict]] = {s: [] for s in SIDES}
+        res: dict[str, list[dict]] = {s: [] for s in sides(a)}
         for i in range(a.steps):
-            for side in SIDES:  # A B A B
+            for side in sides(a):  # A B A B (C)
                 r = workers[side].step()
                 res[side].append(r)
                 print(f"[{kind}] step {i + 1} {side}: {r['wall']:.3f}s (gen {r['gen']:.3f}, old_logp "
@@ -380,7 +388,7 @@ def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
         for w in workers.values():
             w.close()
     out: dict[str, Any] = {"model": kind, "params_m": round(n_params(path) / 1e6, 2)}
-    for side in SIDES:
+    for side in sides(a):
         rs = res[side]
         out[side] = {
             "step_s": summary([r["wall"] for r in rs]),
@@ -399,6 +407,9 @@ def compare(kind: str, a: argparse.Namespace, tmp: str) -> dict[str, Any]:
     pairs = [d["wall"] / t["wall"] for d, t in zip(res["dapo"], res["trl"])]
     out["ratio_pairs"] = summary(pairs)
     out["ratio_cpu"] = out["dapo"]["cpu_s"] / out["trl"]["cpu_s"]
+    if a.before:
+        out["before_ratio_median"] = out[BEFORE]["step_s"]["median"] / out["trl"]["step_s"]["median"]
+        out["after_over_before"] = summary([d["wall"] / b["wall"] for d, b in zip(res["dapo"], res[BEFORE])])
     roofline(out, res, rates, dims, p, a)
     return out
 
@@ -421,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="train on truncated responses too (both sides): a random model's mostly are, and dapo does "
                          "not run the update's forward/backward on responses masked out of the loss")
     ap.add_argument("--dapo-override", action="append", default=[], help="extra dapo key=value (repeatable)")
+    ap.add_argument("--before", help="a dapo checkout (e.g. a git worktree of an older commit) timed as a third side, "
+                    "A B C alternating: before/after in one run")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -439,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in a.models.split(","):
             r = compare(kind, a, tmp)
             results.append(r)
-            for side in SIDES:
+            for side in sides(a):
                 s = r[side]
                 rows.append({"model": f"{kind} ({r['params_m']}M)", "side": side, "step_s_median": s["step_s"]["median"],
                              "min": s["step_s"]["min"], "max": s["step_s"]["max"], "gen_s": s["gen_s"],
@@ -447,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                              "tokens/step": s["tokens_per_step"], "tokens/s": s["tokens_per_s"],
                              "trunc": s["truncated_frac"], "cpu_s": s["cpu_s"],
                              "gen %": s["gen_pct_gemm"], "train %": s["train_pct_gemm"], "step %": s["step_pct_gemm"],
-                             "dapo/trl": r["ratio_median"] if side == "dapo" else 1.0})
+                             "dapo/trl": s["step_s"]["median"] / r["trl"]["step_s"]["median"]})
     shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads",
                                         "procs", "no_overlong_filter")}
     print(f"\nRL step, {a.prompts} prompts x G={a.G}, <= {a.max_new} new tokens, {a.prompts // a.mini} optimiser "
@@ -457,12 +470,16 @@ def main(argv: list[str] | None = None) -> int:
         p = r["ratio_pairs"]
         print(f"{r['model']}: dapo/trl median {r['ratio_median']:.3f}; per A-B pair median {p['median']:.3f} "
               f"(min {p['min']:.3f}, max {p['max']:.3f}); process CPU time {r['ratio_cpu']:.3f}")
+        if a.before:
+            ab = r["after_over_before"]
+            print(f"{r['model']}: before {a.before}: dapo@before/trl {r['before_ratio_median']:.3f}; after/before per "
+                  f"step median {ab['median']:.3f} (min {ab['min']:.3f}, max {ab['max']:.3f})")
         g = r["gemm_gflops"]
         print(f"{r['model']}: fp32 GEMM rate in this run {g['gen']:.1f} GFLOP/s at the decode shape "
               f"{'x'.join(map(str, g['gen_shape']))}, {g['train']:.1f} at the micro-batch shape "
               f"{'x'.join(map(str, g['train_shape']))} (M x d x ffn); model GFLOP per step: "
               + ", ".join(f"{side} gen {r[side]['model_gflop']['gen']:.2f} + train {r[side]['model_gflop']['train']:.2f}"
-                          for side in SIDES) + " (formulas in the docstring)")
+                          for side in sides(a)) + " (formulas in the docstring)")
     emit_json({"bench": "vs_trl", "machine": machine(), "shape": shape, "results": results})
     return 0
 
