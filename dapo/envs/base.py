@@ -33,12 +33,12 @@ round), instead of one ``step`` after another.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+from dapo.rewards.runner import import_file
 
 Prompt = str | list[dict[str, Any]] | None
 
@@ -82,7 +82,7 @@ def load_env(spec: str) -> Callable[[], Environment]:
         path = Path(where).expanduser().resolve()
         if not path.is_file():
             raise EnvError(f"env.path: file {str(path)!r} not found (from {spec!r})")
-        module = _exec_file(path, "_dapo_env")
+        module = import_file(path, "_dapo_env")
     else:
         try:
             module = importlib.import_module(where)
@@ -93,22 +93,6 @@ def load_env(spec: str) -> Callable[[], Environment]:
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise EnvError(f"env.path: {where!r} has no class or function {name!r}; it defines: {', '.join(found) or 'none'}")
     return factory
-
-
-def _exec_file(path: Path, prefix: str):
-    """Import a Python file once (by its absolute path) as its own module."""
-    module_name = f"{prefix}_{abs(hash(str(path)))}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # before exec, so pickling and dataclasses in the file work
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
 
 
 def step_all(envs: list[Any], texts: list[str]) -> list[StepResult]:

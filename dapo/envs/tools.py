@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dapo.envs.base import StepResult, _exec_file
+from dapo.envs.base import StepResult
 from dapo.rewards.limits import _Alarm, call_with_time_limit
-from dapo.rewards.runner import TIMEOUTS, RewardRunner
+from dapo.rewards.runner import TIMEOUTS, RewardRunner, import_file
 
 CALLS, ERRORS, TIMEOUTS_, MALFORMED = "tool/calls", "tool/errors", "tool/timeouts", "tool/malformed"
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool>(.*?)</tool>", re.DOTALL)
@@ -115,7 +115,7 @@ def load_tools(path: str | Path) -> dict[str, Callable[..., Any]]:
     p = Path(path).expanduser().resolve()
     if not p.is_file():
         raise FileNotFoundError(f"env.tools: file {str(p)!r} not found")
-    module = _exec_file(p, "_dapo_tools")
+    module = import_file(p, "_dapo_tools")
     tools = {k: v for k, v in vars(module).items()
              if inspect.isfunction(v) and not k.startswith("_") and v.__module__ == module.__name__}
     if not tools:

@@ -108,7 +108,13 @@ def _load_file(path: Path, spec: str):
     path = path.expanduser().resolve()
     if not path.is_file():
         raise RewardFnError(f"reward function file {str(path)!r} not found (from {spec!r})")
-    module_name = f"_dapo_reward_{abs(hash(str(path)))}"
+    return import_file(path, "_dapo_reward")
+
+
+def import_file(path: Path, prefix: str):
+    """Import a Python file once (by its absolute path) as its own module, named ``prefix`` + a hash of the path:
+    a user's reward, environment or tools file."""
+    module_name = f"{prefix}_{abs(hash(str(path)))}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
