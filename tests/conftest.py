@@ -78,8 +78,8 @@ def build_tool_caller(path):
 @pytest.fixture(scope="session")
 def tool_task(tmp_path_factory):
     """A directory with the tool caller model (``model/``), TOOL_TASK's files and 40 rows ``data.jsonl`` whose
-    answer is the tool's "3" for odd a, a + b otherwise. ``flags``: the ``dapo train`` options that use them;
-    ``overrides``: the rollout settings the task needs (after TINY_RUN or faultkit.FAST, which they override)."""
+    answer is the tool's "3" for odd a, a + b otherwise. ``args``: the overrides that run it (after TINY_RUN or
+    faultkit.FAST, whose rollout settings they override), for ``load_config`` and ``dapo train`` alike."""
     import json
     from types import SimpleNamespace
 
@@ -89,8 +89,7 @@ def tool_task(tmp_path_factory):
         (d / name).write_text(text)
     rows = [{"prompt": f"{a}+{b}=", "answer": "3" if a % 2 else str(a + b)} for a, b in zip(range(10, 50), range(40, 80))]
     (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    flags = ["--model", str(d / "model"), "--data", str(d / "data.jsonl"), "--reward", f"{d / 'reward.py'}:score",
-             "--tools", str(d / "tools.py")]
-    overrides = ["data.template=none", "rollout.max_new_tokens=40", "algo.overlong_cache_len=4", "rollout.max_turns=2",
-                 "env.workers=1", "eval.size=0"]
-    return SimpleNamespace(dir=d, flags=flags, overrides=overrides)
+    args = [f"model.path={d / 'model'}", f"data.path={d / 'data.jsonl'}", f"reward.fn={d / 'reward.py'}:score",
+            f"env.tools={d / 'tools.py'}", "data.template=none", "rollout.max_new_tokens=40", "algo.overlong_cache_len=4",
+            "rollout.max_turns=2", "env.workers=1", "eval.size=0"]
+    return SimpleNamespace(dir=d, args=args)

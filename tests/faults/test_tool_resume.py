@@ -16,8 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(task, out, name):
-    return [*task.flags, f"log.out_dir={out}", f"log.run_name={name}", f"optim.steps={STEPS}", *fk.FAST,
-            *task.overrides, *CARRY]
+    return [f"log.out_dir={out}", f"log.run_name={name}", f"optim.steps={STEPS}", *fk.FAST, *task.args, *CARRY]
 
 
 def test_sigkill_of_a_tool_run_resumes_its_carried_trajectories_with_their_masks(tool_task, tmp_path):
