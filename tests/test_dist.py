@@ -503,10 +503,12 @@ def test_a_tool_rollout_on_a_ray_worker_is_the_in_process_one(cluster, tool_task
 def test_a_tool_task_trains_on_a_ray_rollout_worker_in_step_and_one_step_off(cluster, tool_task, tmp_path, async_steps):
     """--tools with a Ray rollout worker: trajectories (turns, tool calls, observation tokens masked) are collected
     at each step, or with dist.async_steps=1 in the background thread while the update runs, from the weights one
-    step behind. The trainer's recompute of the old log-probs matches the worker's at the model's tokens (the
-    observations' log-probs, 0, are never compared)."""
+    step behind, and a checkpoint between two steps carries those collected ahead with their masks. The trainer's
+    recompute of the old log-probs matches the worker's at the model's tokens (the observations' log-probs, 0, are
+    never compared)."""
     cfg = _cfg(tool_task.dir / "model", tmp_path, "a", *tool_task.args, "dist.rollout_workers=1",
-               f"dist.async_steps={async_steps}", "reward.workers=1", "optim.steps=3", "optim.lr=1e-3", "log.report=false")
+               f"dist.async_steps={async_steps}", "reward.workers=1", "optim.steps=3", "optim.lr=1e-3", "log.report=false",
+               "ckpt.every=1", "ckpt.keep_last=3")
     built = build_run(cfg, *resolve_run_dir(cfg))
     hist = []
     try:
@@ -522,6 +524,12 @@ def test_a_tool_task_trains_on_a_ray_rollout_worker_in_step_and_one_step_off(clu
         assert all(0 < m["mismatch/logp_abs_diff"] < 1e-4 for m in hist)  # recomputed: float rounding only
     obs = [c for c in comps if not c.mask.all()]
     assert obs and all(c.logprobs[~c.mask].eq(0).all() for c in obs)
+    ahead = torch.load(tmp_path / "a" / "step_2" / "trainer_state.pt", weights_only=True)["rollout_ahead"]
+    if async_steps:  # step 3's trajectories, collected during step 2's update
+        saved = [c for g in ahead["groups"] for c in g["completions"]]
+        assert ahead["step"] == 3 and all("mask" in c for c in saved) and any(not c["mask"].all() for c in saved)
+    else:
+        assert ahead == {}
 
 
 def test_pushes_to_bf16_samplers_leave_the_trainer_in_bf16_and_land_as_a_direct_cast(cluster, tiny_model_dir):
