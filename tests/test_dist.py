@@ -508,7 +508,7 @@ def test_a_tool_task_trains_on_a_ray_rollout_worker_in_step_and_one_step_off(clu
     never compared)."""
     cfg = _cfg(tool_task.dir / "model", tmp_path, "a", *tool_task.args, "dist.rollout_workers=1",
                f"dist.async_steps={async_steps}", "reward.workers=1", "optim.steps=3", "optim.lr=1e-3", "log.report=false",
-               "ckpt.every=1", "ckpt.keep_last=3")
+               "algo.dynamic_sampling=false", "ckpt.every=1", "ckpt.keep_last=3")
     built = build_run(cfg, *resolve_run_dir(cfg))
     hist = []
     try:
