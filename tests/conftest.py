@@ -49,3 +49,47 @@ TINY_RUN = [
     "rollout.max_new_tokens=8", "algo.overlong_cache_len=2", "eval.size=8", "log.progress=plain",
     "algo.max_gen_rounds=2", "log.tensorboard=false",
 ]
+
+
+TOOL_TASK = {
+    "tools.py": "def add(a, b):\n    return a + b\n",
+    "reward.py": "def score(response, ground_truth):\n    return 1.0 if response.strip() == ground_truth else -1.0\n",
+}
+"""A tool task's files: one tool, and a reward on the last turn's text (exact match)."""
+TOOL_TURNS = "<tool>add(1, 2)</tool><eos><result>3</result>\n3<eos>"
+
+
+def build_tool_caller(path):
+    """A tiny model overfit on "a+b=" followed by TOOL_TURNS (a call, its result, an answer), saved to ``path``:
+    under ``--tools`` (TOOL_TASK's add) it calls the tool, reads the result and answers."""
+    model, tok = build_random_tiny(path, seed=1)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(60):
+        ids = torch.tensor([tok(f"{a}+{b}={TOOL_TURNS}")["input_ids"] for a, b in torch.randint(10, 99, (8, 2)).tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tool_task(tmp_path_factory):
+    """A directory with the tool caller model (``model/``), TOOL_TASK's files and 40 rows ``data.jsonl`` whose
+    answer is the tool's "3" for odd a, a + b otherwise. ``args``: the overrides that run it (after TINY_RUN or
+    faultkit.FAST, whose rollout settings they override), for ``load_config`` and ``dapo train`` alike."""
+    import json
+    from types import SimpleNamespace
+
+    d = tmp_path_factory.mktemp("tool_task")
+    build_tool_caller(d / "model")
+    for name, text in TOOL_TASK.items():
+        (d / name).write_text(text)
+    rows = [{"prompt": f"{a}+{b}=", "answer": "3" if a % 2 else str(a + b)} for a, b in zip(range(10, 50), range(40, 80))]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [f"model.path={d / 'model'}", f"data.path={d / 'data.jsonl'}", f"reward.fn={d / 'reward.py'}:score",
+            f"env.tools={d / 'tools.py'}", "data.template=none", "rollout.max_new_tokens=40", "algo.overlong_cache_len=4",
+            "rollout.max_turns=2", "env.workers=1", "eval.size=0"]
+    return SimpleNamespace(dir=d, args=args)

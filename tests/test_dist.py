@@ -466,6 +466,72 @@ def test_async_needs_a_sampler_of_its_own():
         load_config(overrides=["dist.async_steps=1", "dist.rollout_workers=1", "data.path=x.jsonl"])
 
 
+def test_a_tool_rollout_on_a_ray_worker_is_the_in_process_one(cluster, tool_task, tmp_path):
+    """Multi-turn on Ray rollout workers (#26): the turns run in the driver, each one generate call to the workers
+    with the whole history re-prefilled there; the tools run in the driver's pool. Token for token the trajectories
+    the in-process engine samples with its KV cache across turns."""
+    from dapo.distributed import RayEngine
+    from dapo.envs import ToolEnv, ToolRunner
+    from dapo.items import PromptItem
+    from dapo.data.example import Example
+    from dapo.model import load_tokenizer
+    from dapo.rollout import derive_seed
+    from dapo.rollout.multiturn import MultiTurnRollout
+
+    cfg = _cfg(tool_task.dir / "model", tmp_path, "w", *tool_task.args, "dist.rollout_workers=1")
+    tok = load_tokenizer(cfg.model, cfg.model.path)
+    items = [PromptItem(k, Example(f"{k}+{k + 30}=", "3"), tok(f"{k}+{k + 30}=")["input_ids"]) for k in (11, 24)]
+    params = SamplingParams(n=3, max_new_tokens=40)
+    seeds = [derive_seed(7, it.uid) for it in items]
+    with ToolRunner(tool_task.dir / "tools.py", workers=1) as runner:
+        engine = RayEngine(cfg, cfg.model.path, tok.pad_token_id, [tok.eos_token_id], Cluster(cfg.dist))
+        try:
+            _, remote = MultiTurnRollout(engine, tok, lambda: ToolEnv(runner), max_turns=3).run(items, params, seeds)
+        finally:
+            engine.close()
+        here = HFEngine(load_model(cfg.model, cfg.model.path, torch.device("cpu")), tok.pad_token_id, [tok.eos_token_id])
+        _, local = MultiTurnRollout(here, tok, lambda: ToolEnv(runner), max_turns=3).run(items, params, seeds)
+    assert [t.turns for t in remote] == [t.turns for t in local] and max(t.turns for t in remote) >= 2
+    assert [t.completion.token_ids.tolist() for t in remote] == [t.completion.token_ids.tolist() for t in local]
+    assert [t.completion.mask.tolist() for t in remote] == [t.completion.mask.tolist() for t in local]
+    assert any("<result>3</result>" in tok.decode(t.completion.token_ids[~t.completion.mask]) for t in remote)
+    torch.testing.assert_close(torch.cat([t.completion.logprobs for t in remote]),
+                               torch.cat([t.completion.logprobs for t in local]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_a_tool_task_trains_on_a_ray_rollout_worker_in_step_and_one_step_off(cluster, tool_task, tmp_path, async_steps):
+    """--tools with a Ray rollout worker: trajectories (turns, tool calls, observation tokens masked) are collected
+    at each step, or with dist.async_steps=1 in the background thread while the update runs, from the weights one
+    step behind, and a checkpoint between two steps carries those collected ahead with their masks. The trainer's
+    recompute of the old log-probs matches the worker's at the model's tokens (the observations' log-probs, 0, are
+    never compared)."""
+    cfg = _cfg(tool_task.dir / "model", tmp_path, "a", *tool_task.args, "dist.rollout_workers=1",
+               f"dist.async_steps={async_steps}", "reward.workers=1", "optim.steps=3", "optim.lr=1e-3", "log.report=false",
+               "algo.dynamic_sampling=false", "ckpt.every=1", "ckpt.keep_last=3")
+    built = build_run(cfg, *resolve_run_dir(cfg))
+    hist = []
+    try:
+        train(cfg, on_step=lambda s, m: hist.append(dict(m)), run=built)
+        comps = [c for g in built.rollouts.sampled for c in g.completions]
+    finally:
+        built.close()
+    assert [m["rollout/weight_version"] for m in hist] == ([0, 0, 1] if async_steps else [0, 1, 2])
+    assert all(m["tool/calls"] > 0 and m["env/turns_mean"] > 1 and m["env/obs_tokens"] > 0 for m in hist)
+    if async_steps:
+        assert all(m["mismatch/logp_abs_diff"] == 0.0 for m in hist)  # the old policy is the sampler's own
+    else:
+        assert all(0 < m["mismatch/logp_abs_diff"] < 1e-4 for m in hist)  # recomputed: float rounding only
+    obs = [c for c in comps if not c.mask.all()]
+    assert obs and all(c.logprobs[~c.mask].eq(0).all() for c in obs)
+    ahead = torch.load(tmp_path / "a" / "step_2" / "trainer_state.pt", weights_only=True)["rollout_ahead"]
+    if async_steps:  # step 3's trajectories, collected during step 2's update
+        saved = [c for g in ahead["groups"] for c in g["completions"]]
+        assert ahead["step"] == 3 and all("mask" in c for c in saved) and any(not c["mask"].all() for c in saved)
+    else:
+        assert ahead == {}
+
+
 def test_pushes_to_bf16_samplers_leave_the_trainer_in_bf16_and_land_as_a_direct_cast(cluster, tiny_model_dir):
     from dapo.distributed.rollout import RolloutWorker, put_chunks
     from dapo.model import tied_copies

@@ -83,6 +83,12 @@ def test_carried_groups_survive_a_weights_only_checkpoint_and_old_list_checkpoin
     old["completions"] = [{**c, "token_ids": c["token_ids"].tolist(), "logprobs": c["logprobs"].tolist()}
                           for c in old["completions"]]
     assert _group_from_plain(old).completions == comps
+    traj = Completion(0, [9, 4, 4, 9], [-0.5, 0.0, 0.0, -0.25], "stop", 2, [True, False, False, True])  # multi-turn
+    buf = io.BytesIO()
+    torch.save({"carried": [_group_to_plain(Group(g.item, [traj], [1.0], [True], [1.0], step=4))]}, buf)
+    buf.seek(0)
+    assert _group_from_plain(torch.load(buf, weights_only=True)["carried"][0]).completions[0].mask.tolist() == [
+        True, False, False, True]
 
 
 def test_flatten_groups_lays_out_one_buffer_with_each_response_a_row():

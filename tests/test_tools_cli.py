@@ -5,31 +5,14 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, build_random_tiny
+from conftest import TINY_RUN, TOOL_TASK, build_tool_caller
 from dapo.cli import main as cli_main
 
-TOOLS = "def add(a, b):\n    return a + b\n"
-REWARD = "def score(response, ground_truth):\n    return 1.0 if response.strip() == ground_truth else -1.0\n"
-TURNS = "<tool>add(1, 2)</tool><eos><result>3</result>\n3<eos>"
-
-
-def _caller(path):
-    """A tiny model overfit on "a+b=" followed by TURNS (a call, its result, an answer), saved to ``path``."""
-    model, tok = build_random_tiny(path, seed=1)
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(60):
-        ids = torch.tensor([tok(f"{a}+{b}={TURNS}")["input_ids"] for a, b in torch.randint(10, 99, (8, 2)).tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(path)
-    return path
+TOOLS, REWARD = TOOL_TASK["tools.py"], TOOL_TASK["reward.py"]
 
 
 def test_train_and_eval_with_tools(tmp_path, capsys):
-    model_dir = _caller(tmp_path / "caller")
+    model_dir = build_tool_caller(tmp_path / "caller")
     (tmp_path / "tools.py").write_text(TOOLS)
     (tmp_path / "reward.py").write_text(REWARD)
     rows = [{"prompt": f"{a}+{b}=", "answer": "3" if a % 2 else str(a + b)} for a, b in zip(range(10, 50), range(40, 80))]

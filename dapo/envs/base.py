@@ -24,7 +24,8 @@ must get the same first prompt: a group shares it. ``step`` answers one model tu
 rewards ``step`` gave when it gave any, else the run's reward function on the last turn's text.
 
 An environment runs in the trainer process, so an exception in ``reset`` or ``step`` stops the run (tools, which
-run the model's arguments, run in worker processes: ``dapo.envs.tools``).
+run the model's arguments, run in worker processes: ``dapo.envs.tools``). With ``dist.async_steps=1`` it runs on
+the rollout's background thread, while the update runs on the main one.
 
 An environment may define ``step_many(envs, texts) -> list[StepResult]`` as a classmethod or staticmethod: the
 rollout then answers all trajectories waiting on it at once (``ToolEnv`` runs their tool calls in one pool

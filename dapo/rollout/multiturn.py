@@ -33,7 +33,9 @@ would tokenise the whole text differently).
 
 On the HF engine each trajectory's keys/values stay between its turns (``dapo.rollout.hf_turns``): a turn
 runs only its new tokens. Other engines (``kv_cache=False``) get one ``generate`` call per turn with the whole
-history as the prompt: token-exact too, at the cost of re-prefilling the context so far every turn.
+history as the prompt: token-exact too, at the cost of re-prefilling the context so far every turn. That is how
+Ray rollout workers run it (``dapo.distributed.RayEngine``): this loop, the environments and the tool pool stay in
+the trainer process, and each turn's call is cut into slices over the workers like any other.
 """
 from __future__ import annotations
 

@@ -163,16 +163,19 @@ def _group_to_plain(g: Group) -> dict[str, Any]:
         "uid": g.item.uid, "prompt_ids": g.item.prompt_ids, "step": g.step,
         "example": {"prompt": ex.prompt, "answer": ex.answer, "data_source": ex.data_source,
                     "fields": json.loads(json.dumps(ex.fields, default=str))},
+        # a multi-turn trajectory's mask (False on observation tokens) goes with it: without it a resumed run would
+        # train on the environment's tokens; None (no key) for single-turn completions, as older checkpoints hold
         "completions": [{"token_ids": c.token_ids, "logprobs": c.logprobs, "finish_reason": c.finish_reason,
-                         "weight_version": c.weight_version, "prompt_index": c.prompt_index} for c in g.completions],
+                         "weight_version": c.weight_version, "prompt_index": c.prompt_index,
+                         **({} if c.mask is None else {"mask": c.mask})} for c in g.completions],
         "scores": g.scores, "correct": g.correct, "rewards": g.rewards, "errors": g.errors,
     }
 
 
 def _group_from_plain(d: dict[str, Any]) -> Group:
     item = PromptItem(d["uid"], Example(**d["example"]), list(d["prompt_ids"]))
-    comps = [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"], c["weight_version"])
-             for c in d["completions"]]
+    comps = [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"], c["weight_version"],
+                        c.get("mask")) for c in d["completions"]]
     return Group(item, comps, d["scores"], d["correct"], d["rewards"], d["step"], d.get("errors"))
 
 

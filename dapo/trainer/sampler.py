@@ -187,7 +187,8 @@ class Rollouts:
     One step off: ``start(N + 1)`` is called after step N's rollout, before its update, so step N+1 samples
     with the weights that sampled step N; ``wait()`` is called after the update and before the new weights
     are pushed, because nothing may be sampling while they change. The rollout workers are other processes,
-    so the thread only waits on them (and scores). ``state_dict`` carries a rollout collected ahead, so a
+    so the thread only waits on them (and scores; with an environment it also drives the turns: tokenising
+    observations, stepping the environments, waiting on the tool pool). ``state_dict`` carries a rollout collected ahead, so a
     checkpoint between the two steps resumes exactly.
     """
 
