@@ -118,7 +118,6 @@ def test_load_env_names_what_is_missing(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["rollout.engine=vllm"], "on the HF engine, .* not with rollout.engine=vllm"),
     (["dist.trainer_ranks=2", "dist.rollout_on_ranks=true"], "not with dist.rollout_on_ranks"),
     (["env.path=e.py:E"], "set env.path or env.tools, not both"),
     (["rollout.max_total_tokens=5"], "must be 0 or >= rollout.max_new_tokens"),

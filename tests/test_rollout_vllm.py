@@ -527,3 +527,54 @@ def test_every_wake_up_comes_right_after_the_caching_allocator_is_emptied(fake_v
     wakes = [i for i, e in enumerate(llm.events) if e[0] == "wake_up"]
     assert len(wakes) == 4 and all(llm.events[i - 1] == ("empty_cache",) for i in wakes)
     assert llm.events.count(("empty_cache",)) == 4  # and only then
+
+
+class _Twice:
+    """Answers the first turn with " ok" and ends the trajectory after the second."""
+
+    def reset(self, row):
+        return None
+
+    def step(self, text):
+        from dapo.envs.base import StepResult
+
+        self.turns = getattr(self, "turns", 0) + 1
+        return StepResult(None if self.turns == 2 else " ok", None, self.turns == 2)
+
+
+def test_multi_turn_rollouts_on_vllm_send_each_turn_the_trajectory_so_far_as_token_ids(fake_vllm, tiny_model_dir):
+    """With vLLM every turn is one generate call whose prompts are each live trajectory's ids so far (prompt,
+    sampled tokens, the observation tokenised alone): no text round trip, and vLLM's prefix cache (on) serves
+    the history a turn shares with the last one. The first turn is the single-turn call (G samples a prompt)."""
+    from dapo.data.example import Example
+    from dapo.items import PromptItem
+    from dapo.model import load_tokenizer
+    from dapo.rollout.multiturn import MultiTurnRollout
+
+    tok = load_tokenizer(CFG.model, str(tiny_model_dir))
+    stops = list(range(1, 12))  # random tokens over VOCAB: most turns stop within 20 tokens
+    eng = VLLMEngine(str(tiny_model_dir), 0, stops, CFG)
+    assert eng.llm.kwargs["enable_prefix_caching"]
+    items = [PromptItem(k, Example(p, "x"), p) for k, p in enumerate(PROMPTS)]
+    mt = MultiTurnRollout(eng, tok, _Twice, max_turns=3)
+    assert not mt.kv_cache
+    calls = []
+    real = eng.llm.generate
+    eng.llm.generate = lambda prompts, *a, **kw: calls.append([p["prompt_token_ids"] for p in prompts]) or real(prompts, *a, **kw)
+    _, trajs = mt.run(items, SamplingParams(n=2, max_new_tokens=20, stop_token_ids=tuple(stops)), [5, 6, 7])
+    obs = tok(" ok")["input_ids"]
+    assert calls[0] == PROMPTS and len(calls) >= 2  # turn 0: each prompt once, n=2
+    assert sum(t.turns == 2 for t in trajs) >= 2 and len(trajs) == 6
+    second = iter(calls[1])
+    for t in trajs:
+        c = t.completion
+        ids, mask = c.token_ids.tolist(), c.mask.tolist()
+        if t.turns == 1:  # its first turn ran out of tokens: nothing for the environment to read
+            assert c.finish_reason == "length" and all(mask)
+            continue
+        assert t.turns == 2
+        n1 = len(ids) - len(obs) - len(t.last_turn)  # the first turn's tokens
+        assert ids[n1 : n1 + len(obs)] == obs and mask == [1] * n1 + [0] * len(obs) + [1] * len(t.last_turn)
+        prompt = PROMPTS[c.prompt_index]
+        assert next(second) == prompt + ids[: n1 + len(obs)]  # the history as ids, observation appended
+        assert c.logprobs[n1 : n1 + len(obs)].eq(0).all()

@@ -175,14 +175,12 @@ def _env(c: Config) -> None:
         return
     if e.path and e.tools:
         _bad("env.tools", "an environment (env.path) answers the model itself: set env.path or env.tools, not both")
-    # Ray rollout workers and async rollout: the turns run here, each a generate call to the workers (dapo.rollout.
-    # multiturn); vLLM and samplers on the trainer ranks are not wired to it
-    where = [k for k, on in (("dist.rollout_on_ranks", d.rollout_on_ranks), ("rollout.engine=vllm", c.rollout.engine == "vllm"))
-             if on]
-    if where:
-        _bad("env.path" if e.path else "env.tools", f"multi-turn rollouts run on the HF engine, in this process or on Ray "
-                                                      f"rollout workers (dist.rollout_workers), not with "
-                                                      f"{', '.join(where)}: unset it, or drop the environment")
+    # Ray rollout workers, async rollout and vLLM: the turns run here, each a generate call to the engine on the
+    # trajectories so far (dapo.rollout.multiturn); samplers on the trainer ranks are not wired to it
+    if d.rollout_on_ranks:
+        _bad("env.path" if e.path else "env.tools", "multi-turn rollouts run on the HF engine (in this process or on Ray "
+                                                      "rollout workers, dist.rollout_workers) or on vLLM, not with "
+                                                      "dist.rollout_on_ranks: unset it, or drop the environment")
     if c.rollout.max_total_tokens and c.rollout.max_total_tokens < c.rollout.max_new_tokens:
         _bad("rollout.max_total_tokens", f"counts the model's tokens too: must be 0 or >= rollout.max_new_tokens "
                                          f"({c.rollout.max_new_tokens}), got {c.rollout.max_total_tokens}")
