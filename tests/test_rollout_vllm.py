@@ -578,3 +578,20 @@ def test_multi_turn_rollouts_on_vllm_send_each_turn_the_trajectory_so_far_as_tok
         prompt = PROMPTS[c.prompt_index]
         assert next(second) == prompt + ids[: n1 + len(obs)]  # the history as ids, observation appended
         assert c.logprobs[n1 : n1 + len(obs)].eq(0).all()
+
+
+def test_a_colocated_engine_stays_awake_for_all_turns_of_a_rollout_and_sleeps_once(fake_vllm, tiny_model_dir):
+    from dapo.data.example import Example
+    from dapo.items import PromptItem
+    from dapo.model import load_tokenizer
+    from dapo.rollout.multiturn import MultiTurnRollout
+
+    tok = load_tokenizer(CFG.model, str(tiny_model_dir))
+    stops = list(range(1, 12))
+    eng = VLLMEngine(str(tiny_model_dir), 0, stops, CFG, colocated=True)
+    items = [PromptItem(k, Example(p, "x"), p) for k, p in enumerate(PROMPTS)]
+    MultiTurnRollout(eng, tok, _Twice, max_turns=3).run(items, SamplingParams(n=2, max_new_tokens=20), [5, 6, 7])
+    events = [e[0] for e in eng.llm.events if e[0] in ("generate", "sleep", "wake_up")]
+    assert events.count("generate") >= 2 and events[-1] == "sleep" and events.count("sleep") == 1
+    eng.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=4), [1, 2, 3])  # a single-turn call sleeps after it
+    assert [e[0] for e in eng.llm.events][-2:] == ["generate", "sleep"]

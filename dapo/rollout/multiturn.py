@@ -39,6 +39,7 @@ the trainer process, and each turn's call is cut into slices over the workers li
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -130,7 +131,9 @@ class MultiTurnRollout:
         with the prompt ids their environments' ``reset`` gave. With the KV cache, at most ``engine.max_batch``
         trajectories are sampled together (each chunk of prompts to the end before the next)."""
         if not self.kv_cache:
-            return self._run(items, params, seeds)
+            awake = getattr(self.engine, "awake", None)  # vLLM colocated: one sleep after the last turn, not each
+            with awake() if awake is not None else contextlib.nullcontext():
+                return self._run(items, params, seeds)
         per = max(1, getattr(self.engine, "max_batch", 256) // params.n)
         out_items: list[PromptItem] = []
         out: list[Trajectory] = []

@@ -167,6 +167,7 @@ class VLLMEngine:
                                  else cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
         self.colocated = bool(colocated)
         self._asleep: set[str] = set()
+        self._held = False  # inside ``awake()``: generate does not sleep after its call
         self.lora_rank, self.lora_alpha = cfg.model.lora_rank, cfg.model.lora_alpha
         self._lora: Any = None  # the LoRARequest every generate names (None: the base alone)
         model, tokenizer, extra = path, cfg.model.tokenizer or path, {}
@@ -232,6 +233,26 @@ class VLLMEngine:
         if old is not None:  # never requested again: the next generate names the new id
             shutil.rmtree(old.lora_path, ignore_errors=True)
 
+    def _sleep(self) -> None:
+        if self.colocated:
+            self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed: the GPU is the trainer's now
+            self._asleep.update(_TAGS)
+
+    @contextlib.contextmanager
+    def awake(self) -> Iterator[None]:
+        """Stay awake across the ``generate`` calls inside (a multi-turn rollout's turns): a colocated engine sleeps
+        once, at the end, instead of after each call, and its prefix cache keeps the turns' shared history."""
+        if self._held:
+            yield
+            return
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            if not self._asleep:
+                self._sleep()
+
     def _wake(self, *tags: str) -> None:
         """Wake the given memory tags that sleep (waking an awake tag is not something to rely on). vLLM's sleep
         pool lives outside PyTorch's caching allocator: what the update freed but PyTorch still caches is handed
@@ -261,9 +282,8 @@ class VLLMEngine:
         self._wake(*_TAGS)
         lora = {"lora_request": self._lora} if self._lora is not None else {}
         outs = self.llm.generate(inputs, sampling_params=sps, use_tqdm=False, **lora)
-        if self.colocated:
-            self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed: the GPU is the trainer's now
-            self._asleep.update(_TAGS)
+        if not self._held:
+            self._sleep()
         assert len(outs) == len(prompts), f"vLLM answered {len(outs)} of {len(prompts)} prompts"
         return [c for i, out in enumerate(outs) for c in self._completions(i, out, params.n)]
 
