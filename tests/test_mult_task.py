@@ -103,7 +103,7 @@ def test_train_on_mult_with_and_without_the_tool(tmp_path, one_thread):
     info = json.loads((base / "sft.json").read_text())
     assert info["steps"] == 40 and info["task"] == "mult"
     common = ["--model", str(base), "data.task=mult", *TINY_RUN, "rollout.max_new_tokens=48", "algo.overlong_cache_len=4",
-              "optim.steps=2", "algo.dynamic_sampling=false", "eval.size=4", "env.workers=1", f"log.out_dir={tmp_path}"]
+              "optim.steps=2", "algo.dynamic_sampling=false", "eval.size=4", "env.workers=1", "log.samples_every=1", f"log.out_dir={tmp_path}"]
     assert cli_main(["train", *common, "--tools", "calculator", "rollout.max_turns=2", "log.run_name=tool"]) == 0
     m = [json.loads(x) for x in (tmp_path / "tool" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in m] == [1, 2]
