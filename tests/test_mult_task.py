@@ -1,5 +1,6 @@
 """The built-in tool task (#26.4): ``mult``'s examples and verifier, the calculator tool, the warm-up's labels
 (the model's tokens only), the task's own config keys, and a 2-step ``dapo train`` with and without the tool."""
+import doctest
 import json
 from collections import Counter
 
@@ -13,6 +14,7 @@ from dapo.config import load_config
 from dapo.data.charvocab import make_char_tokenizer
 from dapo.data.example import Example
 from dapo.data.tasks import TrainStream, eval_examples, get_task
+import dapo.envs.calculator
 from dapo.envs.calculator import calc, mul
 from dapo.envs.tools import ERRORS, call_tool, load_tools, parse_tool_calls
 from dapo.warmup.base import task_pairs
@@ -53,6 +55,7 @@ def test_calculator_is_exact_and_runs_no_code():
             calc(bad)
     with pytest.raises(TypeError):
         mul(True, 2)
+    assert doctest.testmod(dapo.envs.calculator).failed == 0
     tools = load_tools("calculator")
     assert sorted(tools) == ["calc", "mul"]
     text, kind = call_tool(tools, parse_tool_calls("<tool>mul(347,86)</tool>")[0], 5.0, 1000)
