@@ -228,8 +228,9 @@ class Multiply(Task):
                    "(--tools calculator) multiplies")
     tools = "calculator"
     sft_overrides = {"target_accuracy": None, "max_steps": MULT_SFT_STEPS, "min_steps": 100, "eval_every": 100}
-    """A fixed warm-up length: the probe's accuracy is mostly the tool's (the calls are right once their format
-    is), so a target would stop before the direct answers have been learnt at all."""
+    """A fixed warm-up length, so the base does not depend on when a noisy probe first crosses a target. Measured
+    (probe with the tool, sampled): 0.03 at step 200, 0.14 at 300, 0.26 at 600; 754 s on one thread of a busy
+    2-core machine. Its calls mis-copy an operand about half the time, which RL then improves."""
 
     def __init__(self, tool_frac: float = 0.5, easy_frac: float = 0.25):
         assert 0.0 <= tool_frac <= 1.0 and 0.0 <= easy_frac <= 1.0
