@@ -46,7 +46,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", help="shortcut for reward.fn=... (math, module:function or file.py:function)")
     p.add_argument("--resume", help="shortcut for ckpt.resume=RUN_DIR")
     p.add_argument("--env", help="shortcut for env.path=... (file.py:Class): an environment answers the model's turns")
-    p.add_argument("--tools", help="shortcut for env.tools=... (file.py): its public functions are tools the model calls")
+    p.add_argument("--tools", help="shortcut for env.tools=... (file.py, or calculator: built in): its public functions are "
+                   "tools the model calls")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value")
     return p

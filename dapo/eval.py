@@ -121,6 +121,9 @@ def summarize(problems: list[dict[str, Any]], samples: list[dict[str, Any]], k: 
     m["len_mean"] = sum(s["length"] for s in samples) / len(samples)
     m["truncated_frac"] = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
     m["no_answer_frac"] = sum(s["pred"] is None for s in samples) / len(samples)
+    if "turns" in samples[0]:  # trajectories of an environment
+        m["turns_mean"] = sum(s["turns"] for s in samples) / len(samples)
+        m["tool_calls_mean"] = sum(s.get("tool_calls", 0) for s in samples) / len(samples)
     return m
 
 
@@ -176,6 +179,7 @@ def evaluate(
             comps = [t.completion for t in trajs]
             texts = [decode(c.token_ids.tolist()) for c in comps]
             finals, turns = [decode(t.last_turn.tolist()) for t in trajs], [t.turns for t in trajs]
+            calls = [t.info.get("tool/calls", 0.0) for t in trajs]
             scored = score_trajectories(trajs, [batch[c.prompt_index].example for c in comps],
                                         lambda ids, exs: score_fn([decode(x.tolist()) for x in ids], exs))
         for key, v in scored.stats.items():
@@ -191,7 +195,7 @@ def evaluate(
                     "pred": extract(finals[r]), "score": float(scored.scores[r]), "correct": bool(scored.correct[r]),
                     "length": comps[r].n_model_tokens, "finish_reason": comps[r].finish_reason,
                     **({"reward_error": errors[r]} if errors[r] else {}),
-                    **({"turns": turns[r]} if turns is not None else {}),
+                    **({"turns": turns[r], "tool_calls": calls[r]} if turns is not None else {}),
                 })
             v = _vote([s["pred"] for s in recs])
             c = sum(s["correct"] for s in recs)
@@ -227,8 +231,12 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     m, k = result["metrics"], result["k"]
     if not m.get("problems"):
         return {"accuracy": float("nan"), "n": 0, "k": k}
-    return {"accuracy": float(m[f"avg@{k}"]), "score": float(m["score_mean"]), "len_mean": float(m["len_mean"]),
-            "n": int(m["problems"]), "k": k}
+    out = {"accuracy": float(m[f"avg@{k}"]), "score": float(m["score_mean"]), "len_mean": float(m["len_mean"]),
+           "n": int(m["problems"]), "k": k}
+    for key in ("turns_mean", "tool_calls_mean"):  # with an environment
+        if key in m:
+            out[key] = float(m[key])
+    return out
 
 
 def as_metrics(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
@@ -236,7 +244,7 @@ def as_metrics(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]
     ``eval/pass@k``, ``eval/maj@k``, ...)."""
     k = result["k"]
     m = result["metrics"]
-    keys = [f"avg@{k}", "pass@1", f"pass@{k}", f"maj@{k}", "len_mean"]
+    keys = [f"avg@{k}", "pass@1", f"pass@{k}", f"maj@{k}", "len_mean", "turns_mean", "tool_calls_mean"]
     out = {f"{prefix}/{key}": float(m[key]) for key in keys if key in m}
     if f"avg@{k}" in m:
         out[f"{prefix}/acc"] = float(m[f"avg@{k}"])

@@ -3,7 +3,8 @@
     dapo report runs/dapo-addition-20250101-120000
     dapo report runs/grpo-* runs/dapo-* --out report/
 
-Each panel (accuracy, entropy, response length, clip fractions, groups kept) is drawn twice: against
+Each panel (accuracy, entropy, response length, clip fractions, groups kept; for multi-turn runs turns,
+tool calls per trajectory and the share of observation tokens) is drawn twice: against
 the RL step and against the number of samples generated (``batch/samples_total``), the fair axis when
 comparing with and without dynamic sampling, which spends more samples per step. Runs are overlaid,
 one colour each. PNGs go to the output directory, and ``report.html`` embeds them (base64) with a
@@ -44,6 +45,13 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("clip_fraction", "Clipped token fraction", "fraction",
      [("actor/clipfrac_high", "high (ratio > 1+eps_high, A > 0)"), ("actor/clipfrac_low", "low (ratio < 1-eps_low, A < 0)")]),
     ("groups_kept", "Groups kept (mixed outcomes)", "fraction of groups", [("batch/kept_frac", "kept")]),
+    # multi-turn runs (an environment or tools) only
+    ("turns", "Model turns per trajectory", "turns", [("env/turns_mean", "rollout"),
+                                                      ("eval/turns_mean", "held-out (every eval.every)")]),
+    ("tool_calls", "Tool calls per trajectory", "calls", [("tool/calls_per_traj", "rollout"),
+                                                          ("eval/tool_calls_mean", "held-out (every eval.every)")]),
+    ("obs_frac", "Share of observation tokens", "fraction of trajectory tokens",
+     [("env/obs_frac", "observation tokens (context, not trained)")]),
 ]
 X_AXES = [("step", "step", "RL step"), ("samples", "batch/samples_total", "samples generated")]
 HELD_OUT_KEY = "eval/acc"

@@ -139,3 +139,26 @@ def test_the_held_out_line_runs_from_before_to_after(tmp_path):
     assert ends.series("step", "eval/acc")[0] == [0.0, 3, 6]
     bare = load_run(make_run(tmp_path / "b", "dapo", steps=4, with_eval=False, summary=False))
     assert bare.series("step", "eval/acc") == ([], [])
+
+
+def test_multi_turn_panels_drawn_when_logged(tmp_path):
+    """Turns, tool calls per trajectory and the observation share: drawn from a run that logged them (a
+    hand-written metrics file), with the held-out series where it has them; absent for a single-turn run."""
+    run = make_run(tmp_path / "tools", "dapo", steps=4)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        s = r["step"]
+        r.update({"env/turns_mean": 1.0 + 0.25 * s, "tool/calls_per_traj": 0.25 * s, "env/obs_frac": 0.1 * s})
+        if s % 2 == 0:
+            r.update({"eval/turns_mean": 1.5, "eval/tool_calls_mean": 0.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert load_run(run).series("step", "tool/calls_per_traj") == ([1, 2, 3, 4], [0.25, 0.5, 0.75, 1.0])
+    assert load_run(run).series("step", "eval/turns_mean") == ([2, 4], [1.5, 1.5])
+    write_report([run], tmp_path / "out")
+    for stem in ("turns", "tool_calls", "obs_frac"):
+        for x in ("step", "samples"):
+            assert_png(tmp_path / "out" / f"{stem}_vs_{x}.png")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 16  # the five usual panels and three more, two axes each
+    write_report([make_run(tmp_path / "plain", "dapo")], tmp_path / "out2")
+    assert not list((tmp_path / "out2").glob("turns_*")) and not list((tmp_path / "out2").glob("obs_frac_*"))

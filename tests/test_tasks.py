@@ -185,7 +185,7 @@ def test_multisum_direct_draws_the_same_prompts_and_answers_directly():
 
 def test_get_task_error_lists_names():
     assert get_task("addition") is TASKS["addition"]
-    with pytest.raises(ValueError, match="addition, multisum"):
+    with pytest.raises(ValueError, match="addition, mult, multisum"):
         get_task("additoin")
 
 

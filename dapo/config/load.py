@@ -1,4 +1,4 @@
-"""Building a config: defaults <- preset <- YAML file <- ``key=value`` overrides, then validated.
+"""Building a config: defaults <- preset <- the task's keys <- YAML file <- ``key=value`` overrides, validated.
 
 Keys are dotted (``algo.eps_high=0.28``); an unknown key is an error that names the closest valid one;
 a key that moved (``RENAMED``) still works, with a message naming its new place.
@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from dapo.config.errors import ConfigError
-from dapo.config.sections import PRESETS, RENAMED, Config
+from dapo.config.sections import PRESETS, RENAMED, TASK_DEFAULTS, Config
 from dapo.config.validate import validate
 from dapo.fsutil import write_atomic
 
@@ -174,8 +174,8 @@ def load_config(
     base: Config | None = None,
     notify: Callable[[str], None] | None = _stderr,
 ) -> Config:
-    """defaults (or ``base``) <- preset <- YAML file <- overrides, validated. ``notify`` gets the messages
-    about moved keys (stderr by default).
+    """defaults (or ``base``) <- preset <- the built-in task's keys (``TASK_DEFAULTS``) <- YAML file <-
+    overrides, validated. ``notify`` gets the messages about moved keys (stderr by default).
 
     A preset is applied to the defaults, or to ``base`` only when one is named (argument, ``preset=``
     override or file): a saved run's config already holds its preset's values and the user's changes to
@@ -205,6 +205,10 @@ def load_config(
     if base is None or named:
         cfg = _apply(cfg, PRESETS[name], " in preset")
     cfg = replace(cfg, preset=name)
+    if base is None:  # a saved run's config holds its task's keys already, and the user's changes to them
+        task = str(over.get("data.task") or file_flat.get("data.task") or cfg.data.task)
+        if not (over.get("data.path") or file_flat.get("data.path")) and task in TASK_DEFAULTS:
+            cfg = _apply(cfg, TASK_DEFAULTS[task], f" in the defaults of task {task}")
     if file_flat:
         cfg = _apply(cfg, file_flat, f" in {file}", notify)
     if over:

@@ -178,7 +178,8 @@ class EnvConfig:
     ``reset(row)`` and ``step(model_text) -> dapo.envs.StepResult``; empty = none."""
     tools: str = ""
     """A Python file whose public functions are tools the model calls with <tool_call>{"name": ..., "arguments":
-    {...}}</tool_call> or <tool>name(args)</tool>; a turn without a call is the final answer; empty = none."""
+    {...}}</tool_call> or <tool>name(args)</tool>, or ``calculator`` (built in: mul(a, b), calc(expr)); a turn
+    without a call is the final answer; empty = none."""
     workers: int = 2
     """Processes running tool calls (``tools``); a tool that hangs is stopped, one that crashes is replaced."""
     timeout_s: float = 5.0
@@ -480,6 +481,11 @@ PRESETS.update({
     "drgrpo": {**PRESETS["grpo"], "algo.norm_adv_std": False, "algo.loss_agg": "seq-mean-token-sum-norm"},
     "rloo": {**PRESETS["grpo"], "algo.adv_estimator": "rloo", "algo.norm_adv_std": False},
 })
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mult": {"rollout.max_new_tokens": 48},  # a tool call and the answer after it: up to 36 model tokens
+}
+"""Keys a built-in task (``data.task``) needs set other than the defaults: applied over the preset, under a YAML
+file and ``key=value`` overrides."""
 PRESET_DOCS = {
     "grpo": "naive GRPO: symmetric clip 0.2, seq-mean-token-mean, no dynamic sampling, no overlong shaping",
     "+overlong_filter": "grpo + overlong filtering (Table 1 row 2)",

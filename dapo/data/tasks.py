@@ -37,9 +37,12 @@ class Task(ABC):
     description: str = ""
     """One line for ``dapo train --help`` and reports."""
     max_response_len: int = 0
-    """Characters in the longest worked response (eos excluded): a floor for ``rollout.max_new_tokens``."""
+    """Characters in the longest worked response (eos excluded): a floor for ``rollout.max_new_tokens``. With
+    tool calls, the model's characters over all its turns, each turn's eos but the last's counted."""
     sft_overrides: dict = {}
     """Fields of ``dapo.config.SFTConfig`` that differ for this task's demo base model."""
+    tools: str = ""
+    """The ``env.tools`` its worked responses call (``calculator``); the warm-up's probe answers them. "" = none."""
 
     @property
     def family(self) -> str:
@@ -58,6 +61,11 @@ class Task(ABC):
     @abstractmethod
     def sft_response(self, example: Example) -> str:
         """The worked response to imitate in the warm-up, without eos."""
+
+    def sft_turns(self, example: Example) -> list[tuple[str, bool]]:
+        """The worked response as (text, the model's) segments: the model's turns, each to be followed by eos,
+        and between them what the tools answer (trained on as context only). Default: one turn."""
+        return [(self.sft_response(example), True)]
 
     def extract_answer(self, response: str) -> str | None:
         """The final answer a response commits to (for maj@k and sample logs); None if it gives none."""
@@ -192,6 +200,75 @@ class MultiSum(Task):
 
 
 # --------------------------------------------------------------------------------------------------
+# mult: a task where a tool matters
+
+MULT_SFT_STEPS = 600
+
+
+class Multiply(Task):
+    """``[mul] 347*86=`` -> a call, the calculator's answer, the product: products too long to do in one's head.
+
+    Hard prompts multiply 3-4 digits by 2-3 digits; a share ``easy_frac`` multiplies by 1, 10 or 100, which
+    a model can answer by copying (``data_source`` ``mult/hard`` or ``mult/easy``, so held-out metrics come
+    per kind). The prompt names the tool (``[mul]``); ``dapo train data.task=mult --tools calculator`` lets the
+    model call it, ``dapo train data.task=mult`` is the same task without it (a call is then a final answer
+    without a product: wrong). The warm-up shows the call on a share ``tool_frac`` of its examples, chosen per
+    example (``fields["style"]``)::
+
+        tool:    <tool>mul(347,86)</tool><eos> <result>29842</result>\n :29842<eos>    (the result: the tool's)
+        direct:  :29842<eos>
+
+    and trains on the model's tokens only, not the result's. Scoring is the text after the last ':' of the
+    model's last turn, as for addition. A call and its answer take up to 36 model tokens, more than the default
+    ``rollout.max_new_tokens``: the task's own default is 48 (``dapo.config.TASK_DEFAULTS``).
+    """
+
+    name = "mult"
+    description = ("[mul] a*b= with a of 3-4 digits, b of 2-3 (a quarter: b = 1, 10, 100); the calculator tool "
+                   "(--tools calculator) multiplies")
+    tools = "calculator"
+    sft_overrides = {"target_accuracy": None, "max_steps": MULT_SFT_STEPS, "min_steps": 100, "eval_every": 100}
+    """A fixed warm-up length, so the base does not depend on when a noisy probe first crosses a target. Measured
+    (probe with the tool, sampled): 0.03 at step 200, 0.14 at 300, 0.26 at 600; 754 s on one thread of a busy
+    2-core machine. Its calls mis-copy an operand about half the time, which RL then improves."""
+
+    def __init__(self, tool_frac: float = 0.5, easy_frac: float = 0.25):
+        assert 0.0 <= tool_frac <= 1.0 and 0.0 <= easy_frac <= 1.0
+        self.tool_frac, self.easy_frac = tool_frac, easy_frac
+        # <tool>mul(9999,999)</tool> (26), its eos, then :9989001 (8)
+        self.max_response_len = 26 + 1 + 8
+
+    def make_example(self, rng: random.Random) -> Example:
+        a = rng.randrange(100, 10_000)
+        easy = rng.random() < self.easy_frac
+        b = rng.choice((1, 10, 100)) if easy else rng.randrange(10, 1000)
+        style = "tool" if rng.random() < self.tool_frac else "direct"
+        return Example(prompt=f"[mul] {a}*{b}=", answer=str(a * b), data_source="mult/easy" if easy else "mult/hard",
+                       fields={"a": a, "b": b, "style": style})
+
+    def score(self, response: str, answer: str) -> tuple[float, bool]:
+        ok = answer_after_colon(response) == answer.strip()
+        return (1.0, True) if ok else (-1.0, False)
+
+    def sft_turns(self, example: Example) -> list[tuple[str, bool]]:
+        """[call, result, answer] for the tool style, [answer] for the direct one."""
+        a, b = self._operands(example)
+        if example.fields.get("style") != "tool":
+            return [(f":{a * b}", True)]
+        return [(f"<tool>mul({a},{b})</tool>", True), (f"<result>{a * b}</result>\n", False), (f":{a * b}", True)]
+
+    def sft_response(self, example: Example) -> str:
+        """The turns' text run together (without the eos that ends the call's turn)."""
+        return "".join(text for text, _ in self.sft_turns(example))
+
+    @staticmethod
+    def _operands(example: Example) -> tuple[int, int]:
+        assert isinstance(example.prompt, str) and example.prompt.startswith("[mul] "), example.prompt
+        a, b = example.prompt[len("[mul] "):].rstrip("=").split("*")
+        return int(a), int(b)
+
+
+# --------------------------------------------------------------------------------------------------
 # registry
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -199,6 +276,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     MultiSum(),
     MultiSum(direct_frac=1.0, name="multisum_direct",
              description="multisum prompts; the warm-up data has direct answers only (the length experiment's control)"),
+    Multiply(),
 )}
 """Built-in tasks by name. A new task is one class and one entry here."""
 

@@ -1,6 +1,8 @@
 """Tools: plain Python functions the model calls by writing a call in its turn (``--tools my_tools.py``).
 
-Every public function of the tools file (a name not starting with ``_``, defined in that file) is a tool. The model
+Every public function of the tools file (a name not starting with ``_``, defined in that file) is a tool; the
+built-in ``calculator`` (``--tools calculator``: ``mul(a, b)``, ``calc(expr)``, :mod:`dapo.envs.calculator`)
+stands for its file. The model
 calls one by writing, anywhere in its turn, either form:
 
     <tool_call>{"name": "mul", "arguments": {"a": 12, "b": 34}}</tool_call>    the JSON form chat templates use
@@ -110,11 +112,26 @@ def _parse_python(body: str) -> ToolCall:
     return ToolCall(node.func.id, args, kwargs)
 
 
-def load_tools(path: str | Path) -> dict[str, Callable[..., Any]]:
-    """The tools of a file: its public functions defined in it (imported ones are not tools), by name."""
-    p = Path(path).expanduser().resolve()
+BUILTIN_TOOLS = {"calculator": Path(__file__).with_name("calculator.py")}
+"""Tools files shipped with dapo, by the name ``env.tools`` (``--tools``) takes for them."""
+
+
+def tools_file(spec: str | Path) -> Path:
+    """The file ``env.tools`` names: a built-in name (``calculator``) or a path; a missing file is an error
+    listing the built-in names. A file of the built-in's name in the working directory is taken as written."""
+    p = Path(spec).expanduser()
+    if not p.is_file() and str(spec) in BUILTIN_TOOLS:
+        return BUILTIN_TOOLS[str(spec)]
     if not p.is_file():
-        raise FileNotFoundError(f"env.tools: file {str(p)!r} not found")
+        raise FileNotFoundError(f"env.tools: file {str(p.resolve())!r} not found (or a built-in: "
+                                f"{', '.join(sorted(BUILTIN_TOOLS))})")
+    return p.resolve()
+
+
+def load_tools(path: str | Path) -> dict[str, Callable[..., Any]]:
+    """The tools of a file (or a built-in name, :func:`tools_file`): its public functions defined in it
+    (imported ones are not tools), by name."""
+    p = tools_file(path)
     module = import_file(p, "_dapo_tools")
     tools = {k: v for k, v in vars(module).items()
              if inspect.isfunction(v) and not k.startswith("_") and v.__module__ == module.__name__}
@@ -191,7 +208,7 @@ class ToolRunner(RewardRunner):
         if workers < 1:
             raise ValueError(f"env.workers: tools run in worker processes, so it must be >= 1, got {workers}")
         self.names = sorted(load_tools(path))  # fail here, early, on a missing file or a file without tools
-        self.fn_spec = (str(Path(path).expanduser().resolve()), int(max_chars))
+        self.fn_spec = (str(tools_file(path)), int(max_chars))
         self.workers, self.timeout_s, self.memory_mb, self.start_timeout_s = workers, timeout_s, memory_mb, start_timeout_s
         self.decoder = None  # tool calls arrive as text
         self._ctx = mp.get_context("spawn")

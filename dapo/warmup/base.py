@@ -101,14 +101,23 @@ def result_meta(res: SFTResult, settings: SFTConfig, seed: int, n_params: int, t
 
 
 def task_pairs(task: Any, tokenizer: Any, seed: int) -> Callable[[int], list[Pair]]:
-    """The next n (prompt, worked response + eos) pairs of the task's training stream."""
+    """The next n (prompt, worked response + eos) pairs of the task's training stream. A response with tool
+    calls (``Task.sft_turns``) is tokenised as a multi-turn rollout builds it, each segment on its own, every
+    model turn followed by eos, and comes with a mask that is False on the tools' results (no loss there)."""
     stream = TrainStream(task, seed)
+    eos = tokenizer.eos_token_id
 
     def take(n: int) -> list[Pair]:
         exs = stream.take(n)
         prompts = tokenizer([ex.prompt for ex in exs], add_special_tokens=False)["input_ids"]
-        resps = tokenizer([task.sft_response(ex) for ex in exs], add_special_tokens=False)["input_ids"]
-        return [(p, r + [tokenizer.eos_token_id]) for p, r in zip(prompts, resps)]
+        out: list[Pair] = []
+        for ex, p in zip(exs, prompts):
+            segments = task.sft_turns(ex)
+            ids = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
+            resp = [t for seg, (_, model) in zip(ids, segments) for t in seg + ([eos] if model else [])]
+            mask = [model for seg, (_, model) in zip(ids, segments) for _ in range(len(seg) + model)]
+            out.append((p, resp) if all(mask) else (p, resp, mask))
+        return out
 
     return take
 
@@ -139,8 +148,18 @@ def build_base_model(out_dir: str | Path, task_name: str = "addition", settings:
     probe_exs = eval_examples(task, seed, s.n_probe, tag="sft-probe")
     items = [PromptItem(-1 - i, ex, tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
              for i, ex in enumerate(probe_exs)]
-    probe = make_probe(items, task_score_fn(task), tokenizer, seed, task.max_response_len + 1)
-    res = sft(model, task_pairs(task, tokenizer, seed), tokenizer.pad_token_id, s, probe, threads, log)
+    runner = None
+    if task.tools:  # the probe's rollouts call the tools its responses name, as dapo train --tools does
+        from dapo.envs import ToolEnv, ToolRunner
+
+        runner = ToolRunner(task.tools, workers=1)
+    try:
+        probe = make_probe(items, task_score_fn(task), tokenizer, seed, task.max_response_len + 1,
+                           make_env=(lambda: ToolEnv(runner)) if runner else None)
+        res = sft(model, task_pairs(task, tokenizer, seed), tokenizer.pad_token_id, s, probe, threads, log)
+    finally:
+        if runner is not None:
+            runner.close()
     return write_base(out, model, tokenizer, "none", {"task": task_name, **result_meta(res, s, seed, n_params, threads)},
                       force)
 

@@ -11,7 +11,8 @@ pairs, chat conversations) has no accuracy to measure: then the held-out loss is
 training stops once it has not improved for ``patience`` measurements (or after ``max_steps``).
 
 The loss is the usual next-token cross-entropy on response tokens only (prompt and padding labels are
--100, the ignore index), averaged over the batch's response tokens.
+-100, the ignore index), averaged over the batch's response tokens. A response with tool calls holds the
+tool's results too: those tokens are context, labelled -100 like the prompt, as RL masks them.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from dapo.items import PromptItem, ScoreFn
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (prompt and padding): F.cross_entropy's ignore_index."""
 
-Pair = tuple[list[int], list[int]]
-"""(prompt token ids, response token ids ending with eos)."""
+Pair = tuple[list[int], list[int]] | tuple[list[int], list[int], list[bool]]
+"""(prompt token ids, response token ids ending with eos), optionally with a mask over the response: False on
+tokens that are context, not the model's (a tool's result between two turns), which get no loss."""
 Probe = Callable[[torch.nn.Module, bool], float]
 """(model, greedy) -> held-out accuracy."""
 
@@ -38,15 +40,20 @@ def sft_batch(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.T
 
     Right padding keeps every row's positions 0..n-1, the same positions the rollout engine gives a
     left-padded prompt (it counts positions from the attention mask). Labels are the input ids on
-    response tokens (eos included) and IGNORE_INDEX on prompt and padding; the causal shift happens in
-    :func:`sft_loss`.
+    response tokens (eos included) and IGNORE_INDEX on prompt, padding and response tokens a pair's mask
+    marks as not the model's; the causal shift happens in :func:`sft_loss`.
     """
-    L = max(len(p) + len(r) for p, r in pairs)
+    L = max(len(pair[0]) + len(pair[1]) for pair in pairs)
     input_ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)  # (B, L)
     labels = torch.full((len(pairs), L), IGNORE_INDEX, dtype=torch.long)  # (B, L)
-    for b, (p, r) in enumerate(pairs):
+    for b, pair in enumerate(pairs):
+        p, r = pair[0], pair[1]
         input_ids[b, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
-        labels[b, len(p) : len(p) + len(r)] = torch.tensor(list(r))
+        resp = torch.tensor(list(r))  # (R,)
+        if len(pair) > 2:
+            assert len(pair[2]) == len(r), f"pair {b}: a mask of {len(pair[2])} for {len(r)} response tokens"
+            resp = resp.masked_fill(~torch.tensor(pair[2], dtype=torch.bool), IGNORE_INDEX)
+        labels[b, len(p) : len(p) + len(r)] = resp
     return input_ids, labels
 
 
@@ -60,19 +67,24 @@ def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
-def make_probe(items: list[PromptItem], score_fn: ScoreFn, tokenizer: Any, seed: int, max_new_tokens: int) -> Probe:
+def make_probe(items: list[PromptItem], score_fn: ScoreFn, tokenizer: Any, seed: int, max_new_tokens: int,
+               make_env: Callable[[], Any] | None = None, max_turns: int = 4) -> Probe:
     """Held-out accuracy of a model with one sample per prompt at temperature 1 (or greedily), measured by
-    the one evaluator with the same seeds at every measurement (less noisy comparisons)."""
+    the one evaluator with the same seeds at every measurement (less noisy comparisons). ``make_env``: an
+    environment per trajectory (``dapo.envs.ToolEnv``), up to ``max_turns`` model turns, as training rolls out."""
     from dapo.eval import evaluate, headline
     from dapo.model import eos_ids
     from dapo.rollout.base import SamplingParams
     from dapo.rollout.hf import HFEngine
+    from dapo.rollout.multiturn import MultiTurnRollout
 
     def probe(model: torch.nn.Module, greedy: bool = False) -> float:
         engine = HFEngine(model, tokenizer.pad_token_id, eos_ids(model, tokenizer))
+        multiturn = MultiTurnRollout(engine, tokenizer, make_env, max_turns) if make_env else None
         # top-1 of the filtered distribution is the argmax: greedy decoding
         params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=1.0, top_k=1 if greedy else 0)
-        res = evaluate(engine, items, score_fn, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), params, seed)
+        res = evaluate(engine, items, score_fn, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), params, seed,
+                       multiturn=multiturn)
         return headline(res)["accuracy"]
 
     return probe
