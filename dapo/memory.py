@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dapo.config import Config, ConfigError
+from dapo.config import Config, ConfigError, token_budget
 
 ACT_BYTES = 34
 """Bytes a transformer layer keeps for backward per token and unit of hidden size with 16-bit activations and a
@@ -98,8 +98,9 @@ def memory_budget(cfg: Config, shape: ModelShape, device_bytes: float, ranks: in
         own = {"auto": low, "float32": 4, "bfloat16": 2}[r.dtype]
         out["merged LoRA layers"] = shape.adapted_params * own
     seq = cfg.data.max_prompt_len + r.max_new_tokens
-    tokens = o.micro_batch_tokens or o.micro_batch_size * seq
-    resp = o.micro_batch_tokens * r.max_new_tokens / seq if o.micro_batch_tokens else o.micro_batch_size * r.max_new_tokens
+    packed = token_budget(cfg)
+    tokens = packed or o.micro_batch_size * seq
+    resp = packed * r.max_new_tokens / seq if packed else o.micro_batch_size * r.max_new_tokens
     per = ACT_BYTES_CHECKPOINTED * shape.layers + ACT_BYTES if m.gradient_checkpointing else ACT_BYTES * shape.layers
     out["activations"] = tokens * shape.hidden * per + resp * shape.vocab * HEAD_BYTES
     return out
@@ -112,7 +113,7 @@ def check_memory(cfg: Config, shape: ModelShape, device_bytes: float, where: str
     if need <= device_bytes:
         return
     seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    tokens = cfg.optim.micro_batch_tokens or cfg.optim.micro_batch_size * seq
+    tokens = token_budget(cfg) or cfg.optim.micro_batch_size * seq
     detail = ", ".join(f"{k} {v / GB:.1f}" for k, v in parts.items())
     raise ConfigError(
         f"the run needs about {need / GB:.1f} GB on {where}, which has {device_bytes / GB:.1f} GB ({detail} GB; "

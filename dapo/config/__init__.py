@@ -9,7 +9,7 @@ from dapo.config.load import (
 )
 from dapo.config.sections import (
     ABLATION_ROWS, PRESET_DOCS, PRESETS, RENAMED, TASK_DEFAULTS, AlgoConfig, CheckpointConfig, Config, DataConfig, DistConfig,
-    EnvConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, SFTConfig,
+    EnvConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, RewardConfig, RolloutConfig, SFTConfig, token_budget,
 )
 from dapo.config.validate import validate
 
@@ -17,5 +17,5 @@ __all__ = [
     "ABLATION_ROWS", "PRESETS", "PRESET_DOCS", "RENAMED", "TASK_DEFAULTS", "AlgoConfig", "CheckpointConfig", "Config", "ConfigError",
     "DataConfig", "DistConfig", "EnvConfig", "EvalConfig", "LogConfig", "ModelConfig", "OptimConfig", "RewardConfig",
     "RolloutConfig", "SFTConfig", "config_from_dict", "default", "describe", "field_doc", "load_config",
-    "parse_overrides", "run_config", "save_config", "valid_keys", "validate",
+    "parse_overrides", "run_config", "save_config", "token_budget", "valid_keys", "validate",
 ]

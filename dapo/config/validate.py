@@ -84,7 +84,8 @@ def _rollout_and_optim(c: Config) -> None:
     _at_least(c, 0, "rollout.max_logp_diff")
     if r.gpu_memory_utilization is not None and not 0 < r.gpu_memory_utilization <= 1:
         _bad("rollout.gpu_memory_utilization", f"must be in (0, 1], got {r.gpu_memory_utilization}")
-    _at_least(c, 0, "optim.steps", "optim.max_samples", "optim.micro_batch_tokens")
+    _at_least(c, 0, "optim.steps", "optim.max_samples")
+    _at_least(c, -1, "optim.micro_batch_tokens")
     _at_least(c, 1, "optim.train_batch_size", "optim.mini_batch_size", "optim.micro_batch_size", "optim.epochs",
               "optim.max_bad_steps")
     if o.train_batch_size % o.mini_batch_size:

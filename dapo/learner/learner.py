@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dapo.config import Config
+from dapo.config import Config, token_budget
 from dapo.learner.batch import TrainBatch
 from dapo.learner.loss import LossSpec, add_sums, micro_inputs, micro_loss
 from dapo.learner.parallel import DataParallel, whole_tensor
@@ -71,7 +71,7 @@ class LocalLearner:
     def cfg(self, cfg: Config) -> None:
         """The config, and what is derived from it once: the micro-batch plan and the loss's constants."""
         self._cfg = cfg
-        self.plan = MicroBatchPlan(cfg.optim.micro_batch_size, cfg.optim.micro_batch_tokens, self.pad_id, self.dp)
+        self.plan = MicroBatchPlan(cfg.optim.micro_batch_size, token_budget(cfg), self.pad_id, self.dp)
         self.loss_spec = LossSpec.of(cfg)
 
     # -------------------------------------------------------------------------------------------- old log-probs
