@@ -291,3 +291,18 @@ def test_docstring_examples_run():
     for module in (dapo.data.templates, dapo.data.files):
         failed, tried = doctest.testmod(module)
         assert tried > 0 and failed == 0, module.__name__
+
+
+def test_dedup_keeps_the_prompt_column_out_of_the_fields(tmp_path):
+    """The prompt is the example's prompt, not one of its fields, with de-duplication on as off; a conversation
+    cut at its last user turn keeps the whole conversation under its column."""
+    p = tmp_path / "d.jsonl"
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    p.write_text(json.dumps({"prompt": "1+1?", "answer": "2", "n": 1}) + "\n"
+                 + json.dumps({"prompt": "1+1?", "answer": "2", "n": 2}) + "\n"
+                 + json.dumps({"messages": conv, "answer": "4"}) + "\n")
+    for dedup in (False, True):
+        exs, stats = load_examples(p, dedup=dedup)
+        assert [e.fields for e in exs][0] == {"answer": "2", "n": 1}
+        assert exs[-1].prompt == conv[:1] and exs[-1].fields == {"answer": "4", "messages": conv}
+        assert stats.dropped_duplicates == int(dedup)

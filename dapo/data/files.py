@@ -256,14 +256,14 @@ def load_examples(
     rows = skipped = duplicates = 0
     for where, row in _rows(path):
         rows += 1
-        key = _prompt_column(row, prompt_key)
-        problem = _row_problem(row, key, answer_key, require_answer)
+        column = _prompt_column(row, prompt_key)
+        problem = _row_problem(row, column, answer_key, require_answer)
         if problem is not None:
             if bad_rows == "error":
                 raise DataError(f"{path}: {where}: {problem} (bad_rows='skip' skips such rows)")
             skipped += 1
             continue
-        prompt = conversation = get_field(row, key, _MISSING)
+        prompt = conversation = get_field(row, column, _MISSING)
         if not isinstance(prompt, str):
             conversation = [{"role": m["role"], "content": m["content"]} for m in prompt]
             prompt = until_last_user_turn(conversation)
@@ -277,9 +277,9 @@ def load_examples(
         if answer is _MISSING:
             answer = row.get("answer")
         source = row.get("data_source")
-        fields = {k: v for k, v in row.items() if k != key}
+        fields = {k: v for k, v in row.items() if k != column}
         if conversation is not prompt and len(conversation) > len(prompt):
-            fields[key] = conversation
+            fields[column] = conversation
         examples.append(Example(
             prompt=prompt,
             answer=_answer_text(answer),
