@@ -63,6 +63,36 @@ def sample_inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=logp.shape[-1] - 1)
 
 
+def row_uniforms(row_seeds: Sequence[int], T: int, device: torch.device) -> torch.Tensor:
+    """Each row's uniforms for T decode steps, from its own generator seeded ``row_seeds[b]``. (B, T) float64."""
+    return torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                        for s in row_seeds]).to(device)
+
+
+def end_ids(eos_token_ids: Sequence[int], params: SamplingParams, device: torch.device) -> torch.Tensor:
+    """The token ids that end a completion: the engine's eos ids and the request's stop ids ([-1]: none)."""
+    return torch.tensor(sorted(set(eos_token_ids) | set(params.stop_token_ids)) or [-1], device=device)
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from the last position's logits (b, V) and its uniform u (b,): (token, its log-prob
+    under the temperature-scaled distribution), both (b,)."""
+    logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # (b, V)
+    tok = sample_inverse_cdf(filter_logits(logp, params.top_p, params.top_k), u.to(logp.dtype))
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def completions_of(tok_bt: torch.Tensor, lp_bt: torch.Tensor, ends: torch.Tensor, version: int) -> list[Completion]:
+    """The sampled (B, n) tokens and log-probs as completions: each row ends after its first stop token (a row that
+    stopped holds padding after it), or at the cap ("length")."""
+    tok_bt, lp_bt = tok_bt.cpu(), lp_bt.cpu()
+    is_end = torch.isin(tok_bt, ends.cpu())  # (B, n)
+    stopped = is_end.any(dim=1)  # (B,)
+    n = torch.where(stopped, is_end.int().argmax(dim=1) + 1, tok_bt.shape[1]).tolist()
+    return [Completion(0, tok_bt[b, : n[b]].clone(), lp_bt[b, : n[b]].clone(),  # own storage: pickled alone
+                       "stop" if s else "length", version) for b, s in enumerate(stopped.tolist())]
+
+
 @functools.lru_cache(maxsize=None)
 def _cache_name_of(cls: type) -> str:
     params = inspect.signature(cls.forward).parameters
@@ -312,11 +342,8 @@ class HFEngine:
             attn[u_i, L - len(p) :] = 1
         input_ids, attn = input_ids.to(dev), attn.to(dev)
         pos = (attn[:, :L].cumsum(dim=1) - 1).clamp(min=0)  # (U, L)
-        # each row's uniforms for every step, from its own generator
-        u = torch.stack(
-            [torch.rand(T, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in row_seeds]
-        ).to(dev)  # (B, T)
-        ends = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)) or [-1], device=dev)
+        u = row_uniforms(row_seeds, T, dev)  # (B, T)
+        ends = end_ids(self.eos_token_ids, params, dev)
 
         cache_kw = cache_kwarg(net)
         out = net(input_ids=input_ids, attention_mask=attn[:, :L], position_ids=pos, use_cache=True,
@@ -342,12 +369,10 @@ class HFEngine:
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # per row still in the batch
         n_steps = 0
         for t in range(T):
-            logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # (b, V)
-            tok = sample_inverse_cdf(filter_logits(logp, params.top_p, params.top_k), u[live, t].to(logp.dtype))
-            lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+            tok, lp = sample_token(logits, params, u[live, t])
             tok = tok.masked_fill(done, self.pad_token_id)
             tok_bt[live, t] = tok
-            lp_bt[live, t] = lp.float()
+            lp_bt[live, t] = lp
             n_steps = t + 1
             done = done | torch.isin(tok, ends)
             n_done = int(done.sum())
@@ -365,10 +390,4 @@ class HFEngine:
                           use_cache=True, **{cache_kw: past})
                 past, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
-        tok_bt, lp_bt = tok_bt[:, :n_steps].cpu(), lp_bt[:, :n_steps].cpu()
-        is_end = torch.isin(tok_bt, ends.cpu())  # (B, n_steps)
-        stopped = is_end.any(dim=1)  # (B,)
-        # each row ends after its first stop token (the rows that stopped hold padding after it), or at the cap
-        n = torch.where(stopped, is_end.int().argmax(dim=1) + 1, n_steps).tolist()
-        return [Completion(0, tok_bt[b, : n[b]].clone(), lp_bt[b, : n[b]].clone(),  # own storage: pickled alone
-                           "stop" if s else "length", self.weight_version) for b, s in enumerate(stopped.tolist())]
+        return completions_of(tok_bt[:, :n_steps], lp_bt[:, :n_steps], ends, self.weight_version)

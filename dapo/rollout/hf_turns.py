@@ -22,7 +22,7 @@ import torch
 
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.rollout.hf import (
-    HFEngine, _expand_cache, cache_kwarg, filter_logits, returned_cache, sample_inverse_cdf,
+    HFEngine, _expand_cache, cache_kwarg, completions_of, end_ids, returned_cache, row_uniforms, sample_token,
 )
 
 
@@ -66,7 +66,8 @@ class TurnCache:
         if self.past is None:
             attn, start = new, torch.zeros(b, dtype=torch.long, device=dev)
         else:
-            idx = torch.tensor([self.rows.index(r) for r in rows], device=dev)
+            at = {r: i for i, r in enumerate(self.rows)}
+            idx = torch.tensor([at[r] for r in rows], device=dev)
             if len(idx) != len(self.rows) or bool((idx != torch.arange(len(self.rows), device=dev)).any()):
                 self.past.batch_select_indices(idx)
                 self.attn, self.pos = self.attn[idx], self.pos[idx]
@@ -78,17 +79,14 @@ class TurnCache:
         if self.past is None:  # growable storage, as generate's
             past = _expand_cache(past, torch.arange(b, device=dev), F + T, dtype=e.kv_dtype)
         logits, next_pos = out.logits[:, -1], start + new.sum(dim=1)  # (b, V), (b,)
-        u = torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                         for s in row_seeds]).to(dev)  # (b, T)
-        ends = torch.tensor(sorted(set(e.eos_token_ids) | set(params.stop_token_ids)) or [-1], device=dev)
+        u = row_uniforms(row_seeds, T, dev)  # (b, T)
+        ends = end_ids(e.eos_token_ids, params, dev)
         tok_bt = torch.full((b, T), e.pad_token_id, dtype=torch.long, device=dev)
         lp_bt = torch.zeros((b, T), dtype=torch.float32, device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         n_steps = 0
         for t in range(T):
-            logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)  # (b, V)
-            tok = sample_inverse_cdf(filter_logits(logp, params.top_p, params.top_k), u[:, t].to(logp.dtype))
-            lp_bt[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
+            tok, lp_bt[:, t] = sample_token(logits, params, u[:, t])
             tok = tok.masked_fill(done, e.pad_token_id)
             tok_bt[:, t] = tok
             n_steps = t + 1
@@ -103,9 +101,4 @@ class TurnCache:
             past, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + live
         self.past, self.attn, self.pos, self.rows = past, attn, next_pos, rows
-        tok_bt, lp_bt = tok_bt[:, :n_steps].cpu(), lp_bt[:, :n_steps].cpu()
-        is_end = torch.isin(tok_bt, ends.cpu())
-        stopped = is_end.any(dim=1)
-        n = torch.where(stopped, is_end.int().argmax(dim=1) + 1, n_steps).tolist()
-        return [Completion(0, tok_bt[k, : n[k]].clone(), lp_bt[k, : n[k]].clone(), "stop" if s else "length",
-                           e.weight_version) for k, s in enumerate(stopped.tolist())]
+        return completions_of(tok_bt[:, :n_steps], lp_bt[:, :n_steps], ends, e.weight_version)

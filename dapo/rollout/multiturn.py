@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -52,6 +53,8 @@ from dapo.rewards.runner import RewardBatch
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams, derive_seed
 
 _MARK = "\x00dapo-turn\x00"
+_CLOSED_TURN = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
+"""A conversation whose last assistant turn is closed: what an observation's rendering is cut against."""
 
 
 @dataclass
@@ -103,6 +106,13 @@ class MultiTurnRollout:
         text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @functools.cached_property
+    def _turn_close(self) -> tuple[str, str]:
+        """The template's rendering of a closed assistant turn, and what it writes after the turn's content (what
+        ends an assistant turn, e.g. "<|im_end|>\n"): the same for every observation, rendered once."""
+        before = self.tokenizer.apply_chat_template(_CLOSED_TURN, tokenize=False)
+        return before, before[before.index(_MARK) + len(_MARK):]
+
     def observation_text(self, result: StepResult, model_end: str) -> str:
         """The text appended after a model turn that ended with the token whose text is ``model_end``."""
         obs = result.observation
@@ -112,13 +122,11 @@ class MultiTurnRollout:
                                "return a string")
             return obs
         messages = obs if isinstance(obs, list) else [{"role": result.role, "content": obs}]
-        base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
-        before = self.tokenizer.apply_chat_template(base, tokenize=False)
-        after = self.tokenizer.apply_chat_template(base + messages, add_generation_prompt=True, tokenize=False)
+        before, close = self._turn_close
+        after = self.tokenizer.apply_chat_template(_CLOSED_TURN + messages, add_generation_prompt=True, tokenize=False)
         if not after.startswith(before):
             raise EnvError("the chat template renders earlier turns differently once an observation follows: "
                            "cannot append the observation in token space")
-        close = before[before.index(_MARK) + len(_MARK):]  # what ends an assistant turn, e.g. "<|im_end|>\n"
         if model_end and close.startswith(model_end):
             close = close[len(model_end):]  # the model sampled that part itself
         return close + after[len(before):]
@@ -185,9 +193,8 @@ class MultiTurnRollout:
                 ctx = [items[r // G].prompt_ids + torch.cat(rows[r].ids).tolist() for r in live]
                 comps = self.engine.generate(ctx, turn_params, turn_seeds)
             waiting, texts = [], []
-            for r, c in zip(live, comps):
+            for r, c, cap in zip(live, comps, caps):
                 row = rows[r]
-                cap = int(min(model_cap - row.n_model, total_cap - row.n_all))
                 t_ids, t_lp, finish = c.token_ids, c.logprobs, c.finish_reason
                 if len(t_ids) > cap:  # the call ran to the largest budget among the trajectories
                     t_ids, t_lp, finish = t_ids[:cap], t_lp[:cap], "length"
