@@ -349,9 +349,9 @@ def _eval_config(args: Any) -> Any:
     if args.data.startswith("task:") and getattr(args, "reward.fn") is None:
         over.append("reward.fn=auto")  # a task scores with its own verifier, whatever a run's file used
     for run_dir in (model_dir, model_dir.parent):
-        cfg = run_config(run_dir, over)
-        if cfg is not None:
-            return cfg, _run_held_out(run_config(run_dir), args)
+        saved = run_config(run_dir)
+        if saved is not None:  # as run_config(run_dir, over) builds it, from the one read of config.yaml
+            return load_config(None, None, over, base=saved), _run_held_out(saved, args)
     return load_config(None, None, over), False
 
 

@@ -179,7 +179,7 @@ class TrainerRank:
 
         self._resharded()
         named = weights_to_sync(self.learner.model)
-        fps: Fingerprints = {}
+        fps: Fingerprints | None = {} if self.cfg.rollout.verify_weights else None  # None: nothing to check
         if not self.learner.dp.fsdp:  # no collective: rank 0 alone puts its replica away
             if self.rank:
                 return None
@@ -343,7 +343,7 @@ class RankGroup:
             engine.load_weights(self._fetch(refs), version)
         return fps
 
-    def _publish(self, what: str, dtype: torch.dtype | None = None) -> tuple[list, int, Fingerprints]:
+    def _publish(self, what: str, dtype: torch.dtype | None = None) -> tuple[list, int, Fingerprints | None]:
         return self._all("publish_weights", self.cfg.dist.weight_chunk_mb << 20, dtype, what=what)[0]
 
     def _fetch(self, refs: list) -> dict[str, torch.Tensor]:

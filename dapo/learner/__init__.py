@@ -45,7 +45,8 @@ class Learner(Protocol):
 
     def push_weights(self, engine: RolloutEngine, version: int) -> Fingerprints | None:
         """The new weights to the rollout engine, stamped ``version``; returns the fingerprints of what was pushed
-        (``dapo.rollout.base.weight_fingerprints``, in the engine's dtype), None when no weight travelled."""
+        (``dapo.rollout.base.weight_fingerprints``, in the engine's dtype), None when no weight travelled or
+        ``rollout.verify_weights`` is off (nothing will be checked)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

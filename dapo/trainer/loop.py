@@ -79,7 +79,7 @@ def train_step(run: Run, step: int) -> tuple[list[Group], dict[str, float]]:
         run.rollouts.wait()  # nothing may sample while the weights change
     with timed(m, "time/weight_sync"):
         pushed = run.learner.push_weights(run.engine, run.engine.weight_version + 1)  # the sampler gets the new policy
-        if pushed is not None and run.cfg.rollout.verify_weights:
+        if pushed is not None:  # fingerprints of what travelled (none with rollout.verify_weights=false)
             verify_push(run.engine, pushed, step)  # ... and provably holds it
     fresh = [c.weight_version for g in groups if g.step == step for c in g.completions]
     if fresh:  # none when carried-over groups filled the whole batch
