@@ -203,7 +203,10 @@ def _sft_loop(model, batches, pad_id, s, probe, log, val_pairs) -> SFTResult:
     sampled = nan if sampled is None or probe is None else sampled
     model.train()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    val = held_out_loss(model, val_pairs, pad_id, s.batch) if val_pairs else nan
+    last = history[-1] if history and history[-1]["step"] == step else {}
+    val = last.get("held_out_loss", nan)  # measured on these very weights at the last step, or now
+    if val_pairs and val != val:
+        val = held_out_loss(model, val_pairs, pad_id, s.batch)
     log(f"sft done: {step} steps, {seconds:.0f}s, loss {last_loss:.4f}" + (
         f", held-out loss {val:.4f} ({len(val_pairs)} pairs)" if val_pairs else "") + (
         f", held-out accuracy sampled {sampled:.3f} greedy {greedy:.3f}" if probe else "") + f" ({stopped})")
