@@ -76,8 +76,11 @@ def model_shape(config: Any, lora_rank: int = 0, lora_targets: tuple[str, ...] =
 def memory_budget(cfg: Config, shape: ModelShape, device_bytes: float, ranks: int = 1) -> dict[str, float]:
     """Bytes each part of the run takes on one device (see the module docstring). ``ranks``: the FSDP world
     sharding the trained state (1 = unsharded)."""
+    from dapo.model import compute_dtype, sampler_dtype
+
     m, o, r = cfg.model, cfg.optim, cfg.rollout
-    low = 2 if m.dtype in ("auto", "bfloat16") else 4  # the compute dtype's bytes (auto is bfloat16 on CUDA)
+    cuda = torch.device("cuda")  # the budget is a GPU's
+    low = compute_dtype(m.dtype, cuda).itemsize  # the compute dtype's bytes
     out: dict[str, float] = {}
     if m.lora_rank:
         out["frozen base"] = shape.params * low / ranks
@@ -93,17 +96,20 @@ def memory_budget(cfg: Config, shape: ModelShape, device_bytes: float, ranks: in
 
         out["vLLM"] = gpu_memory_fraction(cfg, shares_gpu=True) * device_bytes
     elif local_rollout and r.dtype != "auto":
-        out["sampler copy"] = shape.params * (4 if r.dtype == "float32" else 2)
+        out["sampler copy"] = shape.params * sampler_dtype(cfg, cuda).itemsize
     if m.lora_rank and r.lora_merge and r.engine == "hf" and local_rollout:
-        own = {"auto": low, "float32": 4, "bfloat16": 2}[r.dtype]
-        out["merged LoRA layers"] = shape.adapted_params * own
-    seq = cfg.data.max_prompt_len + r.max_new_tokens
-    packed = token_budget(cfg)
-    tokens = packed or o.micro_batch_size * seq
-    resp = packed * r.max_new_tokens / seq if packed else o.micro_batch_size * r.max_new_tokens
+        out["merged LoRA layers"] = shape.adapted_params * sampler_dtype(cfg, cuda).itemsize
+    seq, tokens = _micro_tokens(cfg)
+    resp = tokens * r.max_new_tokens / seq  # the responses' share of them (packed or padded alike)
     per = ACT_BYTES_CHECKPOINTED * shape.layers + ACT_BYTES if m.gradient_checkpointing else ACT_BYTES * shape.layers
     out["activations"] = tokens * shape.hidden * per + resp * shape.vocab * HEAD_BYTES
     return out
+
+
+def _micro_tokens(cfg: Config) -> tuple[int, int]:
+    """(the longest sequence, the tokens a micro-batch holds at most): the packed budget, or padded rows x it."""
+    seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    return seq, token_budget(cfg) or cfg.optim.micro_batch_size * seq
 
 
 def check_memory(cfg: Config, shape: ModelShape, device_bytes: float, where: str = "the GPU", ranks: int = 1) -> None:
@@ -112,8 +118,7 @@ def check_memory(cfg: Config, shape: ModelShape, device_bytes: float, where: str
     need = sum(parts.values())
     if need <= device_bytes:
         return
-    seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    tokens = token_budget(cfg) or cfg.optim.micro_batch_size * seq
+    _, tokens = _micro_tokens(cfg)
     detail = ", ".join(f"{k} {v / GB:.1f}" for k, v in parts.items())
     raise ConfigError(
         f"the run needs about {need / GB:.1f} GB on {where}, which has {device_bytes / GB:.1f} GB ({detail} GB; "
