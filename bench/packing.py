@@ -100,7 +100,7 @@ def main() -> None:
     batch = make_batch(a)
     old = batch.behaviour_logp
     idx = list(range(len(batch.responses)))
-    real = sum(batch.seq_lengths())
+    real = sum(batch.seq_lengths)
     modes = [(f"padded {m}", m, 0) for m in a.micro] + [(f"packed {t}", cfg.optim.micro_batch_size, t) for t in a.tokens]
     times: dict[str, list[float]] = {m: [] for m, _, _ in modes}
     model.train()
@@ -114,7 +114,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         print(f"round {rep}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m, _, _ in modes if times[m]), file=sys.stderr)
     rows = []
-    lengths = batch.seq_lengths()
+    lengths = batch.seq_lengths
     first = modes[0][0]
     base = statistics.median(times[first])
     for name, micro, tokens in modes:

@@ -101,7 +101,7 @@ def test_flatten_groups_lays_out_one_buffer_with_each_response_a_row():
     assert b.responses.tolist() == [c.token_ids.tolist() for c in comps]
     assert torch.equal(b.behaviour_logp.values, torch.cat([c.logprobs for c in comps]))
     assert b.behaviour_logp.offsets is b.responses.offsets and b.loss_mask.tolist() == [1.0, 0.0, 1.0, 1.0]
-    assert b.prompts[0] is item.prompt_ids and b.seq_lengths() == [3, 6, 4, 5]
+    assert b.prompts[0] is item.prompt_ids and b.seq_lengths == [3, 6, 4, 5]
 
 
 def _mismatch_batch(n_rows=9):

@@ -13,6 +13,7 @@ module has to know which of them dropped a token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,15 @@ class TrainBatch:
         """This batch under the correction's per-token ``weights`` (None: uncorrected)."""
         return dataclasses.replace(self, weights=weights)
 
+    @functools.cached_property
     def seq_lengths(self) -> list[int]:
-        """Prompt + response tokens of each row: what micro-batches are planned by."""
+        """Prompt + response tokens of each row: what micro-batches are planned by (computed once a batch)."""
         return [len(p) + n for p, n in zip(self.prompts, self.responses.lengths.tolist())]
 
+    @functools.cached_property
     def token_keep(self) -> Ragged | None:
-        """Per token, 1 where ``token_mask`` and ``weights`` keep it (row ``loss_mask`` aside); None = every token."""
+        """Per token, 1 where ``token_mask`` and ``weights`` keep it (row ``loss_mask`` aside); None = every token.
+        Computed once a batch (every micro-batch reads it); ``weighted`` makes a new batch, with its own."""
         if self.token_mask is None and self.weights is None:
             return None
         keep = torch.ones_like(self.behaviour_logp.values)
@@ -69,7 +73,7 @@ class TrainBatch:
 
     def loss_tokens(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """(n,) float64: tokens in the loss of rows ``idx`` (default: all), what the denominators count."""
-        lengths, keep = self.responses.lengths, self.token_keep()
+        lengths, keep = self.responses.lengths, self.token_keep
         if keep is not None:
             rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
             lengths = torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, rows, keep.values.double())
@@ -84,7 +88,7 @@ class TrainBatch:
         """Rows ``idx`` as (b, T) blocks: the 0/1 mask of their tokens in the loss, and the correction's
         weights (None when uncorrected)."""
         mask = (torch.arange(T)[None, :] < self.responses.lengths[idx][:, None]).float() * self.loss_mask[idx][:, None]
-        keep = self.token_keep()
+        keep = self.token_keep
         if keep is not None:
             mask = mask * keep.padded(idx, T)
         return mask, None if self.weights is None else self.weights.padded(idx, T)

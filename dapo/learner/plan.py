@@ -69,7 +69,7 @@ class MicroBatchPlan:
         """Packed rows (``optim.micro_batch_tokens`` > 0) have no cache to share a prompt's prefill through."""
 
     def plan(self, batch: "TrainBatch", rows: list[int]) -> list[MicroBatch]:
-        lengths = batch.seq_lengths()
+        lengths = batch.seq_lengths
         dp = self.dp
         lockstep = dp.fsdp and dp.world > 1
         ranks = range(dp.world) if lockstep else [dp.rank]

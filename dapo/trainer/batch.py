@@ -54,7 +54,7 @@ def rollout_correction(batch: TrainBatch, old_logp: Ragged, a: AlgoConfig) -> tu
     lens = batch.responses.lengths  # (N,)
     rows = batch.trainable().nonzero().squeeze(1)
     rows = rows[torch.argsort(lens[rows], stable=True)]
-    keep = batch.token_keep()  # observation tokens (multi-turn) are neither measured nor weighted
+    keep = batch.token_keep  # observation tokens (multi-turn) are neither measured nor weighted
     sums, ntok, ratio_max, n_seq, n_masked = {"logp_abs_diff": 0.0, "kl": 0.0}, 0.0, 0.0, 0, 0
     is_sums: dict[str, float] = {}
     weights = None if a.rollout_is == "none" else torch.ones_like(batch.behaviour_logp.values)
