@@ -184,10 +184,14 @@ def runner_score_fn(runner: Any) -> ScoreFn:
     """A ``RewardRunner`` as a ``ScoreFn``: each row's other fields (and its data_source) reach the function."""
 
     def score_fn(texts: list[str], examples: list[Example]) -> RewardBatch:
-        return runner.score(texts, [e.answer for e in examples],
-                            [dict(e.fields, data_source=e.data_source) for e in examples])
+        return runner.score(texts, *_reward_inputs(examples))
 
     return score_fn
+
+
+def _reward_inputs(examples: list[Example]) -> tuple[list, list[dict[str, Any]]]:
+    """What a reward function gets beside each response: the ground truths, and each row's other fields."""
+    return [e.answer for e in examples], [dict(e.fields, data_source=e.data_source) for e in examples]
 
 
 class ResponseDecoder:
@@ -233,13 +237,12 @@ class ResponseDecoder:
 def runner_score_ids(runner: Any, decoder: ResponseDecoder) -> ScoreIds:
     """A ``RewardRunner`` scoring token ids: decoded in its workers when it has them and ``decoder`` can go there
     (``runner.decodes``), else decoded here in one batch; then as ``runner_score_fn``."""
-    by_text = runner_score_fn(runner)
+    decoded_here = text_score_ids(runner_score_fn(runner), decoder)
 
     def score_ids(ids: Sequence[Any], examples: list[Example]) -> RewardBatch:
         if runner.decodes:
-            return runner.score_ids(decoder.pack(ids), [e.answer for e in examples],
-                                    [dict(e.fields, data_source=e.data_source) for e in examples])
-        return by_text(decoder.decode(ids), examples)
+            return runner.score_ids(decoder.pack(ids), *_reward_inputs(examples))
+        return decoded_here(ids, examples)
 
     return score_ids
 
