@@ -32,7 +32,6 @@ import ast
 import inspect
 import io
 import json
-import multiprocessing as mp
 import re
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -208,11 +207,7 @@ class ToolRunner(RewardRunner):
         if workers < 1:
             raise ValueError(f"env.workers: tools run in worker processes, so it must be >= 1, got {workers}")
         self.names = sorted(load_tools(path))  # fail here, early, on a missing file or a file without tools
-        self.fn_spec = (str(tools_file(path)), int(max_chars))
-        self.workers, self.timeout_s, self.memory_mb, self.start_timeout_s = workers, timeout_s, memory_mb, start_timeout_s
-        self.decoder = None  # tool calls arrive as text
-        self._ctx = mp.get_context("spawn")
-        self._pool = [self._spawn() for _ in range(workers)]
+        self._start((str(tools_file(path)), int(max_chars)), workers, timeout_s, memory_mb, start_timeout_s)
 
     def _failure(self, kind: str, message: str) -> tuple:
         return f"error: the tool {message}", TIMEOUTS_ if kind == TIMEOUTS else ERRORS

@@ -331,27 +331,33 @@ class RewardRunner:
                  memory_mb: int | None = None, start_timeout_s: float = 120.0, decoder: str | None = None):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
-        self.decoder = decoder if workers else None
-        self.decodes = self.decoder is not None
-        """Whether ``score_ids`` can be called: workers that decode token ids themselves."""
         if memory_mb is not None and workers == 0:
             raise ValueError("memory_mb limits worker processes: it needs workers > 0")
-        self.fn_spec = _absolute_spec(fn)  # workers started later must find a file even after a chdir
-        self.workers, self.timeout_s, self.memory_mb = workers, timeout_s, memory_mb
-        self.start_timeout_s = start_timeout_s
         self._caller = _Caller(load_reward_fn(fn))  # fail here, early, if it cannot be found
         # score_math reads only the tail of a response: send workers just that, not 20k-token responses
         self._send_chars = TAIL_CHARS if self._caller.fn is score_math else None
+        if workers and callable(fn):
+            try:
+                pickle.dumps(fn)
+            except Exception as e:
+                raise RewardFnError(
+                    f"with workers > 0 the reward function must be picklable (a module-level function, "
+                    f"or a 'module:function' string): {e}"
+                ) from e
+        # workers started later must find a file even after a chdir
+        self._start(_absolute_spec(fn), workers, timeout_s, memory_mb, start_timeout_s, decoder if workers else None)
+
+    def _start(self, fn_spec: Any, workers: int, timeout_s: float | None, memory_mb: int | None,
+               start_timeout_s: float, decoder: str | None = None) -> None:
+        """The worker pool's settings, and its ``workers`` processes started (each builds ``_handler`` of
+        ``fn_spec``); the tool pool (``dapo.envs.tools.ToolRunner``) starts its own through this too."""
+        self.fn_spec, self.workers, self.timeout_s, self.memory_mb = fn_spec, workers, timeout_s, memory_mb
+        self.start_timeout_s = start_timeout_s
+        self.decoder = decoder
+        self.decodes = decoder is not None
+        """Whether ``score_ids`` can be called: workers that decode token ids themselves."""
         self._pool: list[_Worker] = []
         if workers:
-            if callable(fn):
-                try:
-                    pickle.dumps(fn)
-                except Exception as e:
-                    raise RewardFnError(
-                        f"with workers > 0 the reward function must be picklable (a module-level function, "
-                        f"or a 'module:function' string): {e}"
-                    ) from e
             self._ctx = mp.get_context("spawn")
             self._pool = [self._spawn() for _ in range(workers)]
 
