@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from dapo.config.errors import ConfigError
-from dapo.config.sections import PRESETS, RENAMED, TASK_DEFAULTS, Config
+from dapo.config.sections import PRESETS, RENAMED, Config
 from dapo.config.validate import validate
 from dapo.fsutil import write_atomic
 
@@ -174,7 +174,7 @@ def load_config(
     base: Config | None = None,
     notify: Callable[[str], None] | None = _stderr,
 ) -> Config:
-    """defaults (or ``base``) <- preset <- the built-in task's keys (``TASK_DEFAULTS``) <- YAML file <-
+    """defaults (or ``base``) <- preset <- the built-in task's keys (``Task.train_overrides``) <- YAML file <-
     overrides, validated. ``notify`` gets the messages about moved keys (stderr by default).
 
     A preset is applied to the defaults, or to ``base`` only when one is named (argument, ``preset=``
@@ -207,8 +207,11 @@ def load_config(
     cfg = replace(cfg, preset=name)
     if base is None:  # a saved run's config holds its task's keys already, and the user's changes to them
         task = str(over.get("data.task") or file_flat.get("data.task") or cfg.data.task)
-        if not (over.get("data.path") or file_flat.get("data.path")) and task in TASK_DEFAULTS:
-            cfg = _apply(cfg, TASK_DEFAULTS[task], f" in the defaults of task {task}")
+        if not (over.get("data.path") or file_flat.get("data.path")):
+            from dapo.data.tasks import TASKS  # the tasks' own module (it imports nothing heavy)
+
+            if task in TASKS and TASKS[task].train_overrides:
+                cfg = _apply(cfg, TASKS[task].train_overrides, f" in the defaults of task {task}")
     if file_flat:
         cfg = _apply(cfg, file_flat, f" in {file}", notify)
     if over:

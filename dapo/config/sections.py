@@ -500,11 +500,6 @@ def token_budget(cfg: "Config") -> int:
     return max(1024, cfg.data.max_prompt_len + r.max_new_tokens)
 
 
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mult": {"rollout.max_new_tokens": 48},  # a tool call and the answer after it: up to 36 model tokens
-}
-"""Keys a built-in task (``data.task``) needs set other than the defaults: applied over the preset, under a YAML
-file and ``key=value`` overrides."""
 PRESET_DOCS = {
     "grpo": "naive GRPO: symmetric clip 0.2, seq-mean-token-mean, no dynamic sampling, no overlong shaping",
     "+overlong_filter": "grpo + overlong filtering (Table 1 row 2)",

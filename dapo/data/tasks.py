@@ -41,6 +41,9 @@ class Task(ABC):
     tool calls, the model's characters over all its turns, each turn's eos but the last's counted."""
     sft_overrides: dict = {}
     """Fields of ``dapo.config.SFTConfig`` that differ for this task's demo base model."""
+    train_overrides: dict = {}
+    """Config keys (dotted) a run on this task defaults to: over the preset, under a YAML file and ``key=value``
+    (``dapo.config.load_config``; not for a run on a file)."""
     tools: str = ""
     """The ``env.tools`` its worked responses call (``calculator``); the warm-up's probe answers them. "" = none."""
 
@@ -220,13 +223,14 @@ class Multiply(Task):
 
     and trains on the model's tokens only, not the result's. Scoring is the text after the last ':' of the
     model's last turn, as for addition. A call and its answer take up to 36 model tokens, more than the default
-    ``rollout.max_new_tokens``: the task's own default is 48 (``dapo.config.TASK_DEFAULTS``).
+    ``rollout.max_new_tokens``: the task's own default is 48 (``train_overrides``).
     """
 
     name = "mult"
     description = ("[mul] a*b= with a of 3-4 digits, b of 2-3 (a quarter: b = 1, 10, 100); the calculator tool "
                    "(--tools calculator) multiplies")
     tools = "calculator"
+    train_overrides = {"rollout.max_new_tokens": 48}  # a tool call and the answer after it: up to 36 model tokens
     sft_overrides = {"target_accuracy": None, "max_steps": MULT_SFT_STEPS, "min_steps": 100, "eval_every": 100}
     """A fixed warm-up length, so the base does not depend on when a noisy probe first crosses a target. Measured
     (probe with the tool, sampled): 0.03 at step 200, 0.14 at 300, 0.26 at 600; 754 s on one thread of a busy
