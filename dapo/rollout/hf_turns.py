@@ -9,8 +9,8 @@ The cache is one batch: rows are left-padded within each feed, and the padding (
 finished while others still decode) stays in the cache as a hole that the 2D attention mask hides; positions come
 from each row's own count of real tokens, so the holes do not shift them. What it gives up against
 ``HFEngine.generate``: finished rows are not compacted out of a turn's decode (a row that is done for this turn
-may be needed the next), the G samples of a prompt do not share its prefill, and the mask grows by one
-column per step (a copy of (b, K) longs). Uniforms come from the same per-row generators as ``generate``'s, so
+may be needed the next), and the G samples of a prompt do not share its prefill. The mask gets a turn's decode
+columns at its start and fills one per step. Uniforms come from the same per-row generators as ``generate``'s, so
 a row's tokens are the ones ``generate`` samples from the same context and seed (up to float differences
 between batch shapes).
 """
@@ -84,6 +84,8 @@ class TurnCache:
         tok_bt = torch.full((b, T), e.pad_token_id, dtype=torch.long, device=dev)
         lp_bt = torch.zeros((b, T), dtype=torch.float32, device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
+        K0 = attn.shape[1]
+        attn = torch.cat([attn, attn.new_zeros(b, T)], dim=1)  # a column per decode step, filled as it runs
         n_steps = 0
         for t in range(T):
             tok, lp_bt[:, t] = sample_token(logits, params, u[:, t])
@@ -95,10 +97,10 @@ class TurnCache:
                 break
             # a row that has just ended is fed its last token masked out: that token opens its next feed instead
             live = (~done).long()
-            attn = torch.cat([attn, live[:, None]], dim=1)
-            out = net(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True,
-                      **{cache_kw: past})
+            attn[:, K0 + t] = live
+            out = net(input_ids=tok[:, None], attention_mask=attn[:, : K0 + t + 1], position_ids=next_pos[:, None],
+                      use_cache=True, **{cache_kw: past})
             past, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + live
-        self.past, self.attn, self.pos, self.rows = past, attn, next_pos, rows
+        self.past, self.attn, self.pos, self.rows = past, attn[:, : K0 + n_steps - 1], next_pos, rows
         return completions_of(tok_bt[:, :n_steps], lp_bt[:, :n_steps], ends, e.weight_version)
