@@ -51,6 +51,25 @@ def test_buffered_layer_grows_by_doubling_up_to_its_cap_and_keeps_what_it_holds(
     assert big.capacity == 9 and big.n == 9
 
 
+def test_dropping_finished_rows_gives_the_samples_of_a_batch_that_keeps_them(model, monkeypatch):
+    """Compaction (index_select of the filled part into new storage) changes nothing a row samples, whether it runs
+    after the first finished row or never; and it keeps exactly the selected rows, in the order asked."""
+    k = torch.randn(5, 2, 6, 3)
+    layer = _BufferedLayer(k[:, :, :4], k[:, :, :4].neg(), capacity=6)
+    layer.batch_select_indices(torch.tensor([4, 0, 2]))
+    assert torch.equal(layer.keys, k[[4, 0, 2], :, :4]) and torch.equal(layer.values, -k[[4, 0, 2], :, :4])
+    assert layer.capacity == 6
+    p = SamplingParams(n=6, max_new_tokens=40)
+    seeds = [7, 8, 9, 10]
+    eager = HFEngine(model, 0, EOS)
+    eager.compact_frac = 0.0  # every step with a finished row compacts
+    never = HFEngine(model, 0, EOS)
+    never.compact_frac = 2.0  # never compacts
+    a, b = eager.generate(PROMPTS, p, seeds), never.generate(PROMPTS, p, seeds)
+    _same_samples(a, b)
+    assert {c.finish_reason for c in a} == {"stop", "length"}
+
+
 def test_growing_kv_storage_gives_the_samples_of_a_fully_reserved_one(model, monkeypatch):
     grows, compactions = [], []
     real_grow, real_select = _BufferedLayer._grow, _BufferedLayer.batch_select_indices

@@ -174,7 +174,9 @@ class _BufferedLayer(DynamicLayer):
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = old.new_empty(len(indices), *old.shape[1:])
-            new[:, :, : self.n] = old[indices, :, : self.n]
+            # index_select, not old[indices, :, :n]: advanced indexing on the strided view of the filled
+            # part ran 4-5x slower (measured at the 25M decode shape), and compaction copies the whole cache
+            torch.index_select(old[:, :, : self.n], 0, indices, out=new[:, :, : self.n])
             setattr(self, name, new)
             self._expose()
 
@@ -185,7 +187,8 @@ def _expand_cache(past, rows: torch.Tensor, capacity: int, max_capacity: int | N
     with room for ``capacity`` positions, growing up to ``max_capacity``, stored in ``dtype`` (default: as
     the model wrote them). Layers of other kinds (sliding windows...) are only indexed."""
     if isinstance(past, DynamicCache) and past.layers and all(type(x) is DynamicLayer for x in past.layers):
-        past.layers = [_BufferedLayer(x.keys[rows], x.values[rows], capacity, max_capacity, dtype)
+        past.layers = [_BufferedLayer(x.keys.index_select(0, rows), x.values.index_select(0, rows), capacity,
+                                      max_capacity, dtype)
                        for x in past.layers]
     else:
         past.batch_select_indices(rows)

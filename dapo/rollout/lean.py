@@ -105,5 +105,5 @@ def lean_decode_step(model: torch.nn.Module, tok: torch.Tensor, pos: torch.Tenso
         x = x + attn.o_proj(o.reshape(b, nq * d))
         h = _rms_norm(x, layer.post_attention_layernorm)
         mlp = layer.mlp
-        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h), inplace=True).mul_(mlp.up_proj(h)))  # no grad: in place
     return model.lm_head(_rms_norm(x, model.model.norm))  # (b, V)
