@@ -56,30 +56,46 @@ TOOL_TASK = {
     "reward.py": "def score(response, ground_truth):\n    return 1.0 if response.strip() == ground_truth else -1.0\n",
 }
 """A tool task's files: one tool, and a reward on the last turn's text (exact match)."""
-TOOL_TURNS = "<tool>add(1, 2)</tool><eos><result>3</result>\n3<eos>"
+TOOL_TURNS = "<tool>add(1, 2)</tool><eos><result>3</result>\n{}<eos>"
+"""A call, its result and an answer (formatted in)."""
 
 
-def build_tool_caller(path):
+def build_tool_caller(path, answers=("3", "4")):
     """A tiny model overfit on "a+b=" followed by TOOL_TURNS (a call, its result, an answer), saved to ``path``:
-    under ``--tools`` (TOOL_TASK's add) it calls the tool, reads the result and answers."""
+    under ``--tools`` (TOOL_TASK's add) it calls the tool, reads the result and answers. With several ``answers``
+    every batch holds each equally often, so the model learns to pick among them uniformly: a group of samples then
+    holds different answers by construction (with two and G=4, all four agree 1 time in 8), not by rounding luck.
+    Built single-threaded, so the weights are the same whichever test builds it first; the learning rate decays
+    to 0 over the 100 steps (a constant 2e-2 for longer diverged, 60 steps left some seeds rarely calling the tool:
+    over 6 seeds this one called it in 121-127 of 128 samples, with 78-97% of groups mixed)."""
     model, tok = build_random_tiny(path, seed=1)
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(60):
-        ids = torch.tensor([tok(f"{a}+{b}={TOOL_TURNS}")["input_ids"] for a, b in torch.randint(10, 99, (8, 2)).tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        steps = 100
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
+        for _ in range(steps):
+            pairs = torch.randint(10, 99, (8, 2)).tolist()
+            ids = torch.tensor([tok(f"{a}+{b}=" + TOOL_TURNS.format(answers[i % len(answers)]))["input_ids"]
+                                for i, (a, b) in enumerate(pairs)])
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        torch.set_num_threads(threads)
     model.save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="session")
 def tool_task(tmp_path_factory):
-    """A directory with the tool caller model (``model/``), TOOL_TASK's files and 40 rows ``data.jsonl`` whose
-    answer is the tool's "3" for odd a, a + b otherwise. ``args``: the overrides that run it (after TINY_RUN or
-    faultkit.FAST, whose rollout settings they override), for ``load_config`` and ``dapo train`` alike."""
+    """A directory with the tool caller model (``model/``, answering the tool's "3" or "4" half the time each),
+    TOOL_TASK's files and 40 rows ``data.jsonl`` whose answer is "3": most groups are mixed, whatever the CPU.
+    ``args``: the overrides that run it (after TINY_RUN or faultkit.FAST, whose rollout settings they override), for ``load_config`` and ``dapo train`` alike."""
     import json
     from types import SimpleNamespace
 
@@ -87,7 +103,7 @@ def tool_task(tmp_path_factory):
     build_tool_caller(d / "model")
     for name, text in TOOL_TASK.items():
         (d / name).write_text(text)
-    rows = [{"prompt": f"{a}+{b}=", "answer": "3" if a % 2 else str(a + b)} for a, b in zip(range(10, 50), range(40, 80))]
+    rows = [{"prompt": f"{a}+{b}=", "answer": "3"} for a, b in zip(range(10, 50), range(40, 80))]
     (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = [f"model.path={d / 'model'}", f"data.path={d / 'data.jsonl'}", f"reward.fn={d / 'reward.py'}:score",
             f"env.tools={d / 'tools.py'}", "data.template=none", "rollout.max_new_tokens=40", "algo.overlong_cache_len=4",

@@ -28,7 +28,7 @@ def test_train_and_eval_with_tools(tmp_path, capsys):
     first = m[0]
     assert first["tool/calls"] >= 8 and first["tool/errors"] == first["tool/timeouts"] == 0  # it called add(1, 2)
     assert first["env/turns_mean"] > 1.5 and first["env/obs_tokens"] > 0 and 0 < first["env/obs_frac"] < 1
-    assert 0 < first["rollout/acc"] < 1  # "3" is right for half of the rows
+    assert 0 < first["rollout/acc"] < 1  # "3" is right for half of the rows, and the model says "3" or "4"
     before = load_file(str(model_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "r" / "step_2" / "model.safetensors"))
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
