@@ -14,6 +14,10 @@ steps are not aligned). fp32 on both sides (TRL's bf16 default is turned off). D
 soft overlong penalty are off so both do exactly the same work; overlong filtering is on
 (TRL: mask_truncated_completions) unless --no-overlong-filter.
 
+Both sides run under the same OpenMP wait policy: the environment's (libgomp's default when unset: a waiting
+thread spins a few ms before it sleeps, right on an idle machine), or ``--omp-passive`` (threads sleep at once:
+for cores shared with other busy processes, at the cost of a thread wake-up on every parallel op).
+
 Each side runs in its own worker process (this script with --worker), started from this one, set up and
 warmed up, then stepped alternately A B A B over a pipe, so both see the same machine load. A step's
 time runs from the "go" command to the end of the RL step, as the worker sees it (dapo: ``train``'s
@@ -324,9 +328,10 @@ class Worker:
             cmd.append("--no-overlong-filter")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(a.threads),
                    PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
-        # OpenMP threads that spin while waiting make small ops 10-100x slower when the cores are shared
-        # with other busy processes (this machine): sleep instead. Both sides get the same setting.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # both sides get the same OpenMP wait policy: the environment's (libgomp's default: a waiting thread spins
+        # ~3 ms before it sleeps), or with --omp-passive threads that sleep at once (see main's help)
+        if a.omp_passive:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         if side == BEFORE:  # bench/common.py puts this checkout first on sys.path
             env["DAPO_SRC"] = str(Path(a.before).resolve())
         log = open(Path(tempfile.gettempdir()) / f"bench-vs-trl-{side}.log", "w")
@@ -432,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="train on truncated responses too (both sides): a random model's mostly are, and dapo does "
                          "not run the update's forward/backward on responses masked out of the loss")
     ap.add_argument("--dapo-override", action="append", default=[], help="extra dapo key=value (repeatable)")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for both sides: for a machine whose cores other busy processes share, where "
+                         "spinning OpenMP threads can make small ops 10-100x slower; on an idle machine it costs every "
+                         "parallel op a thread wake-up (~0.1 ms: 2.2x the 1M demo's step, bench/RESULTS.md)")
     ap.add_argument("--before", help="a dapo checkout (e.g. a git worktree of an older commit) timed as a third side, "
                     "A B C alternating: before/after in one run")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -447,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     set_threads(a.threads)
+    from dapo.cpu import idle_fraction
+
+    busy = (os.cpu_count() or 1) * (1 - idle_fraction(1.0))
+    if busy >= 0.5 and not a.omp_passive:
+        print(f"warning: {busy:.1f} cores are busy with other work: timings are not those of an idle machine, and "
+              f"spinning OpenMP threads may slow both sides unevenly (--omp-passive for a shared machine)", file=sys.stderr)
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         for kind in a.models.split(","):
@@ -463,8 +478,11 @@ def main(argv: list[str] | None = None) -> int:
                              "dapo/trl": s["step_s"]["median"] / r["trl"]["step_s"]["median"]})
     shape = {k: getattr(a, k) for k in ("G", "prompts", "mini", "max_new", "lr", "steps", "warmup", "threads",
                                         "procs", "no_overlong_filter")}
+    shape["omp_wait"] = "PASSIVE" if a.omp_passive else " ".join(
+        f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ) or "libgomp default"
     print(f"\nRL step, {a.prompts} prompts x G={a.G}, <= {a.max_new} new tokens, {a.prompts // a.mini} optimiser "
-          f"steps of {a.mini * a.G} responses; median of {a.steps} alternating steps after {a.warmup} warm-up")
+          f"steps of {a.mini * a.G} responses; median of {a.steps} alternating steps after {a.warmup} warm-up; "
+          f"OpenMP wait: {shape['omp_wait']}")
     print(table(rows))
     for r in results:
         p = r["ratio_pairs"]

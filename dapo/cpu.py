@@ -51,7 +51,9 @@ def contention_warning(threads: int, cores: int, idle: Callable[[], float], env:
 
     ``idle`` measures the machine's idle fraction (``idle_fraction``: a quarter-second sample); it is
     called only when the thread count and environment leave spinning possible. ``OMP_WAIT_POLICY=PASSIVE``
-    avoids the spinning (at ~10% cost on an idle machine), so dapo does not set it for you.
+    avoids the spinning, but on an idle machine every parallel op then waits for a sleeping thread to wake
+    (~0.1 ms: an RL step of the 1M demo took 2.2x as long, of a 25M model 1.4x; bench/RESULTS.md), so dapo
+    does not set it for you.
     """
     if threads <= 1 or "OMP_WAIT_POLICY" in env:
         return None
