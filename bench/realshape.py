@@ -609,7 +609,7 @@ def _dir_mb(d: Path) -> float:
 
 def run(out: str | Path, smoke: bool = False, steps: int = 2, ranks: int = 1, fsdp: bool = False,
         dtype: str = "float32", mini_batch: int = 2, extra: Sequence[str] = (), poll_s: float = 0.5,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, omp_passive: bool = False) -> dict[str, Any]:
     """Build (or reuse) the inputs in ``out``, run ``dapo train`` on them, and measure it; returns the result
     line (also what ``main`` prints as JSON)."""
     shape = "smoke" if smoke else "0.5b"
@@ -621,7 +621,8 @@ def run(out: str | Path, smoke: bool = False, steps: int = 2, ranks: int = 1, fs
            *train_args(inputs["model"], inputs["data"], run_dir, steps, ranks, fsdp, dtype, mini_batch, extra)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # this checkout's dapo
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # bench/RESULTS.md: spinning OpenMP threads on a shared machine
+    if omp_passive:  # for a machine whose cores other busy processes share (bench/RESULTS.md, "Two facts")
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     log("$ " + " ".join(cmd[1:]))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=str(out))
@@ -666,8 +667,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model.dtype")
     p.add_argument("--mini-batch", type=int, default=2, choices=(1, 2, 4),
                    help="optim.mini_batch_size in prompts (of 4): optimiser steps per rollout = 4 / this")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE for the run: for a machine other busy processes share; on an idle one "
+                        "it costs every parallel op a thread wake-up (default: the environment's policy, as dapo train)")
     a = p.parse_args(argv)
-    res = run(a.out, a.smoke, a.steps, a.ranks, a.fsdp, a.dtype, a.mini_batch, extra)
+    res = run(a.out, a.smoke, a.steps, a.ranks, a.fsdp, a.dtype, a.mini_batch, extra, omp_passive=a.omp_passive)
     nan = float("nan")
     for r in res["per_step"]:
         g = lambda k: r.get(k, nan)  # noqa: E731

@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see RESULTS.md
+if "--omp-passive" in sys.argv:  # before torch loads OpenMP; the children inherit it (RESULTS.md, "Two facts")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     PeakRSS, build_char_model, emit_json, machine, peak_rss_mb, reset_peak_rss, rss_mb, set_threads, summary, table,
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed RL steps per configuration (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["sweeps", "vocab", "kv"], help="run one part")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE: for a machine other busy processes share; on an idle one it costs "
+                         "every parallel op a thread wake-up (default: the environment's policy, as dapo train)")
     ap.add_argument("--one", nargs=3, type=int, metavar=("P", "G", "L"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--kv-one", choices=["full", "grow"], help=argparse.SUPPRESS)
