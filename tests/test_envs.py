@@ -115,6 +115,15 @@ def test_load_env_names_what_is_missing(tmp_path):
         load_env(f"{f}:Nope")
     with pytest.raises(EnvError, match="not found"):
         load_env(f"{tmp_path / 'nope.py'}:Env")
+    # the same spec grammar and messages as reward.fn (dapo.userfile): module form, malformed, not callable
+    with pytest.raises(EnvError, match="cannot import module 'no_such_module_xyz'"):
+        load_env("no_such_module_xyz:Env")
+    with pytest.raises(EnvError, match=r"env.path 'Env' is not of the form 'path/to/file.py:name'"):
+        load_env("Env")
+    (tmp_path / "consts.py").write_text("LIMIT = 3\n")
+    with pytest.raises(EnvError, match="LIMIT is a int, not a class or function"):
+        load_env(f"{tmp_path / 'consts.py'}:LIMIT")
+    assert load_env("dapo.envs.tools:ToolEnv") is ToolEnv
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -33,13 +33,10 @@ round), instead of one ``step`` after another.
 """
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from dapo.rewards.runner import import_file
+from dapo.userfile import load_named
 
 Prompt = str | list[dict[str, Any]] | None
 
@@ -76,23 +73,9 @@ class EnvError(ValueError):
 def load_env(spec: str) -> Callable[[], Environment]:
     """What ``env.path`` names: ``path/to/file.py:Name`` or ``module:Name``, a class (or factory) called with no
     arguments for each trajectory. Raises EnvError naming the file or attribute that was not found."""
-    where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name:
-        raise EnvError(f"env.path={spec!r} is not of the form 'path/to/file.py:Class' or 'module:Class'")
-    if where.endswith(".py") or os.sep in where or "/" in where:
-        path = Path(where).expanduser().resolve()
-        if not path.is_file():
-            raise EnvError(f"env.path: file {str(path)!r} not found (from {spec!r})")
-        module = import_file(path, "_dapo_env")
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise EnvError(f"env.path: cannot import module {where!r} ({spec!r}): {e}") from e
-    factory = getattr(module, name, None)
+    factory = load_named(spec, key="env.path", kind="class or function", error=EnvError, prefix="_dapo_env")
     if not callable(factory):
-        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise EnvError(f"env.path: {where!r} has no class or function {name!r}; it defines: {', '.join(found) or 'none'}")
+        raise EnvError(f"env.path: {spec} is a {type(factory).__name__}, not a class or function")
     return factory
 
 

@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 from dapo.envs.base import StepResult
 from dapo.rewards.limits import _Alarm, call_with_time_limit
-from dapo.rewards.runner import TIMEOUTS, RewardRunner, import_file
+from dapo.rewards.runner import TIMEOUTS, RewardRunner
+from dapo.userfile import import_file
 
 CALLS, ERRORS, TIMEOUTS_, MALFORMED = "tool/calls", "tool/errors", "tool/timeouts", "tool/malformed"
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool>(.*?)</tool>", re.DOTALL)

@@ -21,7 +21,6 @@ just before scoring it, outside the reward function's time limit (decoding is no
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import math
 import multiprocessing as mp
@@ -30,14 +29,13 @@ import numbers
 import os
 import pickle
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from dapo.rewards.limits import _Alarm, call_with_time_limit
 from dapo.rewards.math import TAIL_CHARS, score_math
+from dapo.userfile import absolute_spec, load_named
 
 BUILTIN_REWARDS = {"math": "dapo.rewards.math:score_math"}
 """Reward functions known by name; anything else is ``module:function`` or ``path/to/file.py:function``."""
@@ -79,61 +77,11 @@ def load_reward_fn(spec: str | Callable[..., Any]) -> Callable[..., Any]:
     if not isinstance(spec, str):
         raise RewardFnError(f"reward function must be a callable or a string, got {type(spec).__name__}")
     spec = BUILTIN_REWARDS.get(spec, spec)
-    where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name:
-        raise RewardFnError(
-            f"reward function {spec!r} is not a built-in ({', '.join(BUILTIN_REWARDS)}) "
-            "nor of the form 'module:function' or 'path/to/file.py:function'"
-        )
-    if where.endswith(".py") or os.sep in where or "/" in where:
-        module = _load_file(Path(where), spec)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise RewardFnError(f"cannot import module {where!r} for reward function {spec!r}: {e}") from e
-    fn = getattr(module, name, None)
-    if fn is None:
-        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise RewardFnError(
-            f"{where!r} has no function {name!r} (reward function {spec!r}); "
-            f"it defines: {', '.join(defined) or 'no public functions'}"
-        )
+    fn = load_named(spec, key="reward function", kind="function", error=RewardFnError, prefix="_dapo_reward",
+                    form_hint=f"a built-in ({', '.join(BUILTIN_REWARDS)}) nor ")
     if not callable(fn):
-        raise RewardFnError(f"{where}:{name} is a {type(fn).__name__}, not a function")
+        raise RewardFnError(f"{spec} is a {type(fn).__name__}, not a function")
     return fn
-
-
-def _load_file(path: Path, spec: str):
-    path = path.expanduser().resolve()
-    if not path.is_file():
-        raise RewardFnError(f"reward function file {str(path)!r} not found (from {spec!r})")
-    return import_file(path, "_dapo_reward")
-
-
-def import_file(path: Path, prefix: str):
-    """Import a Python file once (by its absolute path) as its own module, named ``prefix`` + a hash of the path:
-    a user's reward, environment or tools file."""
-    module_name = f"{prefix}_{abs(hash(str(path)))}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module  # before exec, so pickling and dataclasses in the file work
-    try:
-        module_spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
-
-
-def _absolute_spec(spec):
-    if isinstance(spec, str) and ":" in spec:
-        where, _, name = spec.rpartition(":")
-        if where.endswith(".py") or os.sep in where or "/" in where:
-            return f"{Path(where).expanduser().resolve()}:{name}"
-    return spec
 
 
 class _Caller:
@@ -345,7 +293,7 @@ class RewardRunner:
                     f"or a 'module:function' string): {e}"
                 ) from e
         # workers started later must find a file even after a chdir
-        self._start(_absolute_spec(fn), workers, timeout_s, memory_mb, start_timeout_s, decoder if workers else None)
+        self._start(absolute_spec(fn), workers, timeout_s, memory_mb, start_timeout_s, decoder if workers else None)
 
     def _start(self, fn_spec: Any, workers: int, timeout_s: float | None, memory_mb: int | None,
                start_timeout_s: float, decoder: str | None = None) -> None:
