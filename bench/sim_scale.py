@@ -48,8 +48,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import math
-import os
 import pickle
 import random
 import statistics

@@ -78,7 +78,7 @@ def memory_budget(cfg: Config, shape: ModelShape, device_bytes: float, ranks: in
     sharding the trained state (1 = unsharded)."""
     from dapo.model import compute_dtype, sampler_dtype
 
-    m, o, r = cfg.model, cfg.optim, cfg.rollout
+    m, r = cfg.model, cfg.rollout
     cuda = torch.device("cuda")  # the budget is a GPU's
     low = compute_dtype(m.dtype, cuda).itemsize  # the compute dtype's bytes
     out: dict[str, float] = {}

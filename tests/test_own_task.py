@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY_RUN
 from dapo.cli import main as cli_main

@@ -164,7 +164,7 @@ def test_cli_three_steps_changes_parameters_and_writes_metrics(tiny_model_dir, t
 def test_stop_and_resume_continues_with_the_same_data_order(tiny_model_dir, tmp_path):
     common = ["algo.filter_metric=reward", "optim.lr=1e-2", "ckpt.every=2", "ckpt.keep_last=5", *TINY_RUN,
               f"model.path={tiny_model_dir}", f"log.out_dir={tmp_path}"]
-    full = train(load_config(overrides=common + ["optim.steps=4", "log.run_name=full"]))
+    train(load_config(overrides=common + ["optim.steps=4", "log.run_name=full"]))
     part = train(load_config(overrides=common + ["optim.steps=2", "log.run_name=part"]))
     assert part.steps == 2 and (tmp_path / "part" / "step_2" / "manifest.json").exists()
     resumed = train(load_config(overrides=common + ["optim.steps=4", f"ckpt.resume={tmp_path / 'part'}"]))
