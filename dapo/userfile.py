@@ -1,7 +1,8 @@
 """A user's Python, named in the config: ``path/to/file.py:name`` or ``module:name``.
 
-One way to read that spec for the reward function (``reward.fn``), the environment (``env.path``) and the tools
-file (``env.tools``), so the three agree on what counts as a file and say the same things when it is wrong.
+One way to read that spec for the reward function (``reward.fn``) and the environment (``env.path``), so the two
+agree on what counts as a file and say the same things when it is wrong. The tools file (``env.tools``) is a
+plain path, not such a spec; it shares only :func:`import_file`.
 """
 from __future__ import annotations
 
