@@ -10,8 +10,27 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
+
+
+class UserFileError(ValueError):
+    """A user's Python file (reward, environment, tools) that raised while it was imported: the message names
+    the file, the line in it and the exception, not dapo's frames."""
+
+
+def import_failure(what: str, e: BaseException, path: Path | None = None) -> str:
+    """``what`` failed on import: the exception, where in the user's file (``path``: its last frame there; else the
+    innermost frame) it was raised, and that line's text."""
+    if isinstance(e, SyntaxError):  # the file never ran: the parser says where
+        where = f"{e.filename}, line {e.lineno}" if e.filename else "its source"
+        text = (e.text or "").strip()
+        return f"{what}: SyntaxError at {where}: {e.msg}" + (f": {text}" if text else "")
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if path is not None and Path(f.filename) == path] or frames[-1:]
+    at = f" at {mine[-1].filename}, line {mine[-1].lineno}: {(mine[-1].line or '').strip()}" if mine else ""
+    return f"{what}: {type(e).__name__}: {e}{at}"
 
 
 def is_file_ref(where: str) -> bool:
@@ -29,9 +48,10 @@ def absolute_spec(spec: Any) -> Any:
     return spec
 
 
-def import_file(path: Path, prefix: str):
+def import_file(path: Path, prefix: str, key: str = "the file"):
     """Import a Python file once (by its absolute path) as its own module, named ``prefix`` + a hash of the path:
-    a user's reward, environment or tools file."""
+    a user's reward, environment or tools file. Code in it that raises (a syntax error, a missing import) is a
+    ``UserFileError`` that names ``key`` (the config key the file came from), the file and its line."""
     module_name = f"{prefix}_{abs(hash(str(path)))}"
     if module_name in sys.modules:
         return sys.modules[module_name]
@@ -40,7 +60,10 @@ def import_file(path: Path, prefix: str):
     sys.modules[module_name] = module  # before exec, so pickling and dataclasses in the file work
     try:
         module_spec.loader.exec_module(module)
-    except BaseException:
+    except Exception as e:
+        del sys.modules[module_name]
+        raise UserFileError(import_failure(f"{key}: importing {str(path)!r} failed", e, path)) from e
+    except BaseException:  # Ctrl-C, SystemExit: as they are
         del sys.modules[module_name]
         raise
     return module
@@ -61,12 +84,19 @@ def load_named(spec: str, *, key: str, kind: str, error: type[Exception], prefix
         path = Path(where).expanduser().resolve()
         if not path.is_file():
             raise error(f"{key}: file {str(path)!r} not found (from {spec!r})")
-        module = import_file(path, prefix)
+        try:
+            module = import_file(path, prefix, key)
+        except UserFileError as e:
+            raise error(str(e)) from e.__cause__
     else:
         try:
             module = importlib.import_module(where)
-        except ImportError as e:
+        except ModuleNotFoundError as e:
+            if e.name != where and not where.startswith(f"{e.name}."):
+                raise error(import_failure(f"{key}: importing module {where!r} ({spec!r}) failed", e)) from e
             raise error(f"{key}: cannot import module {where!r} ({spec!r}): {e}") from e
+        except Exception as e:  # the module's own code raised
+            raise error(import_failure(f"{key}: importing module {where!r} ({spec!r}) failed", e)) from e
     obj = getattr(module, name, None)
     if obj is None:
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
@@ -74,4 +104,4 @@ def load_named(spec: str, *, key: str, kind: str, error: type[Exception], prefix
     return obj
 
 
-__all__ = ["absolute_spec", "import_file", "is_file_ref", "load_named"]
+__all__ = ["UserFileError", "absolute_spec", "import_file", "import_failure", "is_file_ref", "load_named"]

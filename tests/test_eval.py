@@ -247,3 +247,27 @@ def test_the_reward_functions_failures_are_kept_for_the_reader():
     res = evaluate(SeedEchoEngine(8), items, failing, lambda ids: "".join(map(str, ids)), SamplingParams(n=2), 0)
     assert res["reward_messages"] == ["raised KeyError: 'answer'"] and res["reward_stats"]["reward/errors"] == 8
     assert all(s["reward_error"] == "raised KeyError: 'answer'" for s in res["samples"])
+
+
+def test_eval_on_a_runs_own_file_that_held_nothing_out_says_so(tiny_model_dir, tmp_path, capsys):
+    """A file under 10 rows trains on every row (the held-out slice is at most a tenth): evaluating the run on its
+    own file has no problem to score, which is an error that says why, not a table of nothing."""
+    from dapo.cli import main
+
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(1, 6)))
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), f"log.out_dir={tmp_path}",
+                 "log.run_name=r", "optim.steps=1", "data.template=none", "rollout.group_size=4",
+                 "optim.train_batch_size=2", "optim.mini_batch_size=2", "rollout.max_new_tokens=4",
+                 "algo.dynamic_sampling=false", "algo.soft_overlong=false", "log.progress=plain", "log.tensorboard=false",
+                 "log.report=false",
+                 "ckpt.every=1"]) == 0
+    capsys.readouterr()
+    step = tmp_path / "r" / "step_1"
+    assert main(["eval", "--model", str(step), "--data", str(data), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nothing to evaluate: the run trained on" in err and "held none of its rows out" in err
+    assert not list(step.glob("eval_*.json"))  # no result file of nothing
+    assert main(["eval", "--model", str(step), "--data", str(data), "--max-new-tokens", "4", "--all-rows",
+                 "--no-samples"]) == 0
+    assert json.loads((step / "eval_five.json").read_text())["metrics"]["problems"] == 5

@@ -132,7 +132,7 @@ def load_tools(path: str | Path) -> dict[str, Callable[..., Any]]:
     """The tools of a file (or a built-in name, :func:`tools_file`): its public functions defined in it
     (imported ones are not tools), by name."""
     p = tools_file(path)
-    module = import_file(p, "_dapo_tools")
+    module = import_file(p, "_dapo_tools", "env.tools")
     tools = {k: v for k, v in vars(module).items()
              if inspect.isfunction(v) and not k.startswith("_") and v.__module__ == module.__name__}
     if not tools:

@@ -151,6 +151,43 @@ def test_a_reward_that_cannot_be_loaded_is_a_clear_error(spec, says, tiny_model_
     assert says in capsys.readouterr().err
 
 
+BROKEN = {
+    "syntax.py": "def score(response, ground_truth:\n    return 1.0\n",
+    "needs.py": "import math\nimport no_such_dependency_xyz\n\ndef score(response, ground_truth):\n    return 1.0\n",
+    "raises.py": "LIMIT = {}['limit']\n\ndef score(response, ground_truth):\n    return 1.0\n",
+}
+
+
+@pytest.mark.parametrize("spec,says", [
+    ("syntax.py:score", "SyntaxError at {d}/syntax.py, line 1: '(' was never closed: def score(response, ground_truth:"),
+    ("needs.py:score", "ModuleNotFoundError: No module named 'no_such_dependency_xyz' at {d}/needs.py, line 2: "
+                       "import no_such_dependency_xyz"),
+    ("raises.py:score", "KeyError: 'limit' at {d}/raises.py, line 1: LIMIT = {{}}['limit']"),
+    ("needs:score", "importing module 'needs' ('needs:score') failed: ModuleNotFoundError: No module named "
+                    "'no_such_dependency_xyz' at {d}/needs.py, line 2"),
+], ids=["syntax error", "missing dependency", "raises on import", "module with a missing dependency"])
+def test_a_reward_file_that_fails_to_import_names_its_line_not_a_traceback(spec, says, tiny_model_dir, tmp_path,
+                                                                            capsys, monkeypatch):
+    for name, text in BROKEN.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d.jsonl", GOOD), "--reward", spec) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and says.format(d=tmp_path.resolve()) in err, err
+    if spec.endswith(".py:score"):
+        assert f"reward function: importing '{tmp_path.resolve() / spec.split(':')[0]}' failed" in err
+
+
+def test_a_tools_file_with_a_syntax_error_is_refused_at_start(tiny_model_dir, tmp_path, capsys):
+    tools = tmp_path / "tools.py"
+    tools.write_text("def mul(a, b)\n    return a * b\n")
+    rc = _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d.jsonl", GOOD), "--tools", str(tools))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"env.tools: importing '{tools.resolve()}' failed: SyntaxError at {tools.resolve()}, line 1: expected ':'" in err
+
+
 def test_a_reward_for_the_built_in_task_is_refused_not_ignored(tiny_model_dir, tmp_path, capsys):
     rc = cli_main(["train", "--model", str(tiny_model_dir), "--reward", "math", f"log.out_dir={tmp_path}", *fk.FAST])
     assert rc == 2 and "reward.fn: 'math' scores prompt files" in capsys.readouterr().err
