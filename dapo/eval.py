@@ -364,7 +364,7 @@ def _run_held_out(run_cfg: Any, args: Any) -> bool:
 
 def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     """Everything ``main`` does but printing the table: returns (result, path of the JSON written)."""
-    from dapo.model import compute_dtype, eos_ids, load_model, load_tokenizer, resolve_device
+    from dapo.model import check_context, compute_dtype, eos_ids, load_model, load_tokenizer, resolve_device
     from dapo.problems import load_problems
     from dapo.rollout.hf import HFEngine
 
@@ -386,13 +386,15 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
                if held_out else "no row of it became a problem (see the load line above)")
         raise ValueError(f"--data {args.data}: nothing to evaluate: {why}")
     try:
+        params = sampling_params(cfg)
+        check_context(str(model_dir), probs.longest_prompt(), params.max_new_tokens,
+                      f"--max-new-tokens ({params.max_new_tokens})", log=lambda s: print(s, file=sys.stderr))
         device = resolve_device(cfg.model.device)
         # as training evaluates: float32 weights under the compute dtype's autocast, so the same weights give
         # the same numbers here and in a run's eval/acc (a bfloat16 copy would round them differently)
         model = load_model(cfg.model, str(model_dir), device)
         engine = HFEngine(model, int(tok.pad_token_id), eos_ids(model, tok), max_batch=cfg.rollout.batch_size,
                           compute_dtype=compute_dtype(cfg.model.dtype, device))
-        params = sampling_params(cfg)
         print(f"dapo eval: {len(probs.eval_items)} problems x {params.n} samples (T {params.temperature}, top-p "
               f"{params.top_p}, max {params.max_new_tokens} new tokens) on {device}", file=sys.stderr)
         from dapo.rollout.multiturn import from_config

@@ -233,6 +233,54 @@ def generation_config_of(path: str) -> Any:
         return SimpleNamespace(generation_config=None)
 
 
+def model_context(path: str) -> tuple[int, bool] | None:
+    """(positions, hard) from the model's config.json without loading weights: the context it was built for, and
+    whether that is a hard limit (learned position embeddings: GPT-2's ``n_positions``, OPT's
+    ``max_position_embeddings``; a longer sequence indexes past the table) rather than rotary or ALiBi positions
+    (which run past it, extrapolating). None when the config names no context length or cannot be read."""
+    from transformers import AutoConfig
+
+    if lora.is_lora_checkpoint(path):
+        path = adapter_base(path)
+    try:
+        c = AutoConfig.from_pretrained(path).to_dict()
+    except (OSError, ValueError):
+        return None
+    c = {**c.get("text_config", {}), **c}
+    n = next((c[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if isinstance(c.get(k), int)), None)
+    if not n or n <= 0:
+        return None
+    relative = any(s in k for k in c for s in ("rope", "rotary", "alibi")) or c.get("position_embedding_type") in (
+        "rotary", "alibi", "relative_key", "relative_key_query")
+    return n, not relative
+
+
+def new_tokens(cfg: Any) -> tuple[int, str]:
+    """The most tokens a rollout adds to its prompt, and the key that says so: with an environment its
+    ``rollout.max_total_tokens`` when set (observations included), else ``rollout.max_new_tokens``."""
+    r = cfg.rollout
+    if (cfg.env.path or cfg.env.tools) and r.max_total_tokens > 0:
+        return r.max_total_tokens, f"rollout.max_total_tokens ({r.max_total_tokens})"
+    return r.max_new_tokens, f"rollout.max_new_tokens ({r.max_new_tokens})"
+
+
+def check_context(path: str, longest_prompt: int, new_tokens: int, what: str, log=print) -> None:
+    """Refuse a run whose longest prompt plus ``new_tokens`` (``what`` names the keys) does not fit a model with
+    learned positions (it would fail with an index error mid-step); say so, and go on, for rotary positions."""
+    ctx = model_context(path)
+    if ctx is None or longest_prompt + new_tokens <= ctx[0]:
+        return
+    n, hard = ctx
+    need = f"the longest prompt ({longest_prompt} tokens) + {what} = {longest_prompt + new_tokens}"
+    if hard:
+        raise SetupError(
+            f"{path}: {need} positions, but the model has learned position embeddings for {n} (its config.json): "
+            f"set data.max_prompt_len={max(n - new_tokens, 0)} (longer prompts are then dropped or truncated, "
+            f"data.long_prompts) or lower the new tokens")
+    log(f"warning: {need} positions, past the {n} the model was built for (config.json "
+        f"max_position_embeddings); its rotary positions run on, but it has not been trained that far")
+
+
 def make_optimizer(ocfg: Any, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable parameters and its linear warm-up schedule (per optimiser step), the same on
     every trainer rank. ``ocfg``: the optim section. The state is allocated like the parameters: float32."""

@@ -276,6 +276,12 @@ class Problems:
     """``score_fn`` on token ids (what training's sampler calls): decoded in the reward workers or in one batch."""
     closers: list[Callable[[], None]] = field(default_factory=list)
 
+    def longest_prompt(self) -> int:
+        """Tokens of the longest prompt, training and held-out (a built-in task's stream is not counted: its
+        prompts are short by construction)."""
+        ids = [it.prompt_ids for it in self.eval_items] + list(getattr(self.stream, "ids", None) or [])
+        return max(map(len, ids), default=0)
+
     def close(self) -> None:
         for close in self.closers:
             close()

@@ -11,8 +11,8 @@ import torch
 
 from dapo.config import Config
 from dapo.model import (
-    SetupError, compute_dtype, eos_ids, generation_config_of, load_policy, load_tokenizer, make_optimizer,
-    reference_model, resolve_device, sampler_dtype,
+    SetupError, check_context, compute_dtype, eos_ids, generation_config_of, load_policy, load_tokenizer,
+    make_optimizer, new_tokens, reference_model, resolve_device, sampler_dtype,
 )
 from dapo.memory import check_device_memory
 from dapo.problems import Problems, load_problems
@@ -91,6 +91,7 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
     problems = load_problems(cfg, tokenizer, log)
     closers: list[Callable[[], None]] = [problems.close]
     try:
+        check_context(path, problems.longest_prompt(), *new_tokens(cfg), log=log)
         learner, engine = _learner_and_engine(cfg, path, ref_path, tokenizer, device, dtype, closers, log)
     except BaseException as e:
         for close in reversed(closers):

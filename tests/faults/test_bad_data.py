@@ -5,6 +5,7 @@ kills its process scores as wrong, is counted in the step's metrics, and the run
 import json
 
 import pytest
+import torch
 
 import faultkit as fk
 from dapo.cli import main as cli_main
@@ -191,3 +192,49 @@ def test_a_tools_file_with_a_syntax_error_is_refused_at_start(tiny_model_dir, tm
 def test_a_reward_for_the_built_in_task_is_refused_not_ignored(tiny_model_dir, tmp_path, capsys):
     rc = cli_main(["train", "--model", str(tiny_model_dir), "--reward", "math", f"log.out_dir={tmp_path}", *fk.FAST])
     assert rc == 2 and "reward.fn: 'math' scores prompt files" in capsys.readouterr().err
+
+
+def _gpt2(path, n_positions):
+    """A tiny GPT-2 (learned position embeddings: a sequence past ``n_positions`` indexes off the table) with the
+    project's character tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dapo.data.charvocab import make_char_tokenizer
+
+    tok = make_char_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_prompts_past_a_learned_position_table_are_refused_at_start_and_fit_with_the_key_it_names(tmp_path, capsys):
+    from dapo.model import model_context
+
+    model = _gpt2(tmp_path / "gpt2", n_positions=40)
+    assert model_context(str(model)) == (40, True)
+    rows = [{"prompt": "1" * n + "+1=", "answer": "2"} for n in (10, 20, 30, 40)] * 3  # 13-43 characters
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    argv = ["train", "--model", str(model), "--data", str(data), f"log.out_dir={tmp_path / 'runs'}", "optim.steps=1",
+            "data.template=none", "eval.size=2", *fk.FAST]
+    assert cli_main([*argv, "log.run_name=long"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert ("the longest prompt (43 tokens) + rollout.max_new_tokens (8) = 51 positions, but the model has learned "
+            "position embeddings for 40 (its config.json): set data.max_prompt_len=32") in err, err
+    assert not (tmp_path / "runs" / "long" / "step_1").exists()
+    assert cli_main([*argv, "log.run_name=fits", "data.max_prompt_len=32"]) == 0  # the longer prompts dropped
+    assert "prompts longer than data.max_prompt_len=32 dropped" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "fits" / "metrics.jsonl").is_file()
+
+
+def test_a_rotary_model_past_its_configured_context_warns_and_runs(tiny_model_dir, tmp_path, capsys):
+    from dapo.model import model_context
+
+    assert model_context(str(tiny_model_dir)) == (128, False)  # Qwen2: rotary positions
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "1" * 120 + f"+{a}=", "answer": "x"} for a in range(12)])
+    assert _train(tiny_model_dir, tmp_path, data, "data.max_prompt_len=200") == 0
+    assert ("warning: the longest prompt (124 tokens) + rollout.max_new_tokens (8) = 132 positions, past the 128 the "
+            "model was built for") in capsys.readouterr().err
