@@ -127,7 +127,7 @@ def test_hf_dataset_saved_to_disk(tmp_path):
 GOOD = {"prompt": "What is 1+1?", "answer": "2"}
 BAD_ROWS = [
     ({"answer": "2"}, "prompt key 'prompt' is missing"),
-    ({"prompt": None, "answer": "2"}, "prompt key 'prompt' is missing"),
+    ({"prompt": None, "answer": "2"}, "prompt key 'prompt' is null"),
     ({"prompt": "   ", "answer": "2"}, "prompt key 'prompt' is empty"),
     ({"prompt": 17, "answer": "2"}, "prompt key 'prompt' must be a string or a list of chat messages, got int"),
     ({"prompt": [], "answer": "2"}, "prompt key 'prompt' is an empty list of messages"),
@@ -135,6 +135,8 @@ BAD_ROWS = [
     ({"prompt": [{"role": "user", "content": ""}], "answer": "2"}, "prompt key 'prompt' has only empty messages"),
     ({"prompt": "What is 1+1?"}, "answer key 'reward_model.ground_truth' is missing and there is no 'answer'"),
     ({"prompt": "What is 1+1?", "answer": ""}, "answer key 'answer' is empty"),
+    ({"prompt": "What is 1+1?", "answer": None}, "answer key 'answer' is null"),
+    ({"prompt": "x", "reward_model": {"ground_truth": None}}, "answer key 'reward_model.ground_truth' is null"),
     ({"prompt": "What is 1+1?", "answer": ["2"]}, "answer key 'answer' must be a string or a number, got list"),
     ({"prompt": "What is 1+1?", "answer": True}, "answer key 'answer' must be a string or a number, got bool"),
     ({"prompt": "x", "reward_model": {"ground_truth": {"v": 2}}},

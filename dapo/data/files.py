@@ -317,7 +317,9 @@ def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: boo
     if not isinstance(row, dict):
         return f"is a {type(row).__name__}, not an object with named fields"
     prompt = get_field(row, prompt_key, _MISSING)
-    if prompt is _MISSING or prompt is None:
+    if prompt is None:
+        return f"prompt key {prompt_key!r} is null"
+    if prompt is _MISSING:
         return (f"prompt key {prompt_key!r} is missing and there is no 'messages' column (columns: "
                 f"{', '.join(sorted(row))}): set data.prompt_key to the column holding the prompt")
     why = prompt_error(prompt)
@@ -330,7 +332,9 @@ def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: boo
         answer, key = row["answer"], "answer"
     if not require_answer and (answer is _MISSING or answer is None or answer == ""):
         return None
-    if answer is _MISSING or answer is None:
+    if answer is None:  # the column is there, this row's value is not: data.answer_key is right
+        return f"answer key {key!r} is null"
+    if answer is _MISSING:
         fallback = "" if answer_key == "answer" else " and there is no 'answer' column"
         return (f"answer key {answer_key!r} is missing{fallback} (columns: {', '.join(sorted(row))}): set "
                 f"data.answer_key to the column holding the ground truth")
