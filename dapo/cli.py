@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mod, fn, _ = _SUBCOMMANDS[cmd]
             out = getattr(importlib.import_module(mod), fn)(rest)
             return out if isinstance(out, int) else 0
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("DAPO_DEBUG"):
             raise
         print(f"dapo {cmd}: error: {e}", file=sys.stderr)

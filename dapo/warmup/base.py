@@ -64,6 +64,18 @@ def is_built(path: Path) -> bool:
     return (path / INFO).is_file()
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a dapo base: a run, a checkpoint, a user's files.
+    Only a finished base (its ``sft.json``) is ever replaced (with ``--force``), and an empty directory filled."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file, not a directory; choose a new directory")
+    if not is_built(out) and any(out.iterdir()):
+        raise FileExistsError(f"--out {out}: already exists, is not empty and is not a dapo base (no {INFO}); "
+                              f"dapo sft never replaces what it did not write: choose a new directory")
+
+
 def tiny_model_for(tokenizer: Any, s: SFTConfig, seed: int, max_pos: int = 0) -> torch.nn.Module:
     return build_tiny_model(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id,
                             s.layers, s.hidden, s.heads, s.ffn, max(s.max_pos, max_pos), seed)
@@ -80,6 +92,7 @@ def write_base(out: Path, model: torch.nn.Module, tokenizer: Any, template: str,
         meta = {**meta, "template": as_file_template(template),
                 "versions": {"torch": torch.__version__, "transformers": _transformers_version()}}
         (tmp / INFO).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        check_out_dir(out)  # again, just before the rename: something may have appeared there while training
         install_dir(tmp, out, replace=force or not is_built(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
@@ -136,6 +149,7 @@ def build_base_model(out_dir: str | Path, task_name: str = "addition", settings:
     if is_built(out) and not force:
         log(f"{out} already holds a base model; --force rebuilds it")
         return out
+    check_out_dir(out)
     _remove_stale_tmp(out)
     task = get_task(task_name)
     s = settings or task_settings(task_name)
@@ -289,6 +303,7 @@ def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str
     if is_built(out) and not force:
         log(f"{out} already holds a base model; --force rebuilds it")
         return out
+    check_out_dir(out)
     s, threads = cfg.sft, num_threads or default_threads()
     tokenizer = load_tokenizer(cfg.model, cfg.model.path) if cfg.model.path else char_tokenizer_for(cfg)
     problems = load_problems(cfg, tokenizer, log, require_answer=False)

@@ -1,0 +1,52 @@
+"""``dapo sft --out DIR`` writes a base model and replaces nothing it did not write: a directory holding a user's
+files or a run is refused before training, with or without ``--force``; ``--force`` replaces only a dapo base."""
+import json
+
+import pytest
+
+from dapo.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = ["--threads", "1", "sft.layers=1", "sft.hidden=32", "sft.ffn=64", "sft.heads=2", "sft.batch=8",
+        "sft.min_steps=1", "sft.max_steps=2", "sft.eval_every=1", "eval.size=4"]
+
+
+def _pairs(path):
+    path.write_text("".join(json.dumps({"prompt": f"{a} reversed:", "response": str(a)[::-1]}) + "\n"
+                            for a in range(100, 160)))
+    return path
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "--force"])
+def test_an_out_dir_with_a_users_files_or_a_run_is_refused_and_kept(tmp_path, capsys, force):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    run = tmp_path / "run"
+    (run / "step_3").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    for out in (mine, run):
+        rc = cli_main(["sft", "--data", str(data), "--out", str(out), *FAST, *(["--force"] if force else [])])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err
+        assert f"--out {out}: already exists, is not empty and is not a dapo base" in err
+    assert (mine / "notes.txt").read_text() == "important"
+    assert (run / "step_3").is_dir() and (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not list(tmp_path.glob(".*"))  # no staging directory left behind
+
+
+def test_an_empty_out_dir_is_filled_and_only_a_base_is_replaced_with_force(tmp_path, capsys):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "base"
+    out.mkdir()
+    assert cli_main(["sft", "--data", str(data), "--out", str(out), *FAST]) == 0
+    first = json.loads((out / "sft.json").read_text())
+    assert first["steps"] == 2 and (out / "config.json").is_file()
+    capsys.readouterr()
+    assert cli_main(["sft", "--data", str(data), "--out", str(out), *FAST, "sft.max_steps=3"]) == 0  # kept as is
+    assert "already holds a base model; --force rebuilds it" in capsys.readouterr().out
+    assert json.loads((out / "sft.json").read_text())["steps"] == 2
+    assert cli_main(["sft", "--data", str(data), "--out", str(out), *FAST, "sft.max_steps=3", "--force"]) == 0
+    assert json.loads((out / "sft.json").read_text())["steps"] == 3
