@@ -82,7 +82,7 @@ def tiny_model_for(tokenizer: Any, s: SFTConfig, seed: int, max_pos: int = 0) ->
 
 
 def write_base(out: Path, model: torch.nn.Module, tokenizer: Any, template: str, meta: dict[str, Any],
-               force: bool) -> Path:
+               force: bool, own_dir: bool = False) -> Path:
     """Write the model directory atomically; an existing finished ``out`` is replaced only with ``force``."""
     tmp = staging_dir(out)
     try:
@@ -92,7 +92,8 @@ def write_base(out: Path, model: torch.nn.Module, tokenizer: Any, template: str,
         meta = {**meta, "template": as_file_template(template),
                 "versions": {"torch": torch.__version__, "transformers": _transformers_version()}}
         (tmp / INFO).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        check_out_dir(out)  # again, just before the rename: something may have appeared there while training
+        if not own_dir:  # a user's --out (dapo's cache is its own: a partial entry there is replaced)
+            check_out_dir(out)  # again, just before the rename: something may have appeared there while training
         install_dir(tmp, out, replace=force or not is_built(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
@@ -137,7 +138,7 @@ def task_pairs(task: Any, tokenizer: Any, seed: int) -> Callable[[int], list[Pai
 
 def build_base_model(out_dir: str | Path, task_name: str = "addition", settings: SFTConfig | None = None,
                      seed: int = 0, force: bool = False, log: Callable[[str], None] = print,
-                     num_threads: int | None = None) -> Path:
+                     num_threads: int | None = None, own_dir: bool = False) -> Path:
     """Warm a tiny model up on a built-in task and write it to ``out_dir`` (see the module docstring).
 
     An existing finished ``out_dir`` is returned as is unless ``force``; with ``force`` it is replaced only
@@ -149,7 +150,8 @@ def build_base_model(out_dir: str | Path, task_name: str = "addition", settings:
     if is_built(out) and not force:
         log(f"{out} already holds a base model; --force rebuilds it")
         return out
-    check_out_dir(out)
+    if not own_dir:
+        check_out_dir(out)
     _remove_stale_tmp(out)
     task = get_task(task_name)
     s = settings or task_settings(task_name)
@@ -175,7 +177,7 @@ def build_base_model(out_dir: str | Path, task_name: str = "addition", settings:
         if runner is not None:
             runner.close()
     return write_base(out, model, tokenizer, "none", {"task": task_name, **result_meta(res, s, seed, n_params, threads)},
-                      force)
+                      force, own_dir)
 
 
 def prepare_base_model(task_name: str = "addition", cache_dir: str | Path | None = None, force: bool = False,
@@ -192,7 +194,7 @@ def prepare_base_model(task_name: str = "addition", cache_dir: str | Path | None
     if is_built(out) and not force:
         log(f"base model for task {task_name!r}: cached at {out}")
         return out
-    return build_base_model(out, task_name, settings, seed, force=force, log=log, num_threads=num_threads)
+    return build_base_model(out, task_name, settings, seed, force=force, log=log, num_threads=num_threads, own_dir=True)
 
 
 def _remove_stale_tmp(out: Path, max_age_s: float = 3600.0) -> None:
