@@ -107,14 +107,14 @@ def export_main(argv: Sequence[str]) -> int:
     import torch
 
     from dapo import lora
-    from dapo.fsutil import install_dir, staging_dir
+    from dapo.fsutil import install_dir, occupied, staging_dir
     from dapo.problems import TEMPLATE_FILE
 
     args = _export_parser().parse_args(list(argv))
     ckpt, out = Path(args.checkpoint), Path(args.merge)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if occupied(out):
         raise ValueError(f"--merge {out}: already exists and is not empty; choose a new directory")
     tmp = staging_dir(out.resolve())
     try:

@@ -380,12 +380,11 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     # data and reward before the weights: a typo should not cost loading a large model
     probs = load_problems(cfg, tok, lambda s: print(s, file=sys.stderr), train=False, limit=args.limit,
                           held_out=held_out)
-    if not probs.eval_items:
-        probs.close()
-        why = (f"the run trained on {args.data} and held none of its rows out (--all-rows evaluates every row)"
-               if held_out else "no row of it became a problem (see the load line above)")
-        raise ValueError(f"--data {args.data}: nothing to evaluate: {why}")
     try:
+        if not probs.eval_items:
+            why = (f"the run trained on {args.data} and held none of its rows out (--all-rows evaluates every row)"
+                   if held_out else "no row of it became a problem (see the load line above)")
+            raise ValueError(f"--data {args.data}: nothing to evaluate: {why}")
         params = sampling_params(cfg)
         check_context(str(model_dir), probs.longest_prompt(), params.max_new_tokens,
                       f"--max-new-tokens ({params.max_new_tokens})", log=lambda s: print(s, file=sys.stderr))

@@ -34,6 +34,12 @@ def staging_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
 
 
+def occupied(path: Path) -> bool:
+    """Whether ``path`` holds something: a file, or a directory with anything in it (a new name or an empty
+    directory is free to write)."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def install_dir(tmp: Path, final: Path, replace: bool = True) -> bool:
     """Rename the finished directory ``tmp`` to ``final``, atomically: a reader sees the old ``final`` or the
     whole new one, never a part. An existing ``final`` is moved aside first and removed only after the

@@ -20,7 +20,7 @@ import torch
 
 from dapo.config import Config, save_config
 from dapo.data.example import Example
-from dapo.fsutil import write_atomic
+from dapo.fsutil import occupied, write_atomic
 from dapo.items import Group, PromptItem
 from dapo.model import SetupError
 from dapo.rollout.base import Completion
@@ -55,7 +55,7 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             _same_kind(cfg, ckpt)
         if _names_another_run(cfg, source):
             branch = Path(cfg.log.out_dir) / cfg.log.run_name
-            if branch.exists() and any(branch.iterdir()):
+            if occupied(branch):
                 raise SetupError(f"log.run_name: {branch} already exists and is not empty; a resume branches into a "
                                  f"new directory only (or leave log.run_name as it was to continue in {source})")
             branch.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     stem = cfg.data.task if not cfg.data.path else Path(cfg.data.path).stem
     name = cfg.log.run_name or f"{cfg.preset.replace('+', 'plus_')}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.log.out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if occupied(run_dir):
         raise SetupError(f"run directory {run_dir} already exists and is not empty; continue it with "
                          f"ckpt.resume={run_dir} or choose another log.run_name")
     run_dir.mkdir(parents=True, exist_ok=True)

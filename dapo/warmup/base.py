@@ -27,7 +27,7 @@ import torch
 from dapo.config import Config, SFTConfig
 from dapo.data.charvocab import DEFAULT_ALPHABET, make_char_tokenizer
 from dapo.data.tasks import TrainStream, eval_examples, get_task
-from dapo.fsutil import install_dir, staging_dir
+from dapo.fsutil import install_dir, occupied, staging_dir
 from dapo.items import PromptItem
 from dapo.problems import as_file_template, save_template, task_score_fn
 from dapo.warmup.sft import Pair, SFTResult, make_probe, sft
@@ -67,11 +67,9 @@ def is_built(path: Path) -> bool:
 def check_out_dir(out: Path) -> None:
     """Refuse an ``--out`` that holds something other than a dapo base: a run, a checkpoint, a user's files.
     Only a finished base (its ``sft.json``) is ever replaced (with ``--force``), and an empty directory filled."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out}: is a file, not a directory; choose a new directory")
-    if not is_built(out) and any(out.iterdir()):
+    if occupied(out) and not is_built(out):
         raise FileExistsError(f"--out {out}: already exists, is not empty and is not a dapo base (no {INFO}); "
                               f"dapo sft never replaces what it did not write: choose a new directory")
 
