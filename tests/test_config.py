@@ -183,3 +183,25 @@ def test_the_nvswitch_nccl_note_names_only_what_the_user_has_not_set():
     assert "NCCL_CUMEM_ENABLE=0 NCCL_NVLS_ENABLE=0" in note and "ray issue 61073" in note
     assert "NCCL_CUMEM_ENABLE" not in nccl_note({"NCCL_CUMEM_ENABLE": "1"})
     assert nccl_note({"NCCL_CUMEM_ENABLE": "1", "NCCL_NVLS_ENABLE": "1"}) is None
+
+
+def test_local_paths_become_absolute_and_names_that_are_not_files_stay(tmp_path, monkeypatch):
+    """Paths that exist under the working directory are made absolute (a run's config.yaml is read from
+    elsewhere on --resume and by dapo eval); hub ids, modules, built-in names and missing files are kept as
+    spelled, so the loaders' errors name what the user wrote."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "r.py").write_text("def score(r, g, **f):\n    return 0.0\n")
+    (tmp_path / "env.py").write_text("")
+    (tmp_path / "calculator").mkdir()  # a directory named like the built-in tools is not them
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["data.path=d/rows.jsonl", "reward.fn=./r.py:score", "env.path=env.py:Game",
+                                 "model.path=Qwen/Qwen2.5-0.5B", "eval.path=d/missing.jsonl"])
+    assert cfg.data.path == str(tmp_path / "d" / "rows.jsonl")
+    assert cfg.reward.fn == f"{tmp_path / 'r.py'}:score"
+    assert cfg.env.path == f"{tmp_path / 'env.py'}:Game"
+    assert cfg.model.path == "Qwen/Qwen2.5-0.5B" and cfg.eval.path == "d/missing.jsonl"
+    cfg = load_config(overrides=["env.tools=calculator", "reward.fn=dapo.rewards.math:score", "model.tokenizer=d",
+                                 "data.path=d/rows.jsonl"])
+    assert cfg.env.tools == "calculator" and cfg.reward.fn == "dapo.rewards.math:score"
+    assert cfg.model.tokenizer == str(tmp_path / "d")

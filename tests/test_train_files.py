@@ -33,3 +33,34 @@ def test_dapo_math_parquet_with_duplicates_trains_two_steps(tiny_model_dir, tmp_
     assert "eval/avg@3" in rows[1] and "eval/pass@3" in rows[1] and rows[1]["eval/pass@3"] >= rows[1]["eval/avg@3"]
     # the held-out slice (2 of the 20 distinct prompts) is disjoint from training
     assert result.before["n"] == 2
+
+
+def test_relative_paths_are_saved_absolute_and_resume_from_another_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """A run started with paths relative to its working directory resumes from another one: config.yaml names
+    the data, the reward file and the model as absolute paths (stop 37 found --resume failing with
+    'file not found' on the relative data.path it had saved)."""
+    import yaml
+
+    from dapo.cli import main
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "math.jsonl").write_text(FIXTURE.read_text())
+    (project / "lenreward.py").write_text("def score(response, ground_truth, **fields):\n"
+                                          "    return 1.0 if len(response) % 2 else 0.0\n")
+    (project / "base").symlink_to(tiny_model_dir)
+    monkeypatch.chdir(project)
+    args = [*TINY_RUN, "data.template=none", "data.max_prompt_len=400", "eval.size=2", "eval.every=0",
+            f"log.out_dir={tmp_path / 'runs'}", "log.run_name=rel"]
+    assert main(["train", "--model", "base", "--data", "data/math.jsonl", "--reward", "lenreward.py:score",
+                 "optim.steps=1", *args]) == 0
+    saved = yaml.safe_load((tmp_path / "runs" / "rel" / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(project / "data" / "math.jsonl")
+    assert saved["reward"]["fn"] == f"{project / 'lenreward.py'}:score"
+    assert saved["model"]["path"] == str(project / "base")  # the user's spelling, a symlink kept as it is
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "rel"), "optim.steps=2"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "rel" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -216,7 +217,35 @@ def load_config(
         cfg = _apply(cfg, file_flat, f" in {file}", notify)
     if over:
         cfg = _apply(cfg, over, "", notify)
-    return validate(cfg)
+    return validate(_absolute_paths(cfg))
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Local files and directories the config names, made absolute against the working directory: the run's
+    config.yaml must name the same files when ``--resume`` or ``dapo eval`` reads it from elsewhere. Only a path
+    that exists here changes: a hub id (``Qwen/Qwen2.5-0.5B``), a module (``my_pkg.rewards:score``), a built-in
+    name and a missing file (which the loaders name as the user spelled it) stay as they are."""
+    from dapo.envs.tools import BUILTIN_TOOLS
+    from dapo.userfile import is_file_ref
+
+    def here(path: str) -> str | None:
+        p = Path(path).expanduser()
+        return os.path.abspath(p) if path and p.exists() else None
+
+    def value(key: str) -> str:
+        head, _, tail = key.partition(".")
+        return getattr(getattr(cfg, head), tail)
+
+    new: dict[str, str] = {}
+    for key in ("model.path", "model.tokenizer", "data.path", "eval.path", "env.tools"):
+        if value(key) not in BUILTIN_TOOLS and (full := here(value(key))) is not None:
+            new[key] = full
+    for key in ("reward.fn", "env.path"):
+        where, sep, name = value(key).rpartition(":")
+        if sep and where and is_file_ref(where) and (full := here(where)) is not None:
+            new[key] = f"{full}:{name}"
+    new = {k: v for k, v in new.items() if v != value(k)}
+    return _apply(cfg, new) if new else cfg
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config | None:
