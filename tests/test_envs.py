@@ -111,6 +111,14 @@ def test_load_env_names_what_is_missing(tmp_path):
     env.step = lambda text: StepResult("x", reward="1")
     with pytest.raises(EnvError, match="returned reward='1': a number or None"):
         step_all([env], ["x"])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        env.step = lambda text, bad=bad: StepResult("x", reward=bad)
+        with pytest.raises(EnvError, match=r"returned reward=(nan|inf|-inf): a finite number or None"):
+            step_all([env], ["x"])
+    import numpy as np
+
+    env.step = lambda text: StepResult("x", reward=np.float32(0.5))  # a numpy score is a number
+    assert step_all([env], ["x"])[0].reward == 0.5
     with pytest.raises(EnvError, match="has no class or function 'Nope'; it defines: Env"):
         load_env(f"{f}:Nope")
     with pytest.raises(EnvError, match="not found"):
@@ -124,6 +132,15 @@ def test_load_env_names_what_is_missing(tmp_path):
     with pytest.raises(EnvError, match="LIMIT is a int, not a class or function"):
         load_env(f"{tmp_path / 'consts.py'}:LIMIT")
     assert load_env("dapo.envs.tools:ToolEnv") is ToolEnv
+
+
+def test_an_environment_that_raises_is_named_with_its_line(tmp_path):
+    f = tmp_path / "crashy.py"
+    f.write_text("class Env:\n    def reset(self, row):\n        return None\n"
+                 "    def step(self, text):\n        return {}['score']\n")
+    env = load_env(f"{f}:Env")()
+    with pytest.raises(EnvError, match=rf"env.path: Env.step raised: KeyError: 'score' at {f}, line 5: return {{}}"):
+        step_all([env], ["x"])
 
 
 @pytest.mark.parametrize("extra, message", [

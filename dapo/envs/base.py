@@ -33,10 +33,14 @@ round), instead of one ``step`` after another.
 """
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from dapo.userfile import load_named
+from dapo.userfile import import_failure, load_named
 
 Prompt = str | list[dict[str, Any]] | None
 
@@ -79,6 +83,20 @@ def load_env(spec: str) -> Callable[[], Environment]:
     return factory
 
 
+def user_call(owner: Any, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, code of the user's environment (``owner``: its class or factory; ``what``: ``Game.step``):
+    an exception it raises is an EnvError naming the call, the exception and the line of the user's file it came
+    from, not a traceback through dapo's rollout."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        try:
+            path = Path(inspect.getfile(owner)).resolve()
+        except (TypeError, OSError):
+            path = None
+        raise EnvError(import_failure(f"env.path: {what} raised", e, path)) from e
+
+
 def step_all(envs: list[Any], texts: list[str]) -> list[StepResult]:
     """``step`` of every env on its text, through its class's ``step_many`` where it has one; checked."""
     out: list[StepResult | None] = [None] * len(envs)
@@ -87,12 +105,18 @@ def step_all(envs: list[Any], texts: list[str]) -> list[StepResult]:
         by_class.setdefault(type(e), []).append(k)
     for cls, idx in by_class.items():
         many = getattr(cls, "step_many", None)
-        res = many([envs[k] for k in idx], [texts[k] for k in idx]) if many else [envs[k].step(texts[k]) for k in idx]
+        if many:
+            res = user_call(cls, f"{cls.__name__}.step_many", many, [envs[k] for k in idx], [texts[k] for k in idx])
+        else:
+            res = [user_call(cls, f"{cls.__name__}.step", envs[k].step, texts[k]) for k in idx]
         for k, r in zip(idx, res):
             if not isinstance(r, StepResult):
                 raise EnvError(f"{cls.__name__}.step returned {type(r).__name__}, not a dapo.envs.StepResult")
-            if r.reward is not None and (isinstance(r.reward, bool) or not isinstance(r.reward, (int, float))):
+            if r.reward is not None and (isinstance(r.reward, bool) or not isinstance(r.reward, numbers.Real)):
                 raise EnvError(f"{cls.__name__}.step returned reward={r.reward!r}: a number or None")
+            if r.reward is not None and not math.isfinite(r.reward):
+                raise EnvError(f"{cls.__name__}.step returned reward={r.reward!r}: a finite number or None (a "
+                               f"non-finite reward would make the group's advantages NaN)")
             if r.observation is not None and not isinstance(r.observation, (str, list)):
                 raise EnvError(f"{cls.__name__}.step returned observation of type {type(r.observation).__name__}: "
                                f"a string, chat messages or None")

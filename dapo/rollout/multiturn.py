@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dapo.envs.base import EnvError, StepResult, row_of, step_all
+from dapo.envs.base import EnvError, StepResult, row_of, step_all, user_call
 from dapo.items import PromptItem
 from dapo.rewards.runner import RewardBatch
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams, derive_seed
@@ -156,10 +156,13 @@ class MultiTurnRollout:
     def _run(self, items: Sequence[PromptItem], params: SamplingParams,
              seeds: Sequence[int]) -> tuple[list[PromptItem], list[Trajectory]]:
         G, tok = params.n, self.tokenizer
-        envs = [self.make_env() for _ in range(len(items) * G)]
+        make = self.make_env
+        name = getattr(make, "__name__", type(make).__name__)
+        envs = [user_call(make, f"{name}()", make) for _ in range(len(items) * G)]
         items = list(items)
         for i, it in enumerate(items):
-            firsts = [envs[i * G + j].reset(row_of(it.example)) for j in range(G)]
+            firsts = [user_call(type(e), f"{type(e).__name__}.reset", e.reset, row_of(it.example))
+                      for e in envs[i * G:(i + 1) * G]]
             if any(f != firsts[0] for f in firsts[1:]):
                 raise EnvError(f"reset gave different first prompts for one row (prompt {it.uid}): a group of "
                                f"{G} trajectories shares its prompt")

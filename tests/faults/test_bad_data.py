@@ -238,3 +238,28 @@ def test_a_rotary_model_past_its_configured_context_warns_and_runs(tiny_model_di
     assert _train(tiny_model_dir, tmp_path, data, "data.max_prompt_len=200") == 0
     assert ("warning: the longest prompt (124 tokens) + rollout.max_new_tokens (8) = 132 positions, past the 128 the "
             "model was built for") in capsys.readouterr().err
+
+
+ENV_HEAD = "from dapo.envs import StepResult\n\nclass Env:\n"
+BAD_ENVS = {
+    "init raises": (ENV_HEAD + "    def __init__(self):\n        self.budget = 1 / 0\n",
+                    "env.path: Env() raised: ZeroDivisionError: division by zero at {f}, line 5: self.budget = 1 / 0"),
+    "reset raises": (ENV_HEAD + "    def reset(self, row):\n        return row['question']\n",
+                     "env.path: Env.reset raised: KeyError: 'question' at {f}, line 5: return row['question']"),
+    "nan reward": (ENV_HEAD + "    def reset(self, row):\n        return None\n"
+                   "    def step(self, text):\n        return StepResult(reward=float('nan'), done=True)\n",
+                   "Env.step returned reward=nan: a finite number or None"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENVS))
+def test_an_environment_that_raises_or_scores_nan_stops_the_run_naming_its_file_and_line(case, tiny_model_dir,
+                                                                                          tmp_path, capsys):
+    text, says = BAD_ENVS[case]
+    env = tmp_path / "env.py"
+    env.write_text(text)
+    rc = _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d.jsonl", GOOD), "--env", f"{env}:Env",
+                "rollout.max_turns=2")
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert says.format(f=env.resolve()) in err, err
