@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import signal
 import sys
 from typing import Sequence
 
 from dapo.config import PRESET_DOCS, ConfigError, describe, load_config
+from dapo.fsutil import strict_json
 
 # subcommands that live in their own modules, each with a ``main(argv) -> int``
 _SUBCOMMANDS = {
@@ -69,9 +69,9 @@ def train_main(argv: Sequence[str]) -> int:
     from dapo.trainer.loop import train
 
     result = train(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps,
-                      "before": result.before.get("accuracy"), "after": result.after.get("accuracy"),
-                      "wall_s": round(result.wall_s, 1), "report": str(result.report) if result.report else None}))
+    print(strict_json({"run_dir": str(result.run_dir), "steps": result.steps,
+                       "before": result.before.get("accuracy"), "after": result.after.get("accuracy"),
+                       "wall_s": round(result.wall_s, 1), "report": str(result.report) if result.report else None}))
     return 0
 
 

@@ -19,14 +19,13 @@ decodes, scores and votes.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dapo.fsutil import write_atomic
+from dapo.fsutil import strict_json, write_atomic
 from dapo.items import PromptItem, ScoreFn
 from dapo.rewards.math import vote_answer
 from dapo.rollout.base import SamplingParams, derive_seed
@@ -420,7 +419,7 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     name = f"task-{cfg.data.task}" if is_task else Path(args.data.rstrip("/")).name.split(".")[0]
     out = Path(args.out) if args.out else model_dir / f"eval_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps(result, indent=1, ensure_ascii=False))
+    write_atomic(out, strict_json(result, indent=1, ensure_ascii=False))
     return result, out
 
 

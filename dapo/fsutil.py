@@ -1,10 +1,13 @@
 """Writing files and directories so that a kill mid-write never leaves a truncated one behind."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -14,6 +17,21 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def strict_json(obj: Any, **kw: Any) -> str:
+    """``json.dumps`` with NaN and infinities as null: standard JSON, which other tools (jq, JavaScript, pandas
+    with a strict parser) read; Python's own ``NaN`` token is not JSON."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
 def fsync_dir(path: Path) -> None:

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from conftest import TINY_RUN
@@ -64,3 +65,28 @@ def test_relative_paths_are_saved_absolute_and_resume_from_another_directory(tin
     assert main(["train", "--resume", str(tmp_path / "runs" / "rel"), "optim.steps=2"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "runs" / "rel" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_a_file_too_small_to_hold_rows_out_says_so_and_writes_standard_json(tiny_model_dir, tmp_path, capsys):
+    """Under 10 rows nothing is held out: the run says why at the start and summary.json (and the line on stdout)
+    hold null, which strict JSON parsers read, instead of Python's NaN token."""
+    from dapo.cli import main
+
+    rows = [json.loads(x) for x in FIXTURE.read_text().splitlines()][:8]
+    data = tmp_path / "eight.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), *TINY_RUN, "data.template=none",
+                 "data.max_prompt_len=400", "optim.steps=1", "eval.every=1", f"log.out_dir={tmp_path}",
+                 "log.run_name=small"]) == 0
+    out, err = capsys.readouterr()
+    assert f"no held-out problems ({data} has 8 rows" in err and "set eval.path=FILE" in err
+    assert "held-out accuracy" not in err
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    assert strict(out.strip().splitlines()[-1])["before"] is None
+    summary = strict((tmp_path / "small" / "summary.json").read_text())
+    assert summary["before"] == summary["after"] == {"accuracy": None, "n": 0, "k": 1}
+    logged = [json.loads(x) for x in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1] and not any(k.startswith("eval/") for k in logged[0])

@@ -172,9 +172,14 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                        resumed=bool(cfg.ckpt.resume))
     watch = StepWatch(run, logger)
     watch.starting(start)
+    measured = bool(run.problems.eval_items)  # eval.size=0, or a file too small to hold rows out
+    if not measured and not before:
+        logger.message(f"no held-out problems ({_why_none_held_out(cfg, run)}): accuracy before and after "
+                       f"training is not measured (null in summary.json)")
     if not before:
-        before = headline(held_out_eval(run))
-        logger.message(f"held-out accuracy before: {before['accuracy']:.3f} (n={before['n']}, avg@{before['k']})")
+        before = headline(held_out_eval(run)) if measured else {"accuracy": float("nan"), "n": 0, "k": cfg.eval.k}
+        if measured:
+            logger.message(f"held-out accuracy before: {before['accuracy']:.3f} (n={before['n']}, avg@{before['k']})")
     history: list[dict[str, float]] = []
     step, stopped_by, after = start, None, {}
     try:
@@ -186,7 +191,7 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                 m.update({"time/step": time.perf_counter() - t0, "time/wall": time.perf_counter() - t_start,
                           "perf/gen_tokens_per_s": m["batch/gen_tokens"] / max(m["time/gen"], 1e-9),
                           "perf/tokens_per_s": m["batch/gen_tokens"] / max(time.perf_counter() - t0, 1e-9)})
-                if cfg.eval.every and step % cfg.eval.every == 0:
+                if cfg.eval.every and step % cfg.eval.every == 0 and measured:
                     m.update(as_metrics(held_out_eval(run)))
                 logger.log(step, m)
                 history.append(m)
@@ -205,15 +210,27 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                     logger.message(f"{stopped_by}: stopped after step {step}" + (", checkpoint saved" if saved else "")
                                    + f"; continue with: dapo train --resume {run_dir}")
                     break
-        if stopped_by is None:
+        if stopped_by is None and measured:
             after = headline(held_out_eval(run))
             logger.message(f"held-out accuracy after: {after['accuracy']:.3f} (before {before['accuracy']:.3f})")
+        elif stopped_by is None:
+            after = dict(before)
     finally:
         logger.close()
         write_summary(run_dir, {"before": before, "after": after, "wall_s": time.perf_counter() - t_start,
                                 "steps": step, "preset": cfg.preset, "stopped_by": stopped_by})
     report = _report(run_dir, logger) if cfg.log.report and stopped_by is None else None
     return RunResult(run_dir, step, before, after, time.perf_counter() - t_start, history, report)
+
+
+def _why_none_held_out(cfg: Config, run: Run) -> str:
+    if cfg.eval.size <= 0:
+        return "eval.size=0"
+    if cfg.data.path and not cfg.eval.path:
+        rows = len(getattr(run.problems.stream, "examples", None) or [])
+        return (f"{cfg.data.path} has {rows} rows and a tenth of a file is held out, none under 10 rows; set "
+                f"eval.path=FILE to measure on other rows")
+    return f"{cfg.eval.path or cfg.data.task} gave none"
 
 
 def _checkpoint(run: Run, step: int, before: dict, watch: StepWatch, logger: RunLogger) -> bool:

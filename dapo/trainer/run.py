@@ -20,7 +20,7 @@ import torch
 
 from dapo.config import Config, save_config
 from dapo.data.example import Example
-from dapo.fsutil import occupied, write_atomic
+from dapo.fsutil import occupied, strict_json, write_atomic
 from dapo.items import Group, PromptItem
 from dapo.model import SetupError
 from dapo.rollout.base import Completion
@@ -145,7 +145,7 @@ def append_samples(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(run_dir / "summary.json", strict_json(summary, indent=1))
 
 
 def should_checkpoint(cfg: Config, step: int, last: bool, stopping: bool) -> bool:
