@@ -149,12 +149,19 @@ def choose_template(cfg: Config, tokenizer: Any, answers: bool = True) -> tuple[
     trained with (``dapo sft``, a checkpoint); else with the math reward ``dapo_math`` (``+chat`` when the tokenizer has a
     chat template); with any other reward, or rows without answers and no reward (supervised data), the chat
     template when there is one, else the prompt as it is."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
     if cfg.data.template != "auto":
-        return cfg.data.template, "data.template"
+        t = cfg.data.template
+        if t.endswith("chat") and not chat:  # render_prompt would fall back to the plain text, unasked
+            whose = cfg.model.tokenizer or cfg.model.path or "the demo model"
+            raise ValueError(f"data.template={t!r} renders prompts with the tokenizer's chat template, and the "
+                             f"tokenizer of {whose} has none: set data.template="
+                             f"{t.removesuffix('chat').removesuffix('+') or 'none'} (or auto), or use a tokenizer "
+                             f"with a chat template (model.tokenizer)")
+        return t, "data.template"
     saved = saved_template(cfg.model.path)
     if saved:
         return saved, f"auto: the template {cfg.model.path} was trained with (its {TEMPLATE_FILE})"
-    chat = bool(getattr(tokenizer, "chat_template", None))
     if not answers and cfg.reward.fn == "auto":
         return ("chat" if chat else "none"), "auto: no reward and rows without answers, " + (
             "the tokenizer's chat template" if chat else "and the tokenizer has no chat template: the prompt as it is")

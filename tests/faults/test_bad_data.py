@@ -263,3 +263,16 @@ def test_an_environment_that_raises_or_scores_nan_stops_the_run_naming_its_file_
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     assert says.format(f=env.resolve()) in err, err
+
+
+@pytest.mark.parametrize("template, fits", [("chat", "none"), ("dapo_math+chat", "dapo_math"), ("boxed+chat", "boxed")])
+def test_a_chat_template_asked_of_a_tokenizer_without_one_is_refused(template, fits, tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    assert not AutoTokenizer.from_pretrained(tiny_model_dir).chat_template  # the project's character tokenizer
+    rc = _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d.jsonl", GOOD), f"data.template={template}")
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"data.template={template!r} renders prompts with the tokenizer's chat template" in err
+    assert f"set data.template={fits} (or auto)" in err
+    assert not (tmp_path / "runs" / "r" / "metrics.jsonl").exists()  # refused before the first step
