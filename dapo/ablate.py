@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dapo.config import ABLATION_ROWS, default, load_config
+from dapo.config.flags import whole
 from dapo.fsutil import write_atomic
 
 DEFAULTS = {"seeds": 3, "max_samples": 8192, "high_lr": 4e-4}
@@ -109,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dapo ablate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"fewer seeds and samples ({QUICK}), ~10 minutes on 2 cores")
-    p.add_argument("--seeds", type=int, help=f"seeds per row (default {DEFAULTS['seeds']})")
-    p.add_argument("--max-samples", type=int, help=f"generated samples per run (default {DEFAULTS['max_samples']})")
+    p.add_argument("--seeds", type=whole(1), help=f"seeds per row (default {DEFAULTS['seeds']})")
+    p.add_argument("--max-samples", type=whole(1), help=f"generated samples per run (default {DEFAULTS['max_samples']})")
     p.add_argument("--rows", default=",".join(ABLATION_ROWS), help="comma-separated presets, in table order")
     p.add_argument("--lr", type=float, default=default("optim.lr"), help=f"optim.lr of the table (default {default('optim.lr'):g})")
     p.add_argument("--high-lr", type=float, default=DEFAULTS["high_lr"],

@@ -310,7 +310,7 @@ def _progress_printer(mode: str, stream=None) -> Progress | None:
 def _parser():
     import argparse
 
-    from dapo.config.flags import add_key_flags
+    from dapo.config.flags import add_key_flags, whole
 
     p = argparse.ArgumentParser(
         prog="dapo eval",
@@ -322,7 +322,7 @@ def _parser():
     p.add_argument("--model", required=True, help="model directory (Hugging Face format, e.g. a run's step_N/)")
     p.add_argument("--data", required=True, help="problem file (JSONL, Parquet, CSV) or task:NAME for a built-in task")
     p.add_argument("--out", help="JSON results file (default: MODEL/eval_<data name>.json)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N problems only (tasks: N held-out "
+    p.add_argument("--limit", type=whole(0), default=0, help="evaluate the first N problems only (tasks: N held-out "
                    "problems; default eval.size)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"])
     p.add_argument("--no-samples", action="store_true", help="leave the per-sample records (responses) out of the JSON")

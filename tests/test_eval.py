@@ -233,6 +233,10 @@ def test_cli_errors_name_the_problem(tiny_model_dir, tmp_path, capsys):
 
     assert main(["eval", "--model", str(tiny_model_dir), "--data", "task:nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+    for bad, says in (("-3", "must be 0 or more, got -3"), ("ten", "'ten' is not a whole number")):
+        with pytest.raises(SystemExit) as stop:  # argparse's own exit, before anything is loaded
+            main(["eval", "--model", str(tiny_model_dir), "--data", "task:addition", "--limit", bad])
+        assert stop.value.code == 2 and f"argument --limit: {says}" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing"), "--data", "task:addition"]) == 2
     assert "no such directory" in capsys.readouterr().err
 

@@ -6,9 +6,23 @@ restates a default, and ``key=value`` overrides work beside the flags.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Callable
 
 from dapo.config.load import default, field_doc
+
+
+def whole(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum`` (``--limit -3`` is an error, not a slice)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {n}")
+        return n
+
+    return parse
 
 
 def add_key_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:

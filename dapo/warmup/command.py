@@ -32,7 +32,7 @@ SFT_FLAGS = {
 def main(argv: Sequence[str] | None = None) -> Path:
     """Prints and returns the model directory."""
     from dapo.config import load_config
-    from dapo.config.flags import add_key_flags, key_overrides
+    from dapo.config.flags import add_key_flags, key_overrides, whole
     from dapo.warmup.base import build_base_model, prepare_base_model, task_settings, warm_up_file
 
     ap = argparse.ArgumentParser(prog="dapo sft", description=__doc__.split("\n\n")[0],
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                         "own warm-up settings (those dapo train uses).")
     ap.add_argument("--out", default="", help="output directory (default: a task's base goes to the cache that "
                     "dapo train reads; a file's to LOG.OUT_DIR/sft-<file>-<time>)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: one per idle core, at most 4)")
+    ap.add_argument("--threads", type=whole(0), default=0, help="torch threads (default: one per idle core, at most 4)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the output exists")
     add_key_flags(ap, SFT_FLAGS)
     ap.add_argument("overrides", nargs="*", help="key=value")
