@@ -64,10 +64,35 @@ def sampler_dtype(cfg: Any, device: torch.device) -> torch.dtype:
 
 
 def _load_error(path: str, e: Exception, allow_unsafe: bool, key: str = "model.path") -> SetupError:
+    local = _not_a_model_dir(path)
+    if local:
+        return SetupError(f"cannot load {key}={path!r}: {local}")
     hint = ""
     if "safetensors" in str(e).lower() and not allow_unsafe:
         hint = " (only safetensors weights load by default; model.allow_unsafe_weights=true allows pickle files)"
     return SetupError(f"cannot load {key}={path!r}: {e}{hint}")
+
+
+def _not_a_model_dir(path: str) -> str:
+    """Why a local ``path`` that failed to load is not a model directory ("" when it is not local, or looks like
+    one): transformers' own message for these is about hub repo ids."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+            near = p.parent if p.parent.is_dir() else None
+            return "no such directory" + (f" (in {near}: {', '.join(sorted(x.name for x in near.iterdir())[:8])})"
+                                          if near is not None else "")
+        return ""  # a hub id: transformers' message stands
+    if not p.is_dir():
+        return "a file, not a model directory (one holding config.json, the weights and the tokenizer's files)"
+    steps = sorted((x for x in p.glob("step_*") if x.is_dir() and x.name[5:].isdigit()), key=lambda x: int(x.name[5:]))
+    if (p / "config.yaml").is_file() or steps:
+        latest = f": pass one of its checkpoints, e.g. {steps[-1]} (the latest)" if steps else " with no checkpoint yet"
+        return f"a run directory, not a model{latest}"
+    if not (p / "config.json").is_file():
+        return ("no config.json in it: not a Hugging Face model directory (save_pretrained writes config.json, the "
+                "weights and the tokenizer's files)")
+    return ""
 
 
 def _load_hf(mcfg: Any, path: str, dtype: torch.dtype) -> torch.nn.Module:

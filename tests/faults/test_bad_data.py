@@ -276,3 +276,24 @@ def test_a_chat_template_asked_of_a_tokenizer_without_one_is_refused(template, f
     assert f"data.template={template!r} renders prompts with the tokenizer's chat template" in err
     assert f"set data.template={fits} (or auto)" in err
     assert not (tmp_path / "runs" / "r" / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "run directory", "no config.json"])
+def test_a_model_path_that_is_not_a_model_directory_says_what_it_is(case, tiny_model_dir, tmp_path, capsys):
+    """transformers answers these with a message about hub repo ids; dapo says what the local path is."""
+    run = tmp_path / "runs" / "old"
+    (run / "step_3").mkdir(parents=True)
+    (run / "step_12").mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "empty").mkdir()
+    model, says = {
+        "missing": (tiny_model_dir / "model", f"no such directory (in {tiny_model_dir}: config.json,"),
+        "file": (tiny_model_dir / "config.json", "a file, not a model directory"),
+        "run directory": (run, f"a run directory, not a model: pass one of its checkpoints, e.g. {run / 'step_12'} "
+                               f"(the latest)"),
+        "no config.json": (tmp_path / "empty", "no config.json in it: not a Hugging Face model directory"),
+    }[case]
+    rc = cli_main(["train", "--model", str(model), "--data", str(_jsonl(tmp_path / "d.jsonl", GOOD)),
+                   f"log.out_dir={tmp_path / 'runs'}", *fk.FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot load model.path={str(model)!r}: {says}" in err, err
