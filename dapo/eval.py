@@ -397,7 +397,7 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
               f"{params.top_p}, max {params.max_new_tokens} new tokens) on {device}", file=sys.stderr)
         from dapo.rollout.multiturn import from_config
 
-        multiturn = from_config(cfg, engine, tok, probs.template, probs.closers)
+        multiturn = from_config(cfg, engine, tok, probs.template, probs.closers, str(model_dir))
         result = evaluate(engine, probs.eval_items, probs.score_fn, lambda ids: tok.decode(ids, skip_special_tokens=True),
                           params, cfg.eval_seed, extract=probs.extract, progress=_progress_printer(args.progress),
                           multiturn=multiturn)

@@ -206,6 +206,40 @@ def test_budgets_end_trajectories(setup):
     assert all(t.completion.finish_reason == "length" for t in trajs if t.env_reward != 1.5)
 
 
+class Flood:
+    """Answers every turn with 5000 characters and never ends the trajectory itself."""
+
+    def reset(self, row):
+        return None
+
+    def step(self, text):
+        return StepResult("9" * 5000, 0.0, False)
+
+
+def test_the_models_context_bounds_a_trajectory_when_no_total_budget_is_set(setup, tiny_model_dir):
+    """rollout.max_total_tokens=0 with an environment whose observations are unbounded: the trajectory ends
+    ("length") before prompt + tokens pass the model's positions (stop 37 saw 3 x 100k-char observations grow
+    one sequence to a 40 GB attention mask). Set, the budget is the user's, and from_config reads the context."""
+    from dapo.model import model_context
+    from dapo.rollout.multiturn import from_config
+
+    cfg, model, tok, engine, items, params, seeds = setup
+    context = model_context(str(tiny_model_dir))[0]
+    assert context == 128
+    _, trajs = MultiTurnRollout(engine, tok, Flood, max_turns=4, context=context).run(items, params, seeds)
+    for it, t in zip([it for it in items for _ in range(2)], trajs):
+        assert t.completion.finish_reason == "length" and len(it.prompt_ids) + len(t.completion.token_ids) <= context
+        assert int((t.completion.mask == 0).sum()) == 0  # the 5000-character observation was never appended
+    _, trajs = MultiTurnRollout(engine, tok, Flood, max_turns=2).run(items, params, seeds)  # no bound: appended
+    assert all(len(t.completion.token_ids) > 5000 for t in trajs if t.turns == 2) and any(t.turns == 2 for t in trajs)
+    said = []
+    env_cfg = replace(cfg, env=replace(cfg.env, path="test_multiturn:Flood"))
+    assert from_config(env_cfg, engine, tok, "none", [], str(tiny_model_dir), said.append).context == 128
+    assert "the model's 128 positions" in said[0]
+    env_cfg = replace(env_cfg, rollout=replace(cfg.rollout, max_total_tokens=4000))
+    assert from_config(env_cfg, engine, tok, "none", [], str(tiny_model_dir)).context is None
+
+
 def test_a_trajectory_pickles_with_its_mask(echoed):
     import pickle
 

@@ -163,8 +163,9 @@ class RolloutConfig:
     still going after them ends with finish_reason 'turns' (not overlong: the overlong filter keeps it)."""
     max_total_tokens: int = 0
     """With an environment: the most tokens of a trajectory, the model's and the observations' together (the
-    prompt aside); 0 = no limit but ``max_new_tokens`` on the model's own tokens, which L_max, the soft overlong
-    punishment and the overlong filter count over all turns."""
+    prompt aside); 0 = the model's context (its config.json's max_position_embeddings) less the prompt, so
+    observations the environment does not bound cannot outgrow the model. ``max_new_tokens`` bounds the model's
+    own tokens either way (L_max, the soft overlong punishment and the overlong filter count them over all turns)."""
 
 
 @dataclass(frozen=True)
@@ -378,8 +379,10 @@ class SFTConfig:
     """Tiny model: attention heads."""
     ffn: int = 512
     """Tiny model: MLP width."""
-    max_pos: int = 128
-    """Tiny model: longest sequence (prompt + response) in tokens."""
+    max_pos: int = 1024
+    """Tiny model: its config's context in tokens (max_position_embeddings; at least twice the longest training
+    sequence). Its rotary positions have no weights, so this costs nothing; it bounds multi-turn trajectories
+    (``rollout.max_total_tokens`` = 0) and vLLM's max_model_len."""
     lr: float = 3e-3
     """AdamW learning rate (3e-3 for the tiny model; far lower, e.g. 1e-5, for a pretrained one)."""
     batch: int = 128

@@ -15,8 +15,9 @@ Budgets, per trajectory:
 
 * ``max_new_tokens`` (``rollout.max_new_tokens``, L_max): the model's own tokens over all turns; the soft
   overlong punishment and the overlong filter read the model's tokens against it;
-* ``max_total_tokens`` (``rollout.max_total_tokens``, 0 = none): model and observation tokens together; an
-  observation that would cross it is not appended and the trajectory ends;
+* ``max_total_tokens`` (``rollout.max_total_tokens``; 0 = the model's context, from its config.json, less the
+  prompt): model and observation tokens together; an observation that would cross it is not appended and the
+  trajectory ends;
 * ``max_turns`` (``rollout.max_turns``): model turns.
 
 Running out of a token budget ends a trajectory with finish_reason 'length' (the overlong filter drops it);
@@ -81,13 +82,18 @@ class MultiTurnRollout:
     """
 
     def __init__(self, engine: RolloutEngine, tokenizer: Any, make_env: Callable[[], Any], max_turns: int,
-                 max_total_tokens: int = 0, chat: bool = False, kv_cache: bool | None = None):
+                 max_total_tokens: int = 0, chat: bool = False, kv_cache: bool | None = None,
+                 context: int | None = None):
         """``kv_cache``: keep each trajectory's keys/values between turns (``dapo.rollout.hf_turns``); None = where
-        the engine is an ``HFEngine``. Otherwise every turn is an ``engine.generate`` call on the whole history."""
+        the engine is an ``HFEngine``. Otherwise every turn is an ``engine.generate`` call on the whole history.
+        ``context``: the model's positions (its config's context length); with ``max_total_tokens`` = 0 a
+        trajectory ends ("length") before its prompt and tokens would pass them, so observations the environment
+        does not bound cannot grow a sequence without end."""
         if max_turns < 1:
             raise ValueError(f"rollout.max_turns must be >= 1, got {max_turns}")
         self.engine, self.tokenizer, self.make_env = engine, tokenizer, make_env
         self.max_turns, self.max_total_tokens, self.chat = max_turns, max_total_tokens, chat
+        self.context = context
         from dapo.rollout.hf import HFEngine
 
         self.kv_cache = isinstance(engine, HFEngine) if kv_cache is None else kv_cache
@@ -168,7 +174,11 @@ class MultiTurnRollout:
                                f"{G} trajectories shares its prompt")
             items[i] = dataclasses.replace(it, prompt_ids=self.encode_prompt(firsts[0], it))
         model_cap = params.max_new_tokens
-        total_cap = self.max_total_tokens or float("inf")
+        if self.max_total_tokens:
+            total_caps = [float(self.max_total_tokens)] * len(envs)
+        else:  # the model's context, less the row's prompt
+            total_caps = [float("inf") if not self.context else max(self.context - len(items[r // G].prompt_ids), 0)
+                          for r in range(len(envs))]
         rows = [_Row() for _ in envs]
         version = self.engine.weight_version
         cache = None
@@ -179,7 +189,7 @@ class MultiTurnRollout:
         live = list(range(len(envs)))
         for turn in range(self.max_turns):
             # every live trajectory's next turn in one call; turn 0 seeded as generate seeds sample j of a prompt
-            caps = [int(min(model_cap - rows[r].n_model, total_cap - rows[r].n_all)) for r in live]
+            caps = [int(min(model_cap - rows[r].n_model, total_caps[r] - rows[r].n_all)) for r in live]
             turn_params = dataclasses.replace(params, n=1, max_new_tokens=max(caps))
             turn_seeds = [derive_seed(seeds[r // G], r % G, turn) for r in live]  # a prompt seed, with n=1
             if cache is not None:  # the row's cache holds its history but the token that ended its last turn
@@ -226,7 +236,7 @@ class MultiTurnRollout:
                     end = tok.decode(row.last_turn[-1:], skip_special_tokens=False)
                     o_ids = torch.tensor(tok(self.observation_text(res, end), add_special_tokens=False)["input_ids"],
                                          dtype=torch.long)
-                if row.n_all + len(o_ids) >= total_cap or row.n_model >= model_cap:
+                if row.n_all + len(o_ids) >= total_caps[r] or row.n_model >= model_cap:
                     row.finish = "length"  # no room for the observation and a turn after it
                     continue
                 row.append(o_ids, torch.zeros(len(o_ids)), model=False)
@@ -302,9 +312,12 @@ def trajectory_metrics(trajs: Sequence[Trajectory]) -> dict[str, float]:
 
 
 def from_config(cfg: Any, engine: RolloutEngine, tokenizer: Any, template: str,
-                closers: list[Callable[[], None]]) -> MultiTurnRollout | None:
+                closers: list[Callable[[], None]], model_path: str | None = None,
+                log: Callable[[str], None] = lambda s: None) -> MultiTurnRollout | None:
     """The multi-turn rollout ``env.*`` asks for (None: single-turn), its tool pool's close added to ``closers``.
-    Observations go through the chat template when the prompts do (``data.template`` ending in chat)."""
+    Observations go through the chat template when the prompts do (``data.template`` ending in chat).
+    ``model_path``: the policy's directory, whose config's context bounds a trajectory when
+    ``rollout.max_total_tokens`` is 0."""
     e = cfg.env
     if not (e.path or e.tools):
         return None
@@ -318,4 +331,13 @@ def from_config(cfg: Any, engine: RolloutEngine, tokenizer: Any, template: str,
         make_env: Callable[[], Any] = lambda: ToolEnv(runner, chat)  # noqa: E731
     else:
         make_env = load_env(e.path)
-    return MultiTurnRollout(engine, tokenizer, make_env, cfg.rollout.max_turns, cfg.rollout.max_total_tokens, chat)
+    context = None
+    if model_path and not cfg.rollout.max_total_tokens:
+        from dapo.model import model_context
+
+        context = (model_context(model_path) or (None,))[0]
+        if context:
+            log(f"multi-turn: a trajectory ends where prompt + turns + observations would pass the model's "
+                f"{context} positions (its config.json; rollout.max_total_tokens=0)")
+    return MultiTurnRollout(engine, tokenizer, make_env, cfg.rollout.max_turns, cfg.rollout.max_total_tokens, chat,
+                            context=context)

@@ -100,7 +100,7 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
             raise SetupError(str(e)) from None
         raise
     try:
-        multiturn = multiturn_from_config(cfg, engine, tokenizer, problems.template, closers)
+        multiturn = multiturn_from_config(cfg, engine, tokenizer, problems.template, closers, path, log)
     except BaseException:
         for close in reversed(closers):
             close()

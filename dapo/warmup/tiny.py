@@ -14,7 +14,7 @@ def build_tiny_model(
     hidden: int = 128,
     heads: int = 4,
     ffn: int = 512,
-    max_pos: int = 128,
+    max_pos: int = 1024,
     seed: int = 0,
 ) -> Qwen2ForCausalLM:
     """A freshly initialised Qwen2 causal LM with tied input/output embeddings (defaults: ~1.06M parameters).
