@@ -97,6 +97,12 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The step a ``step_N`` checkpoint directory was saved after (None for another name)."""
+    m = _STEP_DIR.match(Path(ckpt).name)
+    return int(m.group(1)) if m else None
+
+
 def newer_checkpoints(ckpt: Path) -> list[Path]:
     """The complete checkpoints of ``ckpt``'s run directory with a higher step than ``ckpt``'s (none for a
     directory not named ``step_N``)."""

@@ -152,12 +152,20 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
     validate(cfg)
     if run is not None:
         return _train(run, log_stream, on_step, t_start)
+    named = Path(cfg.log.out_dir) / cfg.log.run_name if cfg.log.run_name else None
+    existed = named is not None and named.exists()  # a directory the user made stays, even empty
     run_dir, resume_from = resolve_run_dir(cfg)
-    run = build_run(cfg, run_dir, resume_from, log=lambda s: print(s, file=log_stream or sys.stderr))
+    made = not (existed and run_dir.resolve() == named.resolve())
     try:
-        return _train(run, log_stream, on_step, t_start)
-    finally:
-        run.close()
+        run = build_run(cfg, run_dir, resume_from, log=lambda s: print(s, file=log_stream or sys.stderr))
+        try:
+            return _train(run, log_stream, on_step, t_start)
+        finally:
+            run.close()
+    except BaseException:
+        if made and run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before writing anything: leave no
+            run_dir.rmdir()  # empty run (or branch) directory of its own behind; one holding anything is kept
+        raise
 
 
 def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | None, t_start: float) -> RunResult:
@@ -167,9 +175,13 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
         state = load_trainer_state(run.resume_from)
         restore(run, state)
         start, before = int(state["step"]), state["before"]
-    open_logs(cfg, run_dir, run.resume_from, start)
+    changes = open_logs(cfg, run_dir, run.resume_from, start)
     logger = RunLogger(run_dir, cfg.optim.steps, cfg.log, cfg.to_dict(), stream=log_stream, start_step=start,
                        resumed=bool(cfg.ckpt.resume))
+    if changes:
+        kept = (run_dir / f"config.upto_step_{start}.yaml").is_file()
+        logger.message(f"resumed with {len(changes)} changed key(s): {'; '.join(changes)}" + (
+            f"; the config of steps 1..{start} is kept as config.upto_step_{start}.yaml" if kept else ""))
     watch = StepWatch(run, logger)
     watch.starting(start)
     measured = bool(run.problems.eval_items)  # eval.size=0, or a file too small to hold rows out

@@ -24,7 +24,7 @@ from dapo.fsutil import occupied, strict_json, write_atomic
 from dapo.items import Group, PromptItem
 from dapo.model import SetupError
 from dapo.rollout.base import Completion
-from dapo.trainer.checkpoint import is_complete, latest_checkpoint, newer_checkpoints
+from dapo.trainer.checkpoint import checkpoint_step, is_complete, latest_checkpoint, newer_checkpoints
 
 if TYPE_CHECKING:
     from dapo.trainer.build import Run
@@ -53,6 +53,11 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         source, ckpt = resume_source(cfg)
         if ckpt is not None:
             _same_kind(cfg, ckpt)
+            done = checkpoint_step(ckpt)
+            if done is not None and done >= cfg.optim.steps:  # the loop would run no step, re-evaluate and
+                # rewrite summary.json and config.yaml with the smaller optim.steps
+                raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: {ckpt.name} is {done} steps in, and optim.steps="
+                                 f"{cfg.optim.steps}: nothing left to train; continue with optim.steps=N, N > {done}")
         if _names_another_run(cfg, source):
             branch = Path(cfg.log.out_dir) / cfg.log.run_name
             if occupied(branch):
@@ -112,16 +117,45 @@ def _names_another_run(cfg: Config, source: Path) -> bool:
     return True
 
 
-def open_logs(cfg: Config, run_dir: Path, resume_from: Path | None, start: int) -> None:
+def open_logs(cfg: Config, run_dir: Path, resume_from: Path | None, start: int) -> list[str]:
     """Save the config, and on a resume drop what was logged past the checkpoint (a branch first copies the
-    source's logs). Only once the run is built: a resume refused earlier must not touch the run's files."""
-    save_config(cfg, run_dir / "config.yaml")
+    source's logs). Only once the run is built: a resume refused earlier must not touch the run's files.
+
+    A resume in place with changed keys keeps the config the earlier steps ran with as
+    ``config.upto_step_N.yaml`` beside the new config.yaml; returns the changes (``key: old -> new``)."""
+    saved, changes = run_dir / "config.yaml", []
+    if cfg.ckpt.resume and saved.is_file():
+        changes = config_changes(saved, cfg)
+        if any(not c.startswith(HOW_LONG) for c in changes):  # more steps change nothing the earlier ones did
+            shutil.copyfile(saved, run_dir / f"config.upto_step_{start}.yaml")
+    save_config(cfg, saved)
     if not cfg.ckpt.resume:
-        return
+        return changes
     for name in ("metrics.jsonl", "samples.jsonl"):  # lines past the checkpoint (all, with none) come again
         if resume_from is not None and resume_from.parent != run_dir and (resume_from.parent / name).is_file():
             shutil.copyfile(resume_from.parent / name, run_dir / name)
         truncate_log(run_dir / name, start)
+    return changes
+
+
+HOW_LONG = ("optim.steps:", "optim.max_samples:")
+"""Keys that say how long a run goes on: changing them on a resume is continuing, not changing the recipe."""
+
+
+def config_changes(saved: Path, cfg: Config) -> list[str]:
+    """``key: old -> new`` for every key whose value in ``cfg`` differs from the config.yaml at ``saved``
+    (``ckpt.resume``, which names the resume itself, aside)."""
+    import yaml
+
+    from dapo.config.load import _flatten
+
+    try:
+        old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    new = _flatten(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)))
+    keys = [k for k in new if k != "ckpt.resume" and old.get(k) != new[k]]
+    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys]
 
 
 def truncate_log(path: Path, last_step: int) -> None:

@@ -56,7 +56,15 @@ def test_bad_config_is_a_clear_error_and_leaves_no_run(case, extra, text, says, 
     for s in says:
         assert s.lower() in err.lower(), (s, err)
     run = tmp_path / "runs" / "r"
-    assert not run.exists() or not any(run.iterdir())  # at most an empty directory, reusable as is
+    assert not run.exists()  # the run directory made for it is removed again, as it holds nothing
+
+
+def test_a_refused_run_keeps_the_empty_directory_the_user_made(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    rc = cli_main(["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl"),
+                   f"log.out_dir={tmp_path / 'runs'}", "log.run_name=mine", *fk.FAST])
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "mine").is_dir()
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +80,20 @@ def _snapshot(run):
 
 
 RESUME_CASES = [
-    ("resume with another seed (other data order)", lambda run: [f"--resume={run}", "seed=1"],
+    ("resume with another seed (other data order)", lambda run: [f"--resume={run}", "seed=1", "optim.steps=3"],
      ["data cursor is for task 'addition' seed 0, not 'addition' seed 1"]),
-    ("resume with an impossible batch", lambda run: [f"--resume={run}", "optim.mini_batch_size=3"], ["must be divisible"]),
+    ("resume with an impossible batch", lambda run: [f"--resume={run}", "optim.mini_batch_size=3", "optim.steps=3"],
+     ["must be divisible"]),
     ("resume from a damaged checkpoint", lambda run: [f"--resume={run / 'step_2'}"], ["not a complete checkpoint"]),
     ("resume from nothing", lambda run: [f"--resume={run}_missing"], ["no such directory"]),
     ("start over a finished run", lambda run: [f"log.out_dir={run.parent}", "log.run_name=r"],
      ["already exists and is not empty", "ckpt.resume="]),
+    ("resume a finished run with no more steps", lambda run: [f"--resume={run}"],
+     ["step_2 is 2 steps in, and optim.steps=2: nothing left to train", "optim.steps=N, N > 2"]),
+    ("resume with fewer steps than done", lambda run: [f"--resume={run}", "optim.steps=1"],
+     ["optim.steps=1: nothing left to train"]),
+    ("branch a finished run with no more steps", lambda run: [f"--resume={run}", f"log.out_dir={run.parent}",
+                                                              "log.run_name=branch"], ["nothing left to train"]),
 ]
 
 
@@ -100,6 +115,7 @@ def test_a_refused_resume_changes_nothing_in_the_run(case, argv, says, finished_
     for s in says:
         assert s in err, (s, err)
     assert _snapshot(run) == before
+    assert not (run.parent / "branch").exists()  # a refused branch leaves no directory behind
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(finished_run, tmp_path, capsys):
@@ -110,3 +126,23 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(finished_run,
     assert "resuming from step_1" in capsys.readouterr().err
     assert [s for s, _ in list_checkpoints(run)] == [1, 2] and (run / "step_2" / "trainer_state.pt").stat().st_size > 0
     assert [r["step"] for r in fk.metrics(run)] == [1, 2]
+
+
+def test_a_resume_with_changed_keys_says_so_and_keeps_the_config_the_earlier_steps_ran_with(finished_run, tmp_path,
+                                                                                           capsys):
+    import yaml
+
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    original = (run / "config.yaml").read_bytes()
+    assert cli_main(["train", "--resume", str(run), "optim.steps=3"]) == 0  # only longer: continuing
+    err = capsys.readouterr().err
+    assert "resumed with 1 changed key(s): optim.steps: 2 -> 3" in err and "config.upto_step" not in err
+    assert not list(run.glob("config.upto_step_*.yaml"))
+    steps3 = (run / "config.yaml").read_bytes()
+    assert cli_main(["train", "--resume", str(run), "optim.steps=4", "algo.eps_high=0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed with 2 changed key(s): algo.eps_high: 0.28 -> 0.3; optim.steps: 3 -> 4" in err, err
+    assert "the config of steps 1..3 is kept as config.upto_step_3.yaml" in err
+    assert (run / "config.upto_step_3.yaml").read_bytes() == steps3 != original
+    assert yaml.safe_load((run / "config.yaml").read_text())["algo"]["eps_high"] == 0.3
