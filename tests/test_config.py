@@ -205,3 +205,12 @@ def test_local_paths_become_absolute_and_names_that_are_not_files_stay(tmp_path,
                                  "data.path=d/rows.jsonl"])
     assert cfg.env.tools == "calculator" and cfg.reward.fn == "dapo.rewards.math:score"
     assert cfg.model.tokenizer == str(tmp_path / "d")
+
+
+def test_a_section_given_a_value_says_it_is_a_section(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim: 5\n")
+    with pytest.raises(ConfigError, match=r"'optim' in .*c.yaml is a section, not a key: give its keys as a mapping "
+                                          r"\(optim: \{\w+: \.\.\.\}\) or one at a time \(optim\.\w+=\.\.\.\); got 5"):
+        load_config(file=tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="'algo' is a section, not a key"):
+        load_config(overrides=["algo=dapo"])

@@ -131,7 +131,11 @@ def _apply(cfg: Config, flat: dict[str, Any], where: str = "",
         sec_type = hints[head]
         if dataclasses.is_dataclass(sec_type):
             sub_hints = typing.get_type_hints(sec_type)
-            if not tail or tail not in sub_hints:
+            if not tail:  # ``optim: 5`` in a YAML file, ``optim=5`` on the command line
+                some = next(iter(sub_hints))
+                raise ConfigError(f"{key!r}{where} is a section, not a key: give its keys as a mapping ({key}: "
+                                  f"{{{some}: ...}}) or one at a time ({key}.{some}=...); got {value!r}")
+            if tail not in sub_hints:
                 raise _unknown_key(key, where)
             sections.setdefault(head, {})[tail] = _coerce(key, value, sub_hints[tail])
         else:
