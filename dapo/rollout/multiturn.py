@@ -106,6 +106,9 @@ class MultiTurnRollout:
             return list(item.prompt_ids)
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
+        if not (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
+            raise EnvError(f"the environment's reset returned {type(prompt).__name__} {prompt!r:.60}: a string, chat "
+                           f"messages (a list of {{'role': ..., 'content': ...}}) or None (the row's own prompt)")
         if not getattr(self.tokenizer, "chat_template", None):
             raise EnvError("the environment's reset returned chat messages, but the tokenizer has no chat template: "
                            "return a string")

@@ -246,6 +246,8 @@ BAD_ENVS = {
                     "env.path: Env() raised: ZeroDivisionError: division by zero at {f}, line 5: self.budget = 1 / 0"),
     "reset raises": (ENV_HEAD + "    def reset(self, row):\n        return row['question']\n",
                      "env.path: Env.reset raised: KeyError: 'question' at {f}, line 5: return row['question']"),
+    "reset gives a number": (ENV_HEAD + "    def reset(self, row):\n        return 7\n",
+                             "the environment's reset returned int 7: a string, chat messages"),
     "nan reward": (ENV_HEAD + "    def reset(self, row):\n        return None\n"
                    "    def step(self, text):\n        return StepResult(reward=float('nan'), done=True)\n",
                    "Env.step returned reward=nan: a finite number or None"),
