@@ -64,6 +64,22 @@ def is_built(path: Path) -> bool:
     return (path / INFO).is_file()
 
 
+def reuse_base(out: Path, key: str, value: str, log: Callable[[str], None]) -> Path:
+    """A finished base at ``out`` asked for again without --force: returned as it is when it was made from the same
+    ``key`` (``task`` or ``data``, its sft.json says), refused when from another (it would stand in silently)."""
+    try:
+        have = json.loads((out / INFO).read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError):
+        have = None
+    same = have == value or (key == "data" and isinstance(have, str) and bool(have)
+                             and Path(have).expanduser().resolve() == Path(value).expanduser().resolve())
+    if not same:
+        raise FileExistsError(f"--out {out}: already holds a base model made from {key} {have!r} (its {INFO}), not "
+                              f"{value!r}: --force replaces it, or choose another --out")
+    log(f"{out} already holds a base model made from this {key}; --force rebuilds it")
+    return out
+
+
 def check_out_dir(out: Path) -> None:
     """Refuse an ``--out`` that holds something other than a dapo base: a run, a checkpoint, a user's files.
     Only a finished base (its ``sft.json``) is ever replaced (with ``--force``), and an empty directory filled."""
@@ -146,8 +162,7 @@ def build_base_model(out_dir: str | Path, task_name: str = "addition", settings:
 
     out = Path(out_dir)
     if is_built(out) and not force:
-        log(f"{out} already holds a base model; --force rebuilds it")
-        return out
+        return reuse_base(out, "task", task_name, log)
     if not own_dir:
         check_out_dir(out)
     _remove_stale_tmp(out)
@@ -301,8 +316,7 @@ def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str
     from dapo.problems import load_problems
 
     if is_built(out) and not force:
-        log(f"{out} already holds a base model; --force rebuilds it")
-        return out
+        return reuse_base(out, "data", cfg.data.path, log)
     check_out_dir(out)
     s, threads = cfg.sft, num_threads or default_threads()
     tokenizer = load_tokenizer(cfg.model, cfg.model.path) if cfg.model.path else char_tokenizer_for(cfg)
