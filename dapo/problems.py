@@ -88,7 +88,8 @@ class ListPromptStream:
         if state.get("size") != len(self.examples) or state.get("seed") != self.seed:
             raise ValueError(
                 f"data cursor was saved for {state.get('size')} prompts with seed {state.get('seed')}, "
-                f"this run has {len(self.examples)} with seed {self.seed}: resume with the same data and seed"
+                f"this run has {len(self.examples)} with seed {self.seed}: resume with the run's own data.path (and its "
+                f"data.* filters) and seed (its config.yaml), or start a new run from the checkpoint (model.path=...)"
             )
         self.cursor = int(state["cursor"])
 

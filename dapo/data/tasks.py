@@ -362,7 +362,8 @@ class TrainStream:
     def load_state_dict(self, state: dict[str, int | str]) -> None:
         if state["task"] != self.task.name or state["seed"] != self.seed:
             raise ValueError(f"data cursor is for task {state['task']!r} seed {state['seed']}, "
-                             f"not {self.task.name!r} seed {self.seed}")
+                             f"not {self.task.name!r} seed {self.seed}: resume with the run's own data.task and "
+                             f"seed (its config.yaml), or start a new run from the checkpoint (model.path=...)")
         self.cursor = int(state["cursor"])
 
 

@@ -81,7 +81,7 @@ def _snapshot(run):
 
 RESUME_CASES = [
     ("resume with another seed (other data order)", lambda run: [f"--resume={run}", "seed=1", "optim.steps=3"],
-     ["data cursor is for task 'addition' seed 0, not 'addition' seed 1"]),
+     ["data cursor is for task 'addition' seed 0, not 'addition' seed 1: resume with the run's own data.task and seed"]),
     ("resume with an impossible batch", lambda run: [f"--resume={run}", "optim.mini_batch_size=3", "optim.steps=3"],
      ["must be divisible"]),
     ("resume from a damaged checkpoint", lambda run: [f"--resume={run / 'step_2'}"], ["not a complete checkpoint"]),
