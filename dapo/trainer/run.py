@@ -121,13 +121,14 @@ def open_logs(cfg: Config, run_dir: Path, resume_from: Path | None, start: int) 
     """Save the config, and on a resume drop what was logged past the checkpoint (a branch first copies the
     source's logs). Only once the run is built: a resume refused earlier must not touch the run's files.
 
-    A resume in place with changed keys keeps the config the earlier steps ran with as
+    A resume (in place, or a branch) with changed keys keeps the config the earlier steps ran with as
     ``config.upto_step_N.yaml`` beside the new config.yaml; returns the changes (``key: old -> new``)."""
     saved, changes = run_dir / "config.yaml", []
-    if cfg.ckpt.resume and saved.is_file():
-        changes = config_changes(saved, cfg)
+    earlier = (resume_from.parent if resume_from is not None else run_dir) / "config.yaml"  # a branch: its source's
+    if cfg.ckpt.resume and earlier.is_file():
+        changes = config_changes(earlier, cfg)
         if any(not c.startswith(HOW_LONG) for c in changes):  # more steps change nothing the earlier ones did
-            shutil.copyfile(saved, run_dir / f"config.upto_step_{start}.yaml")
+            shutil.copyfile(earlier, run_dir / f"config.upto_step_{start}.yaml")
     save_config(cfg, saved)
     if not cfg.ckpt.resume:
         return changes
@@ -144,7 +145,7 @@ HOW_LONG = ("optim.steps:", "optim.max_samples:")
 
 def config_changes(saved: Path, cfg: Config) -> list[str]:
     """``key: old -> new`` for every key whose value in ``cfg`` differs from the config.yaml at ``saved``
-    (``ckpt.resume``, which names the resume itself, aside)."""
+    (``ckpt.resume`` and ``log.out_dir`` / ``log.run_name``, which name the resume and a branch, aside)."""
     import yaml
 
     from dapo.config.load import _flatten
@@ -154,7 +155,7 @@ def config_changes(saved: Path, cfg: Config) -> list[str]:
     except (OSError, yaml.YAMLError, AttributeError):
         return []
     new = _flatten(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)))
-    keys = [k for k in new if k != "ckpt.resume" and old.get(k) != new[k]]
+    keys = [k for k in new if k not in ("ckpt.resume", "log.out_dir", "log.run_name") and old.get(k) != new[k]]
     return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys]
 
 

@@ -146,3 +146,9 @@ def test_a_resume_with_changed_keys_says_so_and_keeps_the_config_the_earlier_ste
     assert "the config of steps 1..3 is kept as config.upto_step_3.yaml" in err
     assert (run / "config.upto_step_3.yaml").read_bytes() == steps3 != original
     assert yaml.safe_load((run / "config.yaml").read_text())["algo"]["eps_high"] == 0.3
+    # a branch names what it changes from its source too, and keeps the source's config beside its own
+    assert cli_main(["train", "--resume", str(run), "optim.steps=5", "algo.eps_high=0.25", f"log.out_dir={tmp_path}",
+                     "log.run_name=b"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed with 2 changed key(s): algo.eps_high: 0.3 -> 0.25; optim.steps: 4 -> 5" in err, err
+    assert (run.parent / "b" / "config.upto_step_4.yaml").read_bytes() == (run / "config.yaml").read_bytes()
