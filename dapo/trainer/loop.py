@@ -37,9 +37,10 @@ from dapo.learner import TrainingError
 from dapo.rollout.base import Fingerprints, RolloutEngine, WeightSyncError
 from dapo.trainer.batch import flatten_groups, rollout_correction
 from dapo.trainer.build import Run, build_run
-from dapo.trainer.checkpoint import load_trainer_state, save_checkpoint
+from dapo.trainer.checkpoint import checkpoint_step, load_trainer_state, save_checkpoint
 from dapo.trainer.logger import RunLogger
-from dapo.trainer.run import open_logs, resolve_run_dir, restore, should_checkpoint, trainer_state, write_summary
+from dapo.trainer.run import (finished_summary, open_logs, resolve_run_dir, restore, should_checkpoint, trainer_state,
+                              write_summary)
 from dapo.trainer.watch import StepWatch
 
 
@@ -156,6 +157,13 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
     existed = named is not None and named.exists()  # a directory the user made stays, even empty
     run_dir, resume_from = resolve_run_dir(cfg)
     made = not (existed and run_dir.resolve() == named.resolve())
+    done = checkpoint_step(resume_from) if resume_from is not None and resume_from.parent == run_dir else None
+    summary = finished_summary(run_dir, done) if done == cfg.optim.steps else None
+    if summary is not None:  # resumed in place after it finished (a requeued job): nothing to do, nothing rewritten
+        print(f"{run_dir} finished at step {done} of optim.steps={cfg.optim.steps}: nothing to do (continue with "
+              f"optim.steps=N, N > {done})", file=log_stream or sys.stderr)
+        return RunResult(run_dir, done, summary.get("before") or {}, summary.get("after") or {},
+                         time.perf_counter() - t_start)
     try:
         run = build_run(cfg, run_dir, resume_from, log=lambda s: print(s, file=log_stream or sys.stderr))
         try:

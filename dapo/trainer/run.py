@@ -54,8 +54,11 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         if ckpt is not None:
             _same_kind(cfg, ckpt)
             done = checkpoint_step(ckpt)
-            if done is not None and done >= cfg.optim.steps:  # the loop would run no step, re-evaluate and
-                # rewrite summary.json and config.yaml with the smaller optim.steps
+            # fewer steps than done: the loop would run none, re-evaluate and rewrite summary.json and config.yaml.
+            # As many: a finished run is left as it is (finished_summary; a requeued job), a run killed before its
+            # final evaluation does that; a branch of it would train nothing
+            if done is not None and (done > cfg.optim.steps or done == cfg.optim.steps and _names_another_run(
+                    cfg, source) and finished_summary(source, done) is not None):
                 raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: {ckpt.name} is {done} steps in, and optim.steps="
                                  f"{cfg.optim.steps}: nothing left to train; continue with optim.steps=N, N > {done}")
         if _names_another_run(cfg, source):
@@ -81,6 +84,16 @@ def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
                          f"ckpt.resume={run_dir} or choose another log.run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, None
+
+
+def finished_summary(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The run's summary.json when it says the run ended after ``step`` with its final evaluation done, else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    done = isinstance(summary, dict) and summary.get("steps") == step and bool(summary.get("after"))
+    return summary if done else None
 
 
 def _same_kind(cfg: Config, ckpt: Path) -> None:

@@ -2,6 +2,7 @@
 is skipped and counted as configured, and none leaves a half-made or altered run directory behind.
 
 ``docs/reliability.md`` tabulates these cases and how each is handled."""
+import json
 import shutil
 
 import pytest
@@ -88,10 +89,8 @@ RESUME_CASES = [
     ("resume from nothing", lambda run: [f"--resume={run}_missing"], ["no such directory"]),
     ("start over a finished run", lambda run: [f"log.out_dir={run.parent}", "log.run_name=r"],
      ["already exists and is not empty", "ckpt.resume="]),
-    ("resume a finished run with no more steps", lambda run: [f"--resume={run}"],
-     ["step_2 is 2 steps in, and optim.steps=2: nothing left to train", "optim.steps=N, N > 2"]),
     ("resume with fewer steps than done", lambda run: [f"--resume={run}", "optim.steps=1"],
-     ["optim.steps=1: nothing left to train"]),
+     ["step_2 is 2 steps in, and optim.steps=1: nothing left to train", "optim.steps=N, N > 2"]),
     ("branch a finished run with no more steps", lambda run: [f"--resume={run}", f"log.out_dir={run.parent}",
                                                               "log.run_name=branch"], ["nothing left to train"]),
 ]
@@ -152,3 +151,28 @@ def test_a_resume_with_changed_keys_says_so_and_keeps_the_config_the_earlier_ste
     err = capsys.readouterr().err
     assert "resumed with 2 changed key(s): algo.eps_high: 0.3 -> 0.25; optim.steps: 4 -> 5" in err, err
     assert (run.parent / "b" / "config.upto_step_4.yaml").read_bytes() == (run / "config.yaml").read_bytes()
+
+
+def test_resuming_a_finished_run_in_place_does_nothing_and_succeeds(finished_run, tmp_path, capsys):
+    """A requeued job (the same --resume command after the run finished) exits 0 and rewrites nothing."""
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    before = _snapshot(run)
+    assert cli_main(["train", "--resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{run} finished at step 2 of optim.steps=2: nothing to do" in err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
+    assert _snapshot(run) == before
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_final_evaluation(finished_run, tmp_path, capsys):
+    """Killed between the last step's checkpoint and the evaluation after it (no summary.json yet): the resume has
+    no step to train but still finishes the run; the 'nothing left to train' refusal is for a finished run."""
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    assert cli_main(["train", "--resume", str(run)]) == 0
+    assert "held-out accuracy after" in capsys.readouterr().err
+    again = json.loads((run / "summary.json").read_text())
+    assert again["steps"] == 2 and again["after"]["n"] == summary["after"]["n"] and again["before"] == summary["before"]
