@@ -89,7 +89,8 @@ def _not_a_model_dir(path: str) -> str:
     if (p / "config.yaml").is_file() or steps:
         latest = f": pass one of its checkpoints, e.g. {steps[-1]} (the latest)" if steps else " with no checkpoint yet"
         return f"a run directory, not a model{latest}"
-    if not (p / "config.json").is_file():
+    if not any((p / f).is_file() for f in ("config.json", "adapter_config.json", "tokenizer.json",
+                                           "tokenizer_config.json")):  # else transformers' own error says more
         return ("no config.json in it: not a Hugging Face model directory (save_pretrained writes config.json, the "
                 "weights and the tokenizer's files)")
     return ""

@@ -50,7 +50,7 @@ def test_an_empty_out_dir_is_filled_and_only_a_base_is_replaced_with_force(tmp_p
     assert json.loads((out / "sft.json").read_text())["steps"] == 2
     other = _pairs(tmp_path / "other.jsonl")  # another file would have been answered with the first one's base
     assert cli_main(["sft", "--data", str(other), "--out", str(out), *FAST]) == 2
-    assert f"already holds a base model made from data {str(data)!r} (its sft.json), not {str(other)!r}: --force " \
+    assert f"already holds a base model made from data {str(data)!r} (its sft.json), not data {str(other)!r}: --force " \
            f"replaces it" in capsys.readouterr().err
     assert json.loads((out / "sft.json").read_text())["steps"] == 2
     assert cli_main(["sft", "--data", str(data), "--out", str(out), *FAST, "sft.max_steps=3", "--force"]) == 0
@@ -63,5 +63,7 @@ def test_a_base_of_another_task_at_out_is_refused_not_returned(tmp_path, capsys)
     made = (out / "sft.json").read_bytes()
     assert cli_main(["sft", "--task", "addition", "--out", str(out), *FAST]) == 0  # the same: kept as is
     assert cli_main(["sft", "--task", "mult", "--out", str(out), *FAST]) == 2
-    assert "made from task 'addition' (its sft.json), not 'mult'" in capsys.readouterr().err
+    assert "made from task 'addition' (its sft.json), not task 'mult'" in capsys.readouterr().err
     assert (out / "sft.json").read_bytes() == made
+    assert cli_main(["sft", "--data", str(_pairs(tmp_path / "p.jsonl")), "--out", str(out), *FAST]) == 2
+    assert f"made from task 'addition' (its sft.json), not data {str(tmp_path / 'p.jsonl')!r}" in capsys.readouterr().err

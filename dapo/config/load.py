@@ -233,7 +233,10 @@ def _absolute_paths(cfg: Config) -> Config:
     from dapo.userfile import is_file_ref
 
     def here(path: str) -> str | None:
-        p = Path(path).expanduser()
+        try:
+            p = Path(path).expanduser()
+        except RuntimeError:  # ~nosuchuser/...: the loader names it
+            return None
         return os.path.abspath(p) if path and p.exists() else None
 
     def value(key: str) -> str:

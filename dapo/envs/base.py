@@ -94,7 +94,8 @@ def user_call(owner: Any, what: str, fn: Callable[..., Any], *args: Any) -> Any:
             path = Path(inspect.getfile(owner)).resolve()
         except (TypeError, OSError):
             path = None
-        raise EnvError(import_failure(f"env.path: {what} raised", e, path)) from e
+        key = "env.tools" if getattr(owner, "__module__", "") == "dapo.envs.tools" else "env.path"  # ToolEnv
+        raise EnvError(import_failure(f"{key}: {what} raised", e, path)) from e
 
 
 def step_all(envs: list[Any], texts: list[str]) -> list[StepResult]:

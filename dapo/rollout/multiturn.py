@@ -340,7 +340,8 @@ def from_config(cfg: Any, engine: RolloutEngine, tokenizer: Any, template: str,
 
         context = (model_context(model_path) or (None,))[0]
         if context:
-            log(f"multi-turn: a trajectory ends where prompt + turns + observations would pass the model's "
-                f"{context} positions (its config.json; rollout.max_total_tokens=0)")
+            log(f"multi-turn: a trajectory ends ('length', dropped by the overlong filter) where prompt + turns + "
+                f"observations would pass the model's {context} positions (its config.json): rollout.max_total_tokens=0;"
+                f" set it to let trajectories run past them")
     return MultiTurnRollout(engine, tokenizer, make_env, cfg.rollout.max_turns, cfg.rollout.max_total_tokens, chat,
                             context=context)

@@ -138,10 +138,13 @@ def open_logs(cfg: Config, run_dir: Path, resume_from: Path | None, start: int) 
     ``config.upto_step_N.yaml`` beside the new config.yaml; returns the changes (``key: old -> new``)."""
     saved, changes = run_dir / "config.yaml", []
     earlier = (resume_from.parent if resume_from is not None else run_dir) / "config.yaml"  # a branch: its source's
-    if cfg.ckpt.resume and earlier.is_file():
+    kept = run_dir / f"config.upto_step_{start}.yaml"
+    if kept.is_file():  # resumed from this checkpoint before: that copy is what steps 1..start ran with
+        earlier = kept
+    if cfg.ckpt.resume and resume_from is not None and earlier.is_file():
         changes = config_changes(earlier, cfg)
-        if any(not c.startswith(HOW_LONG) for c in changes):  # more steps change nothing the earlier ones did
-            shutil.copyfile(earlier, run_dir / f"config.upto_step_{start}.yaml")
+        if any(not c.startswith(HOW_LONG) for c in changes) and not kept.is_file():  # more steps alone change
+            shutil.copyfile(earlier, kept)  # nothing the earlier ones did
     save_config(cfg, saved)
     if not cfg.ckpt.resume:
         return changes

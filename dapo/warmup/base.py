@@ -68,13 +68,15 @@ def reuse_base(out: Path, key: str, value: str, log: Callable[[str], None]) -> P
     """A finished base at ``out`` asked for again without --force: returned as it is when it was made from the same
     ``key`` (``task`` or ``data``, its sft.json says), refused when from another (it would stand in silently)."""
     try:
-        have = json.loads((out / INFO).read_text(encoding="utf-8")).get(key)
+        info = json.loads((out / INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        have = None
+        info = {}
+    have = info.get(key)
+    made = next((f"{k} {info[k]!r}" for k in ("data", "task") if info.get(k)), "unrecorded inputs")
     same = have == value or (key == "data" and isinstance(have, str) and bool(have)
                              and Path(have).expanduser().resolve() == Path(value).expanduser().resolve())
     if not same:
-        raise FileExistsError(f"--out {out}: already holds a base model made from {key} {have!r} (its {INFO}), not "
+        raise FileExistsError(f"--out {out}: already holds a base model made from {made} (its {INFO}), not {key} "
                               f"{value!r}: --force replaces it, or choose another --out")
     log(f"{out} already holds a base model made from this {key}; --force rebuilds it")
     return out
@@ -198,7 +200,8 @@ def prepare_base_model(task_name: str = "addition", cache_dir: str | Path | None
                        num_threads: int | None = None, seed: int = 0) -> Path:
     """The demo's base model directory for ``task_name``: from the cache, or trained now (~1-2 min on 2 cores).
 
-    Load it with ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``.
+    Load it with ``AutoModelForCausalLM.from_pretrained(path)`` and ``PreTrainedTokenizerFast.from_pretrained(path)``
+    (``AutoTokenizer`` in transformers 5 swaps in Qwen2's byte-level pre-tokenizer, which drops the spaces).
     ``num_threads`` (default: one per idle core) changes float rounding, not the cache key: the cache
     holds whichever build finished first.
     """

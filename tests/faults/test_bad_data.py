@@ -299,3 +299,14 @@ def test_a_model_path_that_is_not_a_model_directory_says_what_it_is(case, tiny_m
                    f"log.out_dir={tmp_path / 'runs'}", *fk.FAST])
     err = capsys.readouterr().err
     assert rc == 2 and f"cannot load model.path={str(model)!r}: {says}" in err, err
+
+
+def test_a_tokenizer_directory_keeps_transformers_own_error(tiny_model_dir, tmp_path, capsys):
+    """A tokenizer directory needs no config.json: transformers' own load error is what is said."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizerXyz"}')
+    rc = cli_main(["train", "--model", str(tiny_model_dir), f"model.tokenizer={tok}", "--data",
+                   str(_jsonl(tmp_path / "d.jsonl", GOOD)), f"log.out_dir={tmp_path / 'runs'}", *fk.FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot load model.tokenizer={str(tok)!r}: " in err and "no config.json" not in err, err
