@@ -85,9 +85,11 @@ def _not_a_model_dir(path: str) -> str:
         return ""  # a hub id: transformers' message stands
     if not p.is_dir():
         return "a file, not a model directory (one holding config.json, the weights and the tokenizer's files)"
-    steps = sorted((x for x in p.glob("step_*") if x.is_dir() and x.name[5:].isdigit()), key=lambda x: int(x.name[5:]))
+    from dapo.trainer.checkpoint import list_checkpoints  # here: the trainer imports this module
+
+    steps = list_checkpoints(p)
     if (p / "config.yaml").is_file() or steps:
-        latest = f": pass one of its checkpoints, e.g. {steps[-1]} (the latest)" if steps else " with no checkpoint yet"
+        latest = f": pass one of its checkpoints, e.g. {steps[-1][1]} (the latest)" if steps else " with no checkpoint yet"
         return f"a run directory, not a model{latest}"
     if not any((p / f).is_file() for f in ("config.json", "adapter_config.json", "tokenizer.json",
                                            "tokenizer_config.json")):  # else transformers' own error says more

@@ -276,17 +276,30 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return validate(replace(cfg, preset=preset))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    def plain(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, tuple):
-            return list(x)
-        return x
+def _plain(x: Any) -> Any:
+    """``Config.to_dict()`` as YAML holds it (tuples as lists)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return list(x)
+    return x
 
+
+def save_config(cfg: Config, path: str | Path) -> None:
     # write then rename: a kill mid-write must not leave a truncated config.yaml, which would still parse
     # (with fewer keys, silently defaulted) when the run is resumed
-    write_atomic(path, yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def config_changes(saved: str | Path, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: old -> new`` for every key (but ``ignore``) whose value in ``cfg`` differs from the config.yaml at
+    ``saved`` (as ``save_config`` wrote it); none when it cannot be read."""
+    try:
+        old = _flatten(yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    new = _flatten(_plain(cfg.to_dict()))
+    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignore and old.get(k) != v]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dapo.config import Config, save_config
+from dapo.config import Config, config_changes, save_config
 from dapo.data.example import Example
 from dapo.fsutil import occupied, strict_json, write_atomic
 from dapo.items import Group, PromptItem
@@ -136,16 +136,14 @@ def open_logs(cfg: Config, run_dir: Path, resume_from: Path | None, start: int) 
 
     A resume (in place, or a branch) with changed keys keeps the config the earlier steps ran with as
     ``config.upto_step_N.yaml`` beside the new config.yaml; returns the changes (``key: old -> new``)."""
-    saved, changes = run_dir / "config.yaml", []
-    earlier = (resume_from.parent if resume_from is not None else run_dir) / "config.yaml"  # a branch: its source's
-    kept = run_dir / f"config.upto_step_{start}.yaml"
-    if kept.is_file():  # resumed from this checkpoint before: that copy is what steps 1..start ran with
-        earlier = kept
-    if cfg.ckpt.resume and resume_from is not None and earlier.is_file():
-        changes = config_changes(earlier, cfg)
+    kept, changes = run_dir / f"config.upto_step_{start}.yaml", []
+    if cfg.ckpt.resume and resume_from is not None:
+        # what steps 1..start ran with: the copy an earlier resume from this step kept, else the (source) run's config
+        earlier = kept if kept.is_file() else resume_from.parent / "config.yaml"
+        changes = config_changes(earlier, cfg, ignore=RESUME_KEYS)
         if any(not c.startswith(HOW_LONG) for c in changes) and not kept.is_file():  # more steps alone change
             shutil.copyfile(earlier, kept)  # nothing the earlier ones did
-    save_config(cfg, saved)
+    save_config(cfg, run_dir / "config.yaml")
     if not cfg.ckpt.resume:
         return changes
     for name in ("metrics.jsonl", "samples.jsonl"):  # lines past the checkpoint (all, with none) come again
@@ -157,22 +155,8 @@ def open_logs(cfg: Config, run_dir: Path, resume_from: Path | None, start: int) 
 
 HOW_LONG = ("optim.steps:", "optim.max_samples:")
 """Keys that say how long a run goes on: changing them on a resume is continuing, not changing the recipe."""
-
-
-def config_changes(saved: Path, cfg: Config) -> list[str]:
-    """``key: old -> new`` for every key whose value in ``cfg`` differs from the config.yaml at ``saved``
-    (``ckpt.resume`` and ``log.out_dir`` / ``log.run_name``, which name the resume and a branch, aside)."""
-    import yaml
-
-    from dapo.config.load import _flatten
-
-    try:
-        old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
-    new = _flatten(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)))
-    keys = [k for k in new if k not in ("ckpt.resume", "log.out_dir", "log.run_name") and old.get(k) != new[k]]
-    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in keys]
+RESUME_KEYS = ("ckpt.resume", "log.out_dir", "log.run_name")
+"""Keys that name the resume itself and a branch: not reported as changed."""
 
 
 def truncate_log(path: Path, last_step: int) -> None:
