@@ -154,3 +154,41 @@ def test_config_refuses_what_multi_turn_cannot_run_on(extra, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=["env.tools=t.py", *extra])
+
+
+HANGS = '''import threading
+from dapo.envs import StepResult
+
+class Env:
+    def reset(self, row):
+        return None
+    def step(self, text):
+        if text == "hang":
+            threading.Event().wait()      # never set: blocked until the process exits
+        if text == "boom":
+            raise TimeoutError("the user's own TimeoutError")
+        return StepResult(reward=1.0, done=True, info={"on": float(threading.current_thread().name == "dapo-env")})
+
+class Many(Env):
+    @staticmethod
+    def step_many(envs, texts):
+        return [e.step(t) for e, t in zip(envs, texts)]
+'''
+
+
+@pytest.mark.parametrize("cls, what", [("Env", "Env.step"), ("Many", "Many.step_many")])
+def test_an_environment_call_past_its_limit_stops_with_an_error_naming_it(tmp_path, cls, what):
+    f = tmp_path / "hangs.py"
+    f.write_text(HANGS)
+    env = load_env(f"{f}:{cls}")()
+    # within the limit: the answer comes back, computed on the helper thread
+    assert step_all([env, env], ["ok", "ok"], timeout_s=5)[0].info == {"on": 1.0}
+    assert step_all([env], ["ok"])[0].info == {"on": 0.0}  # no limit: on the caller's thread
+    t0 = time.monotonic()
+    with pytest.raises(EnvError, match=rf"env.path: {what} did not return within 0.3 s \(env.step_timeout_s\)"):
+        step_all([env, env], ["ok", "hang"], timeout_s=0.3)
+    assert time.monotonic() - t0 < 3
+    # the stuck thread is left behind; the next call gets a new one, and a TimeoutError of the env's own is its own
+    assert step_all([env], ["ok"], timeout_s=5)[0].reward == 1.0
+    with pytest.raises(EnvError, match=rf"env.path: {what} raised: TimeoutError: the user's own TimeoutError at {f}"):
+        step_all([env], ["boom"], timeout_s=5)

@@ -189,6 +189,10 @@ class EnvConfig:
     """A tool's output (what it printed, then what it returned) is cut to this many characters."""
     memory_mb: int = 0
     """Address-space limit of each tool process, in MB; 0 = none."""
+    step_timeout_s: float = 600.0
+    """Time limit of one call of the environment's code (``env.path``: making it, ``reset``, ``step`` or
+    ``step_many``); a call past it stops the run with an error naming it instead of hanging it. The calls run on a
+    helper thread (so not where signal handlers can be set); 0 = no limit, on the rollout's own thread."""
 
 
 @dataclass(frozen=True)

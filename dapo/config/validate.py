@@ -172,6 +172,8 @@ def _env(c: Config) -> None:
     _at_least(c, 0, "rollout.max_total_tokens", "env.memory_mb")
     if e.timeout_s <= 0:
         _bad("env.timeout_s", f"must be > 0, got {e.timeout_s}")
+    if e.step_timeout_s < 0:
+        _bad("env.step_timeout_s", f"must be >= 0 (0: no limit), got {e.step_timeout_s}")
     if not (e.path or e.tools):
         return
     if e.path and e.tools:

@@ -24,8 +24,12 @@ must get the same first prompt: a group shares it. ``step`` answers one model tu
 rewards ``step`` gave when it gave any, else the run's reward function on the last turn's text.
 
 An environment runs in the trainer process, so an exception in ``reset`` or ``step`` stops the run (tools, which
-run the model's arguments, run in worker processes: ``dapo.envs.tools``). With ``dist.async_steps=1`` it runs on
-the rollout's background thread, while the update runs on the main one.
+run the model's arguments, run in worker processes: ``dapo.envs.tools``). So does a call that has not returned
+after ``env.step_timeout_s``: each call of the environment's code runs on a helper thread the rollout waits on
+for at most that long. A thread cannot be stopped, so the stuck call is left behind as the run exits; and a call
+stuck in C code that holds the interpreter lock (a regular expression that backtracks without end) cannot be
+timed out in-process at all. With ``dist.async_steps=1`` the environment runs on the rollout's background thread,
+while the update runs on the main one.
 
 An environment may define ``step_many(envs, texts) -> list[StepResult]`` as a classmethod or staticmethod: the
 rollout then answers all trajectories waiting on it at once (``ToolEnv`` runs their tool calls in one pool
@@ -36,6 +40,8 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -83,23 +89,79 @@ def load_env(spec: str) -> Callable[[], Environment]:
     return factory
 
 
-def user_call(owner: Any, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+class _CallThread:
+    """A daemon thread running one call at a time for the thread that made it: ``call(fn, args, timeout_s)``
+    returns what ``fn(*args)`` returned or raises what it raised, or raises ``_TimedOut`` once ``timeout_s`` has
+    passed (the call goes on, stuck, and this thread is not used again)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="dapo-env", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, box, done = self._jobs.get()
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
+                box.append((False, e))
+            done.set()
+
+    def call(self, fn: Callable[..., Any], args: tuple, timeout_s: float) -> Any:
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        self._jobs.put((fn, args, box, done))
+        if not done.wait(timeout_s):
+            raise _TimedOut
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+
+class _TimedOut(Exception):
+    pass
+
+
+_threads = threading.local()  # each calling thread (the rollout's, the main one's) its own _CallThread
+
+
+def _call_within(timeout_s: float | None, fn: Callable[..., Any], *args: Any) -> Any:
+    if not timeout_s:
+        return fn(*args)
+    worker = getattr(_threads, "worker", None)
+    if worker is None:
+        worker = _threads.worker = _CallThread()
+    try:
+        return worker.call(fn, args, timeout_s)
+    except _TimedOut:
+        _threads.worker = None  # stuck on the call; a later call gets a new thread
+        raise
+
+
+def user_call(owner: Any, what: str, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
     """``fn(*args)``, code of the user's environment (``owner``: its class or factory; ``what``: ``Game.step``):
     an exception it raises is an EnvError naming the call, the exception and the line of the user's file it came
-    from, not a traceback through dapo's rollout."""
+    from, not a traceback through dapo's rollout. ``timeout_s`` (None or 0: none): the call runs on a helper
+    thread, and one that has not returned by then is an EnvError saying so (``env.step_timeout_s``)."""
+    key = "env.tools" if getattr(owner, "__module__", "") == "dapo.envs.tools" else "env.path"  # ToolEnv
     try:
-        return fn(*args)
+        return _call_within(timeout_s, fn, *args)
+    except _TimedOut:
+        raise EnvError(f"{key}: {what} did not return within {timeout_s:g} s (env.step_timeout_s): the run stops "
+                       f"(its checkpoints are kept); raise env.step_timeout_s, or 0 for no limit, if it is slow "
+                       f"rather than stuck") from None
     except Exception as e:
         try:
             path = Path(inspect.getfile(owner)).resolve()
         except (TypeError, OSError):
             path = None
-        key = "env.tools" if getattr(owner, "__module__", "") == "dapo.envs.tools" else "env.path"  # ToolEnv
         raise EnvError(import_failure(f"{key}: {what} raised", e, path)) from e
 
 
-def step_all(envs: list[Any], texts: list[str]) -> list[StepResult]:
-    """``step`` of every env on its text, through its class's ``step_many`` where it has one; checked."""
+def step_all(envs: list[Any], texts: list[str], timeout_s: float | None = None) -> list[StepResult]:
+    """``step`` of every env on its text, through its class's ``step_many`` where it has one; checked.
+    ``timeout_s``: the limit of each call (``user_call``); a ``step_many`` is one call."""
     out: list[StepResult | None] = [None] * len(envs)
     by_class: dict[type, list[int]] = {}
     for k, e in enumerate(envs):
@@ -107,9 +169,10 @@ def step_all(envs: list[Any], texts: list[str]) -> list[StepResult]:
     for cls, idx in by_class.items():
         many = getattr(cls, "step_many", None)
         if many:
-            res = user_call(cls, f"{cls.__name__}.step_many", many, [envs[k] for k in idx], [texts[k] for k in idx])
+            res = user_call(cls, f"{cls.__name__}.step_many", many, [envs[k] for k in idx], [texts[k] for k in idx],
+                            timeout_s=timeout_s)
         else:
-            res = [user_call(cls, f"{cls.__name__}.step", envs[k].step, texts[k]) for k in idx]
+            res = [user_call(cls, f"{cls.__name__}.step", envs[k].step, texts[k], timeout_s=timeout_s) for k in idx]
         for k, r in zip(idx, res):
             if not isinstance(r, StepResult):
                 raise EnvError(f"{cls.__name__}.step returned {type(r).__name__}, not a dapo.envs.StepResult")

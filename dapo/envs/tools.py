@@ -234,7 +234,8 @@ class ToolEnv:
 
     @staticmethod
     def step_many(envs: list["ToolEnv"], texts: list[str]) -> list[StepResult]:
-        """Every trajectory's calls in one pool round (a hanging tool costs its time limit once, not per turn)."""
+        """Every trajectory's calls in one pool round: ``env.workers`` run at a time, so calls that all hang cost
+        about (their number / env.workers) x env.timeout_s of the step, not one time limit."""
         calls = [parse_tool_calls(t) for t in texts]
         flat = [c for cs in calls for c in cs]
         results = envs[0].runner.run(flat) if flat else []

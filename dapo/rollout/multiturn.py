@@ -83,17 +83,18 @@ class MultiTurnRollout:
 
     def __init__(self, engine: RolloutEngine, tokenizer: Any, make_env: Callable[[], Any], max_turns: int,
                  max_total_tokens: int = 0, chat: bool = False, kv_cache: bool | None = None,
-                 context: int | None = None):
+                 context: int | None = None, step_timeout_s: float | None = None):
         """``kv_cache``: keep each trajectory's keys/values between turns (``dapo.rollout.hf_turns``); None = where
         the engine is an ``HFEngine``. Otherwise every turn is an ``engine.generate`` call on the whole history.
         ``context``: the model's positions (its config's context length); with ``max_total_tokens`` = 0 a
         trajectory ends ("length") before its prompt and tokens would pass them, so observations the environment
-        does not bound cannot grow a sequence without end."""
+        does not bound cannot grow a sequence without end. ``step_timeout_s``: the limit of each call of the
+        environment's code (``dapo.envs.base.user_call``); None or 0 = none."""
         if max_turns < 1:
             raise ValueError(f"rollout.max_turns must be >= 1, got {max_turns}")
         self.engine, self.tokenizer, self.make_env = engine, tokenizer, make_env
         self.max_turns, self.max_total_tokens, self.chat = max_turns, max_total_tokens, chat
-        self.context = context
+        self.context, self.step_timeout_s = context, step_timeout_s
         from dapo.rollout.hf import HFEngine
 
         self.kv_cache = isinstance(engine, HFEngine) if kv_cache is None else kv_cache
@@ -167,10 +168,11 @@ class MultiTurnRollout:
         G, tok = params.n, self.tokenizer
         make = self.make_env
         name = getattr(make, "__name__", type(make).__name__)
-        envs = [user_call(make, f"{name}()", make) for _ in range(len(items) * G)]
+        limit = self.step_timeout_s
+        envs = [user_call(make, f"{name}()", make, timeout_s=limit) for _ in range(len(items) * G)]
         items = list(items)
         for i, it in enumerate(items):
-            firsts = [user_call(type(e), f"{type(e).__name__}.reset", e.reset, row_of(it.example))
+            firsts = [user_call(type(e), f"{type(e).__name__}.reset", e.reset, row_of(it.example), timeout_s=limit)
                       for e in envs[i * G:(i + 1) * G]]
             if any(f != firsts[0] for f in firsts[1:]):
                 raise EnvError(f"reset gave different first prompts for one row (prompt {it.uid}): a group of "
@@ -221,7 +223,7 @@ class MultiTurnRollout:
                     continue
                 waiting.append(r)
                 texts.append(tok.decode(t_ids, skip_special_tokens=True))
-            results = step_all([envs[r] for r in waiting], texts) if waiting else []
+            results = step_all([envs[r] for r in waiting], texts, limit) if waiting else []
             live = []
             for r, res in zip(waiting, results):
                 row = rows[r]
@@ -343,5 +345,6 @@ def from_config(cfg: Any, engine: RolloutEngine, tokenizer: Any, template: str,
             log(f"multi-turn: a trajectory ends ('length', dropped by the overlong filter) where prompt + turns + "
                 f"observations would pass the model's {context} positions (its config.json): rollout.max_total_tokens=0;"
                 f" set it to let trajectories run past them")
+    # tools are bounded by env.timeout_s in their worker processes; an environment's own code by env.step_timeout_s
     return MultiTurnRollout(engine, tokenizer, make_env, cfg.rollout.max_turns, cfg.rollout.max_total_tokens, chat,
-                            context=context)
+                            context=context, step_timeout_s=None if e.tools else e.step_timeout_s)

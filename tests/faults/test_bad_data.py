@@ -251,17 +251,21 @@ BAD_ENVS = {
     "nan reward": (ENV_HEAD + "    def reset(self, row):\n        return None\n"
                    "    def step(self, text):\n        return StepResult(reward=float('nan'), done=True)\n",
                    "Env.step returned reward=nan: a finite number or None"),
+    "step hangs": ("import threading\n" + ENV_HEAD + "    def reset(self, row):\n        return None\n"
+                   "    def step(self, text):\n        threading.Event().wait()\n",
+                   "env.path: Env.step did not return within 1 s (env.step_timeout_s): the run stops"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_ENVS))
-def test_an_environment_that_raises_or_scores_nan_stops_the_run_naming_its_file_and_line(case, tiny_model_dir,
-                                                                                          tmp_path, capsys):
+@pytest.mark.parametrize("case, mode", [(c, "sync") for c in BAD_ENVS] + [("step hangs", "async")])
+def test_an_environment_that_raises_hangs_or_scores_nan_stops_the_run_naming_it(case, mode, tiny_model_dir, tmp_path,
+                                                                                 capsys):
     text, says = BAD_ENVS[case]
     env = tmp_path / "env.py"
     env.write_text(text)
+    on = ["dist.async_steps=1", "dist.rollout_workers=1", "reward.workers=1"] if mode == "async" else []  # Ray
     rc = _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d.jsonl", GOOD), "--env", f"{env}:Env",
-                "rollout.max_turns=2")
+                "rollout.max_turns=2", "env.step_timeout_s=1", *on)
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     assert says.format(f=env.resolve()) in err, err
