@@ -499,6 +499,53 @@ def test_a_tool_rollout_on_a_ray_worker_is_the_in_process_one(cluster, tool_task
                                torch.cat([t.completion.logprobs for t in local]), atol=1e-5, rtol=0)
 
 
+def test_a_tool_task_trains_with_the_ranks_sampling_its_turns(cluster, tool_task, tmp_path):
+    """Multi-turn with dist.rollout_on_ranks: each turn is one generate call to the trainer ranks, a prompt's
+    trajectories on one rank, the history re-prefilled there, the tools run in the driver's pool. The run trains
+    (tool calls, observation tokens masked with log-prob 0, no recompute of the old log-probs), and after it the
+    ranks' trajectories are token for token the in-process engine's (KV cache across turns) on the same weights."""
+    from dapo.distributed.ranks import RankEngine
+    from dapo.envs import ToolEnv, ToolRunner
+    from dapo.items import PromptItem
+    from dapo.data.example import Example
+    from dapo.model import load_tokenizer
+    from dapo.rollout import derive_seed
+    from dapo.rollout.multiturn import MultiTurnRollout
+
+    cfg = _cfg(tool_task.dir / "model", tmp_path, "k", *tool_task.args, "dist.trainer_ranks=2",
+               "dist.rollout_on_ranks=true", "optim.steps=2", "optim.lr=1e-3", "log.report=false",
+               "algo.dynamic_sampling=false", "eval.size=4")
+    built = build_run(cfg, *resolve_run_dir(cfg))
+    hist = []
+    try:
+        res = train(cfg, on_step=lambda s, m: hist.append(dict(m)), run=built)
+        assert isinstance(built.engine, RankEngine)
+        assert 0 <= res.after["accuracy"] <= 1 and res.after["turns_mean"] > 1  # the held-out turns ran there too
+        assert [m["rollout/weight_version"] for m in hist] == [0, 1]
+        assert all(m["tool/calls"] > 0 and m["env/turns_mean"] > 1 and m["env/obs_tokens"] > 0 for m in hist)
+        assert all(m["mismatch/logp_abs_diff"] == 0.0 for m in hist)  # the ranks' log-probs are the old policy's
+        obs = [c for g in built.rollouts.sampled for c in g.completions if not c.mask.all()]
+        assert obs and all(c.logprobs[~c.mask].eq(0).all() for c in obs)
+        tok = load_tokenizer(cfg.model, cfg.model.path)
+        items = [PromptItem(k, Example(f"{k}+{k + 30}=", "3"), tok(f"{k}+{k + 30}=")["input_ids"]) for k in (11, 24, 37)]
+        params = SamplingParams(n=3, max_new_tokens=40)
+        seeds = [derive_seed(7, it.uid) for it in items]
+        with ToolRunner(tool_task.dir / "tools.py", workers=1) as runner:
+            _, remote = MultiTurnRollout(built.engine, tok, lambda: ToolEnv(runner), max_turns=3).run(items, params,
+                                                                                                      seeds)
+            local = _local(cfg, tool_task.dir / "model", built.learner.full_state_dict())
+            here = HFEngine(local.model, tok.pad_token_id, [tok.eos_token_id])
+            _, mine = MultiTurnRollout(here, tok, lambda: ToolEnv(runner), max_turns=3).run(items, params, seeds)
+        assert [t.turns for t in remote] == [t.turns for t in mine] and max(t.turns for t in remote) >= 2
+        assert [t.completion.token_ids.tolist() for t in remote] == [t.completion.token_ids.tolist() for t in mine]
+        assert [t.completion.mask.tolist() for t in remote] == [t.completion.mask.tolist() for t in mine]
+        # re-prefilled there, cached here: float32 rounding of two computations on trained weights (3e-5 seen)
+        torch.testing.assert_close(torch.cat([t.completion.logprobs for t in remote]),
+                                   torch.cat([t.completion.logprobs for t in mine]), atol=1e-4, rtol=0)
+    finally:
+        built.close()
+
+
 @pytest.mark.parametrize("async_steps", [0, 1])
 def test_a_tool_task_trains_on_a_ray_rollout_worker_in_step_and_one_step_off(cluster, tool_task, tmp_path, async_steps):
     """--tools with a Ray rollout worker: trajectories (turns, tool calls, observation tokens masked) are collected

@@ -144,7 +144,6 @@ def test_an_environment_that_raises_is_named_with_its_line(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["dist.trainer_ranks=2", "dist.rollout_on_ranks=true"], "not with dist.rollout_on_ranks"),
     (["env.path=e.py:E"], "set env.path or env.tools, not both"),
     (["rollout.max_total_tokens=5"], "must be 0 or >= rollout.max_new_tokens"),
     (["rollout.max_turns=0"], "rollout.max_turns: must be >= 1"),

@@ -167,7 +167,7 @@ def _on_cuda(device: str) -> bool:
 
 
 def _env(c: Config) -> None:
-    e, d = c.env, c.dist
+    e = c.env
     _at_least(c, 1, "rollout.max_turns", "env.workers", "env.max_output_chars")
     _at_least(c, 0, "rollout.max_total_tokens", "env.memory_mb")
     if e.timeout_s <= 0:
@@ -178,12 +178,8 @@ def _env(c: Config) -> None:
         return
     if e.path and e.tools:
         _bad("env.tools", "an environment (env.path) answers the model itself: set env.path or env.tools, not both")
-    # Ray rollout workers, async rollout and vLLM: the turns run here, each a generate call to the engine on the
-    # trajectories so far (dapo.rollout.multiturn); samplers on the trainer ranks are not wired to it
-    if d.rollout_on_ranks:
-        _bad("env.path" if e.path else "env.tools", "multi-turn rollouts run on the HF engine (in this process or on Ray "
-                                                      "rollout workers, dist.rollout_workers) or on vLLM, not with "
-                                                      "dist.rollout_on_ranks: unset it, or drop the environment")
+    # Ray rollout workers, the trainer ranks (dist.rollout_on_ranks), async rollout and vLLM: the turns run here,
+    # each a generate call to the engine on the trajectories so far (dapo.rollout.multiturn)
     if c.rollout.max_total_tokens and c.rollout.max_total_tokens < c.rollout.max_new_tokens:
         _bad("rollout.max_total_tokens", f"counts the model's tokens too: must be 0 or >= rollout.max_new_tokens "
                                          f"({c.rollout.max_new_tokens}), got {c.rollout.max_total_tokens}")
