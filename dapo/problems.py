@@ -99,19 +99,39 @@ class ListPromptStream:
 
 
 def encode_prompts(
-    examples: Sequence[Example], template: str, tokenizer: Any, max_len: int, long_prompts: str = "drop"
+    examples: Sequence[Example], template: str, tokenizer: Any, max_len: int, long_prompts: str = "drop",
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[Example], list[list[int]], int, int]:
     """Render, tokenise and length-fit prompts: (kept examples, their ids, n dropped, n truncated).
 
     A chat template already writes the special tokens it wants, so those prompts are tokenised without
-    adding more.
+    adding more. ``tools``: the tools' JSON schemas, given to a chat template (``render_prompt``).
     """
     from dapo.data.templates import fit_prompts, render_prompt
 
-    texts = [render_prompt(e, template, tokenizer) for e in examples]
+    texts = [render_prompt(e, template, tokenizer, tools) for e in examples]
     ids = [tokenizer(t, add_special_tokens=not template.endswith("chat"))["input_ids"] for t in texts]
     kept, fitted, n_drop, n_trunc = fit_prompts(ids, max_len, long_prompts)
     return [examples[i] for i in kept], fitted, n_drop, n_trunc
+
+
+def described_tools(cfg: Config, template: str, tokenizer: Any,
+                    log: Callable[[str], None]) -> list[dict[str, Any]] | None:
+    """The tools' JSON schemas for the chat template (``env.describe_tools``), when prompts go through one
+    with ``env.tools``; None otherwise. Says which, and when the template has no place for them."""
+    e = cfg.env
+    if not (e.tools and e.describe_tools and template.endswith("chat") and getattr(tokenizer, "chat_template", None)):
+        return None
+    from dapo.envs.tools import tool_schemas
+
+    schemas = tool_schemas(e.tools)
+    names = ", ".join(s["function"]["name"] for s in schemas)
+    if "tools" not in str(tokenizer.chat_template):
+        log(f"env.describe_tools: the tokenizer's chat template does not render tools, so the prompts do not list "
+            f"{names}: say in them which tools exist")
+        return None
+    log(f"tools described to the chat template (env.describe_tools): {names}")
+    return schemas
 
 
 def reward_spec(cfg: Config) -> str:
@@ -340,7 +360,8 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
         return exs[:n] if n else exs
 
     def encode(path: str, exs: list[Example]) -> tuple[list[Example], list[list[int]]]:
-        exs, fitted, n_drop, n_trunc = encode_prompts(exs, template, tokenizer, d.max_prompt_len, d.long_prompts)
+        exs, fitted, n_drop, n_trunc = encode_prompts(exs, template, tokenizer, d.max_prompt_len, d.long_prompts,
+                                                      tools)
         if n_drop or n_trunc:
             log(f"{path}: {n_drop} prompts longer than data.max_prompt_len={d.max_prompt_len} dropped, {n_trunc} truncated")
         if not exs:
@@ -350,6 +371,7 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
     rows = read(d.path, 0 if (train or held_out) else limit)
     template, why = choose_template(cfg, tokenizer, answers=all(e.answer is not None for e in rows))
     log(f"prompt template: {template} ({why})")
+    tools = described_tools(cfg, template, tokenizer, log)
     if not train and not held_out:
         ev, ev_ids = encode(d.path, rows)
         exs, ids = [], []

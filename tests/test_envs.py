@@ -191,3 +191,64 @@ def test_an_environment_call_past_its_limit_stops_with_an_error_naming_it(tmp_pa
     assert step_all([env], ["ok"], timeout_s=5)[0].reward == 1.0
     with pytest.raises(EnvError, match=rf"env.path: {what} raised: TimeoutError: the user's own TimeoutError at {f}"):
         step_all([env], ["boom"], timeout_s=5)
+
+
+DOCUMENTED_TOOLS = '''
+def add(a: int, b: int = 1) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first
+        b: the second
+    """
+    return a + b
+
+def shout(text, times: int | float = 2, *rest):
+    return text.upper()
+'''
+TOOLS_TEMPLATE = ("{% if tools %}[tools]{% for t in tools %}{{ t.function.name }}({{ t.function.parameters.properties "
+                  "| list | join(',') }});{% endfor %}<eos>\n{% endif %}{% for m in messages %}[{{ m.role }}]"
+                  "{{ m.content }}<eos>\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_tool_schemas_from_docstrings_or_else_from_signatures(tmp_path):
+    from dapo.envs.tools import tool_schemas
+
+    (tmp_path / "t.py").write_text(DOCUMENTED_TOOLS)
+    assert tool_schemas(tmp_path / "t.py") == [
+        {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer", "description": "the first"},
+                                             "b": {"type": "integer", "description": "the second"}},
+            "required": ["a"]}}},
+        {"type": "function", "function": {"name": "shout", "description": "", "parameters": {  # no docstring
+            "type": "object", "properties": {"text": {}, "times": {"type": ["integer", "number"]}},
+            "required": ["text"]}}},
+    ]
+
+
+@pytest.mark.parametrize("describe, renders_tools", [(True, True), (False, True), (True, False)])
+def test_a_chat_template_that_renders_tools_lists_them_in_the_prompts(tmp_path, tiny_model_dir, describe,
+                                                                      renders_tools):
+    import json
+
+    from dapo.config import load_config
+    from dapo.model import load_tokenizer
+    from dapo.problems import load_problems
+
+    (tmp_path / "t.py").write_text(DOCUMENTED_TOOLS)
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", f"data.path={tmp_path / 'd.jsonl'}",
+                                 f"env.tools={tmp_path / 't.py'}", "data.template=chat",
+                                 f"env.describe_tools={str(describe).lower()}", "data.max_prompt_len=200"])
+    tok = load_tokenizer(cfg.model, cfg.model.path)
+    tok.chat_template = TOOLS_TEMPLATE if renders_tools else TOOLS_TEMPLATE.split("{% endif %}", 1)[1]
+    said = []
+    probs = load_problems(cfg, tok, said.append)
+    item = probs.eval_items[0]
+    listed = describe and renders_tools
+    text = ("[tools]add(a,b);shout(text,times);<eos>\n" if listed else "") + f"[user]{item.example.prompt}<eos>\n[assistant]"
+    assert item.prompt_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert ("tools described to the chat template (env.describe_tools): add, shout" in said) == listed
+    assert any("does not render tools, so the prompts do not list add, shout" in s for s in said) == (
+        describe and not renders_tools)

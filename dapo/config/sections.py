@@ -187,6 +187,11 @@ class EnvConfig:
     """Time limit of one tool call; past it the model is told the call timed out."""
     max_output_chars: int = 1000
     """A tool's output (what it printed, then what it returned) is cut to this many characters."""
+    describe_tools: bool = True
+    """With a chat template (``data.template`` ending in chat): the tools' JSON schemas (from their docstrings and
+    signatures, ``dapo.envs.tools.tool_schemas``) are given to it as ``apply_chat_template(tools=...)``, which lists
+    them where the template does (Qwen2.5, Hermes, Llama 3.1: the system prompt); False = the prompts say which
+    tools exist."""
     memory_mb: int = 0
     """Address-space limit of each tool process, in MB; 0 = none."""
     step_timeout_s: float = 600.0

@@ -54,11 +54,13 @@ def add_instruction(problem: str, template: str) -> str:
     raise ValueError(f"unknown instruction template {template!r}; valid: none, dapo_math, boxed")
 
 
-def render_prompt(example: Example | str | Messages, template: str, tokenizer: Any = None) -> str:
+def render_prompt(example: Example | str | Messages, template: str, tokenizer: Any = None,
+                  tools: list[dict[str, Any]] | None = None) -> str:
     """The text given to the policy for one example; see the module docstring for ``template``.
 
     tokenizer: needed by the ``chat`` templates (any object with ``chat_template`` and
-    ``apply_chat_template``, e.g. a transformers tokenizer).
+    ``apply_chat_template``, e.g. a transformers tokenizer). tools: JSON schemas given to the chat template
+    (``apply_chat_template(tools=...)``, which lists them where it does, e.g. in Qwen2.5's system prompt).
 
     >>> render_prompt(Example([{"role": "user", "content": "What is 2+3?"}], "5"), "none")
     'What is 2+3?'
@@ -75,6 +77,8 @@ def render_prompt(example: Example | str | Messages, template: str, tokenizer: A
     messages = _with_instruction(_as_messages(prompt), instruction)
     if not getattr(tokenizer, "chat_template", None):
         return prompt_text(messages)  # a base model's tokenizer: plain text
+    if tools:
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

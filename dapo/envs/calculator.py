@@ -57,7 +57,14 @@ def _show(x: int | Fraction) -> str:
 
 
 def mul(a: int | float, b: int | float) -> str:
-    """a times b, exactly.
+    """Multiply two numbers exactly.
+
+    Args:
+        a: the first factor (an integer or a decimal)
+        b: the second factor (an integer or a decimal)
+
+    Returns:
+        The product, exactly (a decimal cut to 12 significant digits only when it has no exact one).
 
     >>> mul(347, 86)
     '29842'
@@ -90,7 +97,13 @@ def _eval(node: ast.AST) -> int | Fraction:
 
 
 def calc(expr: str) -> str:
-    """The value of an arithmetic expression, exactly (fractions kept until the end).
+    """Evaluate an arithmetic expression exactly: numbers, + - * / // % ** and parentheses.
+
+    Args:
+        expr: the expression, e.g. "(12 + 3) * 4"
+
+    Returns:
+        Its value: fractions are kept until the end, then shown as an exact decimal where there is one.
 
     >>> calc("(12 + 3) * 4")
     '60'

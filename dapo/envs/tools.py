@@ -18,7 +18,10 @@ returned (nothing for None), cut to ``env.max_output_chars``. How the results re
 * with a chat template: as ``tool`` messages, rendered by the template (``dapo.rollout.multiturn``);
 * without one: ``<result>TEXT</result>`` and a newline per call, appended as they are.
 
-The model is not told which tools exist: say so in the prompts (a chat template's own tool list is not filled in).
+Which tools exist: with a chat template that renders tools (Qwen2.5, Hermes, Llama 3.1), their JSON schemas
+(:func:`tool_schemas`: from Google-style docstrings, else from the signatures) go to it as
+``apply_chat_template(tools=...)``, and it lists them in the prompts (``env.describe_tools``). Otherwise the
+prompts must say which tools exist.
 
 A call that cannot be parsed, names no tool, raises, runs past ``env.timeout_s`` or kills its process is answered
 with a result that starts with ``error:`` and says why; the run goes on. Tools run in a pool of worker processes
@@ -33,6 +36,8 @@ import inspect
 import io
 import json
 import re
+import types
+import typing
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +143,67 @@ def load_tools(path: str | Path) -> dict[str, Callable[..., Any]]:
     if not tools:
         raise ValueError(f"env.tools: {p} defines no public function (every def not starting with _ is a tool)")
     return tools
+
+
+_JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array", tuple: "array",
+               dict: "object", type(None): "null"}
+
+
+def _json_type(hint: Any) -> str | list[str] | None:
+    """The JSON schema type of a plain annotation (``int``, ``int | float``, ``list[str]``); None: not one."""
+    if hint in _JSON_TYPES:
+        return _JSON_TYPES[hint]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_json_type(a) for a in typing.get_args(hint)]
+        return parts if all(isinstance(t, str) for t in parts) else None  # type: ignore[return-value]
+    return _JSON_TYPES.get(origin) if origin is not None else None
+
+
+def _signature_schema(name: str, fn: Callable[..., Any]) -> dict[str, Any]:
+    """A function's schema from its signature: the docstring's first paragraph, each argument's type where it
+    has a plain annotation, the arguments without a default required."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: no types
+        hints = {}
+    props: dict[str, dict[str, Any]] = {}
+    required = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        t = _json_type(hints.get(p.name, inspect.Parameter.empty))
+        props[p.name] = {"type": t} if t else {}
+        if p.default is p.empty:
+            required.append(p.name)
+    doc = (inspect.getdoc(fn) or "").split("\n\n")[0].strip()
+    return {"type": "function", "function": {"name": name, "description": " ".join(doc.split()),
+                                             "parameters": {"type": "object", "properties": props,
+                                                            "required": required}}}
+
+
+def tool_schemas(path: str | Path) -> list[dict[str, Any]]:
+    """The tools of ``path`` as the JSON schemas a chat template lists (``apply_chat_template(tools=...)``), in
+    the file's order: transformers' ``get_json_schema`` where the docstring describes every argument (Google
+    style: a description, then an ``Args:`` section), else one from the signature (``_signature_schema``).
+
+    >>> [s["function"]["name"] for s in tool_schemas("calculator")]
+    ['mul', 'calc']
+    >>> tool_schemas("calculator")[0]["function"]["parameters"]["properties"]["a"]
+    {'type': ['integer', 'number'], 'description': 'the first factor (an integer or a decimal)'}
+    """
+    from transformers.utils import get_json_schema
+
+    out = []
+    for name, fn in load_tools(path).items():
+        try:
+            schema = get_json_schema(fn)
+        except Exception:  # noqa: BLE001 - no docstring, an argument it does not describe, a hint it cannot map
+            schema = _signature_schema(name, fn)
+        schema["function"].pop("return", None)
+        schema.pop("return", None)
+        out.append(schema)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ in the worker
