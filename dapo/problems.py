@@ -105,14 +105,24 @@ def encode_prompts(
     """Render, tokenise and length-fit prompts: (kept examples, their ids, n dropped, n truncated).
 
     A chat template already writes the special tokens it wants, so those prompts are tokenised without
-    adding more. ``tools``: the tools' JSON schemas, given to a chat template (``render_prompt``).
+    adding more. ``tools``: the tools' JSON schemas, given to a chat template (``render_prompt``); None: each
+    row's own ``tools`` column, where it has one.
     """
     from dapo.data.templates import fit_prompts, render_prompt
 
-    texts = [render_prompt(e, template, tokenizer, tools) for e in examples]
+    texts = [render_prompt(e, template, tokenizer, tools or row_tools(e)) for e in examples]
     ids = [tokenizer(t, add_special_tokens=not template.endswith("chat"))["input_ids"] for t in texts]
     kept, fitted, n_drop, n_trunc = fit_prompts(ids, max_len, long_prompts)
     return [examples[i] for i in kept], fitted, n_drop, n_trunc
+
+
+def row_tools(example: Example) -> list[dict[str, Any]] | None:
+    """A row's ``tools`` column (tool schemas, as a list or as its JSON text, as TRL's and verl's tool-use data
+    hold them; ``dapo.data.files`` checked its form), for the chat template; None when it has none."""
+    tools = example.fields.get("tools")
+    if isinstance(tools, str):
+        tools = json.loads(tools) if tools.strip() else None
+    return tools or None
 
 
 def described_tools(cfg: Config, template: str, tokenizer: Any,
@@ -303,6 +313,9 @@ class Problems:
     score_ids: ScoreIds | None = None
     """``score_fn`` on token ids (what training's sampler calls): decoded in the reward workers or in one batch."""
     closers: list[Callable[[], None]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    """The ``env.tools`` schemas the chat template is given (``described_tools``); None: each row's own ``tools``
+    column where it has one (``row_tools``)."""
 
     def longest_prompt(self) -> int:
         """Tokens of the longest prompt, training and held-out (a built-in task's stream is not counted: its
@@ -394,4 +407,4 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
     items = [PromptItem(-1 - i, e, x) for i, (e, x) in enumerate(zip(ev, ev_ids))]
     stream = ListPromptStream(exs, ids, cfg.seed, d.shuffle) if train else None
     return Problems(items, runner_score_fn(runner), template, vote_answer, stream, runner_score_ids(runner, decoder),
-                    [runner.close])
+                    [runner.close], tools)

@@ -290,6 +290,75 @@ def test_sft_on_conversations_trains_on_what_dapo_train_then_renders(bases, file
         probs.close()
 
 
+TOOLS_CHATML = ("{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }};{% endfor %}<|im_end|>\n"
+                "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+                "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}({{ c.function.arguments | tojson }})"
+                "</tool_call>{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% endif %}")
+"""A ChatML template that lists the tools in a system turn and writes an assistant turn's tool_calls."""
+
+
+def _tool_trace(a: int, b: int, tools_as_text: bool = False) -> dict:
+    """A tool-use conversation as TRL's and verl's data hold one: a call, its result, the answer; the schemas."""
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+    return {"messages": [
+        {"role": "user", "content": f"{a}+{b}="},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]},
+        {"role": "tool", "name": "add", "content": str(a + b)},
+        {"role": "assistant", "content": str(a + b)}], "answer": str(a + b),
+        "tools": json.dumps(tools) if tools_as_text else tools}
+
+
+def test_sft_on_tool_use_conversations_imitates_the_calls_and_the_answer(tmp_path, capsys):
+    """dapo sft on tool-use traces (assistant turns with tool_calls and no content, tool turns, a tools column as
+    a list or as JSON text): each assistant turn is a pair, the call written by the chat template, the tools
+    listed where it lists them; the prompt of the first is what dapo train renders for the row. Without a chat
+    template, or with a malformed tools column, the file is refused naming the row."""
+    from dapo.config import load_config
+    from dapo.model import load_tokenizer
+    from dapo.problems import load_problems
+    from dapo.warmup.base import example_pairs
+
+    base = _bpe_dir(tmp_path / "base", chat=True)
+    tok = load_tokenizer(load_config().model, str(base))
+    tok.chat_template = TOOLS_CHATML
+    tok.save_pretrained(base)
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps(_tool_trace(a, a + 30, tools_as_text=a % 2 == 0)) + "\n" for a in range(10, 50)))
+    cfg = load_config(overrides=[f"data.path={data}", f"model.path={base}", "data.template=chat"])
+    tok = load_tokenizer(cfg.model, str(base))
+    probs = load_problems(cfg, tok, lambda s: None, require_answer=False)
+    try:
+        for item in probs.stream.take(2):  # one with the tools as a list, one as JSON text
+            a = int(item.example.prompt[0]["content"].split("+")[0])
+            (p1, r1), (p2, r2) = example_pairs(item, probs.template, tok, cfg)
+            head = f"<|im_start|>system\nadd;<|im_end|>\n<|im_start|>user\n{a}+{a + 30}=<|im_end|>\n<|im_start|>assistant\n"
+            assert p1 == item.prompt_ids and tok.decode(p1) == head
+            assert tok.decode(r1) == f'<tool_call>add({{"a": {a}, "b": {a + 30}}})</tool_call><|im_end|>'
+            assert tok.decode(p2) == (tok.decode(p1) + tok.decode(r1) + f"\n<|im_start|>tool\n{2 * a + 30}<|im_end|>\n"
+                                      "<|im_start|>assistant\n")
+            assert tok.decode(r2) == f"{2 * a + 30}<|im_end|>" and r2[-1] == tok.eos_token_id
+    finally:
+        probs.close()
+    out = tmp_path / "sft"
+    assert cli_main(["sft", "--model", str(base), "--data", str(data), "--out", str(out), "data.template=chat",
+                     *SFT_RUN[:6], "sft.target_accuracy=null", "sft.lr=1e-3"]) == 0
+    assert json.loads((out / "sft.json").read_text())["steps"] == 6
+
+    plain = _bpe_dir(tmp_path / "plain", chat=False)
+    rc = cli_main(["sft", "--model", str(plain), "--data", str(data), "--out", str(tmp_path / "sft2"), *SFT_RUN[:6]])
+    assert rc == 2 and f"{data}: an assistant turn with tool_calls and no content needs a chat template" in \
+        capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({**_tool_trace(a, a), **({"tools": 7} if a == 12 else {})}) + "\n"
+                           for a in range(10, 30)))
+    rc = cli_main(["sft", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "sft3"), *SFT_RUN[:6]])
+    assert rc == 2 and (f"{bad}: row 3 (line 3): tools column must be a list of tool schemas (JSON objects), or its "
+                        f"JSON text, got int") in capsys.readouterr().err
+
+
 def test_the_demo_base_with_a_users_file_on_the_defaults(bases, files, tmp_path, capsys):
     """The failure of #23 as a user met it: the demo base (a built-in task's, from the cache) on their own file
     with their own reward and columns, no template key."""

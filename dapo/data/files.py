@@ -199,12 +199,33 @@ def prompt_error(prompt: Any) -> str | None:
         if not prompt:
             return "is an empty list of messages"
         for k, m in enumerate(prompt):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 return f"message {k} is not {{'role': str, 'content': str}}"
-        if not any(m["content"].strip() for m in prompt):
+            calls = m.get("tool_calls")
+            if m["role"] == "assistant" and calls is not None and m.get("content") is None:
+                if not isinstance(calls, list) or not calls:  # an assistant turn that only calls tools
+                    return f"message {k}'s tool_calls is not a non-empty list"
+            elif not isinstance(m.get("content"), str):
+                return f"message {k} is not {{'role': str, 'content': str}}"
+        if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in prompt):
             return "has only empty messages"
         return None
     return f"must be a string or a list of chat messages, got {type(prompt).__name__}"
+
+
+def tools_error(tools: Any) -> str | None:
+    """Why a row's ``tools`` column is not tool schemas for a chat template (a list of JSON objects, or its
+    JSON text; null or empty: none), or None if it is."""
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            return "is a string but not JSON"
+    if tools is None or (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+        return None
+    return f"must be a list of tool schemas (JSON objects), or its JSON text, got {type(tools).__name__}"
 
 
 def _answer_text(answer: Any) -> str | None:
@@ -265,7 +286,7 @@ def load_examples(
             continue
         prompt = conversation = get_field(row, column, _MISSING)
         if not isinstance(prompt, str):
-            conversation = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            conversation = [dict(m) for m in prompt]  # tool_calls, name, tool_call_id kept for the template
             prompt = until_last_user_turn(conversation)
         if dedup:
             key = prompt_key_text(prompt)
@@ -327,6 +348,9 @@ def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: boo
         return f"prompt key {prompt_key!r} {why}"
     if not isinstance(prompt, str) and not any(m["role"] == "user" and m["content"].strip() for m in prompt):
         return f"prompt key {prompt_key!r} has no user message with content"
+    why = tools_error(row.get("tools"))
+    if why:
+        return f"tools column {why}"
     answer, key = get_field(row, answer_key, _MISSING), answer_key
     if answer is _MISSING and "answer" in row:
         answer, key = row["answer"], "answer"

@@ -82,7 +82,8 @@ def render_prompt(example: Example | str | Messages, template: str, tokenizer: A
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def assistant_turns(messages: Messages, template: str, tokenizer: Any = None) -> list[tuple[str, str]]:
+def assistant_turns(messages: Messages, template: str, tokenizer: Any = None,
+                    tools: list[dict[str, Any]] | None = None) -> list[tuple[str, str]]:
     """(prompt text, response text) for each assistant turn of a conversation that follows a user turn: the
     prompt rendered exactly as :func:`render_prompt` renders the conversation so far (what ``dapo train``
     shows the model), the response as the model should continue it.
@@ -91,7 +92,9 @@ def assistant_turns(messages: Messages, template: str, tokenizer: Any = None) ->
     turn: the content and the template's end-of-turn marker (``<|im_end|>`` in ChatML). Without one (or
     when the template's rendering of the turn does not start with its generation prompt), the content alone.
     Earlier turns stay in the prompt as the template writes them; without a chat template only the user
-    turns are kept (the ``none`` rendering).
+    turns are kept (the ``none`` rendering). A tool-use conversation (assistant turns with ``tool_calls``,
+    ``tool`` turns with their results) needs a chat template to write the calls; ``tools``, the conversation's
+    tool schemas, go to the template with every rendering (``render_prompt``).
 
     >>> assistant_turns([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "none")
     [('2+2?', '4')]
@@ -102,12 +105,19 @@ def assistant_turns(messages: Messages, template: str, tokenizer: Any = None) ->
     for k, m in enumerate(messages):
         if m.get("role") != "assistant" or not any(x.get("role") == "user" for x in messages[:k]):
             continue
-        prompt, response = render_prompt(messages[:k], template, tokenizer), m["content"]
+        if not chat and m.get("content") is None:
+            raise ValueError("an assistant turn with tool_calls and no content needs a chat template to write "
+                             "the calls: use a tokenizer with one and data.template=chat")
+        prompt, response = render_prompt(messages[:k], template, tokenizer, tools), m.get("content")
         if chat:
+            extra = {"tools": tools} if tools else {}
             whole = tokenizer.apply_chat_template(_with_instruction(_as_messages(messages[: k + 1]), instruction),
-                                                  tokenize=False)
+                                                  tokenize=False, **extra)
             if whole.startswith(prompt) and len(whole) > len(prompt):
                 response = whole[len(prompt):]
+            elif response is None:
+                raise ValueError("the chat template's rendering of an assistant turn with tool_calls does not "
+                                 "continue its rendering of the conversation before it")
         out.append((prompt, response))
     return out
 

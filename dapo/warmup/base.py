@@ -234,12 +234,16 @@ def _transformers_version() -> str:
 # a user's own file: dapo sft --data FILE
 
 
-def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config) -> list[Pair]:
+def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config,
+                  tools: list[dict[str, Any]] | None = None) -> list[Pair]:
     """The (prompt, response + eos) pairs one row teaches: its ``sft.response_key`` column after its prompt,
     or else every assistant turn of its conversation (a ``messages`` row), each after the conversation so
-    far, rendered as ``dapo train`` renders prompts (:func:`dapo.data.templates.assistant_turns`)."""
+    far, rendered as ``dapo train`` renders prompts (:func:`dapo.data.templates.assistant_turns`): a tool-use
+    conversation's calls and results included, with ``tools`` (``env.tools``' schemas) or else the row's own
+    ``tools`` column given to the chat template."""
     from dapo.data.files import get_field
     from dapo.data.templates import assistant_turns, fit_prompts
+    from dapo.problems import row_tools
 
     eos = tokenizer.eos_token_id
     fields, key = item.example.fields, cfg.sft.response_key
@@ -254,7 +258,11 @@ def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config) 
                          f"sft.response_key to the column holding the response to imitate")
     chat = template.endswith("chat")
     out = []
-    for prompt, response in assistant_turns(conversation, template, tokenizer):
+    try:
+        turns = assistant_turns(conversation, template, tokenizer, tools or row_tools(item.example))
+    except ValueError as e:
+        raise ValueError(f"{cfg.data.path}: {e}") from None
+    for prompt, response in turns:
         ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         kept, fitted, _, _ = fit_prompts([ids], cfg.data.max_prompt_len, cfg.data.long_prompts)
         if not kept:
@@ -272,7 +280,7 @@ def file_pairs(problems: Any, tokenizer: Any, cfg: Config) -> Callable[[int], li
     def take(n: int) -> list[Pair]:
         while len(queue) < n:
             for it in problems.stream.take(n - len(queue)):
-                queue.extend(example_pairs(it, problems.template, tokenizer, cfg))
+                queue.extend(example_pairs(it, problems.template, tokenizer, cfg, problems.tools))
         out = queue[:n]
         del queue[:n]
         return out
@@ -344,7 +352,8 @@ def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str
         if answered:
             probe = make_probe(held_out, problems.score_fn, tokenizer, cfg.eval_seed,
                                max(cfg.rollout.max_new_tokens, longest_resp))
-        val_pairs = [p for it in held_out for p in example_pairs(it, problems.template, tokenizer, cfg)]
+        val_pairs = [p for it in held_out for p in example_pairs(it, problems.template, tokenizer, cfg,
+                                                                 problems.tools)]
         log("stopping rule: " + _stopping_rule(s, answered, bool(val_pairs), cfg))
         random.seed(cfg.seed)
         res = sft(model, pairs, tokenizer.pad_token_id, s, probe, threads, log, val_pairs=val_pairs)
