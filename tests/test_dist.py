@@ -285,6 +285,17 @@ def test_fsdp_ranks_shard_and_match_the_single_process_step(run, tiny_model_dir,
         local.minibatch_backward(fb, old, idx)
         for n, p in local.model.named_parameters():
             torch.testing.assert_close(g_dist[n], p.grad, atol=1e-5, rtol=0)
+        # with observation tokens masked out (a multi-turn batch): the global token count is of the model's tokens
+        g = torch.Generator().manual_seed(3)
+        fm = replace(fb, token_mask=fb.responses.like((torch.rand(len(fb.responses.values), generator=g) < 0.6).float()))
+        assert 0 < fm.token_mask.values.sum() < len(fm.token_mask.values)
+        g_whole, g_dist = g_dist, _ranks_gradient(ranks, fm, old, idx)
+        assert max((g_dist[n] - g_whole[n]).abs().max() for n in g_dist) > 1e-3  # the mask changes the gradient
+        local.optimizer.zero_grad(set_to_none=True)
+        local.minibatch_backward(fm, old, idx)
+        for n, p in local.model.named_parameters():
+            torch.testing.assert_close(g_dist[n], p.grad, atol=1e-5, rtol=0)
+        local.optimizer.zero_grad(set_to_none=True)
         # a whole update (2 optimiser steps, sharded AdamW state) lands on the same weights
         local.optimizer.zero_grad(set_to_none=True)
         m_one = local.update(fb, old, step=1)
