@@ -144,6 +144,19 @@ def described_tools(cfg: Config, template: str, tokenizer: Any,
     return schemas
 
 
+def response_vote(response: str) -> str | None:
+    """What a response votes for in maj@k under a user's reward, whose answer format dapo cannot know: the
+    math answer or the text after the last ':' where there is one (``vote_answer``), else the whole response,
+    whitespace-normalised (identical answers vote together); None only for an empty response.
+
+    >>> response_vote("so\\nAnswer: 12"), response_vote(" 0 6  6\\n"), response_vote("  ")
+    ('12', '0 6 6', None)
+    """
+    from dapo.rewards.math import vote_answer
+
+    return vote_answer(response) or (" ".join(response.split()) or None)
+
+
 def reward_spec(cfg: Config) -> str:
     """The verifier files are scored with: ``reward.fn``, or the DAPO math verifier for ``auto``."""
     return "math" if cfg.reward.fn == "auto" else cfg.reward.fn
@@ -406,5 +419,6 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
                           decoder=decoder.json if train else None)
     items = [PromptItem(-1 - i, e, x) for i, (e, x) in enumerate(zip(ev, ev_ids))]
     stream = ListPromptStream(exs, ids, cfg.seed, d.shuffle) if train else None
-    return Problems(items, runner_score_fn(runner), template, vote_answer, stream, runner_score_ids(runner, decoder),
+    extract = vote_answer if reward_spec(cfg) == "math" else response_vote  # what maj@k votes on
+    return Problems(items, runner_score_fn(runner), template, extract, stream, runner_score_ids(runner, decoder),
                     [runner.close], tools)

@@ -214,6 +214,23 @@ def test_cli_on_jsonl_with_user_reward(tiny_model_dir, tmp_path, capsys):
     assert res["metrics"]["maj@3"] == pytest.approx(maj)
 
 
+def test_maj_at_1_is_avg_at_1_under_a_users_reward_whose_answers_have_no_format(tiny_model_dir, tmp_path):
+    """A user's reward: dapo cannot read an answer out of the response, so the whole (whitespace-normalised)
+    response votes; with k=1 the vote is the one sample, so maj@1 = avg@1, and only empty responses have no
+    answer (the math answer extraction gave None for all of them: maj@1 0, no_ans 1)."""
+    from dapo.eval import main
+
+    (tmp_path / "my_reward.py").write_text(REWARD_PY)
+    out = tmp_path / "res.json"
+    assert main(["--model", str(tiny_model_dir), "--data", str(MATH_20), "--k", "1", "--max-new-tokens", "3",
+                 "--reward", f"{tmp_path / 'my_reward.py'}:reward", "--out", str(out), "--limit", "12"]) == 0
+    res = json.loads(out.read_text())
+    m, samples = res["metrics"], res["samples"]
+    assert 0 < m["avg@1"] < 1 and m["maj@1"] == pytest.approx(m["avg@1"])
+    assert m["no_answer_frac"] == pytest.approx(sum(not s["response"].strip() for s in samples) / len(samples))
+    assert all(s["pred"] == " ".join(s["response"].split()) for s in samples if ":" not in s["response"])
+
+
 def test_cli_on_builtin_task_default_output(tiny_model_dir, tmp_path, capsys):
     import shutil
 
