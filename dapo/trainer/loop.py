@@ -22,6 +22,7 @@ the same two calls (``learner``, ``engine``) behind Ray rollout workers and data
 """
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
@@ -170,10 +171,27 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
             return _train(run, log_stream, on_step, t_start)
         finally:
             run.close()
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, Exception) and not cfg.ckpt.resume and _nothing_trained(run_dir):
+            for f in run_dir.iterdir():  # a new run that failed before its first step (an environment's error at
+                shutil.rmtree(f) if f.is_dir() else f.unlink()  # the first rollout): the same command runs again
         if made and run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before writing anything: leave no
             run_dir.rmdir()  # empty run (or branch) directory of its own behind; one holding anything is kept
         raise
+
+
+_BEFORE_THE_FIRST_STEP = {"config.yaml", "metrics.jsonl", "summary.json", "tb"}
+"""What a new run's directory holds until its first step is logged (samples.jsonl is kept: it shows a step)."""
+
+
+def _nothing_trained(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a new run writes before its first step, no step logged."""
+    try:
+        names = {f.name for f in run_dir.iterdir()}
+        metrics = run_dir / "metrics.jsonl"
+        return names <= _BEFORE_THE_FIRST_STEP and (not metrics.exists() or not metrics.read_text().strip())
+    except OSError:
+        return False
 
 
 def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | None, t_start: float) -> RunResult:

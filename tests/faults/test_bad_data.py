@@ -269,6 +269,29 @@ def test_an_environment_that_raises_hangs_or_scores_nan_stops_the_run_naming_it(
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     assert says.format(f=env.resolve()) in err, err
+    # a new run that failed before its first step leaves no directory: the same command, mended, runs again
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_keeps_the_users_own_directory_empty(tiny_model_dir, tmp_path,
+                                                                                     capsys):
+    """The user made runs/r (empty) for the run: a failure at the first rollout leaves it, empty, not removed;
+    a failure after a step was logged keeps everything."""
+    env = tmp_path / "env.py"
+    env.write_text(BAD_ENVS["reset gives a number"][0])
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    assert _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d.jsonl", GOOD), "--env", f"{env}:Env") == 2
+    assert (tmp_path / "runs" / "r").is_dir() and not any((tmp_path / "runs" / "r").iterdir())
+    env = tmp_path / "env2.py"  # another file: this process has imported env.py
+    env.write_text(ENV_HEAD + "    n = 0\n    def reset(self, row):\n        Env.n += 1\n"
+                   "        if Env.n > 40:\n            raise KeyError('late')\n        return None\n"
+                   "    def step(self, text):\n        return StepResult(reward=float(len(text) % 2), done=True)\n")
+    rc = _train(tiny_model_dir, tmp_path, _jsonl(tmp_path / "d2.jsonl", GOOD), "--env", f"{env}:Env",
+                "optim.steps=3", "eval.size=0")
+    err = capsys.readouterr().err
+    assert rc == 2 and "KeyError: 'late'" in err, err
+    metrics = (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) >= 1 and (tmp_path / "runs" / "r" / "config.yaml").is_file()
 
 
 @pytest.mark.parametrize("template, fits", [("chat", "none"), ("dapo_math+chat", "dapo_math"), ("boxed+chat", "boxed")])
