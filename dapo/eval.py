@@ -321,9 +321,9 @@ def _parser():
     )
     p.add_argument("--model", required=True, help="model directory (Hugging Face format, e.g. a run's step_N/)")
     p.add_argument("--data", required=True, help="problem file (JSONL, Parquet, CSV) or task:NAME for a built-in task")
-    p.add_argument("--out", help="JSON results file (default: MODEL/eval_<data name>.json)")
+    p.add_argument("--out", help="JSON results file (default: MODEL/eval_<data file name, .jsonl dropped>.json)")
     p.add_argument("--limit", type=whole(0), default=0, help="evaluate the first N problems only (tasks: N held-out "
-                   "problems; default eval.size)")
+                   "problems; default eval.size, as for a run's own eval.path)")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"])
     p.add_argument("--no-samples", action="store_true", help="leave the per-sample records (responses) out of the JSON")
     p.add_argument("--all-rows", action="store_true", help="a run's own training file: every row, not only the rows "
@@ -349,16 +349,20 @@ def _eval_config(args: Any) -> Any:
     for run_dir in (model_dir, model_dir.parent):
         saved = run_config(run_dir)
         if saved is not None:  # as run_config(run_dir, over) builds it, from the one read of config.yaml
-            return load_config(None, None, over, base=saved), _run_held_out(saved, args)
-    return load_config(None, None, over), False
+            return load_config(None, None, over, base=saved), _run_rows(saved, args)
+    return load_config(None, None, over), ""
 
 
-def _run_held_out(run_cfg: Any, args: Any) -> bool:
-    """Whether ``--data`` is the file its run trained on with no eval.path: then the problems are the rows the
-    run held out (the ones its before/after/periodic accuracy measured), not rows it trained on."""
-    if getattr(args, "all_rows", False) or not run_cfg.data.path or run_cfg.eval.path or args.data.startswith("task:"):
-        return False
-    return Path(run_cfg.data.path).expanduser().resolve() == Path(args.data).expanduser().resolve()
+def _run_rows(run_cfg: Any, args: Any) -> str:
+    """Which rows of ``--data`` the run measured its before/after/periodic accuracy on, when it is one of its
+    files: "held_out" (the file it trained on, no eval.path: the rows it held out, not rows it trained on),
+    "eval_path" (its eval.path: the first eval.size rows), "" (another file, or --all-rows: every row)."""
+    if getattr(args, "all_rows", False) or not run_cfg.data.path or args.data.startswith("task:"):
+        return ""
+    data = Path(args.data).expanduser().resolve()
+    if run_cfg.eval.path:
+        return "eval_path" if Path(run_cfg.eval.path).expanduser().resolve() == data else ""
+    return "held_out" if Path(run_cfg.data.path).expanduser().resolve() == data else ""
 
 
 def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
@@ -370,14 +374,19 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such directory")
-    cfg, held_out = _eval_config(args)
+    cfg, rows = _eval_config(args)
+    held_out, limit = rows == "held_out", args.limit
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.model, str(model_dir))
     if held_out:
         print(f"dapo eval: {args.data} is the file this run trained on: evaluating the rows it held out "
               f"(its before/after problems); --all-rows evaluates every row", file=sys.stderr)
+    elif rows == "eval_path" and not limit:
+        limit = cfg.eval.size
+        print(f"dapo eval: {args.data} is this run's eval.path: evaluating its first eval.size={limit} rows (its "
+              f"before/after problems); --all-rows evaluates every row", file=sys.stderr)
     # data and reward before the weights: a typo should not cost loading a large model
-    probs = load_problems(cfg, tok, lambda s: print(s, file=sys.stderr), train=False, limit=args.limit,
+    probs = load_problems(cfg, tok, lambda s: print(s, file=sys.stderr), train=False, limit=limit,
                           held_out=held_out)
     try:
         if not probs.eval_items:
@@ -407,7 +416,7 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     result = {
         "settings": {"model": str(model_dir), "data": args.data, "k": params.n, "temperature": params.temperature,
                      "top_p": params.top_p, "top_k": params.top_k, "max_new_tokens": params.max_new_tokens,
-                     "seed": cfg.eval_seed, "limit": args.limit, "template": probs.template, "held_out": held_out,
+                     "seed": cfg.eval_seed, "limit": limit, "template": probs.template, "held_out": held_out,
                      "reward": f"task:{cfg.data.task}" if is_task else cfg.reward.fn,
                      **({"env": cfg.env.path, "tools": cfg.env.tools, "max_turns": cfg.rollout.max_turns}
                         if cfg.env.path or cfg.env.tools else {})},
@@ -416,11 +425,22 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
     }
     if args.no_samples:
         result.pop("samples")
-    name = f"task-{cfg.data.task}" if is_task else Path(args.data.rstrip("/")).name.split(".")[0]
+    name = f"task-{cfg.data.task}" if is_task else _data_name(args.data)
     out = Path(args.out) if args.out else model_dir / f"eval_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, strict_json(result, indent=1, ensure_ascii=False))
     return result, out
+
+
+def _data_name(data: str) -> str:
+    """The default result file's name part for ``--data``: the file's name, its format kept so that
+    ``mine.jsonl`` and ``mine.parquet`` do not overwrite each other's results (JSONL, the common case, drops it).
+
+    >>> _data_name("d/mine.jsonl"), _data_name("mine.parquet"), _data_name("data.v2.jsonl"), _data_name("saved/")
+    ('mine', 'mine.parquet', 'data.v2', 'saved')
+    """
+    name = Path(data.rstrip("/")).name
+    return name.removesuffix(".jsonl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

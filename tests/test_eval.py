@@ -292,3 +292,30 @@ def test_eval_on_a_runs_own_file_that_held_nothing_out_says_so(tiny_model_dir, t
     assert main(["eval", "--model", str(step), "--data", str(data), "--max-new-tokens", "4", "--all-rows",
                  "--no-samples"]) == 0
     assert json.loads((step / "eval_five.json").read_text())["metrics"]["problems"] == 5
+
+
+@pytest.mark.parametrize("own", ["training file", "eval.path"])
+def test_eval_on_a_runs_own_file_reproduces_its_after(own, tiny_model_dir, tmp_path, capsys):
+    """dapo eval on a run's checkpoint with the file the run measured on (its training file's held-out rows, or
+    the first eval.size rows of its eval.path) evaluates those problems with its settings: the run's "after"."""
+    from dapo.cli import main
+
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 50)]
+    data, ev = tmp_path / "train.jsonl", tmp_path / "held.csv"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev.write_text("prompt,answer\n" + "".join(f"{a}+{a + 1}=,{2 * a + 1}\n" for a in range(60, 90)))
+    extra = [f"eval.path={ev}"] if own == "eval.path" else []
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), f"log.out_dir={tmp_path}",
+                 "log.run_name=r", "optim.steps=1", "data.template=none", "rollout.group_size=4",
+                 "optim.train_batch_size=2", "optim.mini_batch_size=2", "rollout.max_new_tokens=6", "eval.size=4",
+                 "eval.k=2", "algo.overlong_cache_len=2", "algo.dynamic_sampling=false", "log.progress=plain",
+                 "log.tensorboard=false",
+                 "log.report=false", "ckpt.every=1", *extra]) == 0
+    after = json.loads((tmp_path / "r" / "summary.json").read_text())["after"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "r" / "step_1"), "--data", str(ev if extra else data)]) == 0
+    name = "eval_held.csv.json" if extra else "eval_train.json"  # the format kept but for .jsonl: no collisions
+    res = json.loads((tmp_path / "r" / "step_1" / name).read_text())
+    assert res["metrics"]["problems"] == after["n"] == 4
+    assert res["metrics"]["avg@2"] == pytest.approx(after["accuracy"])
+    assert ("its first eval.size=4 rows" if extra else "evaluating the rows it held out") in capsys.readouterr().err
