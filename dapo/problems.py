@@ -343,13 +343,16 @@ class Problems:
 
 
 def load_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None] = print, *, train: bool = True,
-                  limit: int = 0, require_answer: bool = True, held_out: bool = False) -> Problems:
+                  limit: int = 0, require_answer: bool = True, held_out: bool = False,
+                  response_key: str | None = None) -> Problems:
     """The problems of ``cfg``. ``train=False`` (``dapo eval``): every row of ``data.path`` (or ``eval.size``
     held-out prompts of the task) is a problem to evaluate, the first ``limit`` when it is set; with
     ``held_out`` only the rows a training run on ``data.path`` holds out (the problems of its before/after).
-    ``require_answer=False`` (``dapo sft``): rows without a ground truth are kept (``Example.answer`` None)."""
+    ``require_answer=False`` (``dapo sft``): rows without a ground truth are kept (``Example.answer`` None);
+    ``response_key`` (``dapo sft``): a training row without a response there or an assistant turn is a bad
+    row (``data.bad_rows``)."""
     if cfg.data.path:
-        return _file_problems(cfg, tokenizer, log, train, limit, require_answer, held_out)
+        return _file_problems(cfg, tokenizer, log, train, limit, require_answer, held_out, response_key)
     return _task_problems(cfg, tokenizer, train, limit)
 
 
@@ -372,16 +375,16 @@ def _task_problems(cfg: Config, tokenizer: Any, train: bool, limit: int) -> Prob
 
 
 def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], train: bool, limit: int,
-                   require_answer: bool, held_out: bool) -> Problems:
+                   require_answer: bool, held_out: bool, response_key: str | None = None) -> Problems:
     from dapo.data.files import load_examples
     from dapo.rewards import RewardRunner
     from dapo.rewards.math import vote_answer
 
     d = cfg.data
 
-    def read(path: str, n: int = 0) -> list[Example]:
+    def read(path: str, n: int = 0, response: str | None = None) -> list[Example]:
         exs, stats = load_examples(path, d.prompt_key, d.answer_key, bad_rows=d.bad_rows, dedup=d.dedup,
-                                   require_answer=require_answer)
+                                   require_answer=require_answer, response_key=response)
         log(f"{path}: {stats}")
         return exs[:n] if n else exs
 
@@ -394,7 +397,7 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
             raise ValueError(f"{path}: no prompts left after the length filter (data.max_prompt_len={d.max_prompt_len})")
         return exs, fitted
 
-    rows = read(d.path, 0 if (train or held_out) else limit)
+    rows = read(d.path, 0 if (train or held_out) else limit, response_key)
     template, why = choose_template(cfg, tokenizer, answers=all(e.answer is not None for e in rows))
     log(f"prompt template: {template} ({why})")
     tools = described_tools(cfg, template, tokenizer, log)

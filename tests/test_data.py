@@ -158,6 +158,24 @@ def test_bad_row_is_an_error_naming_file_row_and_key(tmp_path, bad, message):
     assert all(e.answer == "2" for e in examples)
 
 
+@pytest.mark.parametrize("bad, state", [({"prompt": "2+2?", "response": " "}, "empty"),
+                                         ({"prompt": "2+2?", "answer": "4"}, "missing"),
+                                         ({"messages": [{"role": "user", "content": "2+2?"}]}, "missing")])
+def test_a_supervised_row_without_a_response_is_a_bad_row_naming_it(tmp_path, bad, state):
+    """``dapo sft``'s rows need a response (``sft.response_key``) or an assistant turn: one with neither is a bad
+    row like any other, named by its row under data.bad_rows=error and skipped under skip."""
+    chat = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1+1?", "response": "2"}, chat, bad])
+    with pytest.raises(DataError) as info:
+        load_examples(path, require_answer=False, response_key="response")
+    assert str(info.value).startswith(f"{path}: row 3 (line 3): has no response to imitate: sft.response_key "
+                                      f"'response' is {state} and there is no assistant turn")
+    examples, stats = load_examples(path, bad_rows="skip", require_answer=False, response_key="response")
+    assert stats == LoadStats(rows=3, kept=2, skipped_bad=1, dropped_duplicates=0)
+    assert [e.prompt if isinstance(e.prompt, str) else e.prompt[0]["content"] for e in examples] == ["1+1?"] * 2
+    assert load_examples(path, require_answer=False)[1].kept == 3  # dapo train's prompts need no response
+
+
 def test_unparseable_json_line_is_a_bad_row_and_blank_lines_do_not_count(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + '{"prompt": "x", "answer": \n' + json.dumps(GOOD) + "\n")

@@ -67,3 +67,16 @@ def test_a_base_of_another_task_at_out_is_refused_not_returned(tmp_path, capsys)
     assert (out / "sft.json").read_bytes() == made
     assert cli_main(["sft", "--data", str(_pairs(tmp_path / "p.jsonl")), "--out", str(out), *FAST]) == 2
     assert f"made from task 'addition' (its sft.json), not data {str(tmp_path / 'p.jsonl')!r}" in capsys.readouterr().err
+
+
+def test_a_row_without_a_response_is_named_or_skipped_under_bad_rows(tmp_path, capsys):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    rows = data.read_text().splitlines()
+    rows[4] = json.dumps({"prompt": "104 reversed:", "response": ""})
+    data.write_text("\n".join(rows) + "\n")
+    assert cli_main(["sft", "--data", str(data), "--out", str(tmp_path / "a"), *FAST]) == 2
+    assert (f"{data}: row 5 (line 5): has no response to imitate: sft.response_key 'response' is empty"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "a").exists()
+    assert cli_main(["sft", "--data", str(data), "--out", str(tmp_path / "b"), *FAST, "data.bad_rows=skip"]) == 0
+    assert f"{data}: 60 rows, 59 kept (1 bad row skipped, data.bad_rows=skip)\n" in capsys.readouterr().out

@@ -43,6 +43,14 @@ class LoadStats:
     dropped_duplicates: int
     """Rows dropped as repeats of an earlier prompt (``dedup=True``)."""
 
+    def __str__(self) -> str:
+        """``60 rows, 59 kept (1 bad row skipped, data.bad_rows=skip)``: what the start log says of a file."""
+        why = [f"{self.skipped_bad} bad row{'s' * (self.skipped_bad != 1)} skipped, data.bad_rows=skip"] * bool(
+            self.skipped_bad)
+        why += [f"{self.dropped_duplicates} repeated prompt{'s' * (self.dropped_duplicates != 1)} dropped, "
+                f"data.dedup=true"] * bool(self.dropped_duplicates)
+        return f"{self.rows} rows, {self.kept} kept" + (f" ({'; '.join(why)})" if why else "")
+
 
 # --------------------------------------------------------------------------------------------------
 # readers: each yields (where, row) with ``where`` like "row 3" or "row 3 (line 4)"
@@ -257,6 +265,7 @@ def load_examples(
     bad_rows: str = "error",
     dedup: bool = False,
     require_answer: bool = True,
+    response_key: str | None = None,
 ) -> tuple[list[Example], LoadStats]:
     """Read a prompt file into examples.
 
@@ -265,7 +274,9 @@ def load_examples(
     dotted for nested fields; ``answer_key`` falls back to a top-level ``answer`` column when absent.
     bad_rows: ``error`` raises DataError naming the file, 1-based row and key of the first bad row;
     ``skip`` skips and counts them. dedup: keep only the first row of each prompt. require_answer=False
-    (supervised data): a row without an answer is kept with ``Example.answer`` None.
+    (supervised data): a row without an answer is kept with ``Example.answer`` None. response_key (``dapo sft``'s
+    ``sft.response_key``): a row must also hold a response to imitate there, or an assistant turn in its
+    conversation; one with neither is a bad row.
 
     Returns (examples, LoadStats). ``Example.fields`` holds every column of the row except the prompt;
     ``data_source`` is the row's ``data_source`` column, if it has one.
@@ -278,7 +289,7 @@ def load_examples(
     for where, row in _rows(path):
         rows += 1
         column = _prompt_column(row, prompt_key)
-        problem = _row_problem(row, column, answer_key, require_answer)
+        problem = _row_problem(row, column, answer_key, require_answer, response_key)
         if problem is not None:
             if bad_rows == "error":
                 raise DataError(f"{path}: {where}: {problem} (bad_rows='skip' skips such rows)")
@@ -331,7 +342,24 @@ def _prompt_column(row: Any, prompt_key: str) -> str:
     return prompt_key
 
 
-def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: bool = True) -> str | None:
+def response_problem(fields: dict[str, Any], conversation_key: str, response_key: str) -> str | None:
+    """Why a supervised row teaches nothing: no non-empty ``response_key`` value and no assistant turn in the
+    conversation at ``conversation_key`` (or ``messages``); None when it has one."""
+    value = get_field(fields, response_key, None)
+    if value is not None and not (isinstance(value, str) and not value.strip()):
+        return None
+    conversation = get_field(fields, conversation_key, None) or fields.get("messages")
+    if isinstance(conversation, list) and any(isinstance(m, dict) and m.get("role") == "assistant"
+                                              for m in conversation):
+        return None
+    state = "empty" if value is not None else "missing"
+    return (f"has no response to imitate: sft.response_key {response_key!r} is {state} and there is no assistant "
+            f"turn in a 'messages' conversation (columns: {', '.join(sorted(fields))}); set sft.response_key to "
+            f"the column holding the response")
+
+
+def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: bool = True,
+                 response_key: str | None = None) -> str | None:
     """What is wrong with a row, naming the key; None when it is usable."""
     if isinstance(row, _BadRow):
         return row.reason
@@ -351,6 +379,10 @@ def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: boo
     why = tools_error(row.get("tools"))
     if why:
         return f"tools column {why}"
+    if response_key is not None:
+        why = response_problem(row, prompt_key, response_key)
+        if why:
+            return why
     answer, key = get_field(row, answer_key, _MISSING), answer_key
     if answer is _MISSING and "answer" in row:
         answer, key = row["answer"], "answer"

@@ -241,7 +241,7 @@ def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config,
     far, rendered as ``dapo train`` renders prompts (:func:`dapo.data.templates.assistant_turns`): a tool-use
     conversation's calls and results included, with ``tools`` (``env.tools``' schemas) or else the row's own
     ``tools`` column given to the chat template."""
-    from dapo.data.files import get_field
+    from dapo.data.files import get_field, response_problem
     from dapo.data.templates import assistant_turns, fit_prompts
     from dapo.problems import row_tools
 
@@ -250,12 +250,10 @@ def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config,
     value = get_field(fields, key, None)
     if value is not None and not (isinstance(value, str) and not value.strip()):
         return [(item.prompt_ids, tokenizer(str(value), add_special_tokens=False)["input_ids"] + [eos])]
+    why = response_problem(fields, cfg.data.prompt_key, key)
+    if why:  # the loader refused (or skipped) such training rows; a held-out row of eval.path teaches nothing
+        return []
     conversation = get_field(fields, cfg.data.prompt_key, None) or fields.get("messages")
-    if not isinstance(conversation, list) or not any(m.get("role") == "assistant" for m in conversation):
-        cols = ", ".join(sorted(fields))
-        raise ValueError(f"{cfg.data.path}: a row has neither a response (sft.response_key {key!r}, missing or "
-                         f"empty) nor an assistant turn in a 'messages' conversation (columns: {cols}): set "
-                         f"sft.response_key to the column holding the response to imitate")
     chat = template.endswith("chat")
     out = []
     try:
@@ -331,7 +329,7 @@ def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str
     check_out_dir(out)
     s, threads = cfg.sft, num_threads or default_threads()
     tokenizer = load_tokenizer(cfg.model, cfg.model.path) if cfg.model.path else char_tokenizer_for(cfg)
-    problems = load_problems(cfg, tokenizer, log, require_answer=False)
+    problems = load_problems(cfg, tokenizer, log, require_answer=False, response_key=cfg.sft.response_key)
     try:
         pairs = file_pairs(problems, tokenizer, cfg)
         sample = pairs(min(512, len(problems.stream.examples)))  # lengths, and a bad response key fails early
