@@ -199,9 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dapo {cmd}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dapo {cmd}: interrupted; a run directory keeps its last complete checkpoint "
-              f"(continue with --resume RUN_DIR)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a run says what it keeps; a base, an evaluation is never left half-written
+        hint = getattr(e, "dapo_hint", None)
+        print(f"dapo {cmd}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     except RuntimeError as e:
         from dapo.learner import TrainingError  # a run that cannot go on: non-finite, idle

@@ -183,6 +183,23 @@ def test_stop_and_resume_continues_with_the_same_data_order(tiny_model_dir, tmp_
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_a_run_stopped_mid_way_says_which_checkpoint_it_keeps(tiny_model_dir, tmp_path):
+    """A second Ctrl-C (KeyboardInterrupt out of the loop, after step 3 is logged, before its checkpoint): the
+    run is kept and the command line is told its newest complete checkpoint and how to continue."""
+    def stop_at_3(step, m):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = load_config(overrides=["ckpt.every=2", "ckpt.keep_last=5", *TINY_RUN, "optim.steps=4",
+                                 f"model.path={tiny_model_dir}", f"log.out_dir={tmp_path}", "log.run_name=r"])
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(cfg, on_step=stop_at_3)
+    run = tmp_path / "r"
+    assert info.value.dapo_hint == (f"{run} keeps its last complete checkpoint, step_2; continue with: dapo train "
+                                    f"--resume {run}")
+    assert (run / "step_2" / "manifest.json").exists() and not (run / "step_3").exists()
+
+
 def test_resume_from_an_older_checkpoint_branches_and_never_overwrites_the_newer_ones(tiny_model_dir, tmp_path, capsys):
     from dapo.model import SetupError
 

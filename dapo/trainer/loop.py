@@ -172,12 +172,29 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
         finally:
             run.close()
     except BaseException as e:
-        if isinstance(e, Exception) and not cfg.ckpt.resume and _nothing_trained(run_dir):
-            for f in run_dir.iterdir():  # a new run that failed before its first step (an environment's error at
-                shutil.rmtree(f) if f.is_dir() else f.unlink()  # the first rollout): the same command runs again
+        fresh = not cfg.ckpt.resume and _nothing_trained(run_dir)
+        if fresh and isinstance(e, (Exception, KeyboardInterrupt)):
+            for f in run_dir.iterdir():  # a new run that failed or was stopped before its first step (an
+                shutil.rmtree(f) if f.is_dir() else f.unlink()  # environment's error, Ctrl-C in the first
+                # evaluation): the same command runs again
         if made and run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before writing anything: leave no
             run_dir.rmdir()  # empty run (or branch) directory of its own behind; one holding anything is kept
+        if isinstance(e, KeyboardInterrupt):
+            e.dapo_hint = _interrupted(run_dir, fresh)  # what the command line says of it
         raise
+
+
+def _interrupted(run_dir: Path, fresh: bool) -> str:
+    """What a run stopped by a (second) Ctrl-C or SIGTERM outside a step's end leaves, in words."""
+    from dapo.trainer.checkpoint import latest_checkpoint
+
+    if fresh:
+        return "it stopped before its first step: nothing was trained and nothing of it is kept (the same command " \
+               "starts it again)"
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        return f"{run_dir} has no complete checkpoint yet: dapo train --resume {run_dir} starts it again from step 0"
+    return f"{run_dir} keeps its last complete checkpoint, {ckpt.name}; continue with: dapo train --resume {run_dir}"
 
 
 _BEFORE_THE_FIRST_STEP = {"config.yaml", "metrics.jsonl", "summary.json", "tb"}
