@@ -394,7 +394,7 @@ def run_eval(args: Any) -> tuple[dict[str, Any], Path]:
                    if held_out else "no row of it became a problem (see the load line above)")
             raise ValueError(f"--data {args.data}: nothing to evaluate: {why}")
         params = sampling_params(cfg)
-        check_context(str(model_dir), probs.longest_prompt(), params.max_new_tokens,
+        check_context(str(model_dir), probs.prompt_lengths(), params.max_new_tokens,
                       f"--max-new-tokens ({params.max_new_tokens})", log=lambda s: print(s, file=sys.stderr))
         device = resolve_device(cfg.model.device)
         # as training evaluates: float32 weights under the compute dtype's autocast, so the same weights give

@@ -292,21 +292,39 @@ def new_tokens(cfg: Any) -> tuple[int, str]:
     return r.max_new_tokens, f"rollout.max_new_tokens ({r.max_new_tokens})"
 
 
-def check_context(path: str, longest_prompt: int, new_tokens: int, what: str, log=print) -> None:
-    """Refuse a run whose longest prompt plus ``new_tokens`` (``what`` names the keys) does not fit a model with
-    learned positions (it would fail with an index error mid-step); say so, and go on, for rotary positions."""
+def check_context(path: str, prompt_lengths: list[int], new_tokens: int, what: str, log=print,
+                  also: tuple[str, ...] = ()) -> None:
+    """Refuse a run whose longest prompt plus ``new_tokens`` (``what`` names the key and its value, as
+    ``rollout.max_new_tokens (64)``) does not fit a model with learned positions (it would fail with an index error
+    mid-step), naming the settings that fit (``also``: the caller's own); say so, and go on, for rotary positions."""
     ctx = model_context(path)
-    if ctx is None or longest_prompt + new_tokens <= ctx[0]:
+    longest = max(prompt_lengths, default=0)
+    if ctx is None or longest + new_tokens <= ctx[0]:
         return
     n, hard = ctx
-    need = f"the longest prompt ({longest_prompt} tokens) + {what} = {longest_prompt + new_tokens}"
-    if hard:
-        raise SetupError(
-            f"{path}: {need} positions, but the model has learned position embeddings for {n} (its config.json): "
-            f"set data.max_prompt_len={max(n - new_tokens, 0)} (longer prompts are then dropped or truncated, "
-            f"data.long_prompts) or lower the new tokens")
-    log(f"warning: {need} positions, past the {n} the model was built for (config.json "
-        f"max_position_embeddings); its rotary positions run on, but it has not been trained that far")
+    need = f"the longest prompt ({longest} tokens) + {what} = {longest + new_tokens}"
+    if not hard:
+        log(f"warning: {need} positions, past the {n} the model was built for (config.json "
+            f"max_position_embeddings); its rotary positions run on, but it has not been trained that far")
+        return
+    fixes = []
+    if n - longest >= 1:
+        fixes.append(f"lower {what.split(' (')[0]} to {n - longest}")
+    fixes.extend(also)
+    cap, total = n - new_tokens, len(prompt_lengths)
+    kept = sum(x <= cap for x in prompt_lengths)
+    if cap >= 1 and kept:
+        fixes.append(f"set data.max_prompt_len={cap} ({kept} of the {total} prompts fit; the longer are dropped or "
+                     f"truncated, data.long_prompts)")
+    short = [x for x in prompt_lengths if x < n]
+    if not fixes and short:  # neither key alone: shorter prompts and fewer new tokens together
+        s_len = max((x for x in short if x <= n // 2), default=min(short))
+        fixes.append(f"set data.max_prompt_len={s_len} and {what.split(' (')[0]}={n - s_len} "
+                     f"({sum(x <= s_len for x in prompt_lengths)} of the {total} prompts fit)")
+    if not fixes:
+        fixes.append(f"use prompts of fewer than {n} tokens")
+    raise SetupError(f"{path}: {need} positions, but the model has learned position embeddings for {n} (its "
+                     f"config.json): " + ", or ".join(fixes))
 
 
 def make_optimizer(ocfg: Any, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:

@@ -330,11 +330,11 @@ class Problems:
     """The ``env.tools`` schemas the chat template is given (``described_tools``); None: each row's own ``tools``
     column where it has one (``row_tools``)."""
 
-    def longest_prompt(self) -> int:
-        """Tokens of the longest prompt, training and held-out (a built-in task's stream is not counted: its
-        prompts are short by construction)."""
+    def prompt_lengths(self) -> list[int]:
+        """Tokens of each prompt, training and held-out (a built-in task's stream is not counted: its prompts
+        are short by construction)."""
         ids = [it.prompt_ids for it in self.eval_items] + list(getattr(self.stream, "ids", None) or [])
-        return max(map(len, ids), default=0)
+        return [len(x) for x in ids]
 
     def close(self) -> None:
         for close in self.closers:

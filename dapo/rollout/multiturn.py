@@ -340,11 +340,12 @@ def from_config(cfg: Any, engine: RolloutEngine, tokenizer: Any, template: str,
     if model_path and not cfg.rollout.max_total_tokens:
         from dapo.model import model_context
 
-        context = (model_context(model_path) or (None,))[0]
+        context, learned = model_context(model_path) or (None, False)
         if context:
             log(f"multi-turn: a trajectory ends ('length', dropped by the overlong filter) where prompt + turns + "
                 f"observations would pass the model's {context} positions (its config.json): rollout.max_total_tokens=0;"
-                f" set it to let trajectories run past them")
+                + (" its position embeddings are learned, so no trajectory can run past them" if learned else
+                   " set it to let trajectories run past them (its rotary positions run on)"))
     # tools are bounded by env.timeout_s in their worker processes; an environment's own code by env.step_timeout_s
     return MultiTurnRollout(engine, tokenizer, make_env, cfg.rollout.max_turns, cfg.rollout.max_total_tokens, chat,
                             context=context, step_timeout_s=None if e.tools else e.step_timeout_s)

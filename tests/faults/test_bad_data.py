@@ -223,7 +223,24 @@ def test_prompts_past_a_learned_position_table_are_refused_at_start_and_fit_with
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     assert ("the longest prompt (43 tokens) + rollout.max_new_tokens (8) = 51 positions, but the model has learned "
-            "position embeddings for 40 (its config.json): set data.max_prompt_len=32") in err, err
+            "position embeddings for 40 (its config.json): set data.max_prompt_len=32 (6 of the 12 prompts fit; the "
+            "longer are dropped or truncated, data.long_prompts)\n") in err, err
+    # what it names always fits: no max_prompt_len that keeps no prompt, no new-token count of 0 or less
+    assert cli_main([*argv, "log.run_name=long", "rollout.max_new_tokens=36"]) == 2
+    assert ("rollout.max_new_tokens (36) = 79 positions, but the model has learned position embeddings for 40 (its "
+            "config.json): set data.max_prompt_len=13 and rollout.max_new_tokens=27 (3 of the 12 prompts fit)\n"
+            ) in capsys.readouterr().err
+    short = _jsonl(tmp_path / "short.jsonl", [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(10, 22)])
+    assert cli_main([*argv, "log.run_name=long", "--data", str(short), "rollout.max_new_tokens=40"]) == 2
+    assert ("the longest prompt (5 tokens) + rollout.max_new_tokens (40) = 45 positions, but the model has learned "
+            "position embeddings for 40 (its config.json): lower rollout.max_new_tokens to 35\n"
+            ) in capsys.readouterr().err
+    assert cli_main([*argv, "log.run_name=long", "--data", str(short), "--tools", "calculator",
+                     "rollout.max_total_tokens=60"]) == 2
+    assert ("the longest prompt (5 tokens) + rollout.max_total_tokens (60) = 65 positions, but the model has learned "
+            "position embeddings for 40 (its config.json): lower rollout.max_total_tokens to 35, or set "
+            "rollout.max_total_tokens=0 (each trajectory then ends at the model's positions)\n"
+            ) in capsys.readouterr().err
     assert not (tmp_path / "runs" / "long" / "step_1").exists()
     assert cli_main([*argv, "log.run_name=fits", "data.max_prompt_len=32"]) == 0  # the longer prompts dropped
     assert "prompts longer than data.max_prompt_len=32 dropped" in capsys.readouterr().err
