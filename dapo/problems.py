@@ -188,9 +188,10 @@ def save_template(model_dir: str | Path, template: str) -> None:
     (Path(model_dir) / TEMPLATE_FILE).write_text(text, encoding="utf-8")
 
 
-def choose_template(cfg: Config, tokenizer: Any, answers: bool = True) -> tuple[str, str]:
+def choose_template(cfg: Config, tokenizer: Any, answers: bool = True, model_path: str | None = None) -> tuple[str, str]:
     """(template, why) for a file's prompts: ``data.template``, or for ``auto``: the template the model was
-    trained with (``dapo sft``, a checkpoint); else with the math reward ``dapo_math`` (``+chat`` when the tokenizer has a
+    trained with (``dapo sft``, a checkpoint; ``model_path``, else ``model.path``: the model the run loads, the
+    demo base or a checkpoint resumed from included); else with the math reward ``dapo_math`` (``+chat`` when the tokenizer has a
     chat template); with any other reward, or rows without answers and no reward (supervised data), the chat
     template when there is one, else the prompt as it is."""
     chat = bool(getattr(tokenizer, "chat_template", None))
@@ -203,9 +204,10 @@ def choose_template(cfg: Config, tokenizer: Any, answers: bool = True) -> tuple[
                              f"{t.removesuffix('chat').removesuffix('+') or 'none'} (or auto), or use a tokenizer "
                              f"with a chat template (model.tokenizer)")
         return t, "data.template"
-    saved = saved_template(cfg.model.path)
+    path = model_path or cfg.model.path
+    saved = saved_template(path)
     if saved:
-        return saved, f"auto: the template {cfg.model.path} was trained with (its {TEMPLATE_FILE})"
+        return saved, f"auto: the template {path} was trained with (its {TEMPLATE_FILE})"
     if not answers and cfg.reward.fn == "auto":
         return ("chat" if chat else "none"), "auto: no reward and rows without answers, " + (
             "the tokenizer's chat template" if chat else "and the tokenizer has no chat template: the prompt as it is")
@@ -344,15 +346,16 @@ class Problems:
 
 def load_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None] = print, *, train: bool = True,
                   limit: int = 0, require_answer: bool = True, held_out: bool = False,
-                  response_key: str | None = None) -> Problems:
+                  response_key: str | None = None, model_path: str | None = None) -> Problems:
     """The problems of ``cfg``. ``train=False`` (``dapo eval``): every row of ``data.path`` (or ``eval.size``
     held-out prompts of the task) is a problem to evaluate, the first ``limit`` when it is set; with
     ``held_out`` only the rows a training run on ``data.path`` holds out (the problems of its before/after).
     ``require_answer=False`` (``dapo sft``): rows without a ground truth are kept (``Example.answer`` None);
     ``response_key`` (``dapo sft``): a training row without a response there or an assistant turn is a bad
-    row (``data.bad_rows``)."""
+    row (``data.bad_rows``). ``model_path``: the model the run loads when it is not ``model.path`` (the demo
+    base, a checkpoint resumed from), whose recorded template ``data.template=auto`` takes."""
     if cfg.data.path:
-        return _file_problems(cfg, tokenizer, log, train, limit, require_answer, held_out, response_key)
+        return _file_problems(cfg, tokenizer, log, train, limit, require_answer, held_out, response_key, model_path)
     return _task_problems(cfg, tokenizer, train, limit)
 
 
@@ -375,7 +378,8 @@ def _task_problems(cfg: Config, tokenizer: Any, train: bool, limit: int) -> Prob
 
 
 def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], train: bool, limit: int,
-                   require_answer: bool, held_out: bool, response_key: str | None = None) -> Problems:
+                   require_answer: bool, held_out: bool, response_key: str | None = None,
+                   model_path: str | None = None) -> Problems:
     from dapo.data.files import load_examples
     from dapo.rewards import RewardRunner
     from dapo.rewards.math import vote_answer
@@ -398,7 +402,8 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
         return exs, fitted
 
     rows = read(d.path, 0 if (train or held_out) else limit, response_key)
-    template, why = choose_template(cfg, tokenizer, answers=all(e.answer is not None for e in rows))
+    template, why = choose_template(cfg, tokenizer, answers=all(e.answer is not None for e in rows),
+                                    model_path=model_path)
     log(f"prompt template: {template} ({why})")
     tools = described_tools(cfg, template, tokenizer, log)
     if not train and not held_out:

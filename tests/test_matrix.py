@@ -359,7 +359,7 @@ def test_sft_on_tool_use_conversations_imitates_the_calls_and_the_answer(tmp_pat
                         f"JSON text, got int") in capsys.readouterr().err
 
 
-def test_the_demo_base_with_a_users_file_on_the_defaults(bases, files, tmp_path, capsys):
+def test_the_demo_base_with_a_users_file_on_the_defaults(bases, files, tmp_path, capsys, monkeypatch):
     """The failure of #23 as a user met it: the demo base (a built-in task's, from the cache) on their own file
     with their own reward and columns, no template key."""
     rc = cli_main(["train", "--model", str(bases["demo"]), "--data", str(files["jsonl"]), "--reward",
@@ -368,6 +368,15 @@ def test_the_demo_base_with_a_users_file_on_the_defaults(bases, files, tmp_path,
     err = capsys.readouterr().err
     assert rc == 0 and "unknown prompt template" not in err
     assert f"prompt template: none (auto: the template {bases['demo']} was trained with" in err
+    # no --model: the demo base the run builds or finds in the cache is the model it loads, and its recorded
+    # template is taken as with --model (auto picked by the reward, dapo_math, for the same base before)
+    import dapo.warmup
+
+    monkeypatch.setattr(dapo.warmup, "prepare_base_model", lambda task, log=print: bases["demo"])
+    rc = cli_main(["train", "--data", str(files["jsonl"]), "data.prompt_key=question", "data.answer_key=target",
+                   *RUN, "optim.steps=1", f"log.out_dir={tmp_path}", "log.run_name=implicit"])
+    err = capsys.readouterr().err
+    assert rc == 0 and f"prompt template: none (auto: the template {bases['demo']} was trained with" in err
     old = tmp_path / "old_base"  # a base cached before this fix recorded "task": read as none
     import shutil
 

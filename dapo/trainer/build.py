@@ -88,7 +88,7 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
         log(f"dist.ray_address={d.ray_address} is set but dist.rollout_workers=0 and dist.trainer_ranks=1: "
             f"everything runs in this process")
     tokenizer = load_tokenizer(cfg.model, path)
-    problems = load_problems(cfg, tokenizer, log)
+    problems = load_problems(cfg, tokenizer, log, model_path=path)
     closers: list[Callable[[], None]] = [problems.close]
     try:
         check_context(path, problems.prompt_lengths(), *new_tokens(cfg), log=log, also=_trajectory_fix(cfg, path, problems))
