@@ -49,9 +49,9 @@ def test_fixture_is_dapo_math_17k_schema():
     first = examples[0]
     assert first.answer == "42" and first.data_source == "synthetic_a"
     assert first.prompt[0]["role"] == "user" and "What is $17 + 25$?" in first.prompt[0]["content"]
-    assert first.fields == {"data_source": "synthetic_a", "ability": "MATH",
+    assert first.fields == {"data_source": "synthetic_a", "ability": "MATH", "prompt": first.prompt,
                             "reward_model": {"ground_truth": "42", "style": "rule"},
-                            "extra_info": {"index": "synthetic-0000"}}
+                            "extra_info": {"index": "synthetic-0000"}}  # every column reaches the reward
     assert sorted({e.data_source for e in examples}) == ["synthetic_a", "synthetic_b"]
     assert {e.answer for e in examples} >= {"\\frac{3}{4}", "\\frac{2}{5}", "-5", "1024"}
     raw = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
@@ -85,7 +85,8 @@ def test_csv_with_answer_column_fallback_and_quoted_newlines(tmp_path):
         w.writerow(["Two lines:\nwhat is 10/4?", "5/2", "2"])
     examples, stats = load_examples(path)  # no reward_model.ground_truth: falls back to "answer"
     assert stats.kept == 2
-    assert examples[1] == Example("Two lines:\nwhat is 10/4?", "5/2", "", {"answer": "5/2", "level": "2"})
+    assert examples[1] == Example("Two lines:\nwhat is 10/4?", "5/2", "", {
+        "prompt": "Two lines:\nwhat is 10/4?", "answer": "5/2", "level": "2"})
 
     with path.open("a", newline="") as f:
         csv.writer(f).writerow(["What is 1+1?", "", "3"])
@@ -97,7 +98,7 @@ def test_tsv_and_json_array(tmp_path):
     tsv = tmp_path / "p.tsv"
     tsv.write_text("question\tsolution\nWhat is 3*3?\t9\n")
     examples, _ = load_examples(tsv, prompt_key="question", answer_key="solution")
-    assert examples == [Example("What is 3*3?", "9", "", {"solution": "9"})]
+    assert examples == [Example("What is 3*3?", "9", "", {"question": "What is 3*3?", "solution": "9"})]
 
     js = tmp_path / "p.json"
     js.write_text(json.dumps({"data": [{"prompt": "What is 3*3?", "meta": {"gt": 9}}]}))
@@ -313,9 +314,10 @@ def test_docstring_examples_run():
         assert tried > 0 and failed == 0, module.__name__
 
 
-def test_dedup_keeps_the_prompt_column_out_of_the_fields(tmp_path):
-    """The prompt is the example's prompt, not one of its fields, with de-duplication on as off; a conversation
-    cut at its last user turn keeps the whole conversation under its column."""
+def test_the_fields_are_every_column_with_dedup_on_as_off(tmp_path):
+    """The fields hold every column, the prompt's too (what a reward's ``**row`` gets), with de-duplication on as
+    off (its key once overwrote the column's name); a conversation cut at its last user turn keeps the whole
+    conversation under its column."""
     p = tmp_path / "d.jsonl"
     conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     p.write_text(json.dumps({"prompt": "1+1?", "answer": "2", "n": 1}) + "\n"
@@ -323,6 +325,6 @@ def test_dedup_keeps_the_prompt_column_out_of_the_fields(tmp_path):
                  + json.dumps({"messages": conv, "answer": "4"}) + "\n")
     for dedup in (False, True):
         exs, stats = load_examples(p, dedup=dedup)
-        assert [e.fields for e in exs][0] == {"answer": "2", "n": 1}
+        assert [e.fields for e in exs][0] == {"prompt": "1+1?", "answer": "2", "n": 1}
         assert exs[-1].prompt == conv[:1] and exs[-1].fields == {"answer": "4", "messages": conv}
         assert stats.dropped_duplicates == int(dedup)

@@ -26,7 +26,7 @@ def test_dapo_math_parquet_with_duplicates_trains_two_steps(tiny_model_dir, tmp_
     result = train(cfg)
     assert result.steps == 2
     err = capsys.readouterr().err
-    assert "dropped_duplicates=80" in err  # 100 rows, 20 distinct prompts
+    assert "100 rows, 20 kept (80 repeated prompts dropped, data.dedup=true)" in err  # 20 distinct prompts
     rows = [json.loads(x) for x in (tmp_path / "pq" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["batch/groups"] == 4 and rows[0]["actor/updates"] >= 1
@@ -90,3 +90,28 @@ def test_a_file_too_small_to_hold_rows_out_says_so_and_writes_standard_json(tiny
     assert summary["before"] == summary["after"] == {"accuracy": None, "n": 0, "k": 1}
     logged = [json.loads(x) for x in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1] and not any(k.startswith("eval/") for k in logged[0])
+
+
+def test_a_reward_gets_every_column_of_the_row_the_prompts_too(tiny_model_dir, tmp_path):
+    """``fn(response, ground_truth, **row)``: the prompt's column reaches the reward under its own name, as a
+    string or as the whole conversation (TRL's reward functions get the prompts too), beside the other columns."""
+    from dapo.model import load_tokenizer
+    from dapo.problems import load_problems
+
+    conv = [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "7"}, {"role": "user", "content": "+1="}]
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "1+2=", "target": "3", "level": 1}) + "\n"
+                    + json.dumps({"question": conv, "target": "8", "level": 2}) + "\n")
+    reward = tmp_path / "uses_prompt.py"
+    reward.write_text("def score(response, ground_truth, question, level):\n"
+                      "    text = question if isinstance(question, str) else ' '.join(m['content'] for m in question)\n"
+                      "    return {'score': float(len(text) * 10 + level), 'correct': True}\n")
+    cfg = load_config(overrides=[f"data.path={data}", "data.prompt_key=question", "data.answer_key=target",
+                                 f"reward.fn={reward}:score", "data.template=none", f"model.path={tiny_model_dir}"])
+    problems = load_problems(cfg, load_tokenizer(cfg.model, str(tiny_model_dir)), lambda s: None, train=False)
+    try:
+        examples = [it.example for it in problems.eval_items]
+        assert [e.prompt if isinstance(e.prompt, str) else len(e.prompt) for e in examples] == ["1+2=", 3]
+        assert problems.score_fn(["x", "x"], examples).scores == [41.0, 2 + 10 * len("3+4= 7 +1=")]
+    finally:
+        problems.close()

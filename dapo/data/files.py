@@ -278,8 +278,9 @@ def load_examples(
     ``sft.response_key``): a row must also hold a response to imitate there, or an assistant turn in its
     conversation; one with neither is a bad row.
 
-    Returns (examples, LoadStats). ``Example.fields`` holds every column of the row except the prompt;
-    ``data_source`` is the row's ``data_source`` column, if it has one.
+    Returns (examples, LoadStats). ``Example.fields`` holds every column of the row, the prompt's (a whole
+    conversation, where ``Example.prompt`` is its turns up to the last user one) included; ``data_source`` is
+    the row's ``data_source`` column, if it has one.
     """
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
@@ -309,8 +310,8 @@ def load_examples(
         if answer is _MISSING:
             answer = row.get("answer")
         source = row.get("data_source")
-        fields = {k: v for k, v in row.items() if k != column}
-        if conversation is not prompt and len(conversation) > len(prompt):
+        fields = dict(row)  # the prompt's column too: a reward gets every column (TRL passes the prompts too)
+        if conversation is not prompt and column in fields:
             fields[column] = conversation
         examples.append(Example(
             prompt=prompt,
@@ -342,15 +343,22 @@ def _prompt_column(row: Any, prompt_key: str) -> str:
     return prompt_key
 
 
+def row_conversation(fields: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The row's chat conversation: its ``key`` column (``data.prompt_key``) when that holds messages, else its
+    ``messages`` column; [] when neither does."""
+    for value in (get_field(fields, key, None), fields.get("messages")):
+        if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+            return value
+    return []
+
+
 def response_problem(fields: dict[str, Any], conversation_key: str, response_key: str) -> str | None:
     """Why a supervised row teaches nothing: no non-empty ``response_key`` value and no assistant turn in the
     conversation at ``conversation_key`` (or ``messages``); None when it has one."""
     value = get_field(fields, response_key, None)
     if value is not None and not (isinstance(value, str) and not value.strip()):
         return None
-    conversation = get_field(fields, conversation_key, None) or fields.get("messages")
-    if isinstance(conversation, list) and any(isinstance(m, dict) and m.get("role") == "assistant"
-                                              for m in conversation):
+    if any(m.get("role") == "assistant" for m in row_conversation(fields, conversation_key)):
         return None
     state = "empty" if value is not None else "missing"
     return (f"has no response to imitate: sft.response_key {response_key!r} is {state} and there is no assistant "

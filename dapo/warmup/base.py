@@ -241,7 +241,7 @@ def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config,
     far, rendered as ``dapo train`` renders prompts (:func:`dapo.data.templates.assistant_turns`): a tool-use
     conversation's calls and results included, with ``tools`` (``env.tools``' schemas) or else the row's own
     ``tools`` column given to the chat template."""
-    from dapo.data.files import get_field, response_problem
+    from dapo.data.files import get_field, response_problem, row_conversation
     from dapo.data.templates import assistant_turns, fit_prompts
     from dapo.problems import row_tools
 
@@ -253,7 +253,7 @@ def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config,
     why = response_problem(fields, cfg.data.prompt_key, key)
     if why:  # the loader refused (or skipped) such training rows; a held-out row of eval.path teaches nothing
         return []
-    conversation = get_field(fields, cfg.data.prompt_key, None) or fields.get("messages")
+    conversation = row_conversation(fields, cfg.data.prompt_key)
     chat = template.endswith("chat")
     out = []
     try:
@@ -302,7 +302,7 @@ def _stopping_rule(s: SFTConfig, answered: bool, held_out: bool, cfg: Config) ->
 def char_tokenizer_for(cfg: Config) -> Any:
     """A character tokenizer over the default alphabet plus every character of the file's prompts, answers
     and responses (so nothing in the user's data encodes to <unk>)."""
-    from dapo.data.files import load_examples
+    from dapo.data.files import load_examples, row_conversation
     from dapo.data.templates import prompt_text
 
     exs, _ = load_examples(cfg.data.path, cfg.data.prompt_key, cfg.data.answer_key, bad_rows=cfg.data.bad_rows,
@@ -310,9 +310,8 @@ def char_tokenizer_for(cfg: Config) -> Any:
     chars = set()
     for ex in exs:
         chars.update(prompt_text(ex.prompt), ex.answer or "", str(ex.fields.get(cfg.sft.response_key, "")))
-        for m in ex.fields.get(cfg.data.prompt_key) or ex.fields.get("messages") or []:
-            if isinstance(m, dict):
-                chars.update(str(m.get("content", "")))
+        for m in row_conversation(ex.fields, cfg.data.prompt_key):
+            chars.update(str(m.get("content", "")))
     return make_char_tokenizer(DEFAULT_ALPHABET + "".join(sorted(chars - set(DEFAULT_ALPHABET))))
 
 

@@ -68,7 +68,7 @@ def test_bad_rows_and_long_prompts_are_skipped_and_counted_when_asked(tiny_model
     data = _jsonl(tmp_path / "d.jsonl", GOOD + bad + long, b'{"prompt": \n')
     assert _train(tiny_model_dir, tmp_path, data, "data.bad_rows=skip") == 0
     err = capsys.readouterr().err
-    assert "skipped_bad=4" in err and "2 prompts longer than data.max_prompt_len=32 dropped" in err
+    assert "kept (4 bad rows skipped, data.bad_rows=skip)" in err and "2 prompts longer than data.max_prompt_len=32 dropped" in err
     assert [r["step"] for r in fk.metrics(tmp_path / "runs" / "r")] == [1]
 
 
