@@ -100,6 +100,11 @@ def test_a_run_that_cannot_learn_says_why_and_stops(tiny_model_dir, tmp_path, ca
                    "optim.steps=20", "ckpt.every=2", *TINY_RUN])
     err = capsys.readouterr().err
     run = tmp_path / "idle"
+    rc0 = cli_main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--reward", f"{reward}:score",
+                    "data.prompt_key=q", "data.answer_key=a", f"log.out_dir={tmp_path}", "log.run_name=idle0",
+                    "optim.steps=20", "ckpt.every=0", "algo.max_idle_steps=2", *TINY_RUN])
+    assert rc0 == 1 and (f"the run directory {tmp_path / 'idle0'} holds no checkpoint (ckpt.every=0: only the last "
+                         f"step saves one)") in capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert err.count("no group with mixed outcomes to train on (0% of") == 5  # the evidence, every idle step
     assert "e.g. prompt '" in err and "(answer '" in err
@@ -109,6 +114,7 @@ def test_a_run_that_cannot_learn_says_why_and_stops(tiny_model_dir, tmp_path, ca
         assert cause in msg, cause
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert sorted(p.name for p in run.glob("step_*")) == ["step_2", "step_4"]  # the checkpoints are kept
+    assert f"the run directory {run} keeps its last checkpoint, step_4." in msg
     rows = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert {r["step"] for r in rows} == {1, 2, 3, 4, 5} and all(r["score"] == -1.0 for r in rows)
     assert not any(r["trained"] for r in rows)

@@ -134,5 +134,17 @@ class StepWatch:
                 f"{m.get('response/truncated_frac', 0.0):.0%} were cut at rollout.max_new_tokens={cfg.rollout.max_new_tokens}). "
                 f"Likely causes: the prompt template (data.template: {template}), the reward function (reward.fn="
                 f"{cfg.reward.fn}), the answer column (data.answer_key={cfg.data.answer_key}), or responses cut short "
-                f"(rollout.max_new_tokens). Samples are in {run.run_dir / 'samples.jsonl'}; the run directory "
-                f"{run.run_dir} keeps its last checkpoint. algo.max_idle_steps=0 never stops.")
+                f"(rollout.max_new_tokens). Samples are in {run.run_dir / 'samples.jsonl'}; "
+                f"{_what_is_kept(run.run_dir, cfg.ckpt.every)}. algo.max_idle_steps=0 never stops.")
+
+
+def _what_is_kept(run_dir: Any, every: int) -> str:
+    """The run's newest complete checkpoint, in words, for a message that stops it."""
+    from dapo.trainer.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        return f"the run directory {run_dir} keeps its last checkpoint, {ckpt.name}"
+    why = "ckpt.every=0: only the last step saves one" if not every else f"the first is at step {every} (ckpt.every)"
+    return f"the run directory {run_dir} holds no checkpoint ({why})"
+
