@@ -131,7 +131,16 @@ def test_load_env_names_what_is_missing(tmp_path):
     (tmp_path / "consts.py").write_text("LIMIT = 3\n")
     with pytest.raises(EnvError, match="LIMIT is a int, not a class or function"):
         load_env(f"{tmp_path / 'consts.py'}:LIMIT")
-    assert load_env("dapo.envs.tools:ToolEnv") is ToolEnv
+    # module form; a class that cannot be made with no arguments is refused at load, naming what it needs
+    with pytest.raises(EnvError, match=r"env.path: dapo.envs.tools:ToolEnv is called with no arguments, one per "
+                                       r"trajectory, but its __init__ needs some \(missing a required argument: "
+                                       r"'runner'\): give them defaults"):
+        load_env("dapo.envs.tools:ToolEnv")
+    (tmp_path / "made.py").write_text("class Env:\n    def __init__(self, size=3):\n        self.size = size\n"
+                                      "def make(level):\n    return Env(level)\n")
+    assert load_env(f"{tmp_path / 'made.py'}:Env")().size == 3  # defaults are fine
+    with pytest.raises(EnvError, match=r"made.py:make is called with no arguments.* its signature needs some"):
+        load_env(f"{tmp_path / 'made.py'}:make")
 
 
 def test_an_environment_that_raises_is_named_with_its_line(tmp_path):

@@ -86,6 +86,15 @@ def load_env(spec: str) -> Callable[[], Environment]:
     factory = load_named(spec, key="env.path", kind="class or function", error=EnvError, prefix="_dapo_env")
     if not callable(factory):
         raise EnvError(f"env.path: {spec} is a {type(factory).__name__}, not a class or function")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:  # refused at start, not as a TypeError at dapo's call site mid-rollout
+        what = "__init__" if inspect.isclass(factory) else "signature"
+        raise EnvError(f"env.path: {spec} is called with no arguments, one per trajectory, but its {what} needs "
+                       f"some ({e}): give them defaults, or name a function that takes none and makes it (the row "
+                       f"reaches reset(row))") from None
+    except ValueError:  # no signature to read (a builtin): its call says
+        pass
     return factory
 
 
