@@ -151,6 +151,15 @@ def test_a_saved_config_keeps_its_overrides_of_preset_keys(tmp_path):
     assert run_config(tmp_path / "missing") is None
 
 
+def test_responses_that_do_not_split_over_the_ranks_are_refused_naming_the_keys():
+    keys = ["optim.train_batch_size=3", "optim.mini_batch_size=3", "rollout.group_size=3", "dist.trainer_ranks=4"]
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=keys)
+    assert ("dist.trainer_ranks: each optimiser step's 9 responses (optim.mini_batch_size=3 prompts x "
+            "rollout.group_size=3) must split evenly over 4 ranks: set dist.trainer_ranks=3, or an") in str(info.value)
+    assert load_config(overrides=keys[:3] + ["dist.trainer_ranks=3"]).dist.trainer_ranks == 3  # what it names fits
+
+
 def test_gpu_layouts_that_would_share_a_gpu_behind_rays_back_are_refused():
     driver_engine = ["dist.trainer_ranks=2", "model.device=cuda"]
     with pytest.raises(ConfigError, match=r"dist\.rollout_workers: .*set dist\.rollout_workers >= 1 .*model\.device=cpu"):

@@ -153,8 +153,13 @@ def _dist(c: Config) -> None:
                                      f"it lent trainer rank 0): set dist.rollout_workers >= 1 (or "
                                      f"dist.rollout_on_ranks=true with the HF engine), or model.device=cpu")
     if d.trainer_ranks > 1 and o.mini_batch_size * r.group_size % d.trainer_ranks:
-        _bad("dist.trainer_ranks", f"each optimiser step's {o.mini_batch_size * r.group_size} responses must split "
-                                   f"evenly over {d.trainer_ranks} ranks")
+        n = o.mini_batch_size * r.group_size
+        fits = [k for k in range(d.trainer_ranks - 1, 0, -1) if n % k == 0][0]
+        _bad("dist.trainer_ranks", f"each optimiser step's {n} responses (optim.mini_batch_size={o.mini_batch_size} "
+                                   f"prompts x rollout.group_size={r.group_size}) must split evenly over "
+                                   f"{d.trainer_ranks} ranks: set dist.trainer_ranks={fits}, or an "
+                                   f"optim.mini_batch_size or rollout.group_size whose product is a multiple of "
+                                   f"{d.trainer_ranks}")
 
 
 def _on_cuda(device: str) -> bool:
