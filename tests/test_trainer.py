@@ -177,6 +177,10 @@ def test_stop_and_resume_continues_with_the_same_data_order(tiny_model_dir, tmp_
     st = torch.load(tmp_path / "part" / "step_4" / "trainer_state.pt", weights_only=True)
     st_full = torch.load(tmp_path / "full" / "step_4" / "trainer_state.pt", weights_only=True)
     assert st["data"] == st_full["data"] and st["step"] == 4
+    # the wall time goes on from the checkpoint's: steps 1-2's session is counted, not only the last one's
+    st2 = torch.load(tmp_path / "part" / "step_2" / "trainer_state.pt", weights_only=True)
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert 0 < st2["wall_s"] < rows["part"][2]["time/wall"] < st["wall_s"] <= summary["wall_s"] <= resumed.wall_s
     a = load_file(str(tmp_path / "full" / "step_4" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "step_4" / "model.safetensors"))
     for k in a:

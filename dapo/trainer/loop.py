@@ -218,6 +218,7 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
         state = load_trainer_state(run.resume_from)
         restore(run, state)
         start, before = int(state["step"]), state["before"]
+        t_start -= float(state.get("wall_s", 0.0))  # time/wall and summary.json's wall_s go on from the checkpoint
     changes = open_logs(cfg, run_dir, run.resume_from, start)
     logger = RunLogger(run_dir, cfg.optim.steps, cfg.log, cfg.to_dict(), stream=log_stream, start_step=start,
                        resumed=bool(cfg.ckpt.resume))
@@ -255,7 +256,7 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                 # the samples this step's rollout brought the total to (a rollout collected ahead is not counted)
                 out_of_samples = bool(cfg.optim.max_samples) and m["batch/samples_total"] >= cfg.optim.max_samples
                 saved = should_checkpoint(cfg, step, step == cfg.optim.steps or out_of_samples, stop.signum is not None) \
-                    and _checkpoint(run, step, before, watch, logger)
+                    and _checkpoint(run, step, before, watch, logger, time.perf_counter() - t_start)
                 if out_of_samples:
                     logger.message(f"sample budget reached: {m['batch/samples_total']:.0f} >= optim.max_samples="
                                    f"{cfg.optim.max_samples}")
@@ -288,8 +289,9 @@ def _why_none_held_out(cfg: Config, run: Run) -> str:
     return f"{cfg.eval.path or cfg.data.task} gave none"
 
 
-def _checkpoint(run: Run, step: int, before: dict, watch: StepWatch, logger: RunLogger) -> bool:
-    """Save ``step_N/`` unless the weights may be broken; returns whether it saved."""
+def _checkpoint(run: Run, step: int, before: dict, watch: StepWatch, logger: RunLogger, wall_s: float) -> bool:
+    """Save ``step_N/`` unless the weights may be broken; returns whether it saved. ``wall_s``: the run's
+    training time so far, over every session (a resume goes on from it)."""
     streak = max(run.learner.bad_streak, watch.nan_streak)
     if streak:  # keep-last-N must not prune good checkpoints for ones from a bad streak
         logger.message(f"step {step}: not checkpointing after {streak} non-finite update(s) or rollout(s) in a row; "
@@ -299,7 +301,7 @@ def _checkpoint(run: Run, step: int, before: dict, watch: StepWatch, logger: Run
     if bad:  # never checkpoint NaN/inf weights: keep-last-N would then prune the good checkpoints they replace
         raise TrainingError(f"step {step}: {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]}); not "
                             f"saving a checkpoint. The last good checkpoint is kept; lower optim.lr or check the reward.")
-    save_checkpoint(run.run_dir, step, run.learner, run.tokenizer, trainer_state(run, step, before),
+    save_checkpoint(run.run_dir, step, run.learner, run.tokenizer, trainer_state(run, step, before, wall_s),
                     run.cfg.ckpt.keep_last, template=run.problems.template)
     return True
 

@@ -214,8 +214,9 @@ def _group_from_plain(d: dict[str, Any]) -> Group:
     return Group(item, comps, d["scores"], d["correct"], d["rewards"], d["step"], d.get("errors"))
 
 
-def trainer_state(run: Run, step: int, before: dict[str, Any]) -> dict[str, Any]:
-    """Optimiser, schedule, RNG, data cursor, dynamic-sampling state and weight version at ``step``."""
+def trainer_state(run: Run, step: int, before: dict[str, Any], wall_s: float = 0.0) -> dict[str, Any]:
+    """Optimiser, schedule, RNG, data cursor, dynamic-sampling state and weight version at ``step``, and the
+    run's wall time up to it (``wall_s``, every session's)."""
     sampler = run.sampler.state_dict()
     return {
         "step": step,
@@ -226,6 +227,7 @@ def trainer_state(run: Run, step: int, before: dict[str, Any]) -> dict[str, Any]
         "rollout_ahead": _rollout_to_plain(run.rollouts.state_dict()),
         "weight_version": run.engine.weight_version,
         "before": before,
+        "wall_s": wall_s,
     }
 
 
