@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_RUN
 from dapo.config import load_config
 from dapo.data.example import Example
-from dapo.envs import StepResult
+from dapo.envs import EnvError, StepResult
 from dapo.items import Group, PromptItem
 from dapo.learner import LocalLearner
 from dapo.model import load_model, load_tokenizer, make_optimizer
@@ -291,3 +291,22 @@ def test_chat_trajectory_is_the_templates_rendering_of_the_conversation(setup):
         assert items2[r // 2].prompt_ids + t.completion.token_ids.tolist() == want
         checked += 1
     assert checked >= 1
+
+
+def test_chat_messages_an_environment_returns_are_checked_not_rendered_as_reprs(setup):
+    """reset's prompt and step's observation as chat messages whose content is not text (a dict, a list of parts)
+    would reach the template as their repr: an EnvError naming the message instead."""
+    cfg, model, tok, engine, items, params, seeds = setup
+    chat_tok = load_tokenizer(cfg.model, cfg.model.path)
+    chat_tok.chat_template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}<eos>\n{% endfor %}"
+                              "{% if add_generation_prompt %}[assistant]{% endif %}")
+    mt = MultiTurnRollout(engine, chat_tok, ChatEcho, max_turns=2, chat=True)
+    assert mt.encode_prompt([{"role": "user", "content": "3+3="}], items[0]) == chat_tok(
+        "[user]3+3=<eos>\n[assistant]", add_special_tokens=False)["input_ids"]
+    with pytest.raises(EnvError, match=r"reset returned list .*which message 0 is not \{'role': str, 'content': str\}"):
+        mt.encode_prompt([{"role": "user", "content": {"text": "3+3="}}], items[0])
+    with pytest.raises(EnvError, match=r"reset returned dict .*which is not a list"):
+        mt.encode_prompt({"role": "user", "content": "3+3="}, items[0])
+    with pytest.raises(EnvError, match=r"step returned an observation .*which message 1 is not"):
+        mt.observation_text(StepResult([{"role": "tool", "content": "6"}, {"role": "user", "content": [6]}]), "<eos>")
+    assert mt.observation_text(StepResult([{"role": "tool", "content": ""}]), "<eos>") == "\n[tool]<eos>\n[assistant]"

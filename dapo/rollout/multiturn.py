@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from dapo.data.files import prompt_error
 from dapo.envs.base import EnvError, StepResult, row_of, step_all, user_call
 from dapo.items import PromptItem
 from dapo.rewards.runner import RewardBatch
@@ -107,9 +108,11 @@ class MultiTurnRollout:
             return list(item.prompt_ids)
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
-        if not (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
-            raise EnvError(f"the environment's reset returned {type(prompt).__name__} {prompt!r:.60}: a string, chat "
-                           f"messages (a list of {{'role': ..., 'content': ...}}) or None (the row's own prompt)")
+        why = prompt_error(prompt) if isinstance(prompt, list) else "is not a list"
+        if why:  # a message whose content is not text would be rendered as its repr
+            raise EnvError(f"the environment's reset returned {type(prompt).__name__} {prompt!r:.60}, which {why}: "
+                           f"a string, chat messages (a list of {{'role': str, 'content': str}}) or None (the row's "
+                           f"own prompt)")
         if not getattr(self.tokenizer, "chat_template", None):
             raise EnvError("the environment's reset returned chat messages, but the tokenizer has no chat template: "
                            "return a string")
@@ -132,6 +135,10 @@ class MultiTurnRollout:
                                "return a string")
             return obs
         messages = obs if isinstance(obs, list) else [{"role": result.role, "content": obs}]
+        why = prompt_error(messages) if isinstance(obs, list) else None
+        if why and why.startswith("message"):  # its form; an empty observation is the env's to give
+            raise EnvError(f"the environment's step returned an observation {obs!r:.60}, which {why}: a string or "
+                           f"chat messages (a list of {{'role': str, 'content': str}})")
         before, close = self._turn_close
         after = self.tokenizer.apply_chat_template(_CLOSED_TURN + messages, add_generation_prompt=True, tokenize=False)
         if not after.startswith(before):
