@@ -305,7 +305,7 @@ def test_chat_messages_an_environment_returns_are_checked_not_rendered_as_reprs(
         "[user]3+3=<eos>\n[assistant]", add_special_tokens=False)["input_ids"]
     with pytest.raises(EnvError, match=r"reset returned list .*which message 0 is not \{'role': str, 'content': str\}"):
         mt.encode_prompt([{"role": "user", "content": {"text": "3+3="}}], items[0])
-    with pytest.raises(EnvError, match=r"reset returned dict .*which is not a list"):
+    with pytest.raises(EnvError, match=r"reset returned dict .*which is neither a string nor a list"):
         mt.encode_prompt({"role": "user", "content": "3+3="}, items[0])
     with pytest.raises(EnvError, match=r"step returned an observation .*which message 1 is not"):
         mt.observation_text(StepResult([{"role": "tool", "content": "6"}, {"role": "user", "content": [6]}]), "<eos>")

@@ -108,7 +108,7 @@ class MultiTurnRollout:
             return list(item.prompt_ids)
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
-        why = prompt_error(prompt) if isinstance(prompt, list) else "is not a list"
+        why = prompt_error(prompt) if isinstance(prompt, list) else "is neither a string nor a list"
         if why:  # a message whose content is not text would be rendered as its repr
             raise EnvError(f"the environment's reset returned {type(prompt).__name__} {prompt!r:.60}, which {why}: "
                            f"a string, chat messages (a list of {{'role': str, 'content': str}}) or None (the row's "

@@ -58,7 +58,9 @@ class StepWatch:
         first = stream.take(1)[0]  # a peek: the cursor is put back
         stream.load_state_dict(state)
         say(f"prompt template: {'the task ' + repr(run.cfg.data.task) + ' own format' if template == 'task' else template}"
-            f"; the first training prompt, decoded from its token ids: {_short(run.decode(first.prompt_ids, special=True), 400)}")
+            f"; the first training prompt, decoded from its token ids: {_short(run.decode(first.prompt_ids, special=True), 400)}"
+            + (f" (the row's; {run.cfg.env.path}'s reset(row) may give another, which samples.jsonl shows)"
+               if run.cfg.env.path else ""))
 
     # -------------------------------------------------------------------------------------------- each step
 

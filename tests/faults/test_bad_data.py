@@ -264,7 +264,7 @@ BAD_ENVS = {
     "reset raises": (ENV_HEAD + "    def reset(self, row):\n        return row['question']\n",
                      "env.path: Env.reset raised: KeyError: 'question' at {f}, line 5: return row['question']"),
     "reset gives a number": (ENV_HEAD + "    def reset(self, row):\n        return 7\n",
-                             "the environment's reset returned int 7: a string, chat messages"),
+                             "the environment's reset returned int 7, which is neither a string nor a list: a string, chat messages"),
     "nan reward": (ENV_HEAD + "    def reset(self, row):\n        return None\n"
                    "    def step(self, text):\n        return StepResult(reward=float('nan'), done=True)\n",
                    "Env.step returned reward=nan: a finite number or None"),
@@ -286,6 +286,7 @@ def test_an_environment_that_raises_hangs_or_scores_nan_stops_the_run_naming_it(
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     assert says.format(f=env.resolve()) in err, err
+    assert ":Env's reset(row) may give another, which samples.jsonl shows)" in err  # the start log's prompt is the row's
     # a new run that failed before its first step leaves no directory: the same command, mended, runs again
     assert not (tmp_path / "runs" / "r").exists()
 
