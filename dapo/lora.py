@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -433,7 +434,9 @@ def merge_adapter(base_model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn
     if has_lora(base_model):
         raise ValueError("merge_adapter: pass the base model without adapters (or its path), not the adapted one")
     flags = {n: p.requires_grad for n, p in base_model.named_parameters()}
-    wrapped = _peft().PeftModel.from_pretrained(base_model, str(ckpt_dir), adapter_name=ADAPTER)
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated alias: not the user's to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+        wrapped = _peft().PeftModel.from_pretrained(base_model, str(ckpt_dir), adapter_name=ADAPTER)
     # peft only warns about tensors it could not place; a silently partial merge must not ship
     placed = {f: p for _, f, p in _adapter_entries(wrapped.base_model.model)}
     exact = set(placed) == set(tensors) and all(torch.equal(placed[f].cpu(), t.to(placed[f].dtype))
