@@ -149,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"dapo ablate: {e}; the {len(runs)} finished runs are in {out / 'ablation.json'}. "
                   f"The same command with --out {out} continues it.", file=sys.stderr)
             return 130
+        except KeyboardInterrupt as e:  # a second Ctrl-C: the run's own hint names dapo train --resume
+            e.dapo_hint = (f"the {len(runs)} finished runs are in {out / 'ablation.json'}; the same command with --out "
+                           f"{out} continues it (the stopped run from its newest checkpoint)")
+            raise
         r = runs[-1]
         print(f"[{i}/{len(plan)}] {row:17s} lr {lr:g} seed {seed}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f}, "
               f"entropy {r['entropy_end']:.3f}, len {r['len_end']:.1f}, {r['steps']} steps, {r['wall_s']:.0f}s "

@@ -72,3 +72,18 @@ def test_ablate_stops_cleanly_when_a_run_is_stopped(tiny_model_dir, tmp_path, mo
     # other settings into the same directory are refused
     with pytest.raises(ValueError, match="budget 64"):
         main([*args[:5], "128", *args[6:]])
+
+
+def test_a_second_ctrl_c_in_an_ablation_says_the_same_command_continues_it(tiny_model_dir, tmp_path, monkeypatch):
+    from dapo.trainer import loop
+
+    def stop(step, m):
+        raise KeyboardInterrupt  # as a second Ctrl-C out of the loop
+
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: real(cfg, on_step=stop, **kw))
+    with pytest.raises(KeyboardInterrupt) as info:
+        main(["--rows", "grpo", "--seeds", "1", "--max-samples", "64", "--high-lr", "0", "--out", str(tmp_path),
+              f"model.path={tiny_model_dir}", *TINY_RUN])
+    assert info.value.dapo_hint == (f"the 0 finished runs are in {tmp_path / 'ablation.json'}; the same command with "
+                                    f"--out {tmp_path} continues it (the stopped run from its newest checkpoint)")
