@@ -293,10 +293,12 @@ def new_tokens(cfg: Any) -> tuple[int, str]:
 
 
 def check_context(path: str, prompt_lengths: list[int], new_tokens: int, what: str, log=print,
-                  also: tuple[str, ...] = ()) -> None:
+                  first_turn: int | None = None) -> None:
     """Refuse a run whose longest prompt plus ``new_tokens`` (``what`` names the key and its value, as
     ``rollout.max_new_tokens (64)``) does not fit a model with learned positions (it would fail with an index error
-    mid-step), naming the settings that fit (``also``: the caller's own); say so, and go on, for rotary positions."""
+    mid-step), naming the settings that fit; say so, and go on, for rotary positions. ``first_turn``: where
+    ``new_tokens`` is an environment's ``rollout.max_total_tokens``, the first turn's ``rollout.max_new_tokens``
+    (if the prompts fit with it, ``rollout.max_total_tokens=0`` ends each trajectory at the table)."""
     ctx = model_context(path)
     longest = max(prompt_lengths, default=0)
     if ctx is None or longest + new_tokens <= ctx[0]:
@@ -307,10 +309,11 @@ def check_context(path: str, prompt_lengths: list[int], new_tokens: int, what: s
         log(f"warning: {need} positions, past the {n} the model was built for (config.json "
             f"max_position_embeddings); its rotary positions run on, but it has not been trained that far")
         return
-    fixes = []
+    key, fixes = what.split(" (")[0], []
     if n - longest >= 1:
-        fixes.append(f"lower {what.split(' (')[0]} to {n - longest}")
-    fixes.extend(also)
+        fixes.append(f"lower {key} to {n - longest}")
+    if first_turn is not None and longest + first_turn <= n:
+        fixes.append("set rollout.max_total_tokens=0 (each trajectory then ends at the model's positions)")
     cap, total = n - new_tokens, len(prompt_lengths)
     kept = sum(x <= cap for x in prompt_lengths)
     if cap >= 1 and kept:
@@ -319,7 +322,7 @@ def check_context(path: str, prompt_lengths: list[int], new_tokens: int, what: s
     short = [x for x in prompt_lengths if x < n]
     if not fixes and short:  # neither key alone: shorter prompts and fewer new tokens together
         s_len = max((x for x in short if x <= n // 2), default=min(short))
-        fixes.append(f"set data.max_prompt_len={s_len} and {what.split(' (')[0]}={n - s_len} "
+        fixes.append(f"set data.max_prompt_len={s_len} and {key}={n - s_len} "
                      f"({sum(x <= s_len for x in prompt_lengths)} of the {total} prompts fit)")
     if not fixes:
         fixes.append(f"use prompts of fewer than {n} tokens")

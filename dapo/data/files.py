@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from dapo.data.example import Example
 
@@ -45,10 +45,12 @@ class LoadStats:
 
     def __str__(self) -> str:
         """``60 rows, 59 kept (1 bad row skipped, data.bad_rows=skip)``: what the start log says of a file."""
-        why = [f"{self.skipped_bad} bad row{'s' * (self.skipped_bad != 1)} skipped, data.bad_rows=skip"] * bool(
-            self.skipped_bad)
-        why += [f"{self.dropped_duplicates} repeated prompt{'s' * (self.dropped_duplicates != 1)} dropped, "
-                f"data.dedup=true"] * bool(self.dropped_duplicates)
+        why = []
+        if self.skipped_bad:
+            why.append(f"{self.skipped_bad} bad row{'s' * (self.skipped_bad != 1)} skipped, data.bad_rows=skip")
+        if self.dropped_duplicates:
+            why.append(f"{self.dropped_duplicates} repeated prompt{'s' * (self.dropped_duplicates != 1)} dropped, "
+                       f"data.dedup=true")
         return f"{self.rows} rows, {self.kept} kept" + (f" ({'; '.join(why)})" if why else "")
 
 
@@ -206,19 +208,28 @@ def prompt_error(prompt: Any) -> str | None:
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             return "is an empty list of messages"
-        for k, m in enumerate(prompt):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return f"message {k} is not {{'role': str, 'content': str}}"
-            calls = m.get("tool_calls")
-            if m["role"] == "assistant" and calls is not None and m.get("content") is None:
-                if not isinstance(calls, list) or not calls:  # an assistant turn that only calls tools
-                    return f"message {k}'s tool_calls is not a non-empty list"
-            elif not isinstance(m.get("content"), str):
-                return f"message {k} is not {{'role': str, 'content': str}}"
+        why = messages_error(prompt)
+        if why:
+            return why
         if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in prompt):
             return "has only empty messages"
         return None
     return f"must be a string or a list of chat messages, got {type(prompt).__name__}"
+
+
+def messages_error(messages: Sequence[Any]) -> str | None:
+    """Which of ``messages`` is not a chat message a template can render (``{'role': str, 'content': str}``, or an
+    assistant turn with only ``tool_calls``), in words; None when each is one. Empty content is allowed."""
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"message {k} is not {{'role': str, 'content': str}}"
+        calls = m.get("tool_calls")
+        if m["role"] == "assistant" and calls is not None and m.get("content") is None:
+            if not isinstance(calls, list) or not calls:  # an assistant turn that only calls tools
+                return f"message {k}'s tool_calls is not a non-empty list"
+        elif not isinstance(m.get("content"), str):
+            return f"message {k} is not {{'role': str, 'content': str}}"
+    return None
 
 
 def tools_error(tools: Any) -> str | None:
@@ -352,12 +363,19 @@ def row_conversation(fields: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return []
 
 
-def response_problem(fields: dict[str, Any], conversation_key: str, response_key: str) -> str | None:
-    """Why a supervised row teaches nothing: no non-empty ``response_key`` value and no assistant turn in the
-    conversation at ``conversation_key`` (or ``messages``); None when it has one."""
+def response_value(fields: dict[str, Any], response_key: str) -> Any:
+    """The row's response to imitate at ``response_key`` (dotted for nested fields); None when it is missing,
+    null or blank text."""
     value = get_field(fields, response_key, None)
-    if value is not None and not (isinstance(value, str) and not value.strip()):
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def response_problem(fields: dict[str, Any], conversation_key: str, response_key: str) -> str | None:
+    """Why a supervised row teaches nothing: no ``response_value`` and no assistant turn in the conversation at
+    ``conversation_key`` (or ``messages``); None when it has one."""
+    if response_value(fields, response_key) is not None:
         return None
+    value = get_field(fields, response_key, None)
     if any(m.get("role") == "assistant" for m in row_conversation(fields, conversation_key)):
         return None
     state = "empty" if value is not None else "missing"

@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dapo.data.files import prompt_error
+from dapo.data.files import messages_error, prompt_error
 from dapo.envs.base import EnvError, StepResult, row_of, step_all, user_call
 from dapo.items import PromptItem
 from dapo.rewards.runner import RewardBatch
@@ -135,8 +135,8 @@ class MultiTurnRollout:
                                "return a string")
             return obs
         messages = obs if isinstance(obs, list) else [{"role": result.role, "content": obs}]
-        why = prompt_error(messages) if isinstance(obs, list) else None
-        if why and why.startswith("message"):  # its form; an empty observation is the env's to give
+        why = messages_error(messages) if isinstance(obs, list) else None
+        if why:  # its form; an empty observation is the env's to give
             raise EnvError(f"the environment's step returned an observation {obs!r:.60}, which {why}: a string or "
                            f"chat messages (a list of {{'role': str, 'content': str}})")
         before, close = self._turn_close

@@ -91,7 +91,9 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
     problems = load_problems(cfg, tokenizer, log, model_path=path)
     closers: list[Callable[[], None]] = [problems.close]
     try:
-        check_context(path, problems.prompt_lengths(), *new_tokens(cfg), log=log, also=_trajectory_fix(cfg, path, problems))
+        multiturn_total = (cfg.env.path or cfg.env.tools) and cfg.rollout.max_total_tokens
+        check_context(path, problems.prompt_lengths(), *new_tokens(cfg), log=log,
+                      first_turn=cfg.rollout.max_new_tokens if multiturn_total else None)
         learner, engine = _learner_and_engine(cfg, path, ref_path, tokenizer, device, dtype, closers, log)
     except BaseException as e:
         for close in reversed(closers):
@@ -159,17 +161,3 @@ def _engine(cfg: Config, path: str, pad_id: int, eos: list[int], device: torch.d
         return HFEngine(own, pad_id, eos, max_batch=cfg.rollout.batch_size, merge_lora=cfg.rollout.lora_merge)
     return HFEngine(model, pad_id, eos, max_batch=cfg.rollout.batch_size, compute_dtype=dtype,
                     merge_lora=cfg.rollout.lora_merge)
-
-
-def _trajectory_fix(cfg: Config, path: str, problems: Problems) -> tuple[str, ...]:
-    """With an environment and ``rollout.max_total_tokens`` past a learned position table: 0 ends each
-    trajectory at the table instead, where the prompts and their first turn fit it."""
-    from dapo.model import model_context
-
-    ctx, r = model_context(path), cfg.rollout
-    if not (cfg.env.path or cfg.env.tools) or not r.max_total_tokens or ctx is None or not ctx[1]:
-        return ()
-    if max(problems.prompt_lengths(), default=0) + r.max_new_tokens > ctx[0]:
-        return ()
-    return ("set rollout.max_total_tokens=0 (each trajectory then ends at the model's positions)",)
-

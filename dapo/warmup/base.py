@@ -241,19 +241,18 @@ def example_pairs(item: PromptItem, template: str, tokenizer: Any, cfg: Config,
     far, rendered as ``dapo train`` renders prompts (:func:`dapo.data.templates.assistant_turns`): a tool-use
     conversation's calls and results included, with ``tools`` (``env.tools``' schemas) or else the row's own
     ``tools`` column given to the chat template."""
-    from dapo.data.files import get_field, response_problem, row_conversation
+    from dapo.data.files import response_value, row_conversation
     from dapo.data.templates import assistant_turns, fit_prompts
     from dapo.problems import row_tools
 
     eos = tokenizer.eos_token_id
     fields, key = item.example.fields, cfg.sft.response_key
-    value = get_field(fields, key, None)
-    if value is not None and not (isinstance(value, str) and not value.strip()):
+    value = response_value(fields, key)
+    if value is not None:
         return [(item.prompt_ids, tokenizer(str(value), add_special_tokens=False)["input_ids"] + [eos])]
-    why = response_problem(fields, cfg.data.prompt_key, key)
-    if why:  # the loader refused (or skipped) such training rows; a held-out row of eval.path teaches nothing
-        return []
     conversation = row_conversation(fields, cfg.data.prompt_key)
+    if not any(m.get("role") == "assistant" for m in conversation):
+        return []  # the loader refused (or skipped) such training rows; a held-out row of eval.path teaches nothing
     chat = template.endswith("chat")
     out = []
     try:
