@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Sequence
 
-from dapo.config import PRESET_DOCS, ConfigError, describe, load_config
+from dapo.config import PRESET_DOCS, ConfigError, describe, load_config, resume_named
 from dapo.fsutil import strict_json
 
 # subcommands that live in their own modules, each with a ``main(argv) -> int``
@@ -63,9 +63,8 @@ def train_main(argv: Sequence[str]) -> int:
                       ("env", "env.path"), ("tools", "env.tools")):
         if getattr(args, flag):
             over.append(f"{key}={getattr(args, flag)}")
-    cfg = load_config(args.preset, args.config, over)
-    if cfg.ckpt.resume and not args.config and not args.preset:
-        cfg = _resume_config(cfg, over)
+    resume = resume_named(args.config, over)
+    cfg = _resume_config(resume, args, over) if resume else load_config(args.preset, args.config, over)
     from dapo.trainer.loop import train
 
     result = train(cfg)
@@ -75,13 +74,17 @@ def train_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _resume_config(cfg, over: list[str]):
-    """Resuming without --config: start from the run's saved config.yaml, then apply the new overrides."""
+def _resume_config(resume: str, args: argparse.Namespace, over: list[str]):
+    """A resume starts from the run's saved config.yaml, then applies --preset, --config and the overrides on
+    top (each change is named when the run starts); only the merged config is validated, so an override that
+    needs the run's own keys (reward.fn on a data-file run) is judged with them. A run killed before it saved
+    its config starts from the defaults, as a new run would."""
     from dapo.config import run_config
     from dapo.trainer.run import resume_source
 
-    run_dir, _ = resume_source(cfg)
-    return run_config(run_dir, over) or cfg
+    run_dir, _ = resume_source(resume)
+    cfg = run_config(run_dir, over, preset=args.preset, file=args.config)
+    return cfg if cfg is not None else load_config(args.preset, args.config, over)
 
 
 def _export_parser() -> argparse.ArgumentParser:

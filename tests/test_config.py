@@ -149,6 +149,24 @@ def test_a_saved_config_keeps_its_overrides_of_preset_keys(tmp_path):
     assert again.algo == cfg.algo and again.optim.steps == 7 and again.preset == "dapo"
     assert run_config(tmp_path, ["preset=grpo"]).algo.eps_high == 0.2  # a preset named anew is applied
     assert run_config(tmp_path / "missing") is None
+    # --preset and --config on top of the saved config change only their own keys
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.5\n")
+    both = run_config(tmp_path, ["optim.steps=7"], preset="grpo", file=tmp_path / "c.yaml")
+    assert (both.algo.eps_high, both.algo.loss_agg, both.optim.lr, both.optim.steps) == (
+        0.2, "seq-mean-token-mean", 0.5, 7)
+    assert both.eval == cfg.eval and both.optim.train_batch_size == cfg.optim.train_batch_size
+
+
+def test_the_run_a_resume_names_is_found_before_anything_is_validated(tmp_path):
+    from dapo.config import resume_named
+
+    assert resume_named(None, ["optim.steps=3", "ckpt.resume=runs/a", "ckpt.resume = runs/b"]) == "runs/b"
+    assert resume_named(None, ["optim.steps=3"]) == ""
+    (tmp_path / "c.yaml").write_text("ckpt:\n  resume: runs/c\nalgo:\n  eps_hihg: 1\n")  # a bad key: judged later
+    assert resume_named(tmp_path / "c.yaml", []) == "runs/c"
+    assert resume_named(tmp_path / "c.yaml", ["ckpt.resume=runs/d"]) == "runs/d"  # the command line wins
+    (tmp_path / "bad.yaml").write_text("ckpt: [\n")
+    assert resume_named(tmp_path / "bad.yaml", []) == "" and resume_named(tmp_path / "none.yaml", []) == ""
 
 
 def test_responses_that_do_not_split_over_the_ranks_are_refused_naming_the_keys():

@@ -67,6 +67,40 @@ def test_relative_paths_are_saved_absolute_and_resume_from_another_directory(tin
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_a_resume_judges_reward_preset_and_config_file_on_top_of_the_runs_saved_config(tiny_model_dir, tmp_path,
+                                                                                       capsys):
+    """--reward, --preset and --config on a resume change only what they name: stop 41 found --reward refused as
+    if the run had no data file (the override was validated before the saved config was read), and --preset or
+    --config starting from the defaults (a data-file run's resume ended in a KeyError; a run's own keys reset)."""
+    from dapo.cli import main
+
+    (tmp_path / "math.jsonl").write_text(FIXTURE.read_text())
+    for name, odd in (("a", 1), ("b", 0)):
+        (tmp_path / f"{name}.py").write_text(f"def score(response, ground_truth):\n"
+                                             f"    return 1.0 if len(response) % 2 == {odd} else -1.0\n")
+    run = tmp_path / "runs" / "r"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "math.jsonl"), "--reward",
+                 f"{tmp_path / 'a.py'}:score", *TINY_RUN, "data.template=none", "data.max_prompt_len=400",
+                 "eval.size=2", "eval.every=0", "optim.steps=1", f"log.out_dir={tmp_path / 'runs'}",
+                 "log.run_name=r"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--reward", f"{tmp_path / 'b.py'}:score", "optim.steps=2"]) == 0
+    err = capsys.readouterr().err
+    assert (f"resumed with 2 changed key(s): reward.fn: '{tmp_path / 'a.py'}:score' -> '{tmp_path / 'b.py'}:score'; "
+            f"optim.steps: 1 -> 2;") in err, err
+    assert main(["train", "--resume", str(run), "--preset", "grpo", "optim.steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert ("resumed with 7 changed key(s): preset: 'dapo' -> 'grpo'; algo.eps_high: 0.28 -> 0.2; algo.loss_agg: "
+            "'token-mean' -> 'seq-mean-token-mean'; algo.dynamic_sampling: True -> False; algo.overlong_filter: True "
+            "-> False; algo.soft_overlong: True -> False; optim.steps: 2 -> 3;") in err, err  # eval.size stays 2
+    (tmp_path / "more.yaml").write_text("optim:\n  steps: 4\nalgo:\n  eps_high: 0.25\n")
+    assert main(["train", "--config", str(tmp_path / "more.yaml"), f"ckpt.resume={run}"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed with 2 changed key(s): algo.eps_high: 0.2 -> 0.25; optim.steps: 3 -> 4;" in err, err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
 def test_a_file_too_small_to_hold_rows_out_says_so_and_writes_standard_json(tiny_model_dir, tmp_path, capsys):
     """Under 10 rows nothing is held out: the run says why at the start and summary.json (and the line on stdout)
     hold null, which strict JSON parsers read, instead of Python's NaN token."""

@@ -4,8 +4,8 @@ Table-1 row; built as defaults <- preset <- a built-in task's own keys (``Task.t
 """
 from dapo.config.errors import ConfigError
 from dapo.config.load import (
-    config_changes, config_from_dict, default, describe, field_doc, load_config, parse_overrides, run_config,
-    save_config, valid_keys,
+    config_changes, config_from_dict, default, describe, field_doc, load_config, parse_overrides, resume_named,
+    run_config, save_config, valid_keys,
 )
 from dapo.config.sections import (
     ABLATION_ROWS, PRESET_DOCS, PRESETS, RENAMED, AlgoConfig, CheckpointConfig, Config, DataConfig, DistConfig,
@@ -16,6 +16,7 @@ from dapo.config.validate import validate
 __all__ = [
     "ABLATION_ROWS", "PRESETS", "PRESET_DOCS", "RENAMED", "AlgoConfig", "CheckpointConfig", "Config", "ConfigError",
     "DataConfig", "DistConfig", "EnvConfig", "EvalConfig", "LogConfig", "ModelConfig", "OptimConfig", "RewardConfig",
-    "RolloutConfig", "SFTConfig", "config_changes", "config_from_dict", "default", "describe", "field_doc", "load_config",
-    "parse_overrides", "run_config", "save_config", "token_budget", "valid_keys", "validate",
+    "RolloutConfig", "SFTConfig", "config_changes", "config_from_dict", "default", "describe", "field_doc",
+    "load_config", "parse_overrides", "resume_named", "run_config", "save_config", "token_budget", "valid_keys",
+    "validate",
 ]

@@ -255,9 +255,11 @@ def _absolute_paths(cfg: Config) -> Config:
     return _apply(cfg, new) if new else cfg
 
 
-def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config | None:
-    """The config a run directory saved (``config.yaml``) with ``overrides`` on top, or None without one
-    (a resume continues with it; ``dapo eval`` evaluates a checkpoint the way it was trained)."""
+def run_config(run_dir: str | Path, overrides: list[str] | None = None, preset: str | None = None,
+               file: str | Path | None = None) -> Config | None:
+    """The config a run directory saved (``config.yaml``) with ``preset`` (its keys only), ``file`` and
+    ``overrides`` on top, or None without one (a resume continues with it; ``dapo eval`` evaluates a checkpoint
+    the way it was trained)."""
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         return None
@@ -265,7 +267,25 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Confi
         base = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")))
     except (OSError, yaml.YAMLError, TypeError, AttributeError) as e:
         raise ConfigError(f"{saved}: cannot read the run's config: {e}") from None
-    return load_config(None, None, list(overrides or []), base=base)
+    return load_config(preset, file, list(overrides or []), base=base)
+
+
+def resume_named(file: str | Path | None, overrides: list[str]) -> str:
+    """``ckpt.resume`` as the overrides (the last one wins) or else the YAML file name it, read before anything
+    is validated: a resume's keys are judged on top of the run's saved config. "" when neither does (or the
+    file cannot be read: load_config names that)."""
+    for item in reversed(overrides):
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "ckpt.resume":
+            return value.strip()
+    if file is None:
+        return ""
+    try:
+        data = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ""
+    value = _flatten(data).get("ckpt.resume") if isinstance(data, dict) else None
+    return str(value) if value else ""
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

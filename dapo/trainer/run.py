@@ -30,27 +30,27 @@ if TYPE_CHECKING:
     from dapo.trainer.build import Run
 
 
-def resume_source(cfg: Config) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint) that ``ckpt.resume`` names, checked; no checkpoint only for a run killed
-    before its first one. Changes nothing on disk."""
-    p = Path(cfg.ckpt.resume)
+def resume_source(resume: str) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint) that ``ckpt.resume=resume`` names, checked; no checkpoint only for a run
+    killed before its first one. Changes nothing on disk."""
+    p = Path(resume)
     if not p.exists():
-        raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no such directory")
+        raise SetupError(f"ckpt.resume={resume}: no such directory")
     if (p / "trainer_state.pt").exists() or p.name.startswith("step_"):
         if not is_complete(p, verify=True):
-            raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: not a complete checkpoint (manifest missing, or a "
+            raise SetupError(f"ckpt.resume={resume}: not a complete checkpoint (manifest missing, or a "
                              f"file missing or damaged); resume from the run directory to use its newest complete one")
         return p.parent, p
     ckpt = latest_checkpoint(p)
     if ckpt is None and not (p / "config.yaml").exists():
-        raise SetupError(f"ckpt.resume={cfg.ckpt.resume}: no complete checkpoint (step_N/ with a manifest) in it")
+        raise SetupError(f"ckpt.resume={resume}: no complete checkpoint (step_N/ with a manifest) in it")
     return p, ckpt  # None: a run killed before its first checkpoint, nothing to lose: it starts again
 
 
 def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from or None). Never reuses a finished run's directory silently."""
     if cfg.ckpt.resume:
-        source, ckpt = resume_source(cfg)
+        source, ckpt = resume_source(cfg.ckpt.resume)
         if ckpt is not None:
             _same_kind(cfg, ckpt)
             done = checkpoint_step(ckpt)
