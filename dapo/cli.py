@@ -122,9 +122,13 @@ def export_main(argv: Sequence[str]) -> int:
     tmp = staging_dir(out.resolve())
     try:
         if lora.is_lora_checkpoint(ckpt):
-            from dapo.model import adapter_base
+            from dapo.model import adapter_base, same_base
 
             base = args.base or adapter_base(str(ckpt))
+            if args.base and not same_base(ckpt, args.base):  # the user's choice; said, not refused
+                print(f"dapo export: warning: --base {args.base} is not the base {ckpt} was trained on (its weights "
+                      f"differ from the fingerprint in {ckpt / lora.BASE_FINGERPRINT}): the merge is the adapter on "
+                      f"other weights", file=sys.stderr)
             dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
             lora.merge_to_hf(base, ckpt, tmp, dtype=dtype)
             if (ckpt / TEMPLATE_FILE).is_file():  # dapo eval keeps the prompt format it was trained with

@@ -21,6 +21,9 @@ used: on it ``.base_model`` is peft's ``LoraModel``, not the decoder stack.
   base model's path in ``base_model_name_or_path``), so ``peft.PeftModel.from_pretrained`` loads it too;
   ``merge_to_hf`` writes a plain model that needs no peft (``merge_adapter`` merges in memory);
   ``save_adapter_state`` writes pushed adapter tensors in that layout without their model (vLLM's LoRA requests).
+  Beside it, ``base_fingerprint.json`` records a digest of the local base's weight files (``base_fingerprint``):
+  an adapter is only meaningful on the weights it was trained on, and a base directory overwritten (a new
+  ``dapo sft --force``) or replaced would otherwise be used without a word (``dapo.model.adapter_base`` checks it).
 
 Wiring (``dapo.model``): ``load_policy`` applies ``model.lora_*`` or continues a checkpoint's adapter,
 ``save_model`` / ``weights_to_sync`` pick the adapter under LoRA, ``reference_policy`` is ``adapters_disabled``.
@@ -62,6 +65,11 @@ ADAPTER = "default"
 """peft's name for the one adapter a model carries here (it appears in parameter names, not in files)."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+BASE_FINGERPRINT = "base_fingerprint.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_WHOLE_FILE = 64 << 20  # hashed whole up to this size; a larger file by its head, tail and 64 spread blocks
+_HEAD, _BLOCK = 1 << 20, 1 << 16
+_fingerprints: dict[tuple, str] = {}  # (path, each weight file's name, size, mtime): the digest, read once
 _FILE_PREFIX = "base_model.model."  # peft's files name tensors as seen from a PeftModel wrapper
 _TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                     "spiece.model", "sentencepiece.bpe.model")
@@ -330,6 +338,55 @@ def lora_base_path(ckpt_dir: str | Path) -> str | None:
     return json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
 
 
+def base_fingerprint(base: str | Path) -> str | None:
+    """A digest of the weight files of the local model directory ``base`` (names, sizes and contents; a file over
+    64 MiB by its first and last MiB and 64 blocks between), or None for a hub id or a directory without weights.
+    Cheap enough to take at every checkpoint: read once per file state (size, mtime)."""
+    import hashlib
+
+    root = Path(base).expanduser()
+    if not root.is_dir():
+        return None
+    files = sorted(f for f in root.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+    if not files:
+        return None
+    key = (str(root.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _fingerprints:
+        h = hashlib.sha256()
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                if size <= _WHOLE_FILE:
+                    h.update(fh.read())
+                    continue
+                spans = [(0, _HEAD), *((size * i // 65, _BLOCK) for i in range(1, 65)), (max(0, size - _HEAD), _HEAD)]
+                for at, n in spans:
+                    fh.seek(at)
+                    h.update(fh.read(n))
+        _fingerprints[key] = "sha256:" + h.hexdigest()
+    return _fingerprints[key]
+
+
+def recorded_fingerprint(ckpt_dir: str | Path) -> str | None:
+    """The base's fingerprint a LoRA checkpoint recorded when it was written (None: none was, e.g. a hub base, an
+    adapter from peft itself or from dapo before the record existed)."""
+    path = Path(ckpt_dir) / BASE_FINGERPRINT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("weights") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_fingerprint(ckpt_dir: Path, base: str | None) -> None:
+    fp = base_fingerprint(base) if base else None
+    if fp is not None:
+        (ckpt_dir / BASE_FINGERPRINT).write_text(json.dumps({"base_model_name_or_path": base, "weights": fp}, indent=1),
+                                                 encoding="utf-8")
+
+
 def save_lora_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, base_model_path: str | None = None) -> Path:
     """Write ``model``'s adapter into ``ckpt_dir`` in peft's layout: ``adapter_model.safetensors`` (float32
     tensors) and ``adapter_config.json``, whose ``base_model_name_or_path`` is ``base_model_path`` or, if not
@@ -343,6 +400,7 @@ def save_lora_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, base_mode
     config.base_model_name_or_path = base_model_path or getattr(model, "name_or_path", None) or None
     config.inference_mode = True  # as peft saves it: a loaded adapter is frozen unless asked otherwise
     config.save_pretrained(str(ckpt_dir))
+    _write_fingerprint(ckpt_dir, config.base_model_name_or_path)
     return ckpt_dir
 
 

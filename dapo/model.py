@@ -112,16 +112,30 @@ def _load_hf(mcfg: Any, path: str, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def adapter_base(path: str) -> str:
-    """The base model a LoRA checkpoint at ``path`` was trained on (its ``base_model_name_or_path``), checked."""
+    """The base model a LoRA checkpoint at ``path`` was trained on (its ``base_model_name_or_path``), checked: it is
+    there, and (when the checkpoint recorded one) its weights are the ones the adapter was trained on."""
     base = lora.lora_base_path(path)
     where = f"{Path(path) / lora.ADAPTER_CONFIG} (base_model_name_or_path)"
     if base is None:
         raise SetupError(f"{path} is a LoRA adapter whose {where} names no base model")
     if (base.startswith(("/", ".", "~")) or Path(base).exists()) and not Path(base).expanduser().is_dir():
         raise SetupError(f"{path} is a LoRA adapter on the base model {base}, which is not there any more ({where}); "
-                         f"put the base back, or merge the adapter on it where it is: dapo export {path} --merge OUT "
-                         f"--base BASE_DIR")
+                         f"put the base back, resume its run with model.path=WHERE_IT_IS_NOW, or merge the adapter on "
+                         f"it where it is: dapo export {path} --merge OUT --base BASE_DIR")
+    if not same_base(path, base):
+        raise SetupError(f"{path} is a LoRA adapter trained on the base model {base}, whose weights have changed since "
+                         f"(they differ from the fingerprint in {Path(path) / lora.BASE_FINGERPRINT}: the base was "
+                         f"overwritten or replaced); the adapter means nothing on other weights: put the original "
+                         f"base back, or name a copy of it (model.path=COPY on a resume, --base COPY for dapo export)")
     return base
+
+
+def same_base(ckpt: str | Path, base: str) -> bool:
+    """Whether ``base`` holds the weights LoRA checkpoint ``ckpt`` was trained on, as far as its recorded fingerprint
+    tells (True when it recorded none, or ``base`` is not a local directory)."""
+    want = lora.recorded_fingerprint(ckpt)
+    have = lora.base_fingerprint(base) if want else None
+    return want is None or have is None or have == want
 
 
 def load_model(mcfg: Any, path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -1,5 +1,6 @@
 """LoRA adapters (dapo.lora) on a tiny real Qwen2: injection, training, reference, sync, checkpoints, merge."""
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -11,9 +12,9 @@ from safetensors.torch import load_file
 pytest.importorskip("peft")
 
 from dapo.lora import (  # noqa: E402
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, adapters_disabled, apply_lora, decoder_linear_names,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT, adapter_state_dict, adapters_disabled, apply_lora, decoder_linear_names,
     has_lora, is_lora_checkpoint, load_adapter_state, load_lora_checkpoint, lora_base_path, lora_param_count,
-    merge_to_hf, save_lora_checkpoint,
+    base_fingerprint, merge_to_hf, recorded_fingerprint, save_lora_checkpoint,
 )
 from dapo.model import enable_checkpointing  # noqa: E402
 from dapo.rollout import HFEngine, SamplingParams  # noqa: E402
@@ -192,12 +193,38 @@ def test_load_adapter_state_rejects_other_shapes_keys_and_plain_models(tiny_mode
         load_adapter_state(_base(tiny_model_dir), sd)
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["hashed whole", "sampled (a file over the size limit)"])
+def test_a_base_fingerprint_follows_its_weights_not_its_place(tiny_model_dir, tmp_path, monkeypatch, whole):
+    import dapo.lora as lora_mod
+
+    if not whole:  # the tiny model's file read as a large one is: its head, tail and 64 blocks between
+        for name, value in (("_WHOLE_FILE", 1000), ("_HEAD", 1000), ("_BLOCK", 100), ("_fingerprints", {})):
+            monkeypatch.setattr(lora_mod, name, value)
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    assert base_fingerprint(a) == base_fingerprint(b) == base_fingerprint(tiny_model_dir) is not None  # a copy: same
+    (b / "config.json").write_text((b / "config.json").read_text() + " ")  # not the weights: same
+    assert base_fingerprint(b) == base_fingerprint(a)
+    size = (b / "model.safetensors").stat().st_size
+    with open(b / "model.safetensors", "r+b") as f:  # one byte of the weights, same size (in a sampled block)
+        f.seek(size - 20 if whole else size * 7 // 65 + 50)
+        x = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([x[0] ^ 1]))
+    assert base_fingerprint(b) != base_fingerprint(a)
+    (a / "model.safetensors").rename(a / "other.safetensors")  # a file's name is part of it
+    assert base_fingerprint(a) != base_fingerprint(tiny_model_dir)
+    assert base_fingerprint("Qwen/Qwen2.5-0.5B") is None and base_fingerprint(tmp_path) is None  # hub id, no weights
+
+
 def test_checkpoint_roundtrip_restores_exact_adapters_and_peft_reads_it(tiny_model_dir, tok, tmp_path):
     batch = _batch(tok)
     model = apply_lora(_base(tiny_model_dir), rank=4, alpha=8)
     _randomise(model, seed=2)
     ckpt = save_lora_checkpoint(model, tmp_path / "step_3")
-    assert sorted(p.name for p in ckpt.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert sorted(p.name for p in ckpt.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT]
+    assert recorded_fingerprint(ckpt) == base_fingerprint(tiny_model_dir) is not None
     assert is_lora_checkpoint(ckpt) and not is_lora_checkpoint(tiny_model_dir)
     assert lora_base_path(ckpt) == str(tiny_model_dir)  # the path the base was loaded from
     cfg = json.loads((ckpt / ADAPTER_CONFIG).read_text())

@@ -255,6 +255,54 @@ def test_resume_restores_the_adapter_and_refuses_another_kind_of_run(lora_run, t
         resolve_run_dir(full)
 
 
+def test_a_lora_adapter_is_used_only_on_the_base_it_was_trained_on_wherever_that_base_is_now(tiny_model_dir, tmp_path,
+                                                                                            capsys):
+    """A LoRA checkpoint records its base's fingerprint: a base overwritten in place (a new sft --force) is refused
+    by resume, eval and export instead of silently scoring another model (stop 41 saw 1.000 -> 0.000 without a
+    word), and a base moved elsewhere is named on the resume with model.path (only the same weights are taken)."""
+    from safetensors.torch import save_file
+
+    from dapo.lora import BASE_FINGERPRINT
+    from dapo.trainer.checkpoint import is_complete
+
+    base, moved, run = tmp_path / "base", tmp_path / "moved", tmp_path / "runs" / "r"
+    shutil.copytree(tiny_model_dir, base)
+    common = [*TINY_RUN, *LORA, "algo.filter_metric=reward", "log.report=false", "ckpt.keep_last=5"]
+    assert cli_main(["train", "--model", str(base), "optim.steps=1", f"log.out_dir={run.parent}", "log.run_name=r",
+                     *common]) == 0
+    record = json.loads((run / "step_1" / BASE_FINGERPRINT).read_text())
+    assert record["base_model_name_or_path"] == str(base) and record["weights"].startswith("sha256:")
+    assert is_complete(run / "step_1", verify=True)  # it is in the checkpoint's manifest
+    base.rename(moved)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(run), "optim.steps=2"]) == 2
+    assert "resume its run with model.path=WHERE_IT_IS_NOW" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", str(run), f"model.path={moved}", "optim.steps=2"]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming it on model.path={moved}: the same weights (fingerprint checked)" in err, err
+    assert json.loads((run / "step_2" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(moved)
+    assert not (run / ".adapter-on-model-path").exists()  # the redirected copy is gone with the run
+    # the base overwritten with other weights of the same shapes: refused wherever the adapter is used
+    weights = load_file(str(moved / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"] += 0.01
+    save_file(weights, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    before = sorted(p.name for p in run.iterdir())
+    for argv in (["eval", "--model", str(run / "step_2"), "--data", "task:addition", "--limit", "2", "--out",
+                  str(tmp_path / "e.json")],
+                 ["export", str(run / "step_2"), "--merge", str(tmp_path / "m")],
+                 ["train", "--resume", str(run), "optim.steps=3"]):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"trained on the base model {moved}, whose weights have changed since" in err and "Traceback" not in err
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "m").exists()
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert cli_main(["train", "--resume", str(run), f"model.path={tiny_model_dir}", "optim.steps=3"]) == 0  # a copy
+    assert "the same weights (fingerprint checked)" in capsys.readouterr().err
+    # merging on another base is the user's explicit choice: done, with a warning
+    assert cli_main(["export", str(run / "step_3"), "--merge", str(tmp_path / "m"), "--base", str(moved)]) == 0
+    assert "is not the base" in capsys.readouterr().err
+
+
 def test_bad_lora_settings_name_the_key(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="model.lora_rank: LoRA with dist.fsdp is not supported"):
         load_config(overrides=[*LORA, "dist.fsdp=true", "dist.trainer_ranks=2"])

@@ -2,7 +2,9 @@
 engine (here, on Ray workers, or on the ranks), and the dynamic sampler that feeds the loop."""
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +14,7 @@ import torch
 from dapo.config import Config
 from dapo.model import (
     SetupError, check_context, compute_dtype, eos_ids, generation_config_of, load_policy, load_tokenizer,
-    make_optimizer, new_tokens, reference_model, resolve_device, sampler_dtype,
+    make_optimizer, new_tokens, reference_model, resolve_device, same_base, sampler_dtype,
 )
 from dapo.memory import check_device_memory
 from dapo.problems import Problems, load_problems
@@ -72,6 +74,38 @@ def initial_model_path(cfg: Config, log: Callable[[str], None] = print) -> str:
     return str(prepare_base_model(cfg.data.task, log=log))
 
 
+def _adapter_on_named_base(cfg: Config, ckpt: Path, run_dir: Path, log: Callable[[str], None]) -> Path | None:
+    """A LoRA checkpoint resumed with ``model.path`` naming a base other than the one it records (the base was
+    moved): a copy of the adapter that names ``model.path`` as its base, once the weights there are checked to be
+    the ones it was trained on (its recorded fingerprint). None when there is nothing to redirect."""
+    from dapo import lora
+
+    named = cfg.model.path
+    if not lora.is_lora_checkpoint(ckpt) or not named or not Path(named).expanduser().is_dir() or \
+            lora.is_lora_checkpoint(named):  # a run started from an adapter: its model.path is not the base
+        return None
+    recorded = lora.lora_base_path(ckpt) or ""
+    if Path(recorded).expanduser().exists() and Path(recorded).resolve() == Path(named).resolve():
+        return None
+    if not same_base(ckpt, named):
+        raise SetupError(f"model.path={named}: not the base model {ckpt} was trained on (the weights there differ "
+                         f"from the fingerprint in {ckpt / lora.BASE_FINGERPRINT}); name that base ({recorded}) "
+                         f"or a copy of it")
+    copy = run_dir / ".adapter-on-model-path"  # in the run directory: every rank and worker reads it there
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    for f in ckpt.iterdir():  # the adapter, tokenizer and template; the optimiser state is read from ckpt
+        if f.is_file() and f.name not in ("trainer_state.pt", "optimizer.pt", "manifest.json"):
+            shutil.copy2(f, copy / f.name)
+    adapter = json.loads((copy / lora.ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    adapter["base_model_name_or_path"] = named
+    (copy / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2), encoding="utf-8")
+    checked = "the same weights (fingerprint checked)" if lora.recorded_fingerprint(ckpt) else \
+        "no fingerprint recorded to check its weights against"
+    log(f"LoRA: {ckpt.name}'s adapter was trained on the base {recorded}; resuming it on model.path={named}: {checked}")
+    return copy
+
+
 def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callable[[str], None] = print) -> Run:
     """Build the run. ``dist.rollout_workers`` > 0 puts rollout on Ray workers (``dapo.distributed.RayEngine``),
     ``dist.trainer_ranks`` > 1 puts training on Ray ranks (``dapo.distributed.RankGroup``); the loop is the same."""
@@ -87,9 +121,18 @@ def build_run(cfg: Config, run_dir: Path, resume_from: Path | None, log: Callabl
     if d.ray_address and not (d.rollout_workers or d.trainer_ranks > 1):
         log(f"dist.ray_address={d.ray_address} is set but dist.rollout_workers=0 and dist.trainer_ranks=1: "
             f"everything runs in this process")
-    tokenizer = load_tokenizer(cfg.model, path)
-    problems = load_problems(cfg, tokenizer, log, model_path=path)
+    moved = _adapter_on_named_base(cfg, resume_from, run_dir, log) if resume_from is not None else None
+    path = str(moved or path)
+    try:
+        tokenizer = load_tokenizer(cfg.model, path)
+        problems = load_problems(cfg, tokenizer, log, model_path=path)
+    except BaseException:
+        if moved is not None:
+            shutil.rmtree(moved, ignore_errors=True)
+        raise
     closers: list[Callable[[], None]] = [problems.close]
+    if moved is not None:  # closed last: a restarted rollout worker loads it again
+        closers.insert(0, lambda: shutil.rmtree(moved, ignore_errors=True))
     try:
         multiturn_total = (cfg.env.path or cfg.env.tools) and cfg.rollout.max_total_tokens
         check_context(path, problems.prompt_lengths(), *new_tokens(cfg), log=log,
