@@ -383,6 +383,7 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
     from dapo.data.files import load_examples
     from dapo.rewards import RewardRunner
     from dapo.rewards.math import vote_answer
+    from dapo.rewards.runner import check_reward_call
 
     d = cfg.data
 
@@ -422,6 +423,9 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
         if not train:
             ev, ev_ids, exs, ids = ev[: limit or None], ev_ids[: limit or None], [], []
     rw = cfg.reward
+    check_reward_call(reward_spec(cfg), _reward_inputs(rows)[1], d.path)
+    if cfg.eval.path and train:
+        check_reward_call(reward_spec(cfg), _reward_inputs(ev)[1], cfg.eval.path)
     decoder = ResponseDecoder(tokenizer)
     runner = RewardRunner(reward_spec(cfg), workers=rw.workers, timeout_s=rw.timeout_s, memory_mb=rw.memory_mb or None,
                           decoder=decoder.json if train else None)

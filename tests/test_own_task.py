@@ -100,11 +100,15 @@ def test_a_run_that_cannot_learn_says_why_and_stops(tiny_model_dir, tmp_path, ca
                    "optim.steps=20", "ckpt.every=2", *TINY_RUN])
     err = capsys.readouterr().err
     run = tmp_path / "idle"
-    rc0 = cli_main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--reward", f"{reward}:score",
-                    "data.prompt_key=q", "data.answer_key=a", f"log.out_dir={tmp_path}", "log.run_name=idle0",
+    plain = tmp_path / "plain.jsonl"  # answers in a top-level 'answer' column: data.answer_key's fallback
+    plain.write_text(data.read_text().replace('"a":', '"answer":'))
+    rc0 = cli_main(["train", "--model", str(tiny_model_dir), "--data", str(plain), "--reward", f"{reward}:score",
+                    "data.prompt_key=q", f"log.out_dir={tmp_path}", "log.run_name=idle0",
                     "optim.steps=20", "ckpt.every=0", "algo.max_idle_steps=2", *TINY_RUN])
+    err0 = capsys.readouterr().err
     assert rc0 == 1 and (f"the run directory {tmp_path / 'idle0'} holds no checkpoint (ckpt.every=0: only the last "
-                         f"step saves one)") in capsys.readouterr().err
+                         f"step saves one)") in err0
+    assert "the answer column (the file's 'answer' column: it has no data.answer_key=reward_model.ground_truth)" in err0
     assert rc == 1 and "Traceback" not in err
     assert err.count("no group with mixed outcomes to train on (0% of") == 5  # the evidence, every idle step
     assert "e.g. prompt '" in err and "(answer '" in err

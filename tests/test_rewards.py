@@ -342,6 +342,32 @@ def test_extra_fields_reach_functions_that_ask_for_them(fns_file):
         assert batch.scores == [1.0, -1.0] and batch.stats["reward/errors"] == 0
 
 
+def test_a_reward_function_the_rows_cannot_call_is_refused_before_any_sample(fns_file, tmp_path):
+    """Stop 41 found fn(response) and a function naming a column the file lacks scoring every sample -1 until
+    the idle stop; the call every sample makes is checked against each distinct set of columns at start."""
+    from dapo.rewards.runner import RewardFnError, check_reward_call
+
+    rows = [{"level": 3, "data_source": ""}, {"data_source": ""}]
+    for ok in ("echo", "everything", "misbehave"):  # two arguments, **fields, two arguments
+        check_reward_call(f"{fns_file}:{ok}", rows, "f.jsonl")
+    check_reward_call(f"{fns_file}:by_source", rows, "f.jsonl")  # data_source is every row's
+    check_reward_call("math", [{}], "f.jsonl")
+    (tmp_path / "mine.py").write_text("def one(response):\n    return 1.0\n"
+                                      "def cols(response, answer, level, extra):\n    return 1.0\n"
+                                      "def kwonly(response, answer, *, level):\n    return 1.0\n"
+                                      "def default(response, answer, level=0):\n    return 1.0\n")
+    with pytest.raises(RewardFnError, match=r"reward.fn=.*mine.py:one: cannot score f.jsonl's rows: too many "
+                                            r"positional arguments .*fn\(response, ground_truth, \*\*columns\)"):
+        check_reward_call(f"{tmp_path / 'mine.py'}:one", rows, "f.jsonl")
+    with pytest.raises(RewardFnError, match=r"missing a required argument: 'extra'.*a row there has the columns "
+                                            r"data_source, level\)"):
+        check_reward_call(f"{tmp_path / 'mine.py'}:cols", rows, "f.jsonl")
+    with pytest.raises(RewardFnError, match=r"missing a required argument: 'level'.*the columns data_source\)"):
+        check_reward_call(f"{tmp_path / 'mine.py'}:kwonly", rows, "f.jsonl")  # the second row lacks it
+    check_reward_call(f"{tmp_path / 'mine.py'}:default", rows, "f.jsonl")
+    check_reward_call(print, rows, "f.jsonl")  # no signature to read: left to the calls
+
+
 def test_pool_scores_in_parallel_and_in_order(fns_file):
     with RewardRunner(f"{fns_file}:pid_after_a_while", workers=2, timeout_s=5.0) as runner:
         runner.score(["0"] * 2, ["0"] * 2)  # let both workers start

@@ -149,3 +149,29 @@ def test_a_reward_gets_every_column_of_the_row_the_prompts_too(tiny_model_dir, t
         assert problems.score_fn(["x", "x"], examples).scores == [41.0, 2 + 10 * len("3+4= 7 +1=")]
     finally:
         problems.close()
+
+
+def test_a_reward_function_that_cannot_score_the_rows_is_refused_at_start_by_every_command(tiny_model_dir, tmp_path,
+                                                                                          capsys):
+    from dapo.cli import main
+
+    (tmp_path / "math.jsonl").write_text(FIXTURE.read_text())
+    (tmp_path / "r.py").write_text("def score(response, ground_truth, difficulty):\n    return 1.0\n")
+    spec = f"{tmp_path / 'r.py'}:score"
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "response": str(i + 1),
+                                                              "answer": str(i + 1)}) + "\n" for i in range(30)))
+    capsys.readouterr()
+    for argv in (["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "math.jsonl"), "--reward", spec,
+                  *TINY_RUN, "data.template=none", "data.max_prompt_len=400", f"log.out_dir={tmp_path / 'runs'}",
+                  "log.run_name=r"],
+                 ["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "math.jsonl"), "--reward", spec,
+                  "--out", str(tmp_path / "e.json")],
+                 ["sft", "--model", str(tiny_model_dir), "--data", str(tmp_path / "pairs.jsonl"), "--reward", spec,
+                  "--out", str(tmp_path / "base")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        data = argv[argv.index("--data") + 1]
+        assert f"reward.fn={spec}: cannot score {data}'s rows: missing a required argument: 'difficulty'" in err \
+            and "Traceback" not in err, err
+    assert not (tmp_path / "runs" / "r").exists() and not (tmp_path / "e.json").exists()
+    assert not (tmp_path / "base").exists()

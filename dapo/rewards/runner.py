@@ -31,7 +31,7 @@ import pickle
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from dapo.rewards.limits import _Alarm, call_with_time_limit
 from dapo.rewards.math import TAIL_CHARS, score_math
@@ -105,12 +105,42 @@ class _Caller:
             p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         )
 
-    def __call__(self, response: str, ground_truth: str, extra: dict[str, Any]) -> Any:
+    def kwargs(self, extra: dict[str, Any]) -> dict[str, Any]:
         if self.takes_all:
-            kwargs = {k: v for k, v in extra.items() if k not in self.first_two}
-        else:
-            kwargs = {k: v for k, v in extra.items() if k in self.names}
-        return self.fn(response, ground_truth, **kwargs)
+            return {k: v for k, v in extra.items() if k not in self.first_two}
+        return {k: v for k, v in extra.items() if k in self.names}
+
+    def __call__(self, response: str, ground_truth: str, extra: dict[str, Any]) -> Any:
+        return self.fn(response, ground_truth, **self.kwargs(extra))
+
+
+def check_reward_call(spec: str | Callable[..., Any], extras: Sequence[dict[str, Any]], where: str) -> None:
+    """Refuse at start a reward function that no sample could be scored with: every call is
+    ``fn(response, ground_truth, **the row's columns it names)``, so a function taking one argument, or naming a
+    column the rows lack, would score each sample as a failure until the run stops idle. Checked against each
+    distinct set of columns in ``extras`` (the rows' fields); ``where``: the file, for the message."""
+    if isinstance(spec, str) and spec in BUILTIN_REWARDS:
+        return
+    fn = load_reward_fn(spec)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the calls will tell
+        return
+    caller, seen = _Caller(fn), set()
+    for extra in extras:
+        columns = frozenset(extra)
+        if columns in seen:
+            continue
+        seen.add(columns)
+        try:
+            sig.bind("", "", **caller.kwargs(extra))
+        except TypeError as e:
+            name = spec if isinstance(spec, str) else getattr(fn, "__qualname__", repr(fn))
+            raise RewardFnError(
+                f"reward.fn={name}: cannot score {where}'s rows: {e} (each sample is scored as fn(response, "
+                f"ground_truth, **columns): the response text, the row's answer, and the row's other columns that "
+                f"the function names, or all of them for **kwargs; a row there has the columns "
+                f"{', '.join(sorted(extra)) or 'none'})") from None
 
 
 # --------------------------------------------------------------------------------------------------

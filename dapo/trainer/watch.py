@@ -135,9 +135,21 @@ class StepWatch:
                 f"learned ({m.get('rollout/acc', 0.0):.0%} of the last step's samples were correct, "
                 f"{m.get('response/truncated_frac', 0.0):.0%} were cut at rollout.max_new_tokens={cfg.rollout.max_new_tokens}). "
                 f"Likely causes: the prompt template (data.template: {template}), the reward function (reward.fn="
-                f"{cfg.reward.fn}), the answer column (data.answer_key={cfg.data.answer_key}), or responses cut short "
+                f"{cfg.reward.fn}), the answer column ({_answer_column(cfg, sampled)}), or responses cut short "
                 f"(rollout.max_new_tokens). Samples are in {run.run_dir / 'samples.jsonl'}; "
                 f"{_what_is_kept(run.run_dir, cfg.ckpt.every)}. algo.max_idle_steps=0 never stops.")
+
+
+def _answer_column(cfg: Any, sampled: list[Group]) -> str:
+    """Which column the answers came from, in words: data.answer_key, or the 'answer' column a file's rows fall
+    back to when they lack it."""
+    from dapo.data.files import get_field
+
+    key = cfg.data.answer_key
+    fields = sampled[0].item.example.fields if sampled else {}
+    if cfg.data.path and key != "answer" and get_field(fields, key, None) is None and "answer" in fields:
+        return f"the file's 'answer' column: it has no data.answer_key={key}"
+    return f"data.answer_key={key}"
 
 
 def _what_is_kept(run_dir: Any, every: int) -> str:
