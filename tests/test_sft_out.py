@@ -80,3 +80,30 @@ def test_a_row_without_a_response_is_named_or_skipped_under_bad_rows(tmp_path, c
     assert not (tmp_path / "a").exists()
     assert cli_main(["sft", "--data", str(data), "--out", str(tmp_path / "b"), *FAST, "data.bad_rows=skip"]) == 0
     assert f"{data}: 60 rows, 59 kept (1 bad row skipped, data.bad_rows=skip)\n" in capsys.readouterr().out
+
+
+def test_a_warm_up_whose_reward_fails_the_datas_own_responses_is_refused_before_training(tmp_path, capsys):
+    """Chat rows with an answer column and no --reward: the math verifier (reward.fn=auto) gives -1 to every
+    response without a \\boxed{}; the target accuracy could never be met and sft ran to max_steps (stop 41). The
+    held-out rows' own responses are scored first: none correct is refused, a ceiling below the target warned."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a} reversed:"},
+                                                     {"role": "assistant", "content": str(a)[::-1]}],
+                                        "answer": str(a)[::-1]}) + "\n" for a in range(100, 160)))
+    assert cli_main(["sft", "--data", str(data), "--out", str(tmp_path / "a"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert (f"{data}: none of the 4 held-out rows' own responses scores as correct under reward.fn=auto (the math verifier) (e.g. "
+            f"response '") in err and "--target-acc 0 to stop on held-out loss" in err, err
+    assert not (tmp_path / "a").exists()
+    exact = tmp_path / "exact.py"
+    exact.write_text("def score(response, answer):\n    return 1.0 if response.strip() == answer else -1.0\n"
+                     "calls = []\n"  # the first response ever scored is correct, no other: a ceiling of 1 in 4
+                     "def once(response, answer):\n    calls.append(1)\n    return len(calls) == 1\n")
+    assert cli_main(["sft", "--data", str(data), "--out", str(tmp_path / "b"), "--reward", f"{exact}:score",
+                     *FAST]) == 0
+    assert "held-out rows' own responses" not in capsys.readouterr().out
+    assert cli_main(["sft", "--data", str(data), "--out", str(tmp_path / "c"), "--reward", f"{exact}:once",
+                     "--target-acc", "0.9", *FAST]) == 0
+    assert "warning: only 25% of the held-out rows' own responses score as correct under reward.fn=" in \
+        capsys.readouterr().out
+    assert cli_main(["sft", "--data", str(data), "--out", str(tmp_path / "d"), "--target-acc", "0", *FAST]) == 0

@@ -298,6 +298,37 @@ def _stopping_rule(s: SFTConfig, answered: bool, held_out: bool, cfg: Config) ->
     return f"{why}: a fixed budget of sft.max_steps={s.max_steps} steps"
 
 
+def _check_reachable(held_out: list[Any], problems: Any, tokenizer: Any, cfg: Config,
+                     log: Callable[[str], None]) -> None:
+    """Score the held-out rows' own responses (what the warm-up teaches) with the reward it stops on: when none
+    of them is correct, sft.target_accuracy can never be met and the warm-up would run to sft.max_steps (stop 41
+    saw the math verifier, picked for an ``answer`` column, give -1 to every response without a \\boxed{});
+    refused, with what to change. A ceiling below the target is said."""
+    texts, examples = [], []
+    for it in held_out:
+        pairs = example_pairs(it, problems.template, tokenizer, cfg, problems.tools)
+        if not pairs:
+            continue
+        resp = next((r for p, r in pairs if list(p) == list(it.prompt_ids)), pairs[-1][1])
+        texts.append(tokenizer.decode(resp, skip_special_tokens=True))
+        examples.append(it.example)
+    if not texts:
+        return
+    batch = problems.score_fn(texts, examples)
+    ok = sum(bool(c) for c in batch.correct) / len(texts)
+    target = cfg.sft.target_accuracy
+    reward = "auto (the math verifier)" if cfg.reward.fn == "auto" else cfg.reward.fn
+    if ok == 0:
+        raise ValueError(
+            f"{cfg.data.path}: none of the {len(texts)} held-out rows' own responses scores as correct under "
+            f"reward.fn={reward} (e.g. response {texts[0][:60]!r}, answer {examples[0].answer!r}: reward "
+            f"{batch.scores[0]:g}), so sft.target_accuracy={target} can never be met; pass --reward FILE.py:FN that "
+            f"scores these responses, or --target-acc 0 to stop on held-out loss")
+    if ok < target:
+        log(f"warning: only {ok:.0%} of the held-out rows' own responses score as correct under reward.fn={reward}, "
+            f"below sft.target_accuracy={target}: the warm-up will likely run to sft.max_steps={cfg.sft.max_steps}")
+
+
 def char_tokenizer_for(cfg: Config) -> Any:
     """A character tokenizer over the default alphabet plus every character of the file's prompts, answers
     and responses (so nothing in the user's data encodes to <unk>)."""
@@ -345,6 +376,8 @@ def warm_up_file(cfg: Config, out: Path, force: bool = False, log: Callable[[str
             f"({n_params / 1e6:.2f}M parameters), {threads} thread(s) -> {out}")
         probe, held_out = None, problems.eval_items
         answered = bool(held_out) and all(it.example.answer is not None for it in held_out)
+        if answered and s.target_accuracy is not None:
+            _check_reachable(held_out, problems, tokenizer, cfg, log)
         if answered:
             probe = make_probe(held_out, problems.score_fn, tokenizer, cfg.eval_seed,
                                max(cfg.rollout.max_new_tokens, longest_resp))
