@@ -94,7 +94,11 @@ def load_named(spec: str, *, key: str, kind: str, error: type[Exception], prefix
         except ModuleNotFoundError as e:
             if e.name != where and not where.startswith(f"{e.name}."):
                 raise error(import_failure(f"{key}: importing module {where!r} ({spec!r}) failed", e)) from e
-            raise error(f"{key}: cannot import module {where!r} ({spec!r}): {e}") from e
+            local = Path(*where.split(".")).with_suffix(".py")
+            hint = (f"; {local} is in the working directory, which the dapo command does not import from: name the "
+                    f"file instead: {local}:{name}" if local.is_file() else
+                    "; a module must be importable (installed, or on PYTHONPATH); a file is named as path/to/file.py:name")
+            raise error(f"{key}: cannot import module {where!r} ({spec!r}): {e}{hint}") from e
         except Exception as e:  # the module's own code raised
             raise error(import_failure(f"{key}: importing module {where!r} ({spec!r}) failed", e)) from e
     obj = getattr(module, name, None)

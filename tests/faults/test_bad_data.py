@@ -142,9 +142,12 @@ def test_a_misbehaving_reward_scores_wrong_is_counted_and_the_run_goes_on(fn, ex
 @pytest.mark.parametrize("spec,says", [
     ("rewards.py:nope", "has no function 'nope'"),
     ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
+    ("rewards:score", "rewards.py is in the working directory, which the dapo command does not import from: name "
+                      "the file instead: rewards.py:score"),
     ("missing.py:score", "not found"),
     ("score", "not a built-in"),
-], ids=["no such function", "no such module", "no such file", "not module:function"])
+], ids=["no such function", "no such module", "a file in the cwd named as a module", "no such file",
+        "not module:function"])
 def test_a_reward_that_cannot_be_loaded_is_a_clear_error(spec, says, tiny_model_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "rewards.py").write_text(REWARDS)
     monkeypatch.chdir(tmp_path)
