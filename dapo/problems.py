@@ -100,9 +100,10 @@ class ListPromptStream:
 
 def encode_prompts(
     examples: Sequence[Example], template: str, tokenizer: Any, max_len: int, long_prompts: str = "drop",
-    tools: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None, log: Callable[[str], None] | None = None, where: str = "",
 ) -> tuple[list[Example], list[list[int]], int, int]:
-    """Render, tokenise and length-fit prompts: (kept examples, their ids, n dropped, n truncated).
+    """Render, tokenise and length-fit prompts: (kept examples, their ids, n dropped, n truncated). With ``log``,
+    prompts holding characters the tokenizer encodes as its unknown token are counted there (``where``: the file).
 
     A chat template already writes the special tokens it wants, so those prompts are tokenised without
     adding more. ``tools``: the tools' JSON schemas, given to a chat template (``render_prompt``); None: each
@@ -112,8 +113,36 @@ def encode_prompts(
 
     texts = [render_prompt(e, template, tokenizer, tools or row_tools(e)) for e in examples]
     ids = [tokenizer(t, add_special_tokens=not template.endswith("chat"))["input_ids"] for t in texts]
+    if log is not None:
+        unknown = unknown_characters(texts, ids, tokenizer)
+        if unknown:
+            n, chars = unknown
+            log(f"warning: {where}: {n} of {len(texts)} prompts hold characters the tokenizer does not know, which "
+                f"it encodes as {tokenizer.unk_token} (e.g. {', '.join(repr(c) for c in chars)}): the model never sees "
+                f"them; a tokenizer that covers them (model.tokenizer), or dapo sft --data on this file (its tokenizer "
+                f"is built from the file's characters), does")
     kept, fitted, n_drop, n_trunc = fit_prompts(ids, max_len, long_prompts)
     return [examples[i] for i in kept], fitted, n_drop, n_trunc
+
+
+def unknown_characters(texts: Sequence[str], ids: Sequence[list[int]], tokenizer: Any,
+                       show: int = 5) -> tuple[int, list[str]] | None:
+    """(how many of ``texts`` encode to the tokenizer's unknown token somewhere, up to ``show`` of the characters
+    that do), or None when none does or the tokenizer has no unknown token (byte-level BPE covers every byte)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    hit = [t for t, x in zip(texts, ids) if unk in x]
+    if not hit:
+        return None
+    chars: list[str] = []
+    for text in hit[:20]:
+        for c in dict.fromkeys(text):
+            if c not in chars and unk in tokenizer(c, add_special_tokens=False)["input_ids"]:
+                chars.append(c)
+                if len(chars) == show:
+                    return len(hit), chars
+    return len(hit), chars
 
 
 def row_tools(example: Example) -> list[dict[str, Any]] | None:
@@ -395,7 +424,7 @@ def _file_problems(cfg: Config, tokenizer: Any, log: Callable[[str], None], trai
 
     def encode(path: str, exs: list[Example]) -> tuple[list[Example], list[list[int]]]:
         exs, fitted, n_drop, n_trunc = encode_prompts(exs, template, tokenizer, d.max_prompt_len, d.long_prompts,
-                                                      tools)
+                                                      tools, log, path)
         if n_drop or n_trunc:
             log(f"{path}: {n_drop} prompts longer than data.max_prompt_len={d.max_prompt_len} dropped, {n_trunc} truncated")
         if not exs:

@@ -328,3 +328,22 @@ def test_the_fields_are_every_column_with_dedup_on_as_off(tmp_path):
         assert [e.fields for e in exs][0] == {"prompt": "1+1?", "answer": "2", "n": 1}
         assert exs[-1].prompt == conv[:1] and exs[-1].fields == {"answer": "4", "messages": conv}
         assert stats.dropped_duplicates == int(dedup)
+
+
+def test_prompts_with_characters_the_tokenizer_lacks_are_counted_with_examples():
+    """A character tokenizer encodes what it does not know as <unk>: stop 41 saw 'renversé' reach the model as
+    'renvers<unk>' without a word. A byte-level tokenizer has no unknown token: nothing to say."""
+    from dapo.data.charvocab import make_char_tokenizer
+    from dapo.problems import encode_prompts
+
+    tok = make_char_tokenizer()
+    exs = [Example(prompt=p, answer="1") for p in ("6 6 0 renversé :", "1 2 3 reversed:", "7 8 9 à l'envers ü")]
+    said = []
+    kept, ids, _, _ = encode_prompts(exs, "none", tok, 64, log=said.append, where="f.jsonl")
+    assert len(kept) == 3 and sum(tok.unk_token_id in x for x in ids) == 2
+    assert len(said) == 1 and said[0].startswith(f"warning: f.jsonl: 2 of 3 prompts hold characters the tokenizer "
+                                                 f"does not know, which it encodes as {tok.unk_token} (e.g. 'é', 'à', "
+                                                 f"'ü'): the model never sees them"), said
+    said.clear()
+    encode_prompts(exs[1:2], "none", tok, 64, log=said.append, where="f.jsonl")
+    assert said == []
