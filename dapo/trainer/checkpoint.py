@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,9 +38,10 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(
     run_dir: Path, step: int, learner: Learner, tokenizer: Any, trainer_state: dict[str, Any], keep_last: int = 2,
-    template: str | None = None,
+    template: str | None = None, log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write ``run_dir/step_{step}`` atomically and prune to the newest ``keep_last`` complete ones.
+    """Write ``run_dir/step_{step}`` atomically and prune to the newest ``keep_last`` complete ones (``log`` is told
+    where the files a pruned one held beyond the checkpoint went).
 
     ``learner`` writes the model files (and, on ranks, the optimiser file). ``template``: the prompt template the
     run renders its prompts with, recorded so that the checkpoint used as a model keeps it.
@@ -69,7 +70,10 @@ def save_checkpoint(
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     fsync_dir(tmp)
     install_dir(tmp, final)  # a re-save of the same step moves the old one aside, never deletes it first
-    prune_checkpoints(run_dir, keep_last)
+    for where in prune_checkpoints(run_dir, keep_last):
+        if log is not None:
+            log(f"{where.name} pruned (ckpt.keep_last={keep_last}); the files it held beyond the checkpoint "
+                f"(e.g. dapo eval's results) are kept in {where}")
     return final
 
 
@@ -120,20 +124,44 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
     return None
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; remove what killed saves and prunes left behind."""
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Keep the newest ``keep_last`` complete checkpoints; remove what killed saves and prunes left behind. Files
+    a checkpoint holds beyond its manifest (``dapo eval``'s ``eval_*.json``, anything a user put there) are not
+    the run's to delete: they move to ``RUN/kept/step_N/``, which is returned (one entry per checkpoint)."""
     all_ckpts = list_checkpoints(run_dir)
     complete = [(s, p) for s, p in all_ckpts if is_complete(p)]
+    kept = []
     for _, p in complete[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+        kept += _remove(p, run_dir, p.name)
     if complete:  # a partial step_N older than the newest complete one: a prune killed half-way
         for s, p in all_ckpts:
             if s < complete[-1][0] and not is_complete(p):
-                shutil.rmtree(p, ignore_errors=True)
+                kept += _remove(p, run_dir, p.name)
     for pattern in (".tmp_step_*", ".old_step_*", ".old-step_*"):  # leftovers of a killed save
         for p in Path(run_dir).glob(pattern):
             if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+                kept += _remove(p, run_dir, "step_" + p.name.split("step_", 1)[1].split("_")[0])
+    return kept
+
+
+def _remove(ckpt: Path, run_dir: Path, name: str) -> list[Path]:
+    """Delete checkpoint directory ``ckpt``, first moving the files its manifest does not list (none is known
+    for one without a manifest: only eval_* files are then taken as the user's) to ``run_dir/kept/name/``."""
+    try:
+        listed = set(json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    extra = [f for f in ckpt.iterdir() if f.is_file() and (f.name not in listed if listed is not None
+                                                            else f.name.startswith("eval_"))] if ckpt.is_dir() else []
+    where = Path(run_dir) / "kept" / name
+    for f in extra:
+        where.mkdir(parents=True, exist_ok=True)
+        target = where / f.name
+        if target.exists():  # a second prune of the same step's files: neither is lost
+            target = where / f"{f.stem}.{int(time.time())}{f.suffix}"
+        os.replace(f, target)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return [where] if extra else []
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

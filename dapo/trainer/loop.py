@@ -302,7 +302,7 @@ def _checkpoint(run: Run, step: int, before: dict, watch: StepWatch, logger: Run
         raise TrainingError(f"step {step}: {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]}); not "
                             f"saving a checkpoint. The last good checkpoint is kept; lower optim.lr or check the reward.")
     save_checkpoint(run.run_dir, step, run.learner, run.tokenizer, trainer_state(run, step, before, wall_s),
-                    run.cfg.ckpt.keep_last, template=run.problems.template)
+                    run.cfg.ckpt.keep_last, template=run.problems.template, log=logger.message)
     return True
 
 

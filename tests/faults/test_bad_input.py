@@ -176,3 +176,26 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_final_evaluation(
     assert "held-out accuracy after" in capsys.readouterr().err
     again = json.loads((run / "summary.json").read_text())
     assert again["steps"] == 2 and again["after"]["n"] == summary["after"]["n"] and again["before"] == summary["before"]
+
+
+def test_a_pruned_checkpoint_keeps_the_results_dapo_eval_wrote_into_it(finished_run, tmp_path, capsys):
+    """dapo eval writes MODEL/eval_*.json; a later resume's keep_last prune deleted them with the checkpoint
+    (stop 41). Whatever a checkpoint holds beyond its manifest moves to RUN/kept/step_N/, and the log says so."""
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    assert cli_main(["eval", "--model", str(run / "step_1"), "--data", "task:addition", "--limit", "2",
+                     "--progress", "none"]) == 0
+    results = sorted(p.name for p in (run / "step_1").glob("eval_*.json"))
+    assert results, list((run / "step_1").iterdir())
+    (run / "step_1" / "my_notes.txt").write_text("lr too high?")
+    wrote = {name: (run / "step_1" / name).read_bytes() for name in [*results, "my_notes.txt"]}
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(run), "optim.steps=3"]) == 0  # keep_last=2: step_1 goes
+    err = capsys.readouterr().err
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3]
+    assert {name: (run / "kept" / "step_1" / name).read_bytes() for name in wrote} == wrote
+    assert (f"step_1 pruned (ckpt.keep_last=2); the files it held beyond the checkpoint (e.g. dapo eval's results) "
+            f"are kept in {run / 'kept' / 'step_1'}") in err, err
+    assert cli_main(["train", "--resume", str(run), "optim.steps=4"]) == 0  # step_2 goes, holding nothing else
+    assert [s for s, _ in list_checkpoints(run)] == [3, 4] and sorted(p.name for p in (run / "kept").iterdir()) == [
+        "step_1"] and "step_2 pruned" not in capsys.readouterr().err
