@@ -175,3 +175,28 @@ def test_a_reward_function_that_cannot_score_the_rows_is_refused_at_start_by_eve
             and "Traceback" not in err, err
     assert not (tmp_path / "runs" / "r").exists() and not (tmp_path / "e.json").exists()
     assert not (tmp_path / "base").exists()
+
+
+def test_a_resume_stopped_while_loading_says_how_to_continue_with_its_own_keys(tiny_model_dir, tmp_path, capsys):
+    """Ctrl-C while a resume loads (before it saves its config): the hint must repeat the keys the resume
+    changed, since config.yaml does not hold them yet (stop 41: the printed command then said 'nothing to do')."""
+    import shlex
+
+    from dapo.cli import main
+
+    (tmp_path / "math.jsonl").write_text(FIXTURE.read_text())
+    (tmp_path / "a.py").write_text("def score(response, ground_truth):\n    return float(len(response) % 2)\n")
+    (tmp_path / "slow.py").write_text("raise KeyboardInterrupt  # the user's Ctrl-C while this file is imported\n")
+    run = tmp_path / "runs" / "my run"  # a space: the printed command is quoted for the shell
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "math.jsonl"), "--reward",
+                 f"{tmp_path / 'a.py'}:score", *TINY_RUN, "data.template=none", "data.max_prompt_len=400",
+                 "eval.size=2", "optim.steps=1", f"log.out_dir={tmp_path / 'runs'}", "log.run_name=my run"]) == 0
+    saved = (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--reward", f"{tmp_path / 'slow.py'}:score", "optim.steps=3"]) == 130
+    err = capsys.readouterr().err
+    command = (f"dapo train --resume {shlex.quote(str(run))} reward.fn={tmp_path / 'slow.py'}:score "
+               f"optim.steps=3")
+    assert f"dapo train: interrupted; {run} keeps its last complete checkpoint, step_1; continue with: {command}" \
+        in err, err
+    assert (run / "config.yaml").read_bytes() == saved

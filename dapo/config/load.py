@@ -322,6 +322,25 @@ def config_changes(saved: str | Path, cfg: Config, ignore: tuple[str, ...] = ())
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignore and old.get(k) != v]
 
 
+def changed_overrides(saved: str | Path, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key=value`` overrides that turn the config.yaml at ``saved`` into ``cfg`` (as a command line would
+    give them: what a resume must be told again when its run has not saved them yet)."""
+    try:
+        old = _flatten(yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+
+    def text(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, (list, tuple)):
+            return ",".join(str(x) for x in v)
+        return "null" if v is None else str(v)
+
+    new = _flatten(_plain(cfg.to_dict()))
+    return [f"{k}={text(v)}" for k, v in new.items() if k not in ignore and old.get(k) != v]
+
+
 # --------------------------------------------------------------------------------------------------
 # describing keys (for --help-config and for every command's flags)
 

@@ -180,21 +180,28 @@ def train(cfg: Config, log_stream: Any = None, on_step: Callable[[int, dict], No
         if made and run_dir.is_dir() and not any(run_dir.iterdir()):  # refused before writing anything: leave no
             run_dir.rmdir()  # empty run (or branch) directory of its own behind; one holding anything is kept
         if isinstance(e, KeyboardInterrupt):
-            e.dapo_hint = _interrupted(run_dir, fresh)  # what the command line says of it
+            e.dapo_hint = _interrupted(run_dir, fresh, cfg)  # what the command line says of it
         raise
 
 
-def _interrupted(run_dir: Path, fresh: bool) -> str:
-    """What a run stopped by a (second) Ctrl-C or SIGTERM outside a step's end leaves, in words."""
+def _interrupted(run_dir: Path, fresh: bool, cfg: Config) -> str:
+    """What a run stopped by a (second) Ctrl-C or SIGTERM outside a step's end leaves, in words. A resume stopped
+    before it saved its config (while loading, in the first evaluation) names the keys it changed again: the
+    run's config.yaml does not hold them yet."""
+    import shlex
+
+    from dapo.config.load import changed_overrides
     from dapo.trainer.checkpoint import latest_checkpoint
 
     if fresh:
         return "it stopped before its first step: nothing was trained and nothing of it is kept (the same command " \
                "starts it again)"
+    again = changed_overrides(run_dir / "config.yaml", cfg, ignore=("ckpt.resume",))
+    command = " ".join(["dapo train --resume", shlex.quote(str(run_dir)), *map(shlex.quote, again)])
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
-        return f"{run_dir} has no complete checkpoint yet: dapo train --resume {run_dir} starts it again from step 0"
-    return f"{run_dir} keeps its last complete checkpoint, {ckpt.name}; continue with: dapo train --resume {run_dir}"
+        return f"{run_dir} has no complete checkpoint yet: {command} starts it again from step 0"
+    return f"{run_dir} keeps its last complete checkpoint, {ckpt.name}; continue with: {command}"
 
 
 _BEFORE_THE_FIRST_STEP = {"config.yaml", "metrics.jsonl", "summary.json", "tb"}
