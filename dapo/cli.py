@@ -195,17 +195,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # loop's own handler finishes the step and checkpoints first
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
-        if cmd == "train":
-            return train_main(rest)
-        if cmd in _SUBCOMMANDS:
-            mod, fn, _ = _SUBCOMMANDS[cmd]
-            out = getattr(importlib.import_module(mod), fn)(rest)
+        if cmd in names:
+            if cmd == "train":
+                out = train_main(rest)
+            else:
+                mod, fn, _ = _SUBCOMMANDS[cmd]
+                out = getattr(importlib.import_module(mod), fn)(rest)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not in the interpreter's exit
             return out if isinstance(out, int) else 0
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("DAPO_DEBUG"):
             raise
         print(f"dapo {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dapo train --help-config | head`: the reader left; nothing more to say to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout must not fail again
+        return 141  # as a shell reports a command ended by SIGPIPE
     except KeyboardInterrupt as e:  # a run says what it keeps; a base, an evaluation is never left half-written
         hint = getattr(e, "dapo_hint", None)
         print(f"dapo {cmd}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)

@@ -49,7 +49,17 @@ class TaskPromptStream:
         return {"kind": "task", **self.stream.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind", "task") != "task":
+            raise ValueError(_other_kind(state, f"the built-in task {self.stream.task.name!r}"))
         self.stream.load_state_dict({k: v for k, v in state.items() if k != "kind"})
+
+
+def _other_kind(state: dict[str, Any], this: str) -> str:
+    """A data cursor saved by the other kind of stream (a file's, a task's), in words."""
+    saved = (f"a prompt file's {state.get('size')} prompts" if state.get("kind") == "list"
+             else f"the built-in task {state.get('task')!r}")
+    return (f"data cursor was saved for {saved}, and this run reads {this}: resume with the run's own data.path / "
+            f"data.task (its config.yaml), or start a new run from the checkpoint (model.path=...)")
 
 
 class ListPromptStream:
@@ -85,6 +95,8 @@ class ListPromptStream:
         return {"kind": "list", "cursor": self.cursor, "seed": self.seed, "size": len(self.examples)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "list":
+            raise ValueError(_other_kind(state, f"a prompt file's {len(self.examples)} prompts"))
         if state.get("size") != len(self.examples) or state.get("seed") != self.seed:
             raise ValueError(
                 f"data cursor was saved for {state.get('size')} prompts with seed {state.get('seed')}, "

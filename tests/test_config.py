@@ -241,3 +241,31 @@ def test_a_section_given_a_value_says_it_is_a_section(tmp_path):
         load_config(file=tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="'algo' is a section, not a key"):
         load_config(overrides=["algo=dapo"])
+
+
+def test_a_listing_piped_into_a_reader_that_leaves_early_ends_quietly(tmp_path):
+    """`dapo train --help-config | head` ended in a BrokenPipeError traceback (stop 41): the reader here has
+    closed its end before dapo writes a byte, the worst case of head's race."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # nobody will read
+    p = subprocess.run([sys.executable, "-m", "dapo.cli", "train", "--help-config"], stdout=w, stderr=subprocess.PIPE,
+                       timeout=120, cwd=tmp_path)
+    os.close(w)
+    assert p.returncode == 141 and p.stderr.decode() == "", p.stderr.decode()[-2000:]
+
+
+def test_a_flags_help_is_its_keys_first_sentence_whole():
+    """`dapo sft --help` cut sft.lr's text at "e.g." (stop 41): an abbreviation does not end a sentence."""
+    import argparse
+
+    from dapo.config.flags import add_key_flags
+
+    ap = argparse.ArgumentParser()
+    add_key_flags(ap, {"--lr": "sft.lr"})
+    helps = {a.dest: a.help for a in ap._actions if a.dest == "sft.lr"}
+    assert helps["sft.lr"] == ("sft.lr: AdamW learning rate (3e-3 for the tiny model; far lower, e.g. 1e-5, for a "
+                               "pretrained one) (default 0.003)")

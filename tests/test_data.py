@@ -140,6 +140,7 @@ BAD_ROWS = [
     ({"prompt": "x", "reward_model": {"ground_truth": None}}, "answer key 'reward_model.ground_truth' is null"),
     ({"prompt": "What is 1+1?", "answer": ["2"]}, "answer key 'answer' must be a string or a number, got list"),
     ({"prompt": "What is 1+1?", "answer": True}, "answer key 'answer' must be a string or a number, got bool"),
+    ({"prompt": "What is 1+1?", "answer": float("nan")}, "answer key 'answer' is nan (an empty cell, as pandas"),
     ({"prompt": "x", "reward_model": {"ground_truth": {"v": 2}}},
      "answer key 'reward_model.ground_truth' must be a string or a number, got dict"),
     ([1, 2], "is a list, not an object"),

@@ -224,3 +224,21 @@ def test_train_stream_resumes_from_cursor():
     assert train_example(ADD, 7, 12) == full[12]
     with pytest.raises(ValueError):
         TrainStream(ADD, seed=8).load_state_dict(state)
+
+
+def test_a_data_cursor_of_the_other_kind_of_stream_is_refused_naming_both():
+    """A task run's cursor loaded by a file's stream said 'saved for None prompts'; a file run's cursor loaded by
+    a task's stream raised KeyError 'task' (stop 41)."""
+    from dapo.problems import ListPromptStream, TaskPromptStream
+
+    _, train = task_splits("addition", 0, 4)
+    task_stream = TaskPromptStream(train, lambda ex: [1])
+    file_stream = ListPromptStream([Example(prompt="1+1=", answer="2")] * 3, [[1]] * 3, seed=0)
+    with pytest.raises(ValueError, match=r"saved for the built-in task 'addition', and this run reads a prompt "
+                                         r"file's 3 prompts"):
+        file_stream.load_state_dict(task_stream.state_dict())
+    with pytest.raises(ValueError, match=r"saved for a prompt file's 3 prompts, and this run reads the built-in "
+                                         r"task 'addition'"):
+        task_stream.load_state_dict(file_stream.state_dict())
+    task_stream.load_state_dict(task_stream.state_dict())  # its own kind loads
+    file_stream.load_state_dict(file_stream.state_dict())

@@ -6,6 +6,7 @@ restates a default, and ``key=value`` overrides work beside the flags.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, Callable
 
 from dapo.config.load import default, field_doc
@@ -28,7 +29,7 @@ def whole(minimum: int) -> Callable[[str], int]:
 def add_key_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
     """Add one flag per config key; unset flags stay None (the config's value stands)."""
     for flag, key in flags.items():
-        doc = field_doc(key).split(". ")[0].rstrip(".")
+        doc = re.split(r"\.\s+(?=[A-Z])", field_doc(key))[0].rstrip(".")  # its first sentence ("e.g. 1e-5" is not one)
         help_text = f"{key}: {doc} (default {default(key)!r})".replace("%", "%%")
         if isinstance(default(key), bool):
             parser.add_argument(flag, dest=key, action="store_const", const="true", default=None, help=help_text)

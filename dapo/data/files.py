@@ -423,5 +423,7 @@ def _row_problem(row: Any, prompt_key: str, answer_key: str, require_answer: boo
     if _answer_text(answer) is None:
         if isinstance(answer, str):
             return f"answer key {key!r} is empty"
+        if isinstance(answer, float) and not math.isfinite(answer):  # pandas/pyarrow write an empty cell as NaN
+            return f"answer key {key!r} is {answer} (an empty cell, as pandas writes one), not an answer"
         return f"answer key {key!r} must be a string or a number, got {type(answer).__name__}"
     return None

@@ -4,6 +4,7 @@ is skipped and counted as configured, and none leaves a half-made or altered run
 ``docs/reliability.md`` tabulates these cases and how each is handled."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from dapo.cli import main as cli_main
 from dapo.trainer.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MATH_FILE = Path(__file__).parents[1] / "fixtures" / "math_20.jsonl"
 
 # (case, extra arguments, config-file text or None, what the error must say)
 CONFIG_CASES = [
@@ -83,6 +85,10 @@ def _snapshot(run):
 RESUME_CASES = [
     ("resume with another seed (other data order)", lambda run: [f"--resume={run}", "seed=1", "optim.steps=3"],
      ["data cursor is for task 'addition' seed 0, not 'addition' seed 1: resume with the run's own data.task and seed"]),
+    ("resume a task's run on a prompt file", lambda run: [f"--resume={run}", f"--data={MATH_FILE}", "optim.steps=3",
+                                                          "data.max_prompt_len=400"],
+     ["data cursor was saved for the built-in task 'addition', and this run reads a prompt file's 18 prompts: resume "
+      "with the run's own data.path / data.task"]),
     ("resume with an impossible batch", lambda run: [f"--resume={run}", "optim.mini_batch_size=3", "optim.steps=3"],
      ["must be divisible"]),
     ("resume from a damaged checkpoint", lambda run: [f"--resume={run / 'step_2'}"], ["not a complete checkpoint"]),
