@@ -149,8 +149,12 @@ def export_main(argv: Sequence[str]) -> int:
                     str(tmp), safe_serialization=True)
                 what += f" in {args.dtype}"
         else:
-            raise FileNotFoundError(f"{ckpt}: neither a LoRA adapter ({lora.ADAPTER_CONFIG}) nor a Hugging Face "
-                                    f"model (config.json)")
+            from dapo.model import _not_a_model_dir
+
+            why = _not_a_model_dir(str(ckpt))  # a run directory: it names the latest checkpoint
+            raise FileNotFoundError(f"{ckpt}: " + (why if why.startswith("a run directory") else
+                                                   f"neither a LoRA adapter ({lora.ADAPTER_CONFIG}) nor a Hugging "
+                                                   f"Face model (config.json)"))
         install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -301,6 +301,9 @@ def test_a_lora_adapter_is_used_only_on_the_base_it_was_trained_on_wherever_that
     # merging on another base is the user's explicit choice: done, with a warning
     assert cli_main(["export", str(run / "step_3"), "--merge", str(tmp_path / "m"), "--base", str(moved)]) == 0
     assert "is not the base" in capsys.readouterr().err
+    assert cli_main(["export", str(run), "--merge", str(tmp_path / "m2")]) == 2  # the run, not a step: its latest
+    assert (f"{run}: a run directory, not a model: pass one of its checkpoints, e.g. {run / 'step_3'} (the latest)"
+            in capsys.readouterr().err) and not (tmp_path / "m2").exists()
 
 
 def test_bad_lora_settings_name_the_key(tiny_model_dir, tmp_path, capsys):
