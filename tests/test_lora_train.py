@@ -390,6 +390,8 @@ def test_export_of_a_full_model_checkpoint_copies_it_without_the_trainer_state(t
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out2", dtype="auto").dtype == torch.bfloat16
     assert cli_main(["export", str(ckpt), "--merge", str(tmp_path / "out4"), "--base", str(tmp_path)]) == 2
     assert "is a full model, not a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out4").exists()
-    assert cli_main(["export", str(tmp_path), "--merge", str(tmp_path / "out3")]) == 2
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "notes.txt").write_text("x")
+    assert cli_main(["export", str(tmp_path / "neither"), "--merge", str(tmp_path / "out3")]) == 2
     assert "neither a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "out3").exists()
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind
