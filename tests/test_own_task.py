@@ -124,6 +124,27 @@ def test_a_run_that_cannot_learn_says_why_and_stops(tiny_model_dir, tmp_path, ca
     assert not any(r["trained"] for r in rows)
 
 
+def test_a_run_whose_every_sample_is_correct_stops_as_solved_not_as_a_failure(tiny_model_dir, tmp_path, capsys):
+    """Every group all correct for algo.max_idle_steps steps: nothing left to learn, which is success (stop 41 saw
+    exit 1 and the wording of a failure): a checkpoint of the last step, the final evaluation, exit 0."""
+    data, reward = tmp_path / "d.jsonl", tmp_path / "r.py"
+    _numbers_file(data)
+    reward.write_text("def score(response, ground_truth):\n    return True\n")
+    rc = cli_main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--reward", f"{reward}:score",
+                   "data.prompt_key=q", "data.answer_key=a", f"log.out_dir={tmp_path}", "log.run_name=solved",
+                   "optim.steps=20", "ckpt.every=0", "algo.max_idle_steps=2", *TINY_RUN])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "error" not in err, err
+    assert ("step 2: every sample of the last step was correct, and 2 steps in a row had no group with mixed "
+            "outcomes: the policy solves these prompts") in err
+    run = tmp_path / "solved"
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_2"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["after"]["accuracy"] == 1.0
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
+
+
 def test_reward_errors_reach_the_log_once_and_samples_jsonl(tiny_model_dir, tmp_path, capsys):
     data, reward = tmp_path / "d.jsonl", tmp_path / "r.py"
     _numbers_file(data)

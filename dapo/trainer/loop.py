@@ -262,8 +262,11 @@ def _train(run: Run, log_stream: Any, on_step: Callable[[int, dict], None] | Non
                     on_step(step, m)
                 # the samples this step's rollout brought the total to (a rollout collected ahead is not counted)
                 out_of_samples = bool(cfg.optim.max_samples) and m["batch/samples_total"] >= cfg.optim.max_samples
-                saved = should_checkpoint(cfg, step, step == cfg.optim.steps or out_of_samples, stop.signum is not None) \
+                last = step == cfg.optim.steps or out_of_samples or watch.solved
+                saved = should_checkpoint(cfg, step, last, stop.signum is not None) \
                     and _checkpoint(run, step, before, watch, logger, time.perf_counter() - t_start)
+                if watch.solved:
+                    break
                 if out_of_samples:
                     logger.message(f"sample budget reached: {m['batch/samples_total']:.0f} >= optim.max_samples="
                                    f"{cfg.optim.max_samples}")

@@ -35,6 +35,7 @@ class StepWatch:
     def __init__(self, run: Run, logger: RunLogger):
         self.run, self.logger = run, logger
         self.idle_streak = 0
+        self.solved = False  # max_idle_steps steps in a row with every sample correct: the run ends, successfully
         self.nan_streak = 0
         self.errors_seen: set[str] = set()
 
@@ -128,6 +129,13 @@ class StepWatch:
             f"{', '.join(f'{r:g}' for r in rewards[:4])}{' ...' if len(rewards) > 4 else ''}); no gradient this step"
             + example)
         limit = cfg.algo.max_idle_steps
+        if limit and self.idle_streak >= limit and m.get("rollout/acc", 0.0) >= 1.0:
+            self.solved = True  # not a failure: the loop saves a checkpoint, evaluates and ends the run
+            self.logger.message(
+                f"step {step}: every sample of the last step was correct, and {self.idle_streak} steps in a row had no "
+                f"group with mixed outcomes: the policy solves these prompts, nothing is left to learn from them; "
+                f"stopping (algo.max_idle_steps={limit}; harder prompts, or algo.max_idle_steps=0, go on)")
+            return
         if limit and self.idle_streak >= limit:
             template = run.problems.template
             raise TrainingError(
