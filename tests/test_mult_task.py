@@ -98,7 +98,7 @@ def test_task_config_keys():
     assert load_config(overrides=["data.task=mult", "data.path=x.jsonl"]).rollout.max_new_tokens == 24
 
 
-def test_train_on_mult_with_and_without_the_tool(tmp_path, one_thread):
+def test_train_on_mult_with_and_without_the_tool(tmp_path, one_thread, capsys):
     base = tmp_path / "base"
     assert cli_main(["sft", "--task", "mult", "--out", str(base), "--threads", "1", "sft.max_steps=40", "sft.batch=32",
                      "sft.layers=2", "sft.hidden=64", "sft.heads=2", "sft.ffn=128", "sft.n_probe=8", "sft.eval_every=40",
@@ -107,7 +107,13 @@ def test_train_on_mult_with_and_without_the_tool(tmp_path, one_thread):
     assert info["steps"] == 40 and info["task"] == "mult"
     common = ["--model", str(base), "data.task=mult", *TINY_RUN, "rollout.max_new_tokens=48", "algo.overlong_cache_len=4",
               "optim.steps=2", "algo.dynamic_sampling=false", "eval.size=4", "env.workers=1", "log.samples_every=1", f"log.out_dir={tmp_path}"]
+    capsys.readouterr()
     assert cli_main(["train", *common, "--tools", "calculator", "rollout.max_turns=2", "log.run_name=tool"]) == 0
+    positions = json.loads((base / "config.json").read_text())["max_position_embeddings"]
+    assert (f"multi-turn: each trajectory may hold up to {positions} tokens (prompt, turns and observations together): "
+            f"the model's context (its config.json), since rollout.max_total_tokens=0; one that would run past it ends "
+            f"there as 'length', which the overlong filter drops; set rollout.max_total_tokens to allow more"
+            in capsys.readouterr().err)
     m = [json.loads(x) for x in (tmp_path / "tool" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in m] == [1, 2]
     assert sum(r["tool/calls"] for r in m) > 0 and all(r["env/turns_mean"] >= 1 for r in m)

@@ -349,10 +349,11 @@ def from_config(cfg: Any, engine: RolloutEngine, tokenizer: Any, template: str,
 
         context, learned = model_context(model_path) or (None, False)
         if context:
-            log(f"multi-turn: a trajectory ends ('length', dropped by the overlong filter) where prompt + turns + "
-                f"observations would pass the model's {context} positions (its config.json): rollout.max_total_tokens=0;"
-                + (" its position embeddings are learned, so no trajectory can run past them" if learned else
-                   " set it to let trajectories run past them (its rotary positions run on)"))
+            log(f"multi-turn: each trajectory may hold up to {context} tokens (prompt, turns and observations "
+                f"together): the model's context (its config.json), since rollout.max_total_tokens=0; one that would "
+                f"run past it ends there as 'length', which the overlong filter drops"
+                + ("; its position embeddings are learned, so none can run past them" if learned else
+                   "; set rollout.max_total_tokens to allow more (its rotary positions run on)"))
     # tools are bounded by env.timeout_s in their worker processes; an environment's own code by env.step_timeout_s
     return MultiTurnRollout(engine, tokenizer, make_env, cfg.rollout.max_turns, cfg.rollout.max_total_tokens, chat,
                             context=context, step_timeout_s=None if e.tools else e.step_timeout_s)
