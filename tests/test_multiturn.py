@@ -235,7 +235,7 @@ def test_the_models_context_bounds_a_trajectory_when_no_total_budget_is_set(setu
     said = []
     env_cfg = replace(cfg, env=replace(cfg.env, path="test_multiturn:Flood"))
     assert from_config(env_cfg, engine, tok, "none", [], str(tiny_model_dir), said.append).context == 128
-    assert "the model's 128 positions" in said[0]
+    assert "each trajectory may hold up to 128 tokens" in said[0] and "the model's context" in said[0]
     env_cfg = replace(env_cfg, rollout=replace(cfg.rollout, max_total_tokens=4000))
     assert from_config(env_cfg, engine, tok, "none", [], str(tiny_model_dir)).context is None
 
