@@ -311,24 +311,26 @@ def save_config(cfg: Config, path: str | Path) -> None:
     write_atomic(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 
 
-def config_changes(saved: str | Path, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
-    """``key: old -> new`` for every key (but ``ignore``) whose value in ``cfg`` differs from the config.yaml at
-    ``saved`` (as ``save_config`` wrote it); none when it cannot be read."""
+def _config_diff(saved: str | Path, cfg: Config, ignore: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """(key, value in the config.yaml at ``saved``, value in ``cfg``) for every key (but ``ignore``) that
+    differs; none when it cannot be read."""
     try:
         old = _flatten(yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {})
     except (OSError, yaml.YAMLError, AttributeError):
         return []
     new = _flatten(_plain(cfg.to_dict()))
-    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignore and old.get(k) != v]
+    return [(k, old.get(k), v) for k, v in new.items() if k not in ignore and old.get(k) != v]
+
+
+def config_changes(saved: str | Path, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: old -> new`` for every key (but ``ignore``) whose value in ``cfg`` differs from the config.yaml at
+    ``saved`` (as ``save_config`` wrote it); none when it cannot be read."""
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in _config_diff(saved, cfg, ignore)]
 
 
 def changed_overrides(saved: str | Path, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     """``key=value`` overrides that turn the config.yaml at ``saved`` into ``cfg`` (as a command line would
     give them: what a resume must be told again when its run has not saved them yet)."""
-    try:
-        old = _flatten(yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
 
     def text(v: Any) -> str:
         if isinstance(v, bool):
@@ -337,8 +339,7 @@ def changed_overrides(saved: str | Path, cfg: Config, ignore: tuple[str, ...] = 
             return ",".join(str(x) for x in v)
         return "null" if v is None else str(v)
 
-    new = _flatten(_plain(cfg.to_dict()))
-    return [f"{k}={text(v)}" for k, v in new.items() if k not in ignore and old.get(k) != v]
+    return [f"{k}={text(new)}" for k, _, new in _config_diff(saved, cfg, ignore)]
 
 
 # --------------------------------------------------------------------------------------------------
